@@ -1,0 +1,140 @@
+"""On-disk model checkpoints: weights in safetensors, everything else in JSON; nothing is unpickled.
+
+A checkpoint directory holds ``model.safetensors`` and ``meta.json``. The metadata says what the
+weights are (teacher or student, sampling steps, round), how to build the network (model and data
+settings, parameterization, noise schedule) and the full run configuration that produced them.
+Writes go to a temporary directory that is renamed into place, so a crash never leaves a
+half-written checkpoint under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from raypd.config import Config, ConfigError, DataConfig, ModelConfig, _build
+from raypd.models import Denoiser, build_denoiser
+
+FORMAT = "raypd-checkpoint"
+VERSION = 1
+WEIGHTS, META = "model.safetensors", "meta.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, malformed, or does not fit the model it is loaded into."""
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    kind: Literal["teacher", "student"]
+    sampling_steps: int
+    round: int | None
+    model: ModelConfig
+    data: DataConfig
+    logsnr_min: float
+    logsnr_max: float
+    config: dict[str, Any]
+    metrics: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT, "version": VERSION, "kind": self.kind, "sampling_steps": self.sampling_steps,
+            "round": self.round, "parameterization": self.model.parameterization,
+            "schedule": {"logsnr_min": self.logsnr_min, "logsnr_max": self.logsnr_max},
+            "model": _section(self.model), "data": _section(self.data), "config": self.config,
+            "metrics": self.metrics,
+        }
+
+
+def _section(obj: Any) -> dict[str, Any]:
+    from raypd.config import _plain
+    import dataclasses
+
+    return _plain(dataclasses.asdict(obj))
+
+
+def meta_for(cfg: Config, *, kind: Literal["teacher", "student"], sampling_steps: int, round: int | None,
+             metrics: dict[str, float] | None = None) -> CheckpointMeta:
+    return CheckpointMeta(kind, sampling_steps, round, cfg.model, cfg.data, cfg.diffusion.logsnr_min,
+                          cfg.diffusion.logsnr_max, cfg.to_dict(), dict(metrics or {}))
+
+
+def save_checkpoint(path: str | Path, model: Denoiser, meta: CheckpointMeta) -> Path:
+    """Write weights and metadata atomically to ``path`` (replacing an older checkpoint there)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS))
+        (tmp / META).write_text(json.dumps(meta.to_json(), indent=2))
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def read_meta(path: str | Path) -> CheckpointMeta:
+    path = Path(path)
+    if not (path / META).is_file() or not (path / WEIGHTS).is_file():
+        raise CheckpointError(f"{path} is not a raypd checkpoint: expected {WEIGHTS} and {META} inside")
+    try:
+        raw = json.loads((path / META).read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path / META} is not valid JSON: {err}") from None
+    if raw.get("format") != FORMAT or raw.get("version") != VERSION:
+        raise CheckpointError(f"{path / META}: format {raw.get('format')!r} version {raw.get('version')!r} "
+                              f"is not {FORMAT!r} version {VERSION}")
+    try:
+        model = _build(ModelConfig, raw["model"], "model")
+        data = _build(DataConfig, raw["data"], "data")
+        return CheckpointMeta(raw["kind"], int(raw["sampling_steps"]), raw["round"], model, data,
+                              float(raw["schedule"]["logsnr_min"]), float(raw["schedule"]["logsnr_max"]),
+                              raw["config"], raw.get("metrics", {}))
+    except (KeyError, TypeError, ConfigError) as err:
+        raise CheckpointError(f"{path / META} is malformed: {err}") from None
+
+
+def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> tuple[Denoiser, CheckpointMeta]:
+    """Build the denoiser the metadata describes and load its weights (safetensors: no code runs)."""
+    meta = read_meta(path)
+    model = build_denoiser(meta.model, meta.data)
+    state = load_file(str(Path(path) / WEIGHTS), device=str(map_location))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not match the model in its metadata "
+                              f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    return model, meta
+
+
+def check_compatible(meta: CheckpointMeta, cfg: Config, path: str | Path) -> None:
+    """Fail early when a checkpoint cannot serve as this run's teacher."""
+    problems = []
+    for name in ("resolution", "channels", "num_classes"):
+        if getattr(meta.data, name) != getattr(cfg.data, name):
+            problems.append(f"data.{name} is {getattr(meta.data, name)} in the checkpoint, "
+                            f"{getattr(cfg.data, name)} in the config")
+    if (meta.logsnr_min, meta.logsnr_max) != (cfg.diffusion.logsnr_min, cfg.diffusion.logsnr_max):
+        problems.append(f"the noise schedule differs: checkpoint logsnr in [{meta.logsnr_min}, {meta.logsnr_max}], "
+                        f"config [{cfg.diffusion.logsnr_min}, {cfg.diffusion.logsnr_max}]")
+    # dropout is a training setting, not part of the architecture
+    diffs = [f"model.{k}" for k, v in _section(cfg.model).items() if k != "dropout" and _section(meta.model)[k] != v]
+    if diffs:
+        problems.append(f"the model differs in {', '.join(diffs)}")
+    if problems:
+        raise CheckpointError(f"checkpoint {path} does not fit this config: " + "; ".join(problems))

@@ -1,0 +1,374 @@
+"""Typed, frozen run configuration: YAML in, dotted overrides, errors that name the key.
+
+Every field is documented by the string under it; ``python -m raypd.distill --help-config``
+prints them. The defaults are the local single-node test mode: a small UNet on scikit-learn's
+bundled handwritten digits, on CPU, finishing in minutes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from raypd.diffusion.loss import Weighting
+from raypd.diffusion.params import Parameterization
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message starts with the key's full dotted path."""
+
+    def __init__(self, key: str, reason: str):
+        super().__init__(f"{key}: {reason}" if key else reason)
+        self.key, self.reason = key, reason
+
+
+def _require(ok: bool, key: str, reason: str) -> None:
+    if not ok:
+        raise ConfigError(key, reason)
+
+
+def _power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: Literal["digits"] = "digits"
+    """Where training images come from. ``digits``: the 1,797 real 8x8 handwritten digits bundled
+    with scikit-learn (no download), resized to ``resolution``."""
+    resolution: int = 16
+    """Image side in pixels; the model is built for this size."""
+    channels: int = 1
+    """Image channels (1 grey, 3 RGB)."""
+    num_classes: int = 0
+    """0 trains an unconditional model; > 0 a class-conditional one with this many classes."""
+    random_flip: bool = False
+    """Random horizontal flips, as the paper uses for CIFAR-10 and LSUN (wrong for digits)."""
+
+    def validate(self) -> None:
+        _require(self.resolution >= 4, "resolution", f"must be at least 4, got {self.resolution}")
+        _require(self.channels in (1, 3), "channels", f"must be 1 or 3, got {self.channels}")
+        _require(self.num_classes >= 0, "num_classes", f"must be >= 0, got {self.num_classes}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    ch: int = 32
+    """Base channel count of the UNet (the paper: 256 for CIFAR-10, 192 for ImageNet 64)."""
+    ch_mult: tuple[int, ...] = (1, 2)
+    """Channel multiplier per resolution level; each level after the first halves the resolution."""
+    num_res_blocks: int = 1
+    """Residual blocks per level in the down path (the up path has one more)."""
+    attn_resolutions: tuple[int, ...] = (8,)
+    """Resolutions (in pixels) that get self-attention blocks."""
+    dropout: float = 0.1
+    """Dropout while training the teacher; students always train with dropout 0."""
+    head_channels: int = 32
+    """Channels per attention head."""
+    resblock_updown: bool = True
+    """BigGAN-style residual down/up-sampling blocks (the paper's) instead of strided convs."""
+    parameterization: Parameterization = "x"
+    """Network output: ``eps``, ``x``, ``v`` or ``both`` (the paper's combined x/eps output)."""
+
+    def validate(self) -> None:
+        _require(self.ch > 0, "ch", f"must be positive, got {self.ch}")
+        _require(len(self.ch_mult) >= 1 and min(self.ch_mult) > 0, "ch_mult",
+                 f"must be a non-empty list of positive integers, got {list(self.ch_mult)}")
+        _require(self.num_res_blocks >= 1, "num_res_blocks", f"must be >= 1, got {self.num_res_blocks}")
+        _require(0.0 <= self.dropout < 1.0, "dropout", f"must lie in [0, 1), got {self.dropout}")
+        _require(self.head_channels > 0, "head_channels", f"must be positive, got {self.head_channels}")
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    logsnr_min: float = -20.0
+    """logsnr at t = 1 (the cosine schedule is clipped here)."""
+    logsnr_max: float = 20.0
+    """logsnr at t = 0."""
+    weighting: Weighting = "snr_trunc"
+    """Loss weighting of the x-space MSE: ``snr_trunc`` (the paper's), ``snr``, ``snr+1``, ``constant``."""
+
+    def validate(self) -> None:
+        _require(self.logsnr_min < self.logsnr_max, "logsnr_min",
+                 f"must be below logsnr_max ({self.logsnr_max}), got {self.logsnr_min}")
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    checkpoint: str = ""
+    """A trained teacher's checkpoint directory; empty trains a teacher first."""
+    sampling_steps: int = 128
+    """The teacher's own DDIM step count: its full-quality sampler and the first round's teacher."""
+    updates: int = 3000
+    """Optimizer updates of teacher training."""
+    batch_size: int = 64
+    """Global batch size of teacher training."""
+    lr: float = 1e-3
+    """Peak learning rate (Adam) of teacher training."""
+    warmup_updates: int = 200
+    """Linear learning-rate warm-up at the start of teacher training."""
+    ema_decay: float = 0.995
+    """EMA decay of the teacher's weights (the paper: 0.9999 over hundreds of thousands of updates)."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """Adam's (beta1, beta2)."""
+    grad_clip: float = 1.0
+    """Gradient-norm clipping threshold."""
+
+    def validate(self) -> None:
+        _require(self.sampling_steps >= 1, "sampling_steps", f"must be >= 1, got {self.sampling_steps}")
+        _require(self.updates >= 0, "updates", f"must be >= 0, got {self.updates}")
+        _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        _require(self.warmup_updates >= 0, "warmup_updates", f"must be >= 0, got {self.warmup_updates}")
+        _require(0.0 <= self.ema_decay < 1.0, "ema_decay", f"must lie in [0, 1), got {self.ema_decay}")
+        _require(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), "adam_betas",
+                 f"must be two numbers in [0, 1), got {list(self.adam_betas)}")
+        _require(self.grad_clip > 0, "grad_clip", f"must be positive, got {self.grad_clip}")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    start_steps: int = 128
+    """Teacher sampling steps of the first round; round k's student samples in start_steps / 2^k."""
+    end_steps: int = 1
+    """The last round's student step count."""
+    updates_per_round: int = 400
+    """Optimizer updates per round (the paper: 50,000)."""
+    late_rounds_factor: float = 2.0
+    """Update-budget multiplier for the hardest rounds (the paper doubles the rounds to 2 and to 1 step)."""
+    late_rounds_max_steps: int = 2
+    """Rounds whose student samples in at most this many steps get ``late_rounds_factor``."""
+    batch_size: int = 64
+    """Global batch size of each round."""
+    lr: float = 3e-4
+    """Initial learning rate of each round, decayed linearly to 0 with no warm-up."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """Adam's (beta1, beta2); every round starts a fresh optimizer."""
+    grad_clip: float = 1.0
+    """Gradient-norm clipping threshold."""
+
+    def validate(self) -> None:
+        _require(_power_of_two(self.start_steps), "start_steps", f"must be a power of two, got {self.start_steps}")
+        _require(_power_of_two(self.end_steps), "end_steps", f"must be a power of two, got {self.end_steps}")
+        _require(self.end_steps < self.start_steps, "end_steps",
+                 f"must be below start_steps ({self.start_steps}), got {self.end_steps}")
+        _require(self.updates_per_round >= 1, "updates_per_round", f"must be >= 1, got {self.updates_per_round}")
+        _require(self.late_rounds_factor > 0, "late_rounds_factor", f"must be positive, got {self.late_rounds_factor}")
+        _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        _require(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), "adam_betas",
+                 f"must be two numbers in [0, 1), got {list(self.adam_betas)}")
+        _require(self.grad_clip > 0, "grad_clip", f"must be positive, got {self.grad_clip}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    num_samples: int = 256
+    """Samples per evaluated sampler (same noise seeds for every sampler and round)."""
+    grid_size: int = 64
+    """Images in each saved sample grid."""
+    reference_steps: int = 0
+    """Teacher DDIM steps of the reference every sampler is compared to; 0 uses teacher.sampling_steps."""
+
+    def validate(self) -> None:
+        _require(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
+        _require(self.grid_size >= 1, "grid_size", f"must be >= 1, got {self.grid_size}")
+        _require(self.reference_steps >= 0, "reference_steps", f"must be >= 0, got {self.reference_steps}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "local"
+    """Run name: the run's files live in ``storage_path/name``."""
+    storage_path: str = "runs"
+    """Directory of all runs' files (checkpoints, reports, sample grids)."""
+    seed: int = 0
+    """Seed of model initialisation, data order and noise."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Device of the local engine: ``auto`` takes a GPU when there is one."""
+    log_every: int = 100
+    """Print training progress every this many updates."""
+
+    def validate(self) -> None:
+        _require(bool(self.name) and "/" not in self.name, "name", f"must be a non-empty name without '/', got {self.name!r}")
+        _require(bool(self.storage_path), "storage_path", "must not be empty")
+        _require(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The UNet backbone and its output parameterization."""
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    """Noise schedule and loss weighting."""
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    """The teacher: a checkpoint, or how to train one."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """The halving rounds."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """What is measured after each round."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """Naming, storage, seeds and devices."""
+
+    def validate(self) -> None:
+        res, levels = self.data.resolution, len(self.model.ch_mult)
+        _require(res % 2 ** (levels - 1) == 0, "model.ch_mult",
+                 f"{levels} levels halve the resolution {levels - 1} times, but data.resolution={res} "
+                 f"is not divisible by {2 ** (levels - 1)}")
+        reached = {res // 2**k for k in range(levels)}
+        for r in self.model.attn_resolutions:
+            _require(r in reached, "model.attn_resolutions",
+                     f"{r} is never reached; the UNet's resolutions are {sorted(reached, reverse=True)}")
+        _require(self.distill.start_steps <= self.teacher.sampling_steps, "distill.start_steps",
+                 f"must not exceed teacher.sampling_steps ({self.teacher.sampling_steps}), got {self.distill.start_steps}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    """Tuples to lists, so the dict dumps as plain YAML/JSON."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# ---- building from plain data -------------------------------------------------------------
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check one value against its annotated type; YAML's loose forms (1e-4 as a string) are accepted."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        _require(isinstance(value, dict), key, f"must be a mapping of settings, got {value!r}")
+        return _build(tp, value, key)
+    if origin is Literal:
+        choices = get_args(tp)
+        _require(value in choices, key, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+    if origin is tuple:
+        _require(isinstance(value, (list, tuple)), key, f"must be a list, got {value!r}")
+        args = get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        _require(len(value) == len(args), key, f"must be a list of {len(args)} values, got {list(value)}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        _require(isinstance(value, bool), key, f"must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        _require(isinstance(value, int) and not isinstance(value, bool), key, f"must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(key, f"must be a number, got {value!r}") from None
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"must be a number, got {value!r}")
+        _require(math.isfinite(value), key, f"must be finite, got {value!r}")
+        return float(value)
+    if tp is str:
+        _require(isinstance(value, str), key, f"must be a string, got {value!r}")
+        return value
+    raise TypeError(f"{key}: unsupported config type {tp!r}")  # a bug in this module, not in the input
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            raise ConfigError(_join(prefix, str(key)), f"unknown key; valid keys here: {', '.join(names)}")
+    kwargs = {k: _coerce(v, hints[k], _join(prefix, k)) for k, v in data.items()}
+    obj = cls(**kwargs)
+    try:
+        obj.validate()
+    except ConfigError as err:
+        raise ConfigError(_join(prefix, err.key), err.reason) from None
+    return obj
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    cls: Any = Config
+    node = data
+    parts = dotted.split(".")
+    for depth, part in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(cls)]
+        if part not in names:
+            raise ConfigError(".".join(parts[: depth + 1]), f"unknown key; valid keys here: {', '.join(names)}")
+        if depth == len(parts) - 1:
+            node[part] = value
+            return
+        cls = typing.get_type_hints(cls)[part]
+        if not dataclasses.is_dataclass(cls):
+            raise ConfigError(".".join(parts[: depth + 1]), "is a value, not a section")
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(".".join(parts[: depth + 1]), f"must be a mapping of settings, got {node!r}")
+
+
+def config_from_dict(data: dict[str, Any] | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Build and validate a Config from plain data plus ``dotted.key=value`` overrides."""
+    data = dict(data or {})
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError("", f"override {item!r} must look like section.key=value")
+        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return _build(Config, data)
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML config (or the local-mode defaults when ``path`` is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError("", f"config file {str(path)!r} does not exist")
+        loaded = yaml.safe_load(path.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError("", f"config file {str(path)!r} must hold a mapping of sections")
+        data = loaded or {}
+    try:
+        return config_from_dict(data, overrides)
+    except ConfigError as err:
+        where = f" (in {path})" if path is not None else ""
+        raise ConfigError(err.key, err.reason + where) from None
+
+
+def field_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, documentation) for every setting, read from the docstrings in this file."""
+    import ast
+    import inspect
+
+    docs: dict[str, str] = {}
+    body = ast.parse(inspect.getsource(cls)).body[0].body  # type: ignore[attr-defined]
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[union-attr]
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = _join(prefix, f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows.extend(field_docs(hints[f.name], key))
+        else:
+            rows.append((key, repr(_plain(getattr(cls(), f.name))), docs.get(f.name, "")))
+    return rows

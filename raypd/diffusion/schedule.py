@@ -1,0 +1,58 @@
+"""The cosine-in-logSNR noise schedule and the forward process."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def logsnr_schedule(t: Tensor, logsnr_min: float = -20.0, logsnr_max: float = 20.0) -> Tensor:
+    """lambda(t) = -2 log tan(a t + b): cosine schedule, clipped to [logsnr_min, logsnr_max].
+
+    ``t = 0`` gives ``logsnr_max`` and ``t = 1`` gives ``logsnr_min`` exactly; so alpha(1) is
+    about 4.5e-5 for the default bounds, not 0.
+    """
+    if not logsnr_min < logsnr_max:
+        raise ValueError(f"logsnr_min ({logsnr_min}) must be below logsnr_max ({logsnr_max})")
+    t = torch.as_tensor(t)
+    if not t.is_floating_point():
+        raise TypeError(f"t must be a floating-point tensor, got dtype {t.dtype}")
+    if t.numel() and (t.min() < 0 or t.max() > 1):
+        raise ValueError(f"t must lie in [0, 1], got values in [{t.min().item()}, {t.max().item()}]")
+    b = math.atan(math.exp(-0.5 * logsnr_max))
+    a = math.atan(math.exp(-0.5 * logsnr_min)) - b
+    # float64 inside: tan near pi/2 loses ~1e-3 of logsnr in float32, and t is only [B] values
+    return (-2.0 * torch.log(torch.tan(a * t.double() + b))).to(t.dtype)
+
+
+def alpha_sigma(logsnr: Tensor) -> tuple[Tensor, Tensor]:
+    """(alpha, sigma) of the variance-preserving process: alpha^2 = sigmoid(logsnr)."""
+    return torch.sigmoid(logsnr).sqrt(), torch.sigmoid(-logsnr).sqrt()
+
+
+def per_example(value: Tensor, like: Tensor, name: str = "logsnr") -> Tensor:
+    """Reshape a per-example ``[B]`` tensor (or a scalar) to broadcast against ``like`` [B, ...]."""
+    value = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    if value.dim() == 0:
+        return value
+    if value.dim() != 1 or value.shape[0] != like.shape[0]:
+        raise ValueError(
+            f"{name} must have shape [B] = [{like.shape[0]}] to match a batch of shape "
+            f"{tuple(like.shape)}, got shape {tuple(value.shape)}"
+        )
+    return value.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def same_shape(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
+    """Fail with both names and shapes when two image tensors disagree."""
+    if a.shape != b.shape:
+        raise ValueError(f"{name_a} has shape {tuple(a.shape)} but {name_b} has shape {tuple(b.shape)}")
+
+
+def diffuse(x: Tensor, eps: Tensor, logsnr: Tensor) -> Tensor:
+    """The forward process: z = alpha x + sigma eps."""
+    same_shape("x", x, "eps", eps)
+    alpha, sigma = alpha_sigma(per_example(logsnr, x))
+    return alpha * x + sigma * eps

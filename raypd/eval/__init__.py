@@ -1,0 +1,1 @@
+"""Evaluation: samplers on fixed noise, comparisons, sample grids."""

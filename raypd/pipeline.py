@@ -1,0 +1,186 @@
+"""The whole job on one machine in plain PyTorch: teacher, every halving round, evaluation, report.
+
+Resumable at round granularity: every finished stage leaves a checkpoint in the run directory,
+and a rerun with the same ``run.storage_path``/``run.name`` loads those instead of redoing them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from raypd.checkpoint import check_compatible, load_checkpoint, meta_for, read_meta, save_checkpoint
+from raypd.config import Config
+from raypd.data import ImageBatches, load_digits
+from raypd.diffusion import logsnr_schedule
+from raypd.eval.samples import fixed_noise, plot_distance_vs_steps, rmse, sample_ddim, save_grid
+from raypd.models import Denoiser, build_denoiser
+from raypd.train import build_plain_engine, freeze, linear_decay, make_student, plan_rounds, warmup
+from raypd.train.loop import run_updates
+
+
+def log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run.device=cuda but no CUDA device is visible")
+    return torch.device("cuda" if choice != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class Context:
+    cfg: Config
+    out: Path
+    device: torch.device
+    images: torch.Tensor
+    labels: torch.Tensor | None
+
+    @property
+    def logsnr_fn(self):
+        d = self.cfg.diffusion
+        return functools.partial(logsnr_schedule, logsnr_min=d.logsnr_min, logsnr_max=d.logsnr_max)
+
+    def batches(self, batch_size: int, stream: int) -> ImageBatches:
+        return ImageBatches(self.images, self.labels, batch_size, seed=self.cfg.run.seed * 100 + stream,
+                            random_flip=self.cfg.data.random_flip)
+
+    def step_kwargs(self, teacher: Denoiser | None = None, n_steps: int | None = None, seed: int = 0) -> dict:
+        return dict(weighting=self.cfg.diffusion.weighting, logsnr_fn=self.logsnr_fn, teacher=teacher,
+                    n_steps=n_steps, generator=torch.Generator(self.device).manual_seed(seed))
+
+
+def train_teacher(ctx: Context) -> Denoiser:
+    cfg = ctx.cfg.teacher
+    torch.manual_seed(ctx.cfg.run.seed)
+    model = build_denoiser(ctx.cfg.model, ctx.cfg.data).to(ctx.device).train()
+    engine = build_plain_engine(model, lr=cfg.lr, betas=cfg.adam_betas, grad_clip=cfg.grad_clip,
+                                schedule=warmup(cfg.warmup_updates), ema_decay=cfg.ema_decay)
+    result = run_updates(engine, ctx.batches(cfg.batch_size, stream=0), cfg.updates, label="teacher",
+                         log_every=ctx.cfg.run.log_every, device=ctx.device,
+                         step_kwargs=ctx.step_kwargs(seed=ctx.cfg.run.seed))
+    meta = meta_for(ctx.cfg, kind="teacher", sampling_steps=cfg.sampling_steps, round=None,
+                    metrics={"final_loss": result.final_loss, "seconds": result.seconds})
+    save_checkpoint(ctx.out / "teacher", engine.ema.shadow, meta)
+    return freeze(engine.ema.shadow)
+
+
+def obtain_teacher(ctx: Context) -> Denoiser:
+    given = ctx.cfg.teacher.checkpoint
+    path = Path(given) if given else ctx.out / "teacher"
+    if given or (path / "meta.json").exists():
+        meta = read_meta(path)
+        check_compatible(meta, ctx.cfg, path)
+        log(f"[teacher] loading {path}")
+        model, _ = load_checkpoint(path, map_location=ctx.device)
+        return freeze(model)
+    log(f"[teacher] training for {ctx.cfg.teacher.updates} updates")
+    return train_teacher(ctx)
+
+
+def distill_round(ctx: Context, teacher: Denoiser, rnd) -> tuple[Denoiser, dict]:
+    cfg = ctx.cfg.distill
+    student = make_student(teacher)
+    engine = build_plain_engine(student, lr=cfg.lr, betas=cfg.adam_betas, grad_clip=cfg.grad_clip,
+                                schedule=linear_decay(rnd.updates))
+    result = run_updates(engine, ctx.batches(cfg.batch_size, stream=1 + rnd.index), rnd.updates,
+                         label=f"round {rnd.index}: {rnd.teacher_steps}->{rnd.student_steps} steps",
+                         log_every=ctx.cfg.run.log_every, device=ctx.device,
+                         step_kwargs=ctx.step_kwargs(teacher, rnd.student_steps, seed=ctx.cfg.run.seed + 1 + rnd.index))
+    stats = {"final_loss": result.final_loss, "seconds": result.seconds, "updates": rnd.updates,
+             "skipped_updates": engine.skipped_updates, "losses": result.losses}
+    return freeze(student), stats
+
+
+def run_pipeline(cfg: Config) -> dict:
+    """Teacher (trained or loaded), every round, evaluation after each, and the report; returns the summary."""
+    out = Path(cfg.run.storage_path) / cfg.run.name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    images, labels = load_digits(cfg.data)
+    ctx = Context(cfg, out, pick_device(cfg.run.device), images, labels if cfg.data.num_classes else None)
+    log(f"[raypd] run directory {out}, device {ctx.device}, {images.shape[0]} training images "
+        f"of {tuple(images.shape[1:])}")
+    start = time.perf_counter()
+    teacher = obtain_teacher(ctx)
+    rounds = plan_rounds(cfg.distill)
+    evaluator = Evaluator(ctx, teacher, [r.student_steps for r in rounds])
+    summary = {"run": str(out), "rounds": [], "eval": list(evaluator.rows)}
+    for rnd in rounds:
+        path = out / f"round-{rnd.index:02d}-{rnd.student_steps}steps"
+        if (path / "meta.json").exists():
+            log(f"[round {rnd.index}] already done, loading {path}")
+            model, meta = load_checkpoint(path, map_location=ctx.device)
+            student, stats = freeze(model), dict(meta.metrics)
+        else:
+            student, stats = distill_round(ctx, teacher, rnd)
+            save_checkpoint(path, student, meta_for(cfg, kind="student", sampling_steps=rnd.student_steps,
+                                                   round=rnd.index, metrics={k: v for k, v in stats.items()
+                                                                            if isinstance(v, (int, float))}))
+        row = evaluator.student(student, rnd.student_steps, rnd.index)
+        summary["rounds"].append({"round": rnd.index, "teacher_steps": rnd.teacher_steps,
+                                  "student_steps": rnd.student_steps, **stats, **row})
+        summary["eval"].append(row)
+        log(f"[round {rnd.index}] {rnd.student_steps}-step student: loss {stats['final_loss']:.4f}, "
+            f"rmse to teacher@{evaluator.reference_steps} {row['rmse_to_reference']:.4f} "
+            f"(teacher DDIM@{rnd.student_steps}: {evaluator.ddim_rmse[rnd.student_steps]:.4f})")
+        teacher = student  # promotion: the student is the next round's teacher
+    summary["seconds"] = time.perf_counter() - start
+    write_report(out, summary)
+    return summary
+
+
+class Evaluator:
+    """Samples every sampler from the same noise and measures its distance to the teacher's full sampler."""
+
+    def __init__(self, ctx: Context, teacher: Denoiser, step_counts: list[int]):
+        cfg = ctx.cfg
+        self.ctx = ctx
+        self.z, self.y = fixed_noise(cfg.eval.num_samples, cfg.data.channels, cfg.data.resolution,
+                                     seed=cfg.run.seed + 12345, num_classes=cfg.data.num_classes)
+        self.reference_steps = cfg.eval.reference_steps or cfg.teacher.sampling_steps
+        self.reference = self.sample(teacher, self.reference_steps)
+        self.grid(self.reference, "teacher", self.reference_steps)
+        self.rows, self.ddim_rmse = [], {}
+        for n in sorted(set(step_counts)):
+            samples = self.sample(teacher, n)
+            self.ddim_rmse[n] = rmse(samples, self.reference)
+            self.rows.append({"sampler": "teacher_ddim", "steps": n, "rmse_to_reference": self.ddim_rmse[n]})
+            self.grid(samples, "teacher_ddim", n)
+
+    def sample(self, model: Denoiser, n_steps: int) -> torch.Tensor:
+        return sample_ddim(model, self.z, self.y, n_steps, logsnr_fn=self.ctx.logsnr_fn, device=self.ctx.device)
+
+    def grid(self, samples: torch.Tensor, name: str, n_steps: int) -> None:
+        k = self.ctx.cfg.eval.grid_size
+        save_grid(samples[:k], self.ctx.out / "grids" / f"{name}-{n_steps:04d}steps.png",
+                  title=f"{name.replace('_', ' ')}, {n_steps} steps")
+
+    def student(self, model: Denoiser, n_steps: int, round_index: int) -> dict:
+        samples = self.sample(model, n_steps)
+        self.grid(samples, "distilled", n_steps)
+        return {"sampler": "distilled", "steps": n_steps, "round": round_index,
+                "rmse_to_reference": rmse(samples, self.reference)}
+
+
+def write_report(out: Path, summary: dict) -> None:
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot_distance_vs_steps(summary["eval"], out / "rmse_vs_steps.png", metric="rmse_to_reference")
+    ddim = {r["steps"]: r["rmse_to_reference"] for r in summary["eval"] if r["sampler"] == "teacher_ddim"}
+    lines = ["# raypd run report", "", f"Run directory: `{summary['run']}`; total {summary['seconds']:.0f} s.", "",
+             "Distance of each sampler's samples to the teacher's full DDIM sampler, same noise (RMSE, [-1, 1] units).",
+             "", "| round | steps | final loss | updates | seconds | distilled RMSE | teacher DDIM RMSE |",
+             "|---|---|---|---|---|---|---|"]
+    for r in summary["rounds"]:
+        lines.append(f"| {r['round']} | {r['teacher_steps']} -> {r['student_steps']} | {r['final_loss']:.4f} | "
+                     f"{r['updates']} | {r['seconds']:.0f} | {r['rmse_to_reference']:.4f} | "
+                     f"{ddim[r['student_steps']]:.4f} |")
+    lines += ["", "![RMSE vs steps](rmse_vs_steps.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))

@@ -1,0 +1,36 @@
+"""Exponential moving average of a model's weights."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA:
+    """shadow <- decay * shadow + (1 - decay) * weights, after every optimizer update.
+
+    The shadow is a full module in eval mode, so it can be sampled from and saved directly.
+    Buffers (none in the UNet) are copied, not averaged.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must lie in [0, 1), got {decay}")
+        self.decay = decay
+        self.shadow = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        ema_params = list(self.shadow.parameters())
+        params = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params)]
+        torch._foreach_lerp_(ema_params, params, 1.0 - self.decay)
+        for eb, b in zip(self.shadow.buffers(), model.buffers()):
+            eb.copy_(b)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.shadow.load_state_dict(state)

@@ -1,0 +1,76 @@
+"""ONE training step for teacher training and for distillation.
+
+Without a teacher: t ~ U(0, 1) and the target is the data (Algorithm 1).
+With a teacher: t on the student's N-step grid and the target is x_tilde (Algorithm 2).
+Everything else, the forward process, the student's x_hat and the weighted loss, is shared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from raypd.diffusion import diffuse, distill_target, student_times, weighted_mse
+from raypd.diffusion.ddim import LogsnrFn
+from raypd.diffusion.loss import Weighting
+from raypd.data.batch import Batch
+from raypd.models import Denoiser
+from raypd.train.engine import Engine
+
+
+@dataclass
+class StepStats:
+    loss: float
+    grad_norm: float
+    lr: float
+
+
+def diffusion_loss(
+    student: Denoiser, batch: Batch, *, weighting: Weighting, logsnr_fn: LogsnrFn,
+    teacher: Denoiser | None = None, n_steps: int | None = None,
+    generator: torch.Generator | None = None, teacher_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Mean weighted x-space loss of the student on one batch."""
+    x = batch.x
+    b = x.shape[0]
+    eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    if teacher is None:
+        t = torch.rand(b, generator=generator, dtype=x.dtype, device=x.device)
+    else:
+        if n_steps is None:
+            raise ValueError("distillation needs n_steps, the student's sampling step count")
+        t = student_times(b, n_steps, generator=generator, dtype=x.dtype, device=x.device)
+    logsnr_t = logsnr_fn(t)
+    z_t = diffuse(x, eps, logsnr_t)
+    if teacher is None:
+        target = x
+    else:
+        target = _teacher_target(teacher, z_t, t, n_steps, batch.y, logsnr_fn, teacher_dtype)
+    x_hat = student(z_t, logsnr_t, batch.y)
+    return weighted_mse(x_hat, target, logsnr_t, weighting).mean()
+
+
+def _teacher_target(teacher: Denoiser, z_t: Tensor, t: Tensor, n_steps: int, y: Tensor | None,
+                    logsnr_fn: LogsnrFn, teacher_dtype: torch.dtype | None) -> Tensor:
+    autocast = (torch.autocast(z_t.device.type, dtype=teacher_dtype) if teacher_dtype is not None
+                else contextlib.nullcontext())
+    with torch.inference_mode(), autocast:
+        target = distill_target(teacher.bind(y), z_t, t, n_steps, logsnr_fn=logsnr_fn)
+    # an inference tensor cannot enter autograd; a copy made outside inference mode can
+    return target.to(z_t.dtype).clone()
+
+
+def train_step(
+    engine: Engine, batch: Batch, *, weighting: Weighting, logsnr_fn: LogsnrFn,
+    teacher: Denoiser | None = None, n_steps: int | None = None,
+    generator: torch.Generator | None = None, teacher_dtype: torch.dtype | None = None,
+) -> StepStats:
+    """Loss, backward and one optimizer update through the engine."""
+    loss = diffusion_loss(engine.model, batch, weighting=weighting, logsnr_fn=logsnr_fn, teacher=teacher,
+                          n_steps=n_steps, generator=generator, teacher_dtype=teacher_dtype)
+    engine.backward(loss)
+    grad_norm, lr = engine.step()
+    return StepStats(loss=loss.item(), grad_norm=grad_norm, lr=lr)

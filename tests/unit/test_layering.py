@@ -1,0 +1,63 @@
+"""The package's import layering (see the design notes): lower layers never import higher ones."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[2] / "raypd"
+
+# what each part of the package may import from raypd (by top-level module under raypd)
+ALLOWED = {
+    "diffusion": set(),
+    "config": {"diffusion"},
+    "models": {"diffusion", "config", "models"},
+    "data": {"config", "data"},
+    "train": {"diffusion", "config", "models", "data", "train"},
+    "eval": {"diffusion", "config", "models", "data", "eval"},
+    "checkpoint": {"config", "models"},
+}
+HEAVY_ONLY_IN = {"ray": {"dist"}, "deepspeed": {"dist"}, "torch_fidelity": {"eval"}, "diffusers": {"models", "tools"}}
+
+
+def _imports(path: Path):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.module
+
+
+def _part(path: Path) -> str:
+    rel = path.relative_to(PKG)
+    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
+
+
+def test_no_forbidden_imports():
+    problems = []
+    for path in PKG.rglob("*.py"):
+        part = _part(path)
+        for name in _imports(path):
+            top = name.split(".")
+            if top[0] == "raypd" and part in ALLOWED and len(top) > 1 and top[1] not in ALLOWED[part]:
+                problems.append(f"{path.relative_to(PKG)} imports {name}")
+            if top[0] in HEAVY_ONLY_IN and part not in HEAVY_ONLY_IN[top[0]]:
+                problems.append(f"{path.relative_to(PKG)} imports {name}, allowed only in {HEAVY_ONLY_IN[top[0]]}")
+    assert not problems, "\n".join(problems)
+
+
+def test_diffusion_uses_torch_and_stdlib_only():
+    stdlib = set(sys.stdlib_module_names)
+    for path in (PKG / "diffusion").rglob("*.py"):
+        for name in _imports(path):
+            assert name.split(".")[0] in stdlib | {"torch", "__future__"}, f"{path.name} imports {name}"
+
+
+def test_import_and_help_stay_light():
+    code = ("import sys, raypd.distill, raypd.pipeline; "
+            "heavy = [m for m in ('ray', 'deepspeed', 'torch_fidelity', 'diffusers', 'sklearn') if m in sys.modules]; "
+            "print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

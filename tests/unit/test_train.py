@@ -1,0 +1,118 @@
+import math
+
+import pytest
+import torch
+
+from raypd.config import DistillConfig, load_config
+from raypd.data import Batch, ImageBatches
+from raypd.diffusion import logsnr_schedule
+from raypd.models import Denoiser, build_denoiser
+from raypd.train import (EMA, build_plain_engine, diffusion_loss, freeze, linear_decay, make_student,
+                         plan_rounds, train_step, warmup)
+
+TINY = ["model.ch=32", "model.ch_mult=[1,2]", "data.resolution=8", "model.attn_resolutions=[4]", "model.dropout=0.2"]
+
+
+def test_lr_schedules():
+    w = warmup(4)
+    assert [w(k) for k in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    d = linear_decay(4)
+    assert [d(k) for k in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert warmup(0)(0) == 1.0
+    with pytest.raises(ValueError):
+        linear_decay(0)
+
+
+def test_plan_rounds_paper_schedule():
+    rounds = plan_rounds(DistillConfig(start_steps=8192, end_steps=1, updates_per_round=50_000))
+    assert len(rounds) == 13
+    assert [r.student_steps for r in rounds] == [4096 // 2**k for k in range(13)]
+    assert [r.updates for r in rounds[-3:]] == [50_000, 100_000, 100_000]
+    assert all(r.teacher_steps == 2 * r.student_steps for r in rounds)
+    short = plan_rounds(DistillConfig(start_steps=16, end_steps=4, updates_per_round=10))
+    assert [(r.teacher_steps, r.student_steps, r.updates) for r in short] == [(16, 8, 10), (8, 4, 10)]
+
+
+def test_ema_matches_its_formula():
+    lin = torch.nn.Linear(3, 1)
+    ema = EMA(lin, 0.9)
+    start = lin.weight.detach().clone()
+    with torch.no_grad():
+        lin.weight.add_(1.0)
+    ema.update(lin)
+    torch.testing.assert_close(ema.shadow.weight, start + 0.1)
+    assert not ema.shadow.weight.requires_grad
+
+
+def test_student_is_a_trainable_dropout_free_copy_and_teacher_is_frozen():
+    cfg = load_config(None, TINY)
+    teacher = freeze(build_denoiser(cfg.model, cfg.data))
+    student = make_student(teacher)
+    assert student.training and all(p.requires_grad for p in student.parameters())
+    assert all(m.p == 0.0 for m in student.modules() if isinstance(m, torch.nn.Dropout))
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert any(m.p == 0.2 for m in teacher.modules() if isinstance(m, torch.nn.Dropout))
+    assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), student.state_dict().values()))
+
+
+def _perturbed(cfg):
+    torch.manual_seed(0)
+    model = build_denoiser(cfg.model, cfg.data)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model
+
+
+def test_teacher_training_and_distillation_share_one_step():
+    cfg = load_config(None, TINY)
+    x = torch.rand(8, 1, 8, 8) * 2 - 1
+    student = _perturbed(cfg).train()
+    teacher = freeze(_perturbed(cfg))
+    kw = dict(weighting="snr_trunc", logsnr_fn=logsnr_schedule)
+    plain = diffusion_loss(student, Batch(x), generator=torch.Generator().manual_seed(0), **kw)
+    distill = diffusion_loss(student, Batch(x), teacher=teacher, n_steps=4, generator=torch.Generator().manual_seed(0), **kw)
+    assert plain.requires_grad and distill.requires_grad and plain.item() != distill.item()
+    assert not any(p.grad is not None for p in teacher.parameters())
+    with pytest.raises(ValueError, match="needs n_steps"):
+        diffusion_loss(student, Batch(x), teacher=teacher, **kw)
+    engine = build_plain_engine(student, lr=1e-3, betas=(0.9, 0.999), grad_clip=1.0, schedule=linear_decay(10))
+    before = [p.detach().clone() for p in student.parameters()]
+    stats = train_step(engine, Batch(x), teacher=teacher, n_steps=4, generator=torch.Generator().manual_seed(1), **kw)
+    assert math.isfinite(stats.loss) and stats.lr == 1e-3 and engine.updates == 1
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+    assert engine.optimizer.param_groups[0]["lr"] == pytest.approx(0.9e-3)
+
+
+def test_engine_skips_non_finite_updates_and_clips():
+    class Pixel(torch.nn.Conv2d):
+        def forward(self, z, logsnr=None, y=None):
+            return super().forward(z)
+
+    backbone = Pixel(1, 1, 1)
+    lin = Denoiser(backbone, "x")
+    engine = build_plain_engine(lin, lr=0.1, betas=(0.9, 0.999), grad_clip=1.0, schedule=warmup(0), ema_decay=0.5)
+    before = backbone.weight.detach().clone()
+    engine.backward((backbone(torch.ones(1, 1, 1, 1)) * float("nan")).sum())
+    grad_norm, _ = engine.step()
+    assert math.isnan(grad_norm) and engine.skipped_updates == 1
+    assert torch.equal(backbone.weight, before)
+    engine.backward((backbone(torch.ones(1, 1, 1, 1)) * 1000).sum())
+    grad_norm, _ = engine.step()
+    assert grad_norm > 1.0 and engine.skipped_updates == 1
+    assert (backbone.weight - before).abs().max() <= 0.1 + 1e-6  # Adam's first step moves each weight by ~lr
+
+
+def test_image_batches_are_seeded_and_resumable():
+    images = torch.arange(40, dtype=torch.float32).reshape(10, 1, 2, 2)
+    labels = torch.arange(10)
+    a = ImageBatches(images, labels, 3, seed=1, random_flip=True)
+    seen = [next(a) for _ in range(7)]
+    b = ImageBatches(images, labels, 3, seed=1, random_flip=True, position=4)
+    for want in seen[4:]:
+        got = next(b)
+        assert torch.equal(got.x, want.x) and torch.equal(got.y, want.y)
+    epoch = torch.cat([s.y for s in seen[:3]])
+    assert len(set(epoch.tolist())) == 9  # no repeats within an epoch
+    with pytest.raises(ValueError, match="exceeds"):
+        ImageBatches(images, labels, 11, seed=0)

@@ -38,6 +38,15 @@ def _power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+def _check_optimizer(batch_size: int, lr: float, adam_betas: tuple[float, ...], grad_clip: float) -> None:
+    """The checks teacher training and distillation rounds share."""
+    _require(batch_size >= 1, "batch_size", f"must be >= 1, got {batch_size}")
+    _require(lr > 0, "lr", f"must be positive, got {lr}")
+    _require(len(adam_betas) == 2 and all(0 <= b < 1 for b in adam_betas), "adam_betas",
+             f"must be two numbers in [0, 1), got {list(adam_betas)}")
+    _require(grad_clip > 0, "grad_clip", f"must be positive, got {grad_clip}")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     source: Literal["digits"] = "digits"
@@ -74,7 +83,7 @@ class ModelConfig:
     """Channels per attention head."""
     resblock_updown: bool = True
     """BigGAN-style residual down/up-sampling blocks (the paper's) instead of strided convs."""
-    parameterization: Parameterization = "x"
+    parameterization: Parameterization = "both"
     """Network output: ``eps``, ``x``, ``v`` or ``both`` (the paper's combined x/eps output)."""
 
     def validate(self) -> None:
@@ -104,9 +113,9 @@ class DiffusionConfig:
 class TeacherConfig:
     checkpoint: str = ""
     """A trained teacher's checkpoint directory; empty trains a teacher first."""
-    sampling_steps: int = 128
+    sampling_steps: int = 64
     """The teacher's own DDIM step count: its full-quality sampler and the first round's teacher."""
-    updates: int = 3000
+    updates: int = 1200
     """Optimizer updates of teacher training."""
     batch_size: int = 64
     """Global batch size of teacher training."""
@@ -124,28 +133,24 @@ class TeacherConfig:
     def validate(self) -> None:
         _require(self.sampling_steps >= 1, "sampling_steps", f"must be >= 1, got {self.sampling_steps}")
         _require(self.updates >= 0, "updates", f"must be >= 0, got {self.updates}")
-        _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
-        _require(self.lr > 0, "lr", f"must be positive, got {self.lr}")
         _require(self.warmup_updates >= 0, "warmup_updates", f"must be >= 0, got {self.warmup_updates}")
         _require(0.0 <= self.ema_decay < 1.0, "ema_decay", f"must lie in [0, 1), got {self.ema_decay}")
-        _require(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), "adam_betas",
-                 f"must be two numbers in [0, 1), got {list(self.adam_betas)}")
-        _require(self.grad_clip > 0, "grad_clip", f"must be positive, got {self.grad_clip}")
+        _check_optimizer(self.batch_size, self.lr, self.adam_betas, self.grad_clip)
 
 
 @dataclass(frozen=True)
 class DistillConfig:
-    start_steps: int = 128
+    start_steps: int = 32
     """Teacher sampling steps of the first round; round k's student samples in start_steps / 2^k."""
     end_steps: int = 1
     """The last round's student step count."""
-    updates_per_round: int = 400
+    updates_per_round: int = 200
     """Optimizer updates per round (the paper: 50,000)."""
     late_rounds_factor: float = 2.0
     """Update-budget multiplier for the hardest rounds (the paper doubles the rounds to 2 and to 1 step)."""
     late_rounds_max_steps: int = 2
     """Rounds whose student samples in at most this many steps get ``late_rounds_factor``."""
-    batch_size: int = 64
+    batch_size: int = 32
     """Global batch size of each round."""
     lr: float = 3e-4
     """Initial learning rate of each round, decayed linearly to 0 with no warm-up."""
@@ -161,11 +166,7 @@ class DistillConfig:
                  f"must be below start_steps ({self.start_steps}), got {self.end_steps}")
         _require(self.updates_per_round >= 1, "updates_per_round", f"must be >= 1, got {self.updates_per_round}")
         _require(self.late_rounds_factor > 0, "late_rounds_factor", f"must be positive, got {self.late_rounds_factor}")
-        _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
-        _require(self.lr > 0, "lr", f"must be positive, got {self.lr}")
-        _require(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), "adam_betas",
-                 f"must be two numbers in [0, 1), got {list(self.adam_betas)}")
-        _require(self.grad_clip > 0, "grad_clip", f"must be positive, got {self.grad_clip}")
+        _check_optimizer(self.batch_size, self.lr, self.adam_betas, self.grad_clip)
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,20 @@ def _predict(denoise: Denoise, z: Tensor, logsnr: Tensor, clip: bool) -> Tensor:
     return x_hat.clamp(-1.0, 1.0) if clip else x_hat
 
 
+def _run_sampler(denoise: Denoise, z_1: Tensor, n_steps: int, clip: bool, logsnr_fn: LogsnrFn,
+                 step: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]) -> Tensor:
+    """t = 1, (N-1)/N, ..., 1/N: predict x_hat, then ``step(z_t, x_hat, logsnr_t, logsnr_s)``; the last step returns x_hat."""
+    _check_steps(n_steps)
+    z = z_1
+    for i in range(n_steps, 0, -1):
+        logsnr_t = _grid_logsnr(i, n_steps, z, logsnr_fn)
+        x_hat = _predict(denoise, z, logsnr_t, clip)
+        if i == 1:
+            return x_hat
+        z = step(z, x_hat, logsnr_t, _grid_logsnr(i - 1, n_steps, z, logsnr_fn))
+    raise AssertionError("unreachable")
+
+
 def ddim_sample(
     denoise: Denoise, z_1: Tensor, n_steps: int, clip: bool = True, *, logsnr_fn: LogsnrFn = logsnr_schedule
 ) -> Tensor:
@@ -48,15 +62,7 @@ def ddim_sample(
     The last step returns x_hat itself. ``clip`` clamps every x_hat to [-1, 1] (and so the
     eps_hat derived from it), as the paper does when sampling; it never applies in training.
     """
-    _check_steps(n_steps)
-    z = z_1
-    for i in range(n_steps, 0, -1):
-        logsnr_t = _grid_logsnr(i, n_steps, z, logsnr_fn)
-        x_hat = _predict(denoise, z, logsnr_t, clip)
-        if i == 1:
-            return x_hat
-        z = ddim_step(z, x_hat, logsnr_t, _grid_logsnr(i - 1, n_steps, z, logsnr_fn))
-    raise AssertionError("unreachable")
+    return _run_sampler(denoise, z_1, n_steps, clip, logsnr_fn, ddim_step)
 
 
 def ancestral_step(
@@ -94,15 +100,11 @@ def stochastic_sample(
     ``interp`` in [0, 1] sets the log-space interpolation of the step variance between its
     lower and upper bound (see :func:`ancestral_step`); the best value depends on the step count.
     """
-    _check_steps(n_steps)
     if not 0.0 <= interp <= 1.0:
         raise ValueError(f"interp must lie in [0, 1], got {interp}")
-    z = z_1
-    for i in range(n_steps, 0, -1):
-        logsnr_t = _grid_logsnr(i, n_steps, z, logsnr_fn)
-        x_hat = _predict(denoise, z, logsnr_t, clip)
-        if i == 1:
-            return x_hat
+
+    def step(z: Tensor, x_hat: Tensor, logsnr_t: Tensor, logsnr_s: Tensor) -> Tensor:
         noise = torch.randn(z.shape, dtype=z.dtype, device=z.device, generator=generator)
-        z = ancestral_step(z, x_hat, logsnr_t, _grid_logsnr(i - 1, n_steps, z, logsnr_fn), noise, interp)
-    raise AssertionError("unreachable")
+        return ancestral_step(z, x_hat, logsnr_t, logsnr_s, noise, interp)
+
+    return _run_sampler(denoise, z_1, n_steps, clip, logsnr_fn, step)

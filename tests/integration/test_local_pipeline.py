@@ -1,0 +1,63 @@
+"""python -m raypd.distill end to end on a tiny budget: files, report, resume, errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from raypd.distill import main
+
+TINY = ["data.resolution=8", "model.attn_resolutions=[4]", "teacher.updates=30", "teacher.sampling_steps=4",
+        "distill.start_steps=4", "distill.updates_per_round=5", "eval.num_samples=16", "eval.grid_size=16",
+        "run.log_every=10", "run.device=cpu"]
+
+
+def test_pipeline_runs_resumes_and_reports(tmp_path, capsys):
+    args = TINY + [f"run.storage_path={tmp_path}", "run.name=t"]
+    assert main(args) == 0
+    run = tmp_path / "t"
+    summary = json.loads((run / "summary.json").read_text())
+    assert [(r["teacher_steps"], r["student_steps"], r["updates"]) for r in summary["rounds"]] == [(4, 2, 10), (2, 1, 10)]
+    assert {(r["sampler"], r["steps"]) for r in summary["eval"]} == {
+        ("teacher_ddim", 2), ("teacher_ddim", 1), ("distilled", 2), ("distilled", 1)}
+    assert all(r["rmse_to_reference"] > 0 for r in summary["eval"])
+    for name in ("report.md", "rmse_vs_steps.png", "config.json", "teacher/model.safetensors",
+                 "round-00-2steps/meta.json", "round-01-1steps/model.safetensors",
+                 "grids/distilled-0001steps.png", "grids/teacher-0004steps.png"):
+        assert (run / name).is_file(), name
+    err = capsys.readouterr().err
+    assert "[teacher] 30/30 loss" in err and "[round 1] 1-step student" in err
+
+    # a rerun loads every finished stage and trains nothing
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "[teacher] loading" in err and "already done" in err and "loss" not in err.split("[teacher] loading")[1].split("[round 0]")[0]
+    again = json.loads((run / "summary.json").read_text())
+    assert [r["rmse_to_reference"] for r in again["eval"]] == [r["rmse_to_reference"] for r in summary["eval"]]
+
+    # a given teacher checkpoint that does not fit the config is refused before any training
+    assert main(TINY + [f"run.storage_path={tmp_path}", "run.name=u", f"teacher.checkpoint={run / 'teacher'}",
+                        "model.parameterization=v"]) == 2
+    assert "does not fit this config" in capsys.readouterr().err
+
+
+def test_bad_config_fails_fast_with_the_key():
+    out = subprocess.run([sys.executable, "-m", "raypd.distill", "distill.start_steps=3"],
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 2
+    assert "config error: distill.start_steps: must be a power of two, got 3" in out.stderr
+
+
+def test_help_config_lists_documented_settings(capsys):
+    assert main(["--help-config"]) == 0
+    out = capsys.readouterr().out
+    assert "distill.updates_per_round = 400" in out or "distill.updates_per_round =" in out
+    assert "model.parameterization" in out
+
+
+@pytest.mark.parametrize("argv", [["--config", "/nonexistent.yaml"]])
+def test_missing_config_file(argv, capsys):
+    assert main(argv) == 2
+    assert "does not exist" in capsys.readouterr().err

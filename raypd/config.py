@@ -49,22 +49,42 @@ def _check_optimizer(batch_size: int, lr: float, adam_betas: tuple[float, ...], 
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: Literal["digits"] = "digits"
-    """Where training images come from. ``digits``: the 1,797 real 8x8 handwritten digits bundled
-    with scikit-learn (no download), resized to ``resolution``."""
+    source: Literal["digits", "shards", "mnist", "cifar", "npz", "folder"] = "digits"
+    """Where training images come from. ``shards``: the WebDataset shards at ``shards`` (what
+    clusters use). ``digits``: the 1,797 real 8x8 handwritten digits bundled with scikit-learn (no
+    download). ``mnist`` (IDX files), ``cifar`` (python pickles), ``npz`` (arrays x, y) and
+    ``folder`` (images, one sub-folder per class or flat) read ``path``. All but ``shards`` are
+    written as shards at ``resolution`` into the run's storage on first use and read from there."""
+    path: str = ""
+    """The data set file or directory for the ``mnist``, ``cifar``, ``npz`` and ``folder`` sources."""
+    labels_path: str = ""
+    """MNIST's labels file (``mnist`` source); empty trains unlabelled."""
+    shards: str = ""
+    """Training shard URLs for ``source: shards``: a brace pattern (``/data/train-{000000..000127}.tar``,
+    ``s3://bucket/train-{000000..000127}.tar``), a comma-separated list, or a directory of train-*.tar."""
     resolution: int = 16
-    """Image side in pixels; the model is built for this size."""
+    """Image side in pixels; the model is built for this size and the shards must match it."""
     channels: int = 1
     """Image channels (1 grey, 3 RGB)."""
     num_classes: int = 0
     """0 trains an unconditional model; > 0 a class-conditional one with this many classes."""
     random_flip: bool = False
     """Random horizontal flips, as the paper uses for CIFAR-10 and LSUN (wrong for digits)."""
+    loader_workers: int = 1
+    """DataLoader worker processes per training process; images are decoded there, ahead of the step."""
+    shuffle_buffer: int = 1000
+    """Samples held in each loader's shuffle buffer."""
 
     def validate(self) -> None:
+        _require(self.source != "shards" or bool(self.shards.strip()), "shards",
+                 "must name the training shards when source is 'shards'")
+        _require(self.source in ("shards", "digits") or bool(self.path.strip()), "path",
+                 f"must name the data set's file or directory when source is {self.source!r}")
         _require(self.resolution >= 4, "resolution", f"must be at least 4, got {self.resolution}")
         _require(self.channels in (1, 3), "channels", f"must be 1 or 3, got {self.channels}")
         _require(self.num_classes >= 0, "num_classes", f"must be >= 0, got {self.num_classes}")
+        _require(self.loader_workers >= 0, "loader_workers", f"must be >= 0, got {self.loader_workers}")
+        _require(self.shuffle_buffer >= 1, "shuffle_buffer", f"must be >= 1, got {self.shuffle_buffer}")
 
 
 @dataclass(frozen=True)

@@ -77,3 +77,9 @@ def test_every_field_is_documented():
     assert len(rows) > 30
     undocumented = [key for key, _, doc in rows if len(doc) < 10]
     assert not undocumented, undocumented
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.distill.start_steps <= cfg.teacher.sampling_steps

@@ -1,0 +1,37 @@
+"""``raypd <command>``: the pipeline and its tools under one name.
+
+    raypd distill [--config FILE] [section.key=value ...]   the whole pipeline (= python -m raypd.distill)
+    raypd shards KIND PATH --out DIR [...]                  write WebDataset shards from a data set
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def _distill(argv: list[str]) -> int:
+    from raypd.distill import main as distill_main
+
+    return distill_main(argv)
+
+
+def _shards(argv: list[str]) -> int:
+    from raypd.data.writer import main as writer_main
+
+    return writer_main(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"distill": _distill, "shards": _shards}
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        print(__doc__.strip(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nunknown command {argv[0]!r}; expected one of {', '.join(commands)}", file=sys.stderr)
+            return 2
+        return 0
+    return commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

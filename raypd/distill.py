@@ -35,12 +35,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     from raypd.checkpoint import CheckpointError
+    from raypd.data.shards import DataError
     from raypd.pipeline import run_pipeline
 
     try:
         summary = run_pipeline(cfg)
     except CheckpointError as err:
         print(f"checkpoint error: {err}", file=sys.stderr)
+        return 2
+    except (DataError, FileNotFoundError) as err:
+        print(f"data error: {err}", file=sys.stderr)
         return 2
     print(f"report: {summary['run']}/report.md")
     return 0

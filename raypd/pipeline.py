@@ -17,7 +17,8 @@ import torch
 
 from raypd.checkpoint import check_compatible, load_checkpoint, meta_for, read_meta, save_checkpoint
 from raypd.config import Config
-from raypd.data import ImageBatches, load_digits
+from raypd.data.prepare import training_shards
+from raypd.data.shards import ShardLoader, check_shards
 from raypd.diffusion import logsnr_schedule
 from raypd.eval.samples import fixed_noise, plot_distance_vs_steps, rmse, sample_ddim, save_grid
 from raypd.models import Denoiser, build_denoiser
@@ -40,17 +41,20 @@ class Context:
     cfg: Config
     out: Path
     device: torch.device
-    images: torch.Tensor
-    labels: torch.Tensor | None
+    shards: list[str]
 
     @property
     def logsnr_fn(self):
         d = self.cfg.diffusion
         return functools.partial(logsnr_schedule, logsnr_min=d.logsnr_min, logsnr_max=d.logsnr_max)
 
-    def batches(self, batch_size: int, stream: int) -> ImageBatches:
-        return ImageBatches(self.images, self.labels, batch_size, seed=self.cfg.run.seed * 100 + stream,
-                            random_flip=self.cfg.data.random_flip)
+    def batches(self, batch_size: int, stream: int) -> ShardLoader:
+        """An endless, seeded stream of decoded batches; each stage gets its own ``stream``."""
+        d = self.cfg.data
+        return ShardLoader(self.shards, batch_size=batch_size, channels=d.channels, num_classes=d.num_classes,
+                           num_workers=d.loader_workers, seed=self.cfg.run.seed * 1000 + stream,
+                           random_flip=d.random_flip, shuffle_buffer=d.shuffle_buffer, resampled=True,
+                           resolution=d.resolution)
 
     def step_kwargs(self, teacher: Denoiser | None = None, n_steps: int | None = None, seed: int = 0) -> dict:
         return dict(weighting=self.cfg.diffusion.weighting, logsnr_fn=self.logsnr_fn, teacher=teacher,
@@ -63,11 +67,13 @@ def train_teacher(ctx: Context) -> Denoiser:
     model = build_denoiser(ctx.cfg.model, ctx.cfg.data).to(ctx.device).train()
     engine = build_plain_engine(model, lr=cfg.lr, betas=cfg.adam_betas, grad_clip=cfg.grad_clip,
                                 schedule=warmup(cfg.warmup_updates), ema_decay=cfg.ema_decay)
-    result = run_updates(engine, ctx.batches(cfg.batch_size, stream=0), cfg.updates, label="teacher",
+    loader = ctx.batches(cfg.batch_size, stream=0)
+    result = run_updates(engine, iter(loader), cfg.updates, label="teacher",
                          log_every=ctx.cfg.run.log_every, device=ctx.device,
                          step_kwargs=ctx.step_kwargs(seed=ctx.cfg.run.seed))
     meta = meta_for(ctx.cfg, kind="teacher", sampling_steps=cfg.sampling_steps, round=None,
-                    metrics={"final_loss": result.final_loss, "seconds": result.seconds})
+                    metrics={"final_loss": result.final_loss, "seconds": result.seconds,
+                             "skipped_samples": loader.skipped_samples})
     save_checkpoint(ctx.out / "teacher", engine.ema.shadow, meta)
     return freeze(engine.ema.shadow)
 
@@ -90,12 +96,14 @@ def distill_round(ctx: Context, teacher: Denoiser, rnd) -> tuple[Denoiser, dict]
     student = make_student(teacher)
     engine = build_plain_engine(student, lr=cfg.lr, betas=cfg.adam_betas, grad_clip=cfg.grad_clip,
                                 schedule=linear_decay(rnd.updates))
-    result = run_updates(engine, ctx.batches(cfg.batch_size, stream=1 + rnd.index), rnd.updates,
+    loader = ctx.batches(cfg.batch_size, stream=1 + rnd.index)
+    result = run_updates(engine, iter(loader), rnd.updates,
                          label=f"round {rnd.index}: {rnd.teacher_steps}->{rnd.student_steps} steps",
                          log_every=ctx.cfg.run.log_every, device=ctx.device,
                          step_kwargs=ctx.step_kwargs(teacher, rnd.student_steps, seed=ctx.cfg.run.seed + 1 + rnd.index))
     stats = {"final_loss": result.final_loss, "seconds": result.seconds, "updates": rnd.updates,
-             "skipped_updates": engine.skipped_updates, "losses": result.losses}
+             "skipped_updates": engine.skipped_updates, "skipped_samples": loader.skipped_samples,
+             "losses": result.losses}
     return freeze(student), stats
 
 
@@ -104,10 +112,14 @@ def run_pipeline(cfg: Config) -> dict:
     out = Path(cfg.run.storage_path) / cfg.run.name
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    images, labels = load_digits(cfg.data)
-    ctx = Context(cfg, out, pick_device(cfg.run.device), images, labels if cfg.data.num_classes else None)
-    log(f"[raypd] run directory {out}, device {ctx.device}, {images.shape[0]} training images "
-        f"of {tuple(images.shape[1:])}")
+    shards = training_shards(cfg.data, out / "data", seed=cfg.run.seed)
+    d = cfg.data
+    manifest = check_shards(shards, resolution=d.resolution, channels=d.channels, num_classes=d.num_classes,
+                            world_size=1, num_workers=d.loader_workers)
+    ctx = Context(cfg, out, pick_device(cfg.run.device), shards)
+    count = manifest["splits"]["train"]["count"] if manifest else "?"
+    log(f"[raypd] run directory {out}, device {ctx.device}, {count} training images of "
+        f"{d.channels}x{d.resolution}x{d.resolution} in {len(shards)} shards")
     start = time.perf_counter()
     teacher = obtain_teacher(ctx)
     rounds = plan_rounds(cfg.distill)

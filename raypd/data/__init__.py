@@ -1,6 +1,5 @@
-"""Training data: in-memory data sets for local mode (WebDataset shards for clusters)."""
+"""Training data: WebDataset shards in (from every layout a data set comes in), batches out."""
 
 from raypd.data.batch import Batch
-from raypd.data.memory import ImageBatches, load_digits
 
-__all__ = ["Batch", "ImageBatches", "load_digits"]
+__all__ = ["Batch"]

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from raypd.config import DataConfig, load_config
-from raypd.data import load_digits
+from raypd.data.prepare import training_shards
+from raypd.data.shards import ShardLoader, check_shards
 from raypd.diffusion import diffuse
 from raypd.diffusion.params import output_target
 from raypd.models import Denoiser, build_denoiser, count_parameters
@@ -39,8 +40,14 @@ def test_built_denoiser_sizes_and_class_conditioning():
     assert count_parameters(cfg.model, cfg.data) == sum(p.numel() for p in model.parameters())
 
 
-def test_digits_are_real_images_in_range():
-    x, y = load_digits(DataConfig(resolution=16, channels=3))
-    assert x.shape == (1797, 3, 16, 16) and x.dtype == torch.float32
-    assert x.min() == -1.0 and x.max() == 1.0 and set(y.tolist()) == set(range(10))
-    assert x.mean() < -0.3  # dark background, bright strokes
+def test_local_digits_go_through_the_shard_writer_and_reader(tmp_path):
+    cfg = DataConfig(resolution=16, channels=3, num_classes=10, loader_workers=0)
+    urls = training_shards(cfg, tmp_path)
+    assert len(urls) >= 16
+    manifest = check_shards(urls, resolution=16, channels=3, num_classes=10, world_size=2, num_workers=2)
+    assert manifest["splits"]["train"]["count"] == 1797 and manifest["source"]["kind"] == "npz"
+    batch = next(iter(ShardLoader(urls, batch_size=64, channels=3, num_classes=10, resolution=16)))
+    assert batch.x.shape == (64, 3, 16, 16) and batch.x.dtype == torch.float32
+    assert batch.x.min() == -1.0 and batch.x.max() == 1.0 and batch.y.dtype == torch.int64
+    assert batch.x.mean() < -0.3  # dark background, bright strokes
+    assert training_shards(cfg, tmp_path) == urls  # written once, then reused

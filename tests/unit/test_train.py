@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from raypd.config import DistillConfig, load_config
-from raypd.data import Batch, ImageBatches
+from raypd.data import Batch
 from raypd.diffusion import logsnr_schedule
 from raypd.models import Denoiser, build_denoiser
 from raypd.train import (EMA, build_plain_engine, diffusion_loss, freeze, linear_decay, make_student,
@@ -101,18 +101,3 @@ def test_engine_skips_non_finite_updates_and_clips():
     grad_norm, _ = engine.step()
     assert grad_norm > 1.0 and engine.skipped_updates == 1
     assert (backbone.weight - before).abs().max() <= 0.1 + 1e-6  # Adam's first step moves each weight by ~lr
-
-
-def test_image_batches_are_seeded_and_resumable():
-    images = torch.arange(40, dtype=torch.float32).reshape(10, 1, 2, 2)
-    labels = torch.arange(10)
-    a = ImageBatches(images, labels, 3, seed=1, random_flip=True)
-    seen = [next(a) for _ in range(7)]
-    b = ImageBatches(images, labels, 3, seed=1, random_flip=True, position=4)
-    for want in seen[4:]:
-        got = next(b)
-        assert torch.equal(got.x, want.x) and torch.equal(got.y, want.y)
-    epoch = torch.cat([s.y for s in seen[:3]])
-    assert len(set(epoch.tolist())) == 9  # no repeats within an epoch
-    with pytest.raises(ValueError, match="exceeds"):
-        ImageBatches(images, labels, 11, seed=0)

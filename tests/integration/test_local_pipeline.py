@@ -61,3 +61,43 @@ def test_help_config_lists_documented_settings(capsys):
 def test_missing_config_file(argv, capsys):
     assert main(argv) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def _folder_of_images(root: Path) -> Path:
+    from PIL import Image
+    import numpy as np
+
+    g = np.random.default_rng(0)
+    for cls in ("cats", "dogs"):
+        (root / cls).mkdir(parents=True)
+        for i in range(20):
+            Image.fromarray(g.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("source", ["mnist", "cifar10-npz", "folder"])
+def test_real_layouts_train_through_the_same_reader(source, tmp_path, capsys):
+    from tests.assets import asset
+
+    if source == "mnist":
+        data = ["data.source=mnist", f"data.path={asset('t10k-images-idx3-ubyte.gz')}",
+                f"data.labels_path={asset('t10k-labels-idx1-ubyte.gz')}", "data.num_classes=10"]
+    elif source == "cifar10-npz":
+        data = ["data.source=npz", f"data.path={asset('cifar10_test_jpeg75.npz')}", "data.channels=3",
+                "data.random_flip=true", "data.num_classes=10"]
+    else:
+        data = ["data.source=folder", f"data.path={_folder_of_images(tmp_path / 'imgs')}", "data.channels=3"]
+    args = TINY + data + ["teacher.updates=3", "distill.start_steps=2", "distill.updates_per_round=2",
+                          f"run.storage_path={tmp_path}", "run.name=r"]
+    assert main(args) == 0, capsys.readouterr().err
+    manifest = json.loads(next((tmp_path / "r" / "data").glob("*/manifest.json")).read_text())
+    assert manifest["resolution"] == 8
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["rounds"][0]["skipped_samples"] == 0
+
+
+def test_missing_shards_fail_at_start_up(tmp_path, capsys):
+    assert main(TINY + ["data.source=shards", f"data.shards={tmp_path}/train-{{000000..000003}}.tar",
+                        f"run.storage_path={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "data error" in err and "train-000000.tar" in err

@@ -20,20 +20,9 @@ from PIL import Image
 
 from raypd.data.sources import open_source
 from raypd.data.writer import main, write_shards
+from tests.assets import asset
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _assets() -> Path:
-    env = os.environ.get("RAYPD_ASSETS")
-    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "assets"
-
-
-def _asset(name: str) -> Path:
-    path = _assets() / name
-    if not path.exists():
-        pytest.skip(f"offline asset {name} not found in {_assets()} (set RAYPD_ASSETS to its folder)")
-    return path
 
 
 def _read_tar(path: Path) -> list[dict]:
@@ -148,7 +137,7 @@ def test_rerun_replaces_manifest_and_removes_stale_shards(tmp_path):
 
 
 def test_cifar10_npz_asset_round_trip(tmp_path):
-    path = _asset("cifar10_test_jpeg75.npz")
+    path = asset("cifar10_test_jpeg75.npz")
     with np.load(path, allow_pickle=False) as d:
         x, y, classes = d["x"], d["y"], [str(c) for c in d["classes"]]
     out = tmp_path / "cifar"
@@ -165,7 +154,7 @@ def test_cifar10_npz_asset_round_trip(tmp_path):
 
 
 def test_mnist_idx_asset_round_trip_and_rgb_conversion(tmp_path):
-    images, labels = _asset("t10k-images-idx3-ubyte.gz"), _asset("t10k-labels-idx1-ubyte.gz")
+    images, labels = asset("t10k-images-idx3-ubyte.gz"), asset("t10k-labels-idx1-ubyte.gz")
     x = np.frombuffer(gzip.decompress(images.read_bytes())[16:], np.uint8).reshape(-1, 28, 28)
     y = np.frombuffer(gzip.decompress(labels.read_bytes())[8:], np.uint8)
     out = tmp_path / "mnist"

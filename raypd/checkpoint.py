@@ -9,6 +9,7 @@ half-written checkpoint under the final name.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import load_file, save_file
 
-from raypd.config import Config, ConfigError, DataConfig, ModelConfig, _build
+from raypd.config import Config, ConfigError, DataConfig, ModelConfig, _build, _plain
 from raypd.models import Denoiser, build_denoiser
 
 FORMAT = "raypd-checkpoint"
@@ -55,9 +56,6 @@ class CheckpointMeta:
 
 
 def _section(obj: Any) -> dict[str, Any]:
-    from raypd.config import _plain
-    import dataclasses
-
     return _plain(dataclasses.asdict(obj))
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Protocol
 
-import torch
 from torch import Tensor, nn
 
 from raypd.diffusion import Parameterization, eps_from_x, x_from_output
@@ -50,8 +49,3 @@ class Denoiser(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Dropout):
                 module.p = p
-
-    @torch.no_grad()
-    def copy_from(self, other: "Denoiser") -> None:
-        """Load another denoiser's weights in place (same architecture)."""
-        self.load_state_dict(other.state_dict())

@@ -6,6 +6,7 @@ writer and the same reader a cluster uses, so local mode exercises the productio
 
 from __future__ import annotations
 
+import hashlib
 import math
 import tempfile
 from pathlib import Path
@@ -36,7 +37,9 @@ def training_shards(cfg: DataConfig, data_root: Path, *, seed: int = 0) -> list[
     from raypd.data.sources import open_source
     from raypd.data.writer import write_shards
 
-    out = data_root / f"{cfg.source}-{cfg.resolution}px-{cfg.channels}ch"
+    # the input files are part of the name, so pointing a run at other files never reuses stale shards
+    origin = hashlib.sha1(f"{Path(cfg.path).resolve() if cfg.path else ''}|{cfg.labels_path}".encode()).hexdigest()[:8]
+    out = data_root / f"{cfg.source}-{cfg.resolution}px-{cfg.channels}ch-{origin}"
     if not (out / "manifest.json").is_file():
         with tempfile.TemporaryDirectory() as tmp:
             if cfg.source == "digits":

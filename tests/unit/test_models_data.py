@@ -51,3 +51,13 @@ def test_local_digits_go_through_the_shard_writer_and_reader(tmp_path):
     assert batch.x.min() == -1.0 and batch.x.max() == 1.0 and batch.y.dtype == torch.int64
     assert batch.x.mean() < -0.3  # dark background, bright strokes
     assert training_shards(cfg, tmp_path) == urls  # written once, then reused
+
+
+def test_other_input_files_get_their_own_shards(tmp_path):
+    import numpy as np
+
+    for name in ("a", "b"):
+        np.savez(tmp_path / f"{name}.npz", x=np.full((20, 8, 8), ord(name), dtype=np.uint8))
+    urls_a = training_shards(DataConfig(source="npz", path=str(tmp_path / "a.npz"), resolution=8), tmp_path / "d")
+    urls_b = training_shards(DataConfig(source="npz", path=str(tmp_path / "b.npz"), resolution=8), tmp_path / "d")
+    assert set(urls_a).isdisjoint(urls_b)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,15 +190,35 @@ class DistillConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
+    extractor: Literal["classifier", "inception"] = "classifier"
+    """FID/KID features: ``inception`` (Inception-v3, the standard; ~0.15 s per image on a CPU) or
+    ``classifier`` (a small classifier trained once on the run's labelled data; cheap, for local
+    runs). Numbers from different extractors are never compared."""
+    inception_weights: str = ""
+    """Inception-v3 weights in torch-fidelity's format for offline machines; empty downloads them."""
     num_samples: int = 256
-    """Samples per evaluated sampler (same noise seeds for every sampler and round)."""
+    """Samples per evaluated sampler (the paper: 50,000), all from the same noise seeds."""
+    reference_samples: int = 2000
+    """Training images behind the reference statistics (fewer when the data set is smaller)."""
+    classifier_updates: int = 600
+    """Training updates of the classifier extractor."""
+    kid: bool = True
+    """Also report KID (unbiased, better than FID at small sample counts)."""
+    precision_recall: bool = False
+    """Also report improved precision and recall."""
+    stochastic: bool = False
+    """Also evaluate the teacher's stochastic (ancestral) sampler at every step count."""
+    seed: int = 1234
+    """Seed of the evaluation noise and class labels: the same for every sampler and round."""
     grid_size: int = 64
     """Images in each saved sample grid."""
     reference_steps: int = 0
-    """Teacher DDIM steps of the reference every sampler is compared to; 0 uses teacher.sampling_steps."""
+    """Teacher DDIM steps of its full-quality sampler (the baseline); 0 uses teacher.sampling_steps."""
 
     def validate(self) -> None:
-        _require(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
+        _require(self.num_samples >= 2, "num_samples", f"must be >= 2, got {self.num_samples}")
+        _require(self.reference_samples >= 2, "reference_samples", f"must be >= 2, got {self.reference_samples}")
+        _require(self.classifier_updates >= 1, "classifier_updates", f"must be >= 1, got {self.classifier_updates}")
         _require(self.grid_size >= 1, "grid_size", f"must be >= 1, got {self.grid_size}")
         _require(self.reference_steps >= 0, "reference_steps", f"must be >= 0, got {self.reference_steps}")
 

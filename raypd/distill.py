@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, FileNotFoundError) as err:
         print(f"data error: {err}", file=sys.stderr)
         return 2
-    print(f"report: {summary['run']}/report.md")
+    print(f"report: {summary['report']}")
     return 0
 
 

@@ -20,7 +20,8 @@ from raypd.config import Config
 from raypd.data.prepare import training_shards
 from raypd.data.shards import ShardLoader, check_shards
 from raypd.diffusion import logsnr_schedule
-from raypd.eval.samples import fixed_noise, plot_distance_vs_steps, rmse, sample_ddim, save_grid
+from raypd.eval.evaluate import Evaluator
+from raypd.eval.report import write_report
 from raypd.models import Denoiser, build_denoiser
 from raypd.train import build_plain_engine, freeze, linear_decay, make_student, plan_rounds, warmup
 from raypd.train.loop import run_updates
@@ -123,8 +124,10 @@ def run_pipeline(cfg: Config) -> dict:
     start = time.perf_counter()
     teacher = obtain_teacher(ctx)
     rounds = plan_rounds(cfg.distill)
-    evaluator = Evaluator(ctx, teacher, [r.student_steps for r in rounds])
-    summary = {"run": str(out), "rounds": [], "eval": list(evaluator.rows)}
+    evaluator = Evaluator(cfg, out, device=ctx.device, logsnr_fn=ctx.logsnr_fn, urls=shards, manifest=manifest,
+                          teacher=teacher, step_counts=[r.student_steps for r in rounds])
+    summary = {"run": str(out), "teacher": {"full_steps": evaluator.full_steps}, "eval_seed": cfg.eval.seed,
+               "rounds": [], "eval": list(evaluator.rows)}
     for rnd in rounds:
         path = out / f"round-{rnd.index:02d}-{rnd.student_steps}steps"
         if (path / "meta.json").exists():
@@ -138,61 +141,12 @@ def run_pipeline(cfg: Config) -> dict:
                                                                             if isinstance(v, (int, float))}))
         row = evaluator.student(student, rnd.student_steps, rnd.index)
         summary["rounds"].append({"round": rnd.index, "teacher_steps": rnd.teacher_steps,
-                                  "student_steps": rnd.student_steps, **stats, **row})
+                                  "student_steps": rnd.student_steps, "updates": rnd.updates, "lr": cfg.distill.lr,
+                                  "wall_seconds": stats["seconds"], "final_loss": stats["final_loss"],
+                                  "skipped_samples": stats.get("skipped_samples", 0), "checkpoint": path.name})
         summary["eval"].append(row)
-        log(f"[round {rnd.index}] {rnd.student_steps}-step student: loss {stats['final_loss']:.4f}, "
-            f"rmse to teacher@{evaluator.reference_steps} {row['rmse_to_reference']:.4f} "
-            f"(teacher DDIM@{rnd.student_steps}: {evaluator.ddim_rmse[rnd.student_steps]:.4f})")
         teacher = student  # promotion: the student is the next round's teacher
+    summary["final_checkpoint"] = summary["rounds"][-1]["checkpoint"]
     summary["seconds"] = time.perf_counter() - start
-    write_report(out, summary)
+    summary["report"] = str(write_report(out, summary))
     return summary
-
-
-class Evaluator:
-    """Samples every sampler from the same noise and measures its distance to the teacher's full sampler."""
-
-    def __init__(self, ctx: Context, teacher: Denoiser, step_counts: list[int]):
-        cfg = ctx.cfg
-        self.ctx = ctx
-        self.z, self.y = fixed_noise(cfg.eval.num_samples, cfg.data.channels, cfg.data.resolution,
-                                     seed=cfg.run.seed + 12345, num_classes=cfg.data.num_classes)
-        self.reference_steps = cfg.eval.reference_steps or cfg.teacher.sampling_steps
-        self.reference = self.sample(teacher, self.reference_steps)
-        self.grid(self.reference, "teacher", self.reference_steps)
-        self.rows, self.ddim_rmse = [], {}
-        for n in sorted(set(step_counts)):
-            samples = self.sample(teacher, n)
-            self.ddim_rmse[n] = rmse(samples, self.reference)
-            self.rows.append({"sampler": "teacher_ddim", "steps": n, "rmse_to_reference": self.ddim_rmse[n]})
-            self.grid(samples, "teacher_ddim", n)
-
-    def sample(self, model: Denoiser, n_steps: int) -> torch.Tensor:
-        return sample_ddim(model, self.z, self.y, n_steps, logsnr_fn=self.ctx.logsnr_fn, device=self.ctx.device)
-
-    def grid(self, samples: torch.Tensor, name: str, n_steps: int) -> None:
-        k = self.ctx.cfg.eval.grid_size
-        save_grid(samples[:k], self.ctx.out / "grids" / f"{name}-{n_steps:04d}steps.png",
-                  title=f"{name.replace('_', ' ')}, {n_steps} steps")
-
-    def student(self, model: Denoiser, n_steps: int, round_index: int) -> dict:
-        samples = self.sample(model, n_steps)
-        self.grid(samples, "distilled", n_steps)
-        return {"sampler": "distilled", "steps": n_steps, "round": round_index,
-                "rmse_to_reference": rmse(samples, self.reference)}
-
-
-def write_report(out: Path, summary: dict) -> None:
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    plot_distance_vs_steps(summary["eval"], out / "rmse_vs_steps.png", metric="rmse_to_reference")
-    ddim = {r["steps"]: r["rmse_to_reference"] for r in summary["eval"] if r["sampler"] == "teacher_ddim"}
-    lines = ["# raypd run report", "", f"Run directory: `{summary['run']}`; total {summary['seconds']:.0f} s.", "",
-             "Distance of each sampler's samples to the teacher's full DDIM sampler, same noise (RMSE, [-1, 1] units).",
-             "", "| round | steps | final loss | updates | seconds | distilled RMSE | teacher DDIM RMSE |",
-             "|---|---|---|---|---|---|---|"]
-    for r in summary["rounds"]:
-        lines.append(f"| {r['round']} | {r['teacher_steps']} -> {r['student_steps']} | {r['final_loss']:.4f} | "
-                     f"{r['updates']} | {r['seconds']:.0f} | {r['rmse_to_reference']:.4f} | "
-                     f"{ddim[r['student_steps']]:.4f} |")
-    lines += ["", "![RMSE vs steps](rmse_vs_steps.png)", ""]
-    (out / "report.md").write_text("\n".join(lines))

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Callable
+
 import torch
 from torch import Tensor
 
-from raypd.diffusion import ddim_sample
+from raypd.diffusion import ddim_sample, stochastic_sample
 from raypd.diffusion.ddim import LogsnrFn
 from raypd.models import Denoiser
 
@@ -22,18 +24,33 @@ def fixed_noise(n: int, channels: int, resolution: int, *, seed: int, num_classe
 
 
 @torch.inference_mode()
-def sample_ddim(model: Denoiser, z_1: Tensor, y: Tensor | None, n_steps: int, *, logsnr_fn: LogsnrFn,
-                batch_size: int = 256, device: torch.device | str = "cpu") -> Tensor:
-    """N-step DDIM samples (clipped, as for display and metrics), in batches, returned on the CPU."""
+def _in_batches(model: Denoiser, z_1: Tensor, y: Tensor | None, batch_size: int, device: torch.device | str,
+                sampler: Callable[[Callable, Tensor], Tensor]) -> Tensor:
+    """Run ``sampler(denoise, z)`` over z_1 in batches, in eval mode, and return the samples on the CPU."""
     was_training = model.training
     model.eval()
     out = []
     for start in range(0, z_1.shape[0], batch_size):
         z = z_1[start:start + batch_size].to(device)
         yb = None if y is None else y[start:start + batch_size].to(device)
-        out.append(ddim_sample(model.bind(yb), z, n_steps, logsnr_fn=logsnr_fn).cpu())
+        out.append(sampler(model.bind(yb), z).cpu())
     model.train(was_training)
     return torch.cat(out)
+
+
+def sample_ddim(model: Denoiser, z_1: Tensor, y: Tensor | None, n_steps: int, *, logsnr_fn: LogsnrFn,
+                batch_size: int = 256, device: torch.device | str = "cpu") -> Tensor:
+    """N-step DDIM samples (clipped, as for display and metrics), returned on the CPU."""
+    return _in_batches(model, z_1, y, batch_size, device,
+                       lambda denoise, z: ddim_sample(denoise, z, n_steps, logsnr_fn=logsnr_fn))
+
+
+def sample_stochastic(model: Denoiser, z_1: Tensor, y: Tensor | None, n_steps: int, *, logsnr_fn: LogsnrFn,
+                      seed: int, batch_size: int = 256, device: torch.device | str = "cpu") -> Tensor:
+    """N-step ancestral samples, with the step noise drawn from ``seed`` (so reruns agree)."""
+    gen = torch.Generator(device).manual_seed(seed)
+    return _in_batches(model, z_1, y, batch_size, device,
+                       lambda denoise, z: stochastic_sample(denoise, z, n_steps, logsnr_fn=logsnr_fn, generator=gen))
 
 
 def rmse(a: Tensor, b: Tensor) -> float:
@@ -62,28 +79,3 @@ def save_grid(images: Tensor, path: str | Path, *, title: str | None = None) -> 
     fig.savefig(path)
     plt.close(fig)
     return path
-
-
-def plot_distance_vs_steps(rows: list[dict], path: str | Path, *, metric: str) -> Path:
-    """The paper's Fig. 4 shape: metric vs sampling steps, distilled students vs the teacher's DDIM."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
-    for sampler, style in (("teacher_ddim", "o--"), ("distilled", "s-")):
-        pts = sorted((r["steps"], r[metric]) for r in rows if r["sampler"] == sampler)
-        if pts:
-            ax.plot(*zip(*pts), style, label=sampler.replace("_", " "))
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("sampling steps")
-    ax.set_ylabel(metric.replace("_", " "))
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-

@@ -11,7 +11,7 @@ from raypd.distill import main
 
 TINY = ["data.resolution=8", "model.attn_resolutions=[4]", "teacher.updates=30", "teacher.sampling_steps=4",
         "distill.start_steps=4", "distill.updates_per_round=5", "eval.num_samples=16", "eval.grid_size=16",
-        "run.log_every=10", "run.device=cpu"]
+        "eval.reference_samples=64", "eval.classifier_updates=20", "run.log_every=10", "run.device=cpu"]
 
 
 def test_pipeline_runs_resumes_and_reports(tmp_path, capsys):
@@ -20,22 +20,33 @@ def test_pipeline_runs_resumes_and_reports(tmp_path, capsys):
     run = tmp_path / "t"
     summary = json.loads((run / "summary.json").read_text())
     assert [(r["teacher_steps"], r["student_steps"], r["updates"]) for r in summary["rounds"]] == [(4, 2, 10), (2, 1, 10)]
-    assert {(r["sampler"], r["steps"]) for r in summary["eval"]} == {
-        ("teacher_ddim", 2), ("teacher_ddim", 1), ("distilled", 2), ("distilled", 1)}
-    assert all(r["rmse_to_reference"] > 0 for r in summary["eval"])
-    for name in ("report.md", "rmse_vs_steps.png", "config.json", "teacher/model.safetensors",
+    assert [(r["sampler"], r["steps"]) for r in summary["eval"]] == [
+        ("teacher_ddim", 4), ("teacher_ddim", 2), ("teacher_ddim", 1), ("distilled", 2), ("distilled", 1)]
+    for row in summary["eval"]:
+        assert set(row) >= {"sampler", "steps", "fid", "kid", "extractor", "n_samples", "seed", "rmse_to_full"}
+        assert row["fid"] > 0 and row["n_samples"] == 16 and row["extractor"].startswith("classifier-")
+    for r in summary["rounds"]:
+        assert set(r) >= {"student_steps", "updates", "lr", "wall_seconds", "final_loss"}
+    assert summary["final_checkpoint"] == "round-01-1steps"
+    assert (run / summary["final_checkpoint"] / "model.safetensors").is_file()
+    png = (run / "fid_vs_steps.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    report = (run / "report.md").read_text()
+    assert "![FID vs steps](fid_vs_steps.png)" in report and "| 1 |" in report
+    for name in ("report.md", "config.json", "teacher/model.safetensors",
                  "round-00-2steps/meta.json", "round-01-1steps/model.safetensors",
-                 "grids/distilled-0001steps.png", "grids/teacher-0004steps.png"):
+                 "grids/distilled-0001steps.png", "grids/teacher_ddim-0004steps.png"):
         assert (run / name).is_file(), name
     err = capsys.readouterr().err
-    assert "[teacher] 30/30 loss" in err and "[round 1] 1-step student" in err
+    assert "[teacher] 30/30 loss" in err and "[eval] distilled at 1 steps: FID" in err
 
     # a rerun loads every finished stage and trains nothing
     assert main(args) == 0
     err = capsys.readouterr().err
     assert "[teacher] loading" in err and "already done" in err and "loss" not in err.split("[teacher] loading")[1].split("[round 0]")[0]
     again = json.loads((run / "summary.json").read_text())
-    assert [r["rmse_to_reference"] for r in again["eval"]] == [r["rmse_to_reference"] for r in summary["eval"]]
+    assert [r["rmse_to_full"] for r in again["eval"]] == [r["rmse_to_full"] for r in summary["eval"]]
+    assert [r["fid"] for r in again["eval"]] == pytest.approx([r["fid"] for r in summary["eval"]], rel=1e-6)
 
     # a given teacher checkpoint that does not fit the config is refused before any training
     assert main(TINY + [f"run.storage_path={tmp_path}", "run.name=u", f"teacher.checkpoint={run / 'teacher'}",
@@ -86,8 +97,10 @@ def test_real_layouts_train_through_the_same_reader(source, tmp_path, capsys):
         data = ["data.source=npz", f"data.path={asset('cifar10_test_jpeg75.npz')}", "data.channels=3",
                 "data.random_flip=true", "data.num_classes=10"]
     else:
-        data = ["data.source=folder", f"data.path={_folder_of_images(tmp_path / 'imgs')}", "data.channels=3"]
+        data = ["data.source=folder", f"data.path={_folder_of_images(tmp_path / 'imgs')}", "data.channels=3",
+                "eval.reference_samples=32"]
     args = TINY + data + ["teacher.updates=3", "distill.start_steps=2", "distill.updates_per_round=2",
+                          "eval.classifier_updates=5",
                           f"run.storage_path={tmp_path}", "run.name=r"]
     assert main(args) == 0, capsys.readouterr().err
     manifest = json.loads(next((tmp_path / "r" / "data").glob("*/manifest.json")).read_text())

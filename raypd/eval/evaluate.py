@@ -1,0 +1,99 @@
+"""What is evaluated and how: every sampler from the same noise, scored by FID/KID and by its
+distance to the teacher's full sampler, with a sample grid per point.
+
+Once per run: the teacher's full-step DDIM (the baseline), its DDIM at every step count the
+rounds reach (and optionally its stochastic sampler). After each round: the student at its steps.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from raypd.config import Config
+from raypd.data.shards import ShardLoader
+from raypd.diffusion.ddim import LogsnrFn
+from raypd.eval.classifier import save_classifier, train_classifier
+from raypd.eval.fid import Extractor, ImageSet, data_key, fidelity, reference_name, to_uint8
+from raypd.eval.samples import fixed_noise, rmse, sample_ddim, sample_stochastic, save_grid
+from raypd.models import Denoiser
+
+
+def log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def read_images(urls: list[str], count: int, *, channels: int, resolution: int) -> Tensor:
+    """The first ``count`` training images, as uint8 [N, C, R, R] (PNG shards decode exactly)."""
+    loader = ShardLoader(urls, batch_size=1, channels=channels, num_classes=0, resampled=False,
+                         shuffle_buffer=1, resolution=resolution)
+    images = []
+    for batch in loader:
+        images.append(to_uint8(batch.x))
+        if len(images) == count:
+            break
+    return torch.cat(images)
+
+
+def obtain_extractor(cfg: Config, urls: list[str], manifest: dict | None, directory: Path) -> Extractor:
+    """Inception as configured, or the data set's classifier (trained here on first use, then cached)."""
+    key = data_key(manifest, urls)
+    if cfg.eval.extractor == "inception":
+        return Extractor("inception", cfg.eval.inception_weights or None)
+    path = directory / f"classifier-{key}-{cfg.data.resolution}px"
+    if not (path / "meta.json").is_file():
+        d = cfg.data
+        classes = (manifest or {}).get("num_classes", d.num_classes)
+        log(f"[eval] training the classifier feature extractor ({cfg.eval.classifier_updates} updates)")
+        loader = ShardLoader(urls, batch_size=64, channels=d.channels, num_classes=classes, resampled=True,
+                             random_flip=d.random_flip, seed=cfg.eval.seed, resolution=d.resolution)
+        net, accuracy = train_classifier(iter(loader), channels=d.channels, num_classes=classes,
+                                         resolution=d.resolution, updates=cfg.eval.classifier_updates,
+                                         seed=cfg.eval.seed)
+        save_classifier(net, path, {"data_key": key, "train_accuracy": accuracy})
+        log(f"[eval] classifier training accuracy {accuracy:.3f}")
+    return Extractor("classifier", str(path), tag=key)
+
+
+class Evaluator:
+    def __init__(self, cfg: Config, out: Path, *, device: torch.device, logsnr_fn: LogsnrFn, urls: list[str],
+                 manifest: dict | None, teacher: Denoiser, step_counts: list[int]):
+        e, d = cfg.eval, cfg.data
+        self.cfg, self.out, self.device, self.logsnr_fn = cfg, out, device, logsnr_fn
+        self.z, self.y = fixed_noise(e.num_samples, d.channels, d.resolution, seed=e.seed, num_classes=d.num_classes)
+        self.extractor = obtain_extractor(cfg, urls, manifest, out / "eval")
+        available = (manifest or {}).get("splits", {}).get("train", {}).get("count", e.reference_samples)
+        count = min(e.reference_samples, available)
+        self.reference = ImageSet(count, lambda: read_images(urls, count, channels=d.channels, resolution=d.resolution),
+                                  rgb=self.extractor.kind == "inception")
+        self.cache_name = reference_name(data_key(manifest, urls), d.resolution, self.extractor, count)
+        self.full_steps = e.reference_steps or cfg.teacher.sampling_steps
+        self.full = self.sample(teacher, self.full_steps)
+        self.rows = [self.score("teacher_ddim", self.full_steps, self.full)]
+        for n in sorted(set(step_counts), reverse=True):
+            self.rows.append(self.score("teacher_ddim", n, self.sample(teacher, n)))
+            if e.stochastic:
+                samples = sample_stochastic(teacher, self.z, self.y, n, logsnr_fn=logsnr_fn, seed=e.seed, device=device)
+                self.rows.append(self.score("teacher_stochastic", n, samples))
+
+    def sample(self, model: Denoiser, n_steps: int) -> Tensor:
+        return sample_ddim(model, self.z, self.y, n_steps, logsnr_fn=self.logsnr_fn, device=self.device)
+
+    def score(self, sampler: str, steps: int, samples: Tensor, **extra) -> dict:
+        """Metrics, distance to the full sampler and a grid for one (sampler, steps) point."""
+        e = self.cfg.eval
+        metrics = fidelity(samples, self.reference, self.extractor, cache_root=self.out / "eval" / "fid-cache",
+                           cache_name=self.cache_name, kid=e.kid, prc=e.precision_recall)
+        save_grid(samples[: e.grid_size], self.out / "grids" / f"{sampler}-{steps:04d}steps.png",
+                  title=f"{sampler.replace('_', ' ')}, {steps} steps")
+        row = {"sampler": sampler, "steps": steps, **extra, **metrics, "seed": e.seed,
+               "rmse_to_full": rmse(samples, self.full)}
+        log(f"[eval] {sampler} at {steps} steps: FID {row['fid']:.2f} ({row['extractor']}, "
+            f"{row['n_samples']} samples), RMSE to the full sampler {row['rmse_to_full']:.4f}")
+        return row
+
+    def student(self, model: Denoiser, n_steps: int, round_index: int) -> dict:
+        return self.score("distilled", n_steps, self.sample(model, n_steps), round=round_index)

@@ -1,0 +1,115 @@
+"""FID, KID (and precision/recall, Inception Score) through torch-fidelity, with cached reference statistics.
+
+Every result carries the name of its feature extractor and its sample count: numbers from
+different extractors, or from different sample counts, are not comparable and are never mixed.
+Reference features of the training data are computed once per (data set, resolution, extractor,
+sample count) and kept in the run's storage by torch-fidelity's own cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+ExtractorKind = Literal["classifier", "inception"]
+
+
+@dataclass(frozen=True)
+class Extractor:
+    kind: ExtractorKind
+    weights: str | None
+    """The classifier's directory, or Inception weights in torch-fidelity's format (None: its download)."""
+    tag: str = ""
+    """What the features were trained on (the classifier's data set key); part of every reported name."""
+
+    @property
+    def name(self) -> str:
+        return f"classifier-{self.tag}" if self.kind == "classifier" else "inception-v3-compat"
+
+    def fidelity_kwargs(self) -> dict:
+        if self.kind == "classifier":
+            from raypd.eval.classifier import register_with_torch_fidelity
+
+            return {"feature_extractor": register_with_torch_fidelity(), "feature_extractor_weights_path": self.weights}
+        kwargs = {"feature_extractor": "inception-v3-compat"}
+        if self.weights:
+            if not Path(self.weights).is_file():
+                raise FileNotFoundError(f"eval.inception_weights: {self.weights} does not exist")
+            kwargs["feature_extractor_weights_path"] = self.weights
+        return kwargs
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """[-1, 1] floats -> uint8 pixels, the form torch-fidelity and image files use."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+class ImageSet(Dataset):
+    """uint8 images [N, C, H, W] for torch-fidelity, made on first use (a cache hit never loads them).
+
+    Inception expects RGB, so grey images are repeated to 3 channels for it.
+    """
+
+    def __init__(self, count: int, load: Callable[[], Tensor], rgb: bool):
+        self.count, self._load, self.rgb = count, load, rgb
+        self._images: Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> Tensor:
+        if self._images is None:
+            images = self._load()
+            if images.shape[0] < self.count:
+                raise ValueError(f"expected {self.count} images, got {images.shape[0]}")
+            self._images = images[: self.count]
+        img = self._images[i]
+        return img.expand(3, -1, -1) if self.rgb and img.shape[0] == 1 else img
+
+
+def reference_name(data_key: str, resolution: int, extractor: Extractor, count: int) -> str:
+    return f"ref-{data_key}-{resolution}px-{extractor.name}-{count}"
+
+
+def data_key(manifest: dict | None, urls: list[str]) -> str:
+    """A short stable name for a data set: its manifest when there is one, else its shard URLs."""
+    blob = json.dumps(manifest if manifest else urls, sort_keys=True).encode()
+    return hashlib.sha1(blob).hexdigest()[:10]
+
+
+def fidelity(generated: Tensor, reference: ImageSet, extractor: Extractor, *, cache_root: Path, cache_name: str,
+             kid: bool = True, prc: bool = False, isc: bool = False) -> dict:
+    """Metrics of generated images ([-1, 1], [N, C, H, W]) against the reference set."""
+    import torch_fidelity
+
+    gen = to_uint8(generated)
+    rgb = extractor.kind == "inception"
+    n = min(gen.shape[0], len(reference))
+    cache_root.mkdir(parents=True, exist_ok=True)
+    out = torch_fidelity.calculate_metrics(
+        input1=ImageSet(gen.shape[0], lambda: gen, rgb), input2=reference, fid=True, kid=kid, prc=prc,
+        isc=isc and extractor.kind == "inception", cuda=torch.cuda.is_available(), verbose=False, cache=True,
+        cache_root=str(cache_root), input2_cache_name=cache_name, kid_subset_size=min(1000, n), batch_size=64,
+        save_cpu_ram=True,  # the images are already in memory: loader worker processes only add start-up cost
+        **extractor.fidelity_kwargs())
+    result = {"fid": float(out["frechet_inception_distance"])}
+    if kid:
+        result["kid"] = float(out["kernel_inception_distance_mean"])
+        result["kid_std"] = float(out["kernel_inception_distance_std"])
+    if prc:
+        result["precision"], result["recall"] = float(out["precision"]), float(out["recall"])
+    if "inception_score_mean" in out:
+        result["isc"] = float(out["inception_score_mean"])
+    return {**result, "extractor": extractor.name, "n_samples": int(gen.shape[0])}
+
+
+def log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)

@@ -1,0 +1,75 @@
+"""The run's report: summary.json for scripts, report.md and fid_vs_steps.png for people."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+STYLES = {"teacher_ddim": ("o--", "teacher DDIM"), "teacher_stochastic": ("^:", "teacher stochastic"),
+          "distilled": ("s-", "distilled")}
+
+
+def plot_fid_vs_steps(rows: list[dict], full_steps: int, path: Path) -> Path:
+    """The paper's Figure 4 for this run: FID against log2 sampling steps, one curve per sampler."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=100)
+    for sampler, (style, label) in STYLES.items():
+        pts = sorted((r["steps"], r["fid"]) for r in rows if r["sampler"] == sampler)
+        if pts:
+            ax.plot(*zip(*pts), style, label=label)
+    full = [r["fid"] for r in rows if r["sampler"] == "teacher_ddim" and r["steps"] == full_steps]
+    if full:
+        ax.axhline(full[0], color="grey", lw=1, ls="-.", label=f"teacher, {full_steps} steps")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sampling steps")
+    extractor = rows[0]["extractor"] if rows else ""
+    ax.set_ylabel(f"FID ({extractor}, {rows[0]['n_samples'] if rows else 0} samples)", fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def write_report(out: Path, summary: dict) -> Path:
+    """summary.json, fid_vs_steps.png and report.md in ``out``; returns the report's path."""
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    rows, full_steps = summary["eval"], summary["teacher"]["full_steps"]
+    plot_fid_vs_steps(rows, full_steps, out / "fid_vs_steps.png")
+    extractor = rows[0]["extractor"] if rows else "-"
+    n = rows[0]["n_samples"] if rows else 0
+    by = {(r["sampler"], r["steps"]): r for r in rows}
+    lines = ["# raypd run report", "",
+             f"Run `{summary['run']}`, {summary['seconds']:.0f} s. Metrics: {extractor} features, {n} samples per "
+             f"point, noise seed {summary['eval_seed']}; RMSE is the distance to the teacher's {full_steps}-step "
+             "samples from the same noise.", "",
+             "![FID vs steps](fid_vs_steps.png)", "",
+             "| steps | distilled FID | teacher DDIM FID | distilled KID | teacher DDIM KID | distilled RMSE | teacher DDIM RMSE |",
+             "|---|---|---|---|---|---|---|"]
+    full = by.get(("teacher_ddim", full_steps), {})
+    lines.append(f"| {full_steps} (teacher) | - | {_fmt(full.get('fid'), '.2f')} | - | {_fmt(full.get('kid'), '.4f')} | - | 0 |")
+    for r in summary["rounds"]:
+        s = r["student_steps"]
+        d, t = by.get(("distilled", s), {}), by.get(("teacher_ddim", s), {})
+        lines.append(f"| {s} | {_fmt(d.get('fid'), '.2f')} | {_fmt(t.get('fid'), '.2f')} | {_fmt(d.get('kid'), '.4f')} | "
+                     f"{_fmt(t.get('kid'), '.4f')} | {_fmt(d.get('rmse_to_full'), '.4f')} | {_fmt(t.get('rmse_to_full'), '.4f')} |")
+    lines += ["", "## Rounds", "", "| round | steps | updates | lr | final loss | skipped samples | seconds | grid |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in summary["rounds"]:
+        grid = f"grids/distilled-{r['student_steps']:04d}steps.png"
+        lines.append(f"| {r['round']} | {r['teacher_steps']} -> {r['student_steps']} | {r['updates']} | {r['lr']:.2e} | "
+                     f"{r['final_loss']:.4f} | {r.get('skipped_samples', 0)} | {r['wall_seconds']:.0f} | [grid]({grid}) |")
+    lines += ["", f"Final student: `{summary['final_checkpoint']}`.", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path

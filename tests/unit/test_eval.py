@@ -1,0 +1,94 @@
+"""FID/KID through torch-fidelity with both extractors, the reference cache, and the FID plot."""
+
+import numpy as np
+import pytest
+import torch
+
+from raypd.config import DataConfig
+from raypd.data.prepare import training_shards
+from raypd.data.shards import ShardLoader
+from raypd.eval.classifier import save_classifier, train_classifier
+from raypd.eval.evaluate import read_images
+from raypd.eval.fid import Extractor, ImageSet, fidelity
+from raypd.eval.report import plot_fid_vs_steps
+from tests.assets import asset
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits")
+    cfg = DataConfig(resolution=8, num_classes=10, loader_workers=0)
+    urls = training_shards(cfg, root)
+    loader = ShardLoader(urls, batch_size=64, channels=1, num_classes=10, resolution=8)
+    net, accuracy = train_classifier(iter(loader), channels=1, num_classes=10, resolution=8, updates=150)
+    save_classifier(net, root / "clf", {"train_accuracy": accuracy})
+    images = read_images(urls, 400, channels=1, resolution=8).float() / 127.5 - 1
+    return root, Extractor("classifier", str(root / "clf"), tag="digits"), images, accuracy
+
+
+def _ref(images):
+    from raypd.eval.fid import to_uint8
+
+    return ImageSet(images.shape[0], lambda: to_uint8(images), rgb=False)
+
+
+def test_classifier_learns_and_fid_separates_same_from_shifted(digits, tmp_path):
+    root, extractor, images, accuracy = digits
+    assert accuracy > 0.8
+    a, b = images[:200], images[200:]
+    kw = dict(cache_root=tmp_path, cache_name="ref-b")
+    same = fidelity(a, _ref(a), extractor, cache_root=tmp_path, cache_name="ref-a")
+    other_half = fidelity(a, _ref(b), extractor, **kw)
+    shifted = fidelity((a + 0.8 * torch.randn_like(a)).clamp(-1, 1), _ref(b), extractor, **kw)
+    assert same["fid"] < 1e-2
+    assert shifted["kid"] > other_half["kid"]
+    assert other_half["fid"] < 0.5 * shifted["fid"] and shifted["fid"] > 1.0
+    assert shifted["extractor"] == "classifier-digits" and shifted["n_samples"] == 200
+
+
+def test_reference_statistics_are_cached(digits, tmp_path):
+    _, extractor, images, _ = digits
+    first = fidelity(images[:100], _ref(images[100:300]), extractor, cache_root=tmp_path, cache_name="ref-x")
+
+    def unreadable():
+        raise AssertionError("the reference was read again instead of coming from the cache")
+
+    again = fidelity(images[:100], ImageSet(200, unreadable, rgb=False), extractor, cache_root=tmp_path,
+                     cache_name="ref-x")
+    assert again["fid"] == pytest.approx(first["fid"], rel=1e-6)
+    assert any(tmp_path.rglob("*ref-x*"))
+
+
+def test_inception_on_a_handful_of_real_images(tmp_path):
+    weights = asset("inception-2015-12-05-fid2048-nofc.pth")
+    with np.load(asset("cifar10_test_jpeg75.npz")) as data:
+        x = torch.from_numpy(data["x"][::500][:20]).permute(0, 3, 1, 2).contiguous()  # 20 images across classes
+    images = x.float() / 127.5 - 1
+    extractor = Extractor("inception", str(weights))
+    ref = ImageSet(20, lambda: x, rgb=True)
+    same = fidelity(images, ref, extractor, cache_root=tmp_path, cache_name="ref-c", kid=False)
+    noisy = fidelity((images + 0.5 * torch.randn_like(images)).clamp(-1, 1), ref, extractor,
+                     cache_root=tmp_path, cache_name="ref-c", kid=False)
+    assert same["fid"] < 1.0 and noisy["fid"] > 50 * max(same["fid"], 1.0)
+    assert noisy["extractor"] == "inception-v3-compat"
+
+
+def test_missing_inception_weights_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="eval.inception_weights"):
+        Extractor("inception", str(tmp_path / "nope.pth")).fidelity_kwargs()
+
+
+def test_fid_plot_has_both_curves(tmp_path):
+    from PIL import Image
+
+    rows = [{"sampler": s, "steps": n, "fid": f, "extractor": "classifier-x", "n_samples": 64}
+            for s, pts in (("teacher_ddim", {8: 5.0, 4: 20.0, 2: 60.0, 1: 200.0}),
+                           ("distilled", {4: 6.0, 2: 8.0, 1: 12.0})) for n, f in pts.items()]
+    path = plot_fid_vs_steps(rows, 8, tmp_path / "fid.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pixels = np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3).astype(int)
+
+    def count(rgb):
+        return int((np.abs(pixels - np.array(rgb)).sum(1) < 30).sum())
+
+    assert count((31, 119, 180)) > 100 and count((255, 127, 14)) > 100  # matplotlib's first two line colours

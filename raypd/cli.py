@@ -2,6 +2,8 @@
 
     raypd distill [--config FILE] [section.key=value ...]   the whole pipeline (= python -m raypd.distill)
     raypd shards KIND PATH --out DIR [...]                  write WebDataset shards from a data set
+    raypd sample --checkpoint C --steps N --n 64 --out P    a sample grid from a checkpoint
+    raypd fid --checkpoint C --steps N --n 10000            FID/KID of a checkpoint's samples
 """
 
 from __future__ import annotations
@@ -21,9 +23,21 @@ def _shards(argv: list[str]) -> int:
     return writer_main(argv)
 
 
+def _sample(argv: list[str]) -> int:
+    from raypd.sample import sample_main
+
+    return sample_main(argv)
+
+
+def _fid(argv: list[str]) -> int:
+    from raypd.sample import fid_main
+
+    return fid_main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"distill": _distill, "shards": _shards}
+    commands = {"distill": _distill, "shards": _shards, "sample": _sample, "fid": _fid}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(__doc__.strip(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         if argv and argv[0] not in ("-h", "--help"):

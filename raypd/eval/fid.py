@@ -8,6 +8,7 @@ sample count) and kept in the run's storage by torch-fidelity's own cache.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sys
@@ -43,8 +44,18 @@ class Extractor:
         if self.weights:
             if not Path(self.weights).is_file():
                 raise FileNotFoundError(f"eval.inception_weights: {self.weights} does not exist")
+            _check_plain_weights(self.weights)
             kwargs["feature_extractor_weights_path"] = self.weights
         return kwargs
+
+
+@functools.lru_cache(maxsize=4)
+def _check_plain_weights(path: str) -> None:
+    """torch-fidelity unpickles weight files in full; refuse any file that holds more than tensors first."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any refusal means the file is not plain weights
+        raise ValueError(f"eval.inception_weights: {path} is not a plain state dict of tensors ({err})") from None
 
 
 def to_uint8(x: Tensor) -> Tensor:

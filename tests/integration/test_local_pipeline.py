@@ -48,6 +48,20 @@ def test_pipeline_runs_resumes_and_reports(tmp_path, capsys):
     assert [r["rmse_to_full"] for r in again["eval"]] == [r["rmse_to_full"] for r in summary["eval"]]
     assert [r["fid"] for r in again["eval"]] == pytest.approx([r["fid"] for r in summary["eval"]], rel=1e-6)
 
+    # the final student through the CLI: a grid, and FID with the run's own extractor and reference cache
+    from raypd.cli import main as cli
+
+    final = run / summary["final_checkpoint"]
+    assert cli(["sample", "--checkpoint", str(final), "--n", "9", "--out", str(tmp_path / "g.png")]) == 0
+    assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    assert cli(["fid", "--checkpoint", str(final), "--n", "16"]) == 0
+    scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    ours = next(r for r in summary["eval"] if r["sampler"] == "distilled" and r["steps"] == 1)
+    assert scored["steps"] == 1 and scored["extractor"] == ours["extractor"]
+    assert scored["fid"] == pytest.approx(ours["fid"], rel=1e-4)  # same noise seed, same reference
+    assert cli(["fid", "--checkpoint", str(tmp_path)]) == 2
+
     # a given teacher checkpoint that does not fit the config is refused before any training
     assert main(TINY + [f"run.storage_path={tmp_path}", "run.name=u", f"teacher.checkpoint={run / 'teacher'}",
                         "model.parameterization=v"]) == 2

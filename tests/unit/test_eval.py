@@ -92,3 +92,14 @@ def test_fid_plot_has_both_curves(tmp_path):
         return int((np.abs(pixels - np.array(rgb)).sum(1) < 30).sum())
 
     assert count((31, 119, 180)) > 100 and count((255, 127, 14)) > 100  # matplotlib's first two line colours
+
+
+class Payload:
+    """Stands for any object whose unpickling would run code."""
+
+
+def test_inception_weights_holding_code_are_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"w": Payload()}, path)
+    with pytest.raises(ValueError, match="not a plain state dict of tensors"):
+        Extractor("inception", str(path)).fidelity_kwargs()

@@ -6,7 +6,6 @@ import gzip
 import importlib.util
 import io
 import json
-import os
 import pickle
 import runpy
 import sys

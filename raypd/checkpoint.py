@@ -87,6 +87,16 @@ def save_checkpoint(path: str | Path, model: Denoiser, meta: CheckpointMeta) -> 
     return path
 
 
+def add_metrics(path: str | Path, metrics: dict[str, float]) -> None:
+    """Merge numbers into a saved checkpoint's metadata (replacing meta.json atomically)."""
+    meta = Path(path) / META
+    raw = json.loads(meta.read_text())
+    raw["metrics"] = {**raw.get("metrics", {}), **metrics}
+    tmp = meta.with_name(f".{META}.tmp")
+    tmp.write_text(json.dumps(raw, indent=2))
+    os.replace(tmp, meta)
+
+
 def read_meta(path: str | Path) -> CheckpointMeta:
     path = Path(path)
     if not (path / META).is_file() or not (path / WEIGHTS).is_file():

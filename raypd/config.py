@@ -224,6 +224,41 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class DistConfig:
+    workers: int = 0
+    """Ray Train workers per run (teacher training and each round); 0 runs in this process with
+    the plain-PyTorch engine and no Ray."""
+    use_gpu: bool = False
+    """One GPU per worker; false runs the workers on CPUs (gloo)."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage of the student: 0 (plain data parallel), 1, 2 or 3."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Student training precision (bf16 on GPUs that have it; fp16 is refused on CPU)."""
+    offload_optimizer: bool = False
+    """Keep the optimizer state in CPU memory (ZeRO-Offload)."""
+    offload_params: bool = False
+    """Keep the parameters in CPU memory (needs ZeRO stage 3)."""
+    checkpoint_every: int = 100
+    """Updates between checkpoints inside a run; a restarted worker group loses at most this many."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept per run (the newest ones)."""
+    max_failures: int = 2
+    """Worker-group restarts a run may use before it fails."""
+    collective_timeout_s: int = 600
+    """Seconds a collective may wait before the worker group is declared stuck."""
+
+    def validate(self) -> None:
+        _require(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
+        _require(self.zero_stage in (0, 1, 2, 3), "zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        _require(not self.offload_params or self.zero_stage == 3, "offload_params", "needs zero_stage 3")
+        _require(self.precision != "fp16" or self.use_gpu, "precision", "fp16 needs GPUs (use bf16 or fp32 on CPU)")
+        _require(self.checkpoint_every >= 1, "checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
+        _require(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
+        _require(self.max_failures >= 0, "max_failures", f"must be >= 0, got {self.max_failures}")
+        _require(self.collective_timeout_s >= 10, "collective_timeout_s", f"must be >= 10, got {self.collective_timeout_s}")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str = "local"
     """Run name: the run's files live in ``storage_path/name``."""
@@ -256,6 +291,8 @@ class Config:
     """The halving rounds."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """What is measured after each round."""
+    dist: DistConfig = field(default_factory=DistConfig)
+    """Ray Train workers and DeepSpeed."""
     run: RunConfig = field(default_factory=RunConfig)
     """Naming, storage, seeds and devices."""
 
@@ -270,6 +307,10 @@ class Config:
                      f"{r} is never reached; the UNet's resolutions are {sorted(reached, reverse=True)}")
         _require(self.distill.start_steps <= self.teacher.sampling_steps, "distill.start_steps",
                  f"must not exceed teacher.sampling_steps ({self.teacher.sampling_steps}), got {self.distill.start_steps}")
+
+        w = max(1, self.dist.workers)
+        for key, batch in (("teacher.batch_size", self.teacher.batch_size), ("distill.batch_size", self.distill.batch_size)):
+            _require(batch % w == 0, key, f"{batch} does not split evenly over dist.workers={self.dist.workers}")
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))

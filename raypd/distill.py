@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from raypd.checkpoint import CheckpointError
     from raypd.data.shards import DataError
+    from raypd.dist.trainer import ClusterError
     from raypd.pipeline import run_pipeline
 
     try:
@@ -45,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (DataError, FileNotFoundError) as err:
         print(f"data error: {err}", file=sys.stderr)
+        return 2
+    except ClusterError as err:
+        print(f"cluster error: {err}", file=sys.stderr)
         return 2
     print(f"report: {summary['report']}")
     return 0

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from raypd.checkpoint import check_compatible, load_checkpoint, meta_for, read_meta, save_checkpoint
+from raypd.checkpoint import add_metrics, check_compatible, load_checkpoint, meta_for, read_meta, save_checkpoint
 from raypd.config import Config
 from raypd.data.prepare import training_shards
 from raypd.data.shards import ShardLoader, check_shards
@@ -79,17 +79,33 @@ def train_teacher(ctx: Context) -> Denoiser:
     return freeze(engine.ema.shadow)
 
 
-def obtain_teacher(ctx: Context) -> Denoiser:
+def run_on_ray(ctx: Context, name: str, spec: dict, output: Path) -> dict:
+    """One stage as a Ray Train run of DeepSpeed workers; returns its wall time and final loss."""
+    from raypd.dist.trainer import run_stage
+
+    start = time.perf_counter()
+    run_stage(ctx.cfg, name=name, spec={**spec, "shards": ctx.shards}, storage=ctx.out / "ray", output=output)
+    add_metrics(output, {"seconds": time.perf_counter() - start, "updates": spec["updates"]})
+    return read_meta(output).metrics
+
+
+def obtain_teacher(ctx: Context) -> tuple[Denoiser, Path]:
+    """The teacher and its checkpoint directory: given, already trained by this run, or trained now."""
     given = ctx.cfg.teacher.checkpoint
     path = Path(given) if given else ctx.out / "teacher"
-    if given or (path / "meta.json").exists():
-        meta = read_meta(path)
-        check_compatible(meta, ctx.cfg, path)
-        log(f"[teacher] loading {path}")
-        model, _ = load_checkpoint(path, map_location=ctx.device)
-        return freeze(model)
-    log(f"[teacher] training for {ctx.cfg.teacher.updates} updates")
-    return train_teacher(ctx)
+    if not given and not (path / "meta.json").exists():
+        t = ctx.cfg.teacher
+        log(f"[teacher] training for {t.updates} updates")
+        if ctx.cfg.dist.workers:
+            run_on_ray(ctx, "teacher", {"kind": "teacher", "stream": 0, "updates": t.updates,
+                                        "sampling_steps": t.sampling_steps}, path)
+        else:
+            return train_teacher(ctx), path
+    meta = read_meta(path)
+    check_compatible(meta, ctx.cfg, path)
+    log(f"[teacher] loading {path}")
+    model, _ = load_checkpoint(path, map_location=ctx.device)
+    return freeze(model), path
 
 
 def distill_round(ctx: Context, teacher: Denoiser, rnd) -> tuple[Denoiser, dict]:
@@ -122,7 +138,11 @@ def run_pipeline(cfg: Config) -> dict:
     log(f"[raypd] run directory {out}, device {ctx.device}, {count} training images of "
         f"{d.channels}x{d.resolution}x{d.resolution} in {len(shards)} shards")
     start = time.perf_counter()
-    teacher = obtain_teacher(ctx)
+    if cfg.dist.workers:
+        from raypd.dist.trainer import ensure_ray
+
+        ensure_ray(cfg)  # fails here, before any training, when the cluster cannot host the workers
+    teacher, teacher_path = obtain_teacher(ctx)
     rounds = plan_rounds(cfg.distill)
     evaluator = Evaluator(cfg, out, device=ctx.device, logsnr_fn=ctx.logsnr_fn, urls=shards, manifest=manifest,
                           teacher=teacher, step_counts=[r.student_steps for r in rounds])
@@ -134,6 +154,12 @@ def run_pipeline(cfg: Config) -> dict:
             log(f"[round {rnd.index}] already done, loading {path}")
             model, meta = load_checkpoint(path, map_location=ctx.device)
             student, stats = freeze(model), dict(meta.metrics)
+        elif cfg.dist.workers:
+            stats = run_on_ray(ctx, f"round-{rnd.index:02d}", {
+                "kind": "round", "teacher": str(teacher_path), "updates": rnd.updates, "round": rnd.index,
+                "student_steps": rnd.student_steps, "sampling_steps": rnd.student_steps, "stream": 1 + rnd.index}, path)
+            model, _ = load_checkpoint(path, map_location=ctx.device)
+            student = freeze(model)
         else:
             student, stats = distill_round(ctx, teacher, rnd)
             save_checkpoint(path, student, meta_for(cfg, kind="student", sampling_steps=rnd.student_steps,
@@ -145,7 +171,7 @@ def run_pipeline(cfg: Config) -> dict:
                                   "wall_seconds": stats["seconds"], "final_loss": stats["final_loss"],
                                   "skipped_samples": stats.get("skipped_samples", 0), "checkpoint": path.name})
         summary["eval"].append(row)
-        teacher = student  # promotion: the student is the next round's teacher
+        teacher, teacher_path = student, path  # promotion: the student is the next round's teacher
     summary["final_checkpoint"] = summary["rounds"][-1]["checkpoint"]
     summary["seconds"] = time.perf_counter() - start
     summary["report"] = str(write_report(out, summary))

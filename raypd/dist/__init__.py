@@ -1,0 +1,1 @@
+"""Distributed plumbing: the only part of raypd that imports ray and deepspeed."""

@@ -1,0 +1,70 @@
+"""Rounds as Ray Train runs of DeepSpeed ZeRO-2 workers on CPU: a killed worker, resume, bad requests."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["data.resolution=8", "model.attn_resolutions=[4]", "teacher.sampling_steps=4", "distill.start_steps=4",
+        "eval.num_samples=16", "eval.grid_size=16", "eval.reference_samples=64", "eval.classifier_updates=20",
+        "run.device=cpu", "data.loader_workers=0", "dist.workers=2", "dist.collective_timeout_s=120"]
+
+
+def _workers() -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
+
+
+def _kill_a_worker_after_a_checkpoint(run: Path, stop: threading.Event, killed: list) -> None:
+    while not stop.is_set():
+        # the second checkpoint on disk means the first has been registered: that one must survive
+        if len(list((run / "ray" / "teacher").glob("checkpoint_*"))) >= 2 and _workers():
+            pid = _workers()[-1]
+            os.kill(pid, signal.SIGKILL)  # a real process death, as a lost node would cause
+            killed.append(pid)
+            return
+        time.sleep(0.2)
+
+
+def test_pipeline_on_ray_survives_a_killed_worker_and_reruns_as_a_no_op(tmp_path):
+    args = TINY + ["teacher.updates=60", "distill.updates_per_round=4", "dist.checkpoint_every=6",
+                   f"run.storage_path={tmp_path}", "run.name=r"]
+    stop, killed = threading.Event(), []
+    watcher = threading.Thread(target=_kill_a_worker_after_a_checkpoint, args=(tmp_path / "r", stop, killed))
+    watcher.start()
+    try:
+        out = subprocess.run([sys.executable, "-m", "raypd.distill", *args], cwd=ROOT, capture_output=True, text=True,
+                             timeout=900)
+    finally:
+        stop.set()
+        watcher.join()
+    log = out.stdout + out.stderr
+    (tmp_path / "log.txt").write_text(log)
+    assert out.returncode == 0, log[-4000:]
+    assert killed, "no worker was killed"
+    assert "resumed from the checkpoint at update" in log  # not restarted from zero
+    resumed_at = int(log.split("resumed from the checkpoint at update ")[1].split()[0])
+    assert resumed_at >= 6
+    for name in ("teacher", "round-00-2steps", "round-01-1steps"):
+        assert (tmp_path / "r" / name / "model.safetensors").is_file()
+    assert "report:" in out.stdout
+
+    again = subprocess.run([sys.executable, "-m", "raypd.distill", *args], cwd=ROOT, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Ray Train run" not in again.stderr and "already done" in again.stderr
+
+
+def test_more_gpus_than_exist_fail_before_training(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "raypd.distill", *TINY, "dist.use_gpu=true", "dist.workers=2",
+                          f"run.storage_path={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    assert "cluster error: dist.workers=2 with dist.use_gpu=true needs 2 GPUs; the cluster has 0" in out.stderr
+    assert not (tmp_path / "local" / "teacher").exists()

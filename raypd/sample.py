@@ -76,8 +76,8 @@ def fid_main(argv: list[str] | None = None) -> int:
     from raypd.config import config_from_dict
     from raypd.data.prepare import training_shards
     from raypd.data.shards import DataError, check_shards
-    from raypd.eval.evaluate import obtain_extractor, read_images
-    from raypd.eval.fid import ImageSet, data_key, fidelity, reference_name
+    from raypd.eval.evaluate import obtain_extractor, reference_set
+    from raypd.eval.fid import fidelity
 
     try:
         meta = read_meta(args.checkpoint)
@@ -91,15 +91,13 @@ def fid_main(argv: list[str] | None = None) -> int:
         manifest = check_shards(urls, resolution=d.resolution, channels=d.channels, num_classes=d.num_classes,
                                 world_size=1, num_workers=0)
         extractor = obtain_extractor(cfg, urls, manifest, run / "eval")
-        count = min(cfg.eval.reference_samples, (manifest or {}).get("splits", {}).get("train", {}).get("count", 10**9))
-        reference = ImageSet(count, lambda: read_images(urls, count, channels=d.channels, resolution=d.resolution),
-                             rgb=extractor.kind == "inception")
+        reference, cache_name = reference_set(cfg, urls, manifest, extractor)
         samples, meta, steps = _generate(args, args.n)
     except (CheckpointError, DataError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     result = fidelity(samples, reference, extractor, cache_root=run / "eval" / "fid-cache",
-                      cache_name=reference_name(data_key(manifest, urls), d.resolution, extractor, count),
+                      cache_name=cache_name,
                       kid=cfg.eval.kid, prc=cfg.eval.precision_recall)
     print(json.dumps({"checkpoint": str(args.checkpoint), "steps": steps, "seed": args.seed, **result}))
     return 0

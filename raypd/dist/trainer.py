@@ -33,8 +33,8 @@ def ensure_ray(cfg: Config) -> None:
                            f"the cluster has {int(have.get('CPU', 0))}")
 
 
-def run_stage(cfg: Config, *, name: str, spec: dict, storage: Path, output: Path) -> Path:
-    """Fit the stage's TorchTrainer and copy its consolidated model to ``output``; returns ``output``."""
+def run_stage(cfg: Config, *, name: str, spec: dict, storage: Path, output: Path) -> dict:
+    """Fit the stage's TorchTrainer and copy its consolidated model to ``output``; returns the last metrics."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -64,4 +64,4 @@ def run_stage(cfg: Config, *, name: str, spec: dict, storage: Path, output: Path
         shutil.copytree(source, tmp)
         shutil.rmtree(output, ignore_errors=True)
         tmp.rename(output)
-    return output
+    return dict(result.metrics or {})

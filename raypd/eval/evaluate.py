@@ -58,6 +58,16 @@ def obtain_extractor(cfg: Config, urls: list[str], manifest: dict | None, direct
     return Extractor("classifier", str(path), tag=key)
 
 
+def reference_set(cfg: Config, urls: list[str], manifest: dict | None, extractor: Extractor) -> tuple[ImageSet, str]:
+    """The training images behind the reference statistics (read only on a cache miss) and their cache name."""
+    d = cfg.data
+    available = (manifest or {}).get("splits", {}).get("train", {}).get("count", cfg.eval.reference_samples)
+    count = min(cfg.eval.reference_samples, available)
+    images = ImageSet(count, lambda: read_images(urls, count, channels=d.channels, resolution=d.resolution),
+                      rgb=extractor.kind == "inception")
+    return images, reference_name(data_key(manifest, urls), d.resolution, extractor, count)
+
+
 class Evaluator:
     def __init__(self, cfg: Config, out: Path, *, device: torch.device, logsnr_fn: LogsnrFn, urls: list[str],
                  manifest: dict | None, teacher: Denoiser, step_counts: list[int]):
@@ -65,11 +75,7 @@ class Evaluator:
         self.cfg, self.out, self.device, self.logsnr_fn = cfg, out, device, logsnr_fn
         self.z, self.y = fixed_noise(e.num_samples, d.channels, d.resolution, seed=e.seed, num_classes=d.num_classes)
         self.extractor = obtain_extractor(cfg, urls, manifest, out / "eval")
-        available = (manifest or {}).get("splits", {}).get("train", {}).get("count", e.reference_samples)
-        count = min(e.reference_samples, available)
-        self.reference = ImageSet(count, lambda: read_images(urls, count, channels=d.channels, resolution=d.resolution),
-                                  rgb=self.extractor.kind == "inception")
-        self.cache_name = reference_name(data_key(manifest, urls), d.resolution, self.extractor, count)
+        self.reference, self.cache_name = reference_set(cfg, urls, manifest, self.extractor)
         self.full_steps = e.reference_steps or cfg.teacher.sampling_steps
         self.full = self.sample(teacher, self.full_steps)
         self.rows = [self.score("teacher_ddim", self.full_steps, self.full)]

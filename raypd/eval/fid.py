@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
@@ -120,7 +119,3 @@ def fidelity(generated: Tensor, reference: ImageSet, extractor: Extractor, *, ca
     if "inception_score_mean" in out:
         result["isc"] = float(out["inception_score_mean"])
     return {**result, "extractor": extractor.name, "n_samples": int(gen.shape[0])}
-
-
-def log(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)

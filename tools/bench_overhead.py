@@ -1,0 +1,81 @@
+"""Updates per second of a round run through Ray Train + DeepSpeed against the bare-PyTorch floor.
+
+Same model, batch and threads in one run: the floor is tools/bench_step.py's bare distillation
+step in this process with as many threads as one Ray worker gets (1 by default); the round runs
+as a real Ray Train run of DeepSpeed ZeRO-2 workers (1, then 2), and its speed is taken from the
+workers' own report over the second half of the round (after start-up). Goal: 1 worker within
+1.10x of the floor.
+
+    python tools/bench_overhead.py [--batch 32] [--updates 60] [--resolution 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_step import floor_step  # noqa: E402
+
+from raypd.checkpoint import meta_for, save_checkpoint  # noqa: E402
+from raypd.config import load_config  # noqa: E402
+from raypd.data.prepare import training_shards  # noqa: E402
+from raypd.dist.trainer import ensure_ray, run_stage  # noqa: E402
+from raypd.models import build_denoiser  # noqa: E402
+from raypd.train import freeze, make_student  # noqa: E402
+
+
+def floor_rate(cfg, teacher, batch: int, iters: int = 15) -> float:
+    student = make_student(teacher)
+    opt = torch.optim.Adam(student.parameters(), lr=1e-4)
+    x = torch.rand(batch, cfg.data.channels, cfg.data.resolution, cfg.data.resolution) * 2 - 1
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        floor_step(student, teacher, opt, x, 8, gen)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        floor_step(student, teacher, opt, x, 8, gen)
+        times.append(time.perf_counter() - start)
+    return 1.0 / statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--updates", type=int, default=60)
+    parser.add_argument("--resolution", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1, help="threads per worker (Ray's default is 1)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        base = [f"data.resolution={args.resolution}", f"distill.batch_size={args.batch}", "data.loader_workers=0",
+                f"run.storage_path={root}", f"dist.checkpoint_every={args.updates // 2}"]
+        cfg = load_config(None, base)
+        torch.manual_seed(0)
+        teacher = freeze(build_denoiser(cfg.model, cfg.data))
+        save_checkpoint(root / "teacher", teacher, meta_for(cfg, kind="teacher", sampling_steps=16, round=None))
+        torch.set_num_threads(args.threads)
+        floor = floor_rate(cfg, teacher, args.batch)
+        print(f"floor (bare PyTorch, {args.threads} thread(s)): {floor:.2f} updates/s at batch {args.batch}")
+        shards = training_shards(cfg.data, root / "data")
+        for workers in (1, 2):
+            wcfg = load_config(None, base + [f"dist.workers={workers}"])
+            ensure_ray(wcfg)
+            spec = {"kind": "round", "teacher": str(root / "teacher"), "updates": args.updates, "round": 0,
+                    "student_steps": 8, "sampling_steps": 8, "stream": 1, "shards": shards}
+            metrics = run_stage(wcfg, name=f"bench-{workers}w", spec=spec, storage=root / "ray",
+                                output=root / f"out-{workers}")
+            rate = metrics["samples_per_s"] / args.batch
+            print(f"Ray Train + DeepSpeed ZeRO-2, {workers} worker(s): {rate:.2f} updates/s "
+                  f"(global batch {args.batch}); floor / raypd = {floor / rate:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -44,12 +44,17 @@ class CheckpointMeta:
     logsnr_max: float
     config: dict[str, Any]
     metrics: dict[str, float]
+    schedule: str = "cosine"
+    discrete_betas: tuple[float, ...] = ()
+    """The noise schedule (``diffusion.schedule``) and, for ``discrete``, its betas: what ``make_logsnr_fn`` needs."""
 
     def to_json(self) -> dict[str, Any]:
+        schedule: dict[str, Any] = {"logsnr_min": self.logsnr_min, "logsnr_max": self.logsnr_max}
+        if self.schedule != "cosine":  # cosine checkpoints keep the format they always had
+            schedule.update(kind=self.schedule, discrete_betas=list(self.discrete_betas))
         return {
             "format": FORMAT, "version": VERSION, "kind": self.kind, "sampling_steps": self.sampling_steps,
-            "round": self.round, "parameterization": self.model.parameterization,
-            "schedule": {"logsnr_min": self.logsnr_min, "logsnr_max": self.logsnr_max},
+            "round": self.round, "parameterization": self.model.parameterization, "schedule": schedule,
             "model": _section(self.model), "data": _section(self.data), "config": self.config,
             "metrics": self.metrics,
         }
@@ -62,7 +67,8 @@ def _section(obj: Any) -> dict[str, Any]:
 def meta_for(cfg: Config, *, kind: Literal["teacher", "student"], sampling_steps: int, round: int | None,
              metrics: dict[str, float] | None = None) -> CheckpointMeta:
     return CheckpointMeta(kind, sampling_steps, round, cfg.model, cfg.data, cfg.diffusion.logsnr_min,
-                          cfg.diffusion.logsnr_max, cfg.to_dict(), dict(metrics or {}))
+                          cfg.diffusion.logsnr_max, cfg.to_dict(), dict(metrics or {}),
+                          cfg.diffusion.schedule, tuple(cfg.diffusion.discrete_betas))
 
 
 def save_checkpoint(path: str | Path, model: Denoiser, meta: CheckpointMeta) -> Path:
@@ -111,9 +117,11 @@ def read_meta(path: str | Path) -> CheckpointMeta:
     try:
         model = _build(ModelConfig, raw["model"], "model")
         data = _build(DataConfig, raw["data"], "data")
+        schedule = raw["schedule"]
         return CheckpointMeta(raw["kind"], int(raw["sampling_steps"]), raw["round"], model, data,
-                              float(raw["schedule"]["logsnr_min"]), float(raw["schedule"]["logsnr_max"]),
-                              raw["config"], raw.get("metrics", {}))
+                              float(schedule["logsnr_min"]), float(schedule["logsnr_max"]),
+                              raw["config"], raw.get("metrics", {}), schedule.get("kind", "cosine"),
+                              tuple(float(b) for b in schedule.get("discrete_betas", ())))
     except (KeyError, TypeError, ConfigError) as err:
         raise CheckpointError(f"{path / META} is malformed: {err}") from None
 
@@ -140,6 +148,9 @@ def check_compatible(meta: CheckpointMeta, cfg: Config, path: str | Path) -> Non
     if (meta.logsnr_min, meta.logsnr_max) != (cfg.diffusion.logsnr_min, cfg.diffusion.logsnr_max):
         problems.append(f"the noise schedule differs: checkpoint logsnr in [{meta.logsnr_min}, {meta.logsnr_max}], "
                         f"config [{cfg.diffusion.logsnr_min}, {cfg.diffusion.logsnr_max}]")
+    if (meta.schedule, meta.discrete_betas) != (cfg.diffusion.schedule, tuple(cfg.diffusion.discrete_betas)):
+        problems.append(f"the noise schedule differs: checkpoint {meta.schedule!r}, config {cfg.diffusion.schedule!r}"
+                        + (" (different betas)" if meta.schedule == cfg.diffusion.schedule else ""))
     # dropout is a training setting, not part of the architecture
     diffs = [f"model.{k}" for k, v in _section(cfg.model).items() if k != "dropout" and _section(meta.model)[k] != v]
     if diffs:

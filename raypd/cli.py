@@ -4,6 +4,7 @@
     raypd shards KIND PATH --out DIR [...]                  write WebDataset shards from a data set
     raypd sample --checkpoint C --steps N --n 64 --out P    a sample grid from a checkpoint
     raypd fid --checkpoint C --steps N --n 10000            FID/KID of a checkpoint's samples
+    raypd export --checkpoint C --out DIR                   a student as a diffusers DDIMPipeline directory
 """
 
 from __future__ import annotations
@@ -35,9 +36,15 @@ def _fid(argv: list[str]) -> int:
     return fid_main(argv)
 
 
+def _export(argv: list[str]) -> int:
+    from raypd.hf.export import main as export_main
+
+    return export_main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"distill": _distill, "shards": _shards, "sample": _sample, "fid": _fid}
+    commands = {"distill": _distill, "shards": _shards, "sample": _sample, "fid": _fid, "export": _export}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(__doc__.strip(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         if argv and argv[0] not in ("-h", "--help"):

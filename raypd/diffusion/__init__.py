@@ -23,15 +23,15 @@ Every per-example quantity (``logsnr``, ``t``) has shape ``[B]`` and is broadcas
 over the remaining dimensions of the image tensors it meets.
 """
 
-from .schedule import alpha_sigma, diffuse, logsnr_schedule
+from .schedule import SCHEDULES, Schedule, alpha_sigma, diffuse, logsnr_schedule, make_logsnr_fn
 from .params import PARAMETERIZATIONS, Parameterization, eps_from_x, x_from_output
 from .loss import WEIGHTINGS, Weighting, loss_weight, weighted_mse
 from .ddim import ddim_sample, ddim_step, stochastic_sample
 from .distill import distill_target, student_times
 
 __all__ = [
-    "PARAMETERIZATIONS", "Parameterization", "WEIGHTINGS", "Weighting",
+    "PARAMETERIZATIONS", "Parameterization", "SCHEDULES", "Schedule", "WEIGHTINGS", "Weighting",
     "alpha_sigma", "ddim_sample", "ddim_step", "diffuse", "distill_target", "eps_from_x",
-    "logsnr_schedule", "loss_weight", "stochastic_sample", "student_times", "weighted_mse",
+    "logsnr_schedule", "loss_weight", "make_logsnr_fn", "stochastic_sample", "student_times", "weighted_mse",
     "x_from_output",
 ]

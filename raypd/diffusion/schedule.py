@@ -1,11 +1,15 @@
-"""The cosine-in-logSNR noise schedule and the forward process."""
+"""The cosine-in-logSNR noise schedule, the schedule factory, and the forward process."""
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Callable, Literal, Sequence, get_args
 
 import torch
 from torch import Tensor
+
+from .discrete import DiscreteLogsnr
 
 
 def logsnr_schedule(t: Tensor, logsnr_min: float = -20.0, logsnr_max: float = 20.0) -> Tensor:
@@ -25,6 +29,31 @@ def logsnr_schedule(t: Tensor, logsnr_min: float = -20.0, logsnr_max: float = 20
     a = math.atan(math.exp(-0.5 * logsnr_min)) - b
     # float64 inside: tan near pi/2 loses ~1e-3 of logsnr in float32, and t is only [B] values
     return (-2.0 * torch.log(torch.tan(a * t.double() + b))).to(t.dtype)
+
+
+Schedule = Literal["cosine", "discrete"]
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
+
+
+def make_logsnr_fn(schedule: Schedule = "cosine", *, logsnr_min: float = -20.0, logsnr_max: float = 20.0,
+                   betas: Sequence[float] = ()) -> Callable[[Tensor], Tensor]:
+    """The t -> logsnr function of a run: the one place a schedule setting becomes a function.
+
+    ``cosine`` is :func:`logsnr_schedule` clipped to [logsnr_min, logsnr_max]; ``discrete`` is a
+    teacher's own T-step schedule given by its ``betas`` (see :mod:`raypd.diffusion.discrete`), for
+    networks trained on a discrete chain, whose noise levels must be the ones they were trained on.
+    """
+    if schedule == "cosine":
+        if len(betas):
+            raise ValueError("betas belong to the discrete schedule; the cosine schedule takes none")
+        if not logsnr_min < logsnr_max:
+            raise ValueError(f"logsnr_min ({logsnr_min}) must be below logsnr_max ({logsnr_max})")
+        return functools.partial(logsnr_schedule, logsnr_min=logsnr_min, logsnr_max=logsnr_max)
+    if schedule == "discrete":
+        if not len(betas):
+            raise ValueError("the discrete schedule needs the betas of its timesteps")
+        return DiscreteLogsnr(betas, logsnr_max=logsnr_max)
+    raise ValueError(f"unknown noise schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
 
 
 def alpha_sigma(logsnr: Tensor) -> tuple[Tensor, Tensor]:

@@ -12,7 +12,11 @@ from raypd.models.unet import UNet
 
 
 def build_denoiser(model: ModelConfig, data: DataConfig) -> Denoiser:
-    """The native UNet, sized for the data, wrapped with the configured parameterization."""
+    """The configured backbone (the native UNet sized for the data, or a diffusers UNet2DModel) with its parameterization."""
+    if model.backbone == "diffusers":
+        from raypd.models.hf import build_diffusers_backbone  # imports diffusers, so only when asked for
+
+        return Denoiser(build_diffusers_backbone(model, data), model.parameterization)
     backbone = UNet(
         in_channels=data.channels,
         out_channels=output_channels(model.parameterization, data.channels),

@@ -6,6 +6,8 @@ import copy
 from dataclasses import dataclass
 
 from raypd.config import DistillConfig
+from raypd.diffusion import Parameterization
+from raypd.diffusion.params import check_parameterization
 from raypd.models import Denoiser
 
 
@@ -34,9 +36,20 @@ def plan_rounds(cfg: DistillConfig) -> list[Round]:
     return rounds
 
 
-def make_student(teacher: Denoiser) -> Denoiser:
-    """A trainable copy of the teacher's (EMA) weights, with dropout 0."""
+def make_student(teacher: Denoiser, parameterization: Parameterization | None = None) -> Denoiser:
+    """A trainable copy of the teacher's (EMA) weights, with dropout 0.
+
+    A ``parameterization`` other than the teacher's re-reads the same output head (eps, x and v all
+    have C channels): the student starts from the teacher's weights and its first round has to learn
+    the new reading. ``both`` has 2C channels, so it cannot be switched to or from.
+    """
     student = copy.deepcopy(teacher)
+    if parameterization is not None and parameterization != teacher.parameterization:
+        check_parameterization(parameterization)
+        if "both" in (parameterization, teacher.parameterization):
+            raise ValueError(f"a student cannot switch from the teacher's {teacher.parameterization!r} output to "
+                             f"{parameterization!r}: 'both' has twice the output channels of the others")
+        student.parameterization = parameterization
     student.set_dropout(0.0)
     return student.train().requires_grad_(True)
 

@@ -1,0 +1,117 @@
+"""A diffusers ``UNet2DModel`` as a raypd backbone; the one module that imports diffusers.
+
+raypd conditions networks on continuous logsnr; a diffusers UNet2DModel takes the integer timestep
+of the discrete chain it was trained on. The adapter turns logsnr into that timestep through the
+chain's own logsnr table (log(alphas_cumprod / (1 - alphas_cumprod)), monotone in the timestep),
+interpolating between timesteps and clamping outside the table, so the rest of raypd drives the
+network exactly as it drives its own UNet. diffusers is imported lazily: raypd works without the
+``hf`` extra until a diffusers model is actually used.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from raypd.config import DataConfig, ModelConfig
+from raypd.diffusion.discrete import discrete_logsnr_table, timestep_from_logsnr
+
+INSTALL_HINT = "pip install 'raypd[hf]'"
+
+
+class UnsupportedModelError(ValueError):
+    """A diffusers model raypd cannot drive (latent, text-conditioned, learned variance, ...)."""
+
+
+def require_diffusers():
+    """The diffusers module, or an ImportError that says how to get it."""
+    try:
+        import diffusers
+    except ImportError as err:
+        raise ImportError(f"diffusers models need the 'hf' extra, which is not installed: {INSTALL_HINT} "
+                          f"({err})") from None
+    return diffusers
+
+
+def check_unet_config(config: dict[str, Any], *, channels: int, resolution: int, num_classes: int) -> None:
+    """Refuse, naming the reason, a UNet2DModel config raypd cannot drive on this data."""
+    name = config.get("_class_name", "UNet2DModel")
+    if name != "UNet2DModel":
+        hint = " (a text/latent-conditioned UNet)" if "Condition" in name else ""
+        raise UnsupportedModelError(f"the network is a {name}{hint}; raypd drives pixel-space UNet2DModel only")
+    if "cross_attention_dim" in config or "encoder_hid_dim" in config:
+        raise UnsupportedModelError("the network has cross-attention conditioning, which raypd cannot feed")
+    in_ch, out_ch = config.get("in_channels", 3), config.get("out_channels", 3)
+    if out_ch != in_ch:
+        raise UnsupportedModelError(
+            f"the UNet outputs {out_ch} channels for {in_ch} input channels (a learned variance or an extra head?); "
+            "raypd reads an output with as many channels as the image")
+    if in_ch != channels:
+        raise UnsupportedModelError(
+            f"the UNet takes {in_ch} input channels but the data has {channels} (data.channels); a latent "
+            "diffusion model (one that works on a VAE's latents) cannot be distilled in pixel space")
+    size = config.get("sample_size")
+    sizes = [size, size] if isinstance(size, int) else list(size or [])
+    if sizes != [resolution, resolution]:
+        raise UnsupportedModelError(f"the UNet's sample_size is {size}, but data.resolution is {resolution}")
+    if config.get("time_embedding_type", "positional") != "positional":
+        raise UnsupportedModelError(
+            f"time_embedding_type {config['time_embedding_type']!r} is not a sinusoidal embedding of a DDPM "
+            "timestep; raypd drives 'positional' timestep embeddings only")
+    embed_type, classes = config.get("class_embed_type"), config.get("num_class_embeds") or 0
+    if embed_type is not None:
+        raise UnsupportedModelError(
+            f"class_embed_type {embed_type!r} is not supported; raypd feeds integer class labels to a plain "
+            "class embedding (class_embed_type None with num_class_embeds)")
+    if classes != num_classes:
+        raise UnsupportedModelError(f"the UNet embeds {classes} classes (num_class_embeds) but data.num_classes "
+                                    f"is {num_classes}")
+
+
+class DiffusersUNet(nn.Module):
+    """Backbone(z, logsnr, y) -> raw output of a UNet2DModel, fed the timestep that has this logsnr.
+
+    The timestep table is a plain attribute, not a buffer: it must stay float64 when the module is
+    cast to bf16, and it is rebuilt from the config rather than stored with the weights.
+    """
+
+    def __init__(self, unet: nn.Module, betas) -> None:
+        super().__init__()
+        self.unet = unet
+        self.betas = tuple(float(b) for b in betas)
+        self.table = discrete_logsnr_table(self.betas)
+        self.num_classes = int(unet.config.get("num_class_embeds") or 0)
+        self._on: dict[torch.device, Tensor] = {}
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.table.numel()
+
+    def timestep(self, logsnr: Tensor) -> Tensor:
+        """The network's (fractional) timestep input for each logsnr, as float32."""
+        if logsnr.device not in self._on:
+            self._on[logsnr.device] = self.table.to(logsnr.device)
+        return timestep_from_logsnr(logsnr, self._on[logsnr.device]).float()
+
+    def forward(self, z: Tensor, logsnr: Tensor, y: Tensor | None = None) -> Tensor:
+        if logsnr.ndim == 0:
+            logsnr = logsnr.expand(z.shape[0])
+        if logsnr.shape != (z.shape[0],):
+            raise ValueError(f"logsnr must have shape [{z.shape[0]}], got {list(logsnr.shape)}")
+        if self.num_classes and y is None:
+            raise ValueError("this diffusers UNet is class-conditional (num_class_embeds > 0): a class label y is required")
+        if not self.num_classes and y is not None:
+            raise ValueError("this diffusers UNet is unconditional but y was given")
+        return self.unet(z, self.timestep(logsnr), class_labels=y).sample
+
+
+def build_diffusers_backbone(model: ModelConfig, data: DataConfig) -> DiffusersUNet:
+    """A freshly initialised UNet2DModel from ``model.diffusers_unet`` (weights are loaded afterwards)."""
+    diffusers = require_diffusers()
+    check_unet_config(model.diffusers_unet, channels=data.channels, resolution=data.resolution,
+                      num_classes=data.num_classes)
+    kwargs = {k: v for k, v in model.diffusers_unet.items() if not k.startswith("_")}
+    unet = diffusers.UNet2DModel.from_config(kwargs)
+    return DiffusersUNet(unet, model.diffusers_betas)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -16,6 +17,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Progressive distillation of a diffusion model: teacher, halving rounds, evaluation, report.",
     )
     parser.add_argument("--config", help="YAML config file (default: local test mode)")
+    parser.add_argument("--storage", help="directory of the run's files, same as run.storage_path (default: ./raypd_runs)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the config, data and teacher checkpoint and print the plan; start nothing")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true",
+                      help="continue the run in the storage path, failing when there is none (the default "
+                           "continues one when there is one and starts one otherwise)")
+    mode.add_argument("--restart", action="store_true",
+                      help="move an existing run aside (renamed with a date; nothing is deleted) and start over")
     parser.add_argument("--help-config", action="store_true", help="list every setting with its default and meaning")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="settings that override the config")
     return parser.parse_args(argv)
@@ -30,17 +40,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{key} = {default}\n    {doc}")
         return 0
     try:
-        cfg = load_config(args.config, args.overrides)
+        overrides = list(args.overrides) + ([f"run.storage_path={args.storage}"] if args.storage else [])
+        cfg = load_config(args.config, overrides)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    if args.dry_run:
+        from raypd.plan import dry_run
+
+        return dry_run(cfg)
     from raypd.checkpoint import CheckpointError
     from raypd.data.shards import DataError
     from raypd.dist.trainer import ClusterError
     from raypd.pipeline import run_pipeline
+    from raypd.runs import RunStateError
 
     try:
-        summary = run_pipeline(cfg)
+        summary = run_pipeline(cfg, mode="resume" if args.resume else "restart" if args.restart else "auto")
+    except RunStateError as err:
+        print(f"run error: {err}", file=sys.stderr)
+        return 2
     except CheckpointError as err:
         print(f"checkpoint error: {err}", file=sys.stderr)
         return 2
@@ -50,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     except ClusterError as err:
         print(f"cluster error: {err}", file=sys.stderr)
         return 2
+    run = Path(summary["report"]).parent
+    print(f"final student ({summary['rounds'][-1]['student_steps']} steps): {run / summary['final_checkpoint']}")
     print(f"report: {summary['report']}")
     return 0
 

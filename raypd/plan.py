@@ -1,0 +1,162 @@
+"""``--dry-run``: what a run would do and what it would cost, checked without a cluster.
+
+Resolves the config, checks the data and the teacher checkpoint where they can be reached from
+here, and prints the plan: stages, workers, batch per worker, updates, and an estimate of the
+compute (model FLOPs counted on the meta device, so even the ImageNet-64 UNet costs nothing to
+plan). Placeholders and unreachable object stores are warnings (the cluster may see what this
+machine cannot); a missing local file or an incompatible checkpoint is an error.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from raypd.config import Config
+from raypd.train.rounds import plan_rounds
+
+PEAK_FLOPS = 312e12
+"""Dense bf16 peak of an A100 (the estimate's reference GPU)."""
+UTILISATION = 0.35
+"""Fraction of peak a diffusion UNet typically sustains in training (an assumption, stated in the output)."""
+REMOTE_CHECK_S = 20.0
+
+
+@dataclass
+class Checks:
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    passed: list[str] = field(default_factory=list)
+
+
+def forward_flops(cfg: Config) -> tuple[int, float]:
+    """(parameters, FLOPs of one forward pass per image), counted on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from raypd.models import build_denoiser
+
+    d = cfg.data
+    with torch.device("meta"):
+        model = build_denoiser(cfg.model, d)
+        z = torch.empty(1, d.channels, d.resolution, d.resolution)
+        y = torch.zeros(1, dtype=torch.long) if d.num_classes else None
+        with FlopCounterMode(display=False) as counter:
+            model(z, torch.zeros(1), y)
+    return sum(p.numel() for p in model.parameters()), float(counter.get_total_flops())
+
+
+def check_data(cfg: Config, checks: Checks) -> None:
+    d = cfg.data
+    if d.source == "digits":
+        checks.passed.append("data: scikit-learn's bundled digits (written as shards on first use)")
+        return
+    if d.source != "shards":
+        for name, value in (("data.path", d.path), ("data.labels_path", d.labels_path)):
+            if value and not Path(value).exists():
+                checks.errors.append(f"{name}: {value} does not exist")
+        if not checks.errors:
+            checks.passed.append(f"data: {d.source} at {d.path} (written as shards on first use)")
+        return
+    if "YOUR-" in d.shards.upper() or "<" in d.shards:
+        checks.warnings.append(f"data.shards is still a placeholder ({d.shards}): set it to your shards")
+        return
+    from raypd.data.shards import DataError, check_shards, expand_urls
+
+    try:
+        urls = expand_urls(d.shards)
+    except DataError as err:
+        checks.errors.append(f"data.shards: {err}")
+        return
+    workers = max(1, cfg.dist.workers)
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    job = pool.submit(check_shards, urls, resolution=d.resolution, channels=d.channels, num_classes=d.num_classes,
+                      world_size=workers, num_workers=d.loader_workers)
+    try:
+        manifest = job.result(timeout=REMOTE_CHECK_S)
+        count = (manifest or {}).get("splits", {}).get("train", {}).get("count", "?")
+        checks.passed.append(f"data: {len(urls)} shards, {count} training images, checked against the model")
+    except DataError as err:
+        checks.errors.append(f"data.shards: {err}")
+    except concurrent.futures.TimeoutError:
+        checks.warnings.append(f"data.shards: could not reach {urls[0]} within {REMOTE_CHECK_S:.0f} s from here")
+    except Exception as err:  # noqa: BLE001 - a store this machine cannot reach is the cluster's business
+        checks.warnings.append(f"data.shards: not checked from here ({type(err).__name__}: {err})")
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def check_teacher(cfg: Config, checks: Checks) -> None:
+    path = cfg.teacher.checkpoint
+    if not path:
+        checks.passed.append(f"teacher: trained first ({cfg.teacher.updates} updates)")
+        return
+    from raypd.checkpoint import CheckpointError, check_compatible, read_meta
+
+    try:
+        check_compatible(read_meta(path), cfg, path)
+        checks.passed.append(f"teacher: {path} fits the config")
+    except CheckpointError as err:
+        checks.errors.append(f"teacher.checkpoint: {err}")
+
+
+def _fmt_flops(flops: float) -> str:
+    for unit, scale in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
+        if flops >= scale:
+            return f"{flops / scale:,.1f} {unit}"
+    return f"{flops:,.0f} FLOP"
+
+
+def describe_plan(cfg: Config) -> list[str]:
+    """The plan as printable lines."""
+    params, fwd = forward_flops(cfg)
+    d, t, s = cfg.dist, cfg.teacher, cfg.distill
+    workers = max(1, d.workers)
+    where = (f"{d.workers} Ray Train worker(s), {'1 GPU' if d.use_gpu else '1 CPU'} each, DeepSpeed ZeRO stage "
+             f"{d.zero_stage}, {d.precision}" if d.workers else "in this process (plain PyTorch, no Ray workers)")
+    lines = [f"model: {params:,} parameters, {fwd / 1e9:,.2f} GFLOP per image forward "
+             f"({cfg.data.channels}x{cfg.data.resolution}x{cfg.data.resolution}, {cfg.model.parameterization} output)",
+             f"workers: {where}", ""]
+    # a training update is forward + backward (~3 forwards); distillation adds two teacher forwards
+    rows = [("stage", "steps", "updates", "batch", "per worker", "lr", "compute")]
+    total = 0.0
+    if not t.checkpoint:
+        flops = t.updates * t.batch_size * 3 * fwd
+        total += flops
+        rows.append(("teacher", str(t.sampling_steps), f"{t.updates:,}", str(t.batch_size),
+                     str(t.batch_size // workers), f"{t.lr:g}", _fmt_flops(flops)))
+    for rnd in plan_rounds(s):
+        flops = rnd.updates * s.batch_size * 5 * fwd
+        total += flops
+        rows.append((f"round {rnd.index}", f"{rnd.teacher_steps}->{rnd.student_steps}", f"{rnd.updates:,}",
+                     str(s.batch_size), str(s.batch_size // workers), f"{s.lr:g}", _fmt_flops(flops)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    gpu_hours = total / (PEAK_FLOPS * UTILISATION) / 3600
+    lines += ["", f"estimated compute: {_fmt_flops(total)} in all, about {gpu_hours:,.3g} A100-hours "
+              f"(assuming {UTILISATION:.0%} of the {PEAK_FLOPS / 1e12:.0f} TFLOP/s bf16 peak; "
+              f"{gpu_hours / workers:,.3g} h of wall time on {workers} such GPUs)",
+              f"evaluation: {cfg.eval.num_samples} samples per point, {cfg.eval.extractor} features, seed {cfg.eval.seed}"]
+    return lines
+
+
+def dry_run(cfg: Config) -> int:
+    """Print checks and plan; 0 when nothing is wrong, 2 when a check failed."""
+    checks = Checks()
+    check_data(cfg, checks)
+    check_teacher(cfg, checks)
+    out = Path(cfg.run.storage_path) / cfg.run.name
+    print(f"run: {out}" + (" (exists: the run would continue there)" if (out / "config.json").is_file() else ""))
+    for line in describe_plan(cfg):
+        print(line)
+    print()
+    for line in checks.passed:
+        print(f"ok       {line}")
+    for line in checks.warnings:
+        print(f"warning  {line}")
+    for line in checks.errors:
+        print(f"error    {line}")
+    print("dry run: " + ("problems found, nothing was started" if checks.errors else "nothing was started"))
+    return 2 if checks.errors else 0

@@ -1,0 +1,201 @@
+"""The run directory: one driver at a time, resume or restart, and a guard against mixing runs.
+
+A run's state is its directory (``run.storage_path/run.name``): the config it was started with
+(``config.json``), finished stages as checkpoints, the Ray Train runs of unfinished ones. Running
+the same command again continues it. Three things keep that safe:
+
+- a lock (``driver.lock``) held by the running driver and refreshed by a heartbeat, so a second
+  driver on the same directory refuses to start, while the lock of a driver that died (its pid is
+  gone on this host, or its heartbeat stopped) is taken over with a warning;
+- the saved config: continuing with settings that change what was trained (model, data, schedule,
+  teacher, rounds) is refused, naming the keys, because the finished checkpoints would no longer
+  match the config;
+- ``--restart`` never deletes: it moves the old directory aside under a dated name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from raypd.config import Config
+
+LOCK = "driver.lock"
+CONFIG = "config.json"
+HEARTBEAT_S = 15.0
+STALE_AFTER_S = 120.0
+
+# Settings that may change between a run and its continuation: how it is evaluated, logged and
+# spread over workers, not what it trains.
+MUTABLE_SECTIONS = ("eval", "dist", "sweep")
+MUTABLE_KEYS = ("run.log_every", "run.device", "run.storage_path", "data.loader_workers", "data.shuffle_buffer")
+
+
+class RunStateError(RuntimeError):
+    """The run directory cannot be used as asked (locked, different config, nothing to resume)."""
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: data}
+
+
+def changed_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ and that a continued run must keep."""
+    a, b = _flat(saved), _flat(current)
+    keys = sorted(set(a) | set(b))
+    return [k for k in keys if a.get(k) != b.get(k) and k.split(".")[0] not in MUTABLE_SECTIONS
+            and k not in MUTABLE_KEYS]
+
+
+def has_state(out: Path) -> bool:
+    return (out / CONFIG).is_file()
+
+
+def run_dir(cfg: Config) -> Path:
+    """The run's directory, absolute: Ray workers and Tune trials do not share the driver's working directory."""
+    return (Path(cfg.run.storage_path) / cfg.run.name).resolve()
+
+
+def archive_run(out: Path) -> Path | None:
+    """``--restart``: move an existing run aside under a dated name (nothing is deleted)."""
+    if not out.exists():
+        return None
+    check_unlocked(out)
+    archived = out.with_name(f"{out.name}.{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
+    os.replace(out, archived)
+    print(f"[raypd] --restart: moved the previous run to {archived} (nothing was deleted)", file=sys.stderr)
+    return archived
+
+
+def check_and_save_config(cfg: Config, out: Path, *, resume: bool = False) -> None:
+    """Refuse to continue a run under settings that change what it trains; then save the config.
+
+    ``resume``: there must be a run to continue (``--resume``).
+    """
+    if resume and not has_state(out):
+        raise RunStateError(f"--resume: {out} holds no run to resume (no {CONFIG}); "
+                            "check run.storage_path / run.name, or drop --resume to start one")
+    if has_state(out):
+        saved = _flat(json.loads((out / CONFIG).read_text()))
+        current = _flat(cfg.to_dict())
+        diffs = changed_keys(saved, current)
+        if diffs:
+            shown = ", ".join(f"{k} ({saved.get(k)!r} -> {current.get(k)!r})" for k in diffs[:8])
+            raise RunStateError(
+                f"{out} holds a run started with different settings: {shown}"
+                f"{' ...' if len(diffs) > 8 else ''}. Continuing would mix its finished checkpoints with "
+                "the new settings; use another run.name, or --restart to move the old run aside")
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{CONFIG}.tmp"
+    tmp.write_text(json.dumps(cfg.to_dict(), indent=2))
+    os.replace(tmp, out / CONFIG)
+
+
+def finished_summary(out: Path) -> dict[str, Any] | None:
+    """The summary of a run whose every stage and report are done, else None."""
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    final = summary.get("final_checkpoint")
+    if final and (out / final / "meta.json").is_file() and (out / "report.md").is_file():
+        return summary
+    return None
+
+
+# ---- the driver lock -------------------------------------------------------------------------
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def lock_holder(out: Path) -> dict[str, Any] | None:
+    """The live driver holding ``out``, or None when the lock is absent or stale."""
+    path = out / LOCK
+    try:
+        info = json.loads(path.read_text())
+        age = time.time() - path.stat().st_mtime
+    except (FileNotFoundError, json.JSONDecodeError, OSError):
+        return None
+    if info.get("host") == socket.gethostname():
+        return info if _pid_alive(int(info.get("pid", -1))) else None
+    return info if age < STALE_AFTER_S else None
+
+
+def check_unlocked(out: Path) -> None:
+    holder = lock_holder(out)
+    if holder is not None:
+        raise RunStateError(f"another driver is running on {out}: pid {holder.get('pid')} on host "
+                            f"{holder.get('host')}, started {holder.get('started')}; wait for it to finish or stop it "
+                            f"(a lock whose driver died is taken over automatically)")
+
+
+class DriverLock:
+    """Exclusive use of a run directory by one driver process, with a heartbeat."""
+
+    def __init__(self, out: Path):
+        self.path = Path(out) / LOCK
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self) -> "DriverLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                check_unlocked(self.path.parent)
+                print(f"[raypd] taking over the stale lock {self.path} of a driver that is gone", file=sys.stderr)
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(info, f)
+            break
+        else:
+            raise RunStateError(f"could not take the lock {self.path}: another driver took it first")
+        self._thread = threading.Thread(target=self._beat, name="raypd-lock-heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:
+                return
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=1)
+        try:
+            if json.loads(self.path.read_text()).get("pid") == os.getpid():
+                self.path.unlink()
+        except (OSError, json.JSONDecodeError):
+            pass
+
+    def __enter__(self) -> "DriverLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -1,0 +1,95 @@
+"""The run directory: driver lock, config guard, restart without loss, dry run."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from raypd.config import load_config
+from raypd.distill import main
+from raypd.runs import DriverLock, RunStateError, archive_run, changed_keys, check_and_save_config, lock_holder
+
+
+def test_second_driver_is_refused_and_released_lock_is_free(tmp_path):
+    with DriverLock(tmp_path):
+        with pytest.raises(RunStateError, match=f"another driver is running on {tmp_path}: pid {os.getpid()}"):
+            DriverLock(tmp_path).acquire()
+    assert lock_holder(tmp_path) is None and not (tmp_path / "driver.lock").exists()
+    DriverLock(tmp_path).acquire().release()
+
+
+def test_lock_of_a_dead_driver_is_taken_over(tmp_path, capsys):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "driver.lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "x"}))
+    assert lock_holder(tmp_path) is None
+    lock = DriverLock(tmp_path).acquire()
+    assert json.loads((tmp_path / "driver.lock").read_text())["pid"] == os.getpid()
+    assert "stale lock" in capsys.readouterr().err
+    lock.release()
+
+
+def test_lock_from_another_host_is_stale_only_when_its_heartbeat_stopped(tmp_path):
+    path = tmp_path / "driver.lock"
+    path.write_text(json.dumps({"pid": 1, "host": "some-other-node", "started": "x"}))
+    assert lock_holder(tmp_path)["host"] == "some-other-node"
+    old = time.time() - 600
+    os.utime(path, (old, old))
+    assert lock_holder(tmp_path) is None
+
+
+def test_second_driver_process_is_refused(tmp_path, capsys):
+    with DriverLock(tmp_path / "local"):
+        assert main([f"run.storage_path={tmp_path}"]) == 2
+    assert "another driver is running" in capsys.readouterr().err
+
+
+def test_config_guard_names_what_changed(tmp_path):
+    cfg = load_config(None, [f"run.storage_path={tmp_path}"])
+    with pytest.raises(RunStateError, match="no run to resume"):
+        check_and_save_config(cfg, tmp_path / "local", resume=True)
+    check_and_save_config(cfg, tmp_path / "local")
+    check_and_save_config(load_config(None, [f"run.storage_path={tmp_path}", "eval.num_samples=8", "dist.workers=2"]),
+                          tmp_path / "local", resume=True)
+    with pytest.raises(RunStateError, match=r"distill.lr \(0.0003 -> 0.001\)"):
+        check_and_save_config(load_config(None, [f"run.storage_path={tmp_path}", "distill.lr=1e-3"]), tmp_path / "local")
+    assert changed_keys({"a": {"b": 1}}, {"a": {"b": 1, "c": 2}}) == ["a.c"]
+
+
+def test_restart_moves_the_run_aside(tmp_path):
+    run = tmp_path / "r"
+    (run / "round-00-1steps").mkdir(parents=True)
+    archived = archive_run(run)
+    assert not run.exists() and (archived / "round-00-1steps").is_dir()
+    with DriverLock(tmp_path / "busy"):
+        with pytest.raises(RunStateError, match="another driver"):
+            archive_run(tmp_path / "busy")
+
+
+def test_dry_run_prints_the_plan_and_flags_problems(tmp_path, capsys):
+    assert main(["--dry-run", "--storage", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "826,626 parameters" in out and "round 4" in out and "2->1" in out and "nothing was started" in out
+    assert not (tmp_path / "local").exists()
+    assert main(["--dry-run", "data.source=shards", f"data.shards={tmp_path}/train-{{000..003}}.tar",
+                 f"teacher.checkpoint={tmp_path}/none"]) == 2
+    out = capsys.readouterr().out
+    assert "error    data.shards: 4 of 4 shards do not exist" in out
+    assert "error    teacher.checkpoint:" in out and "problems found" in out
+    assert main(["--dry-run", "data.source=shards", "data.shards=s3://YOUR-BUCKET/x/train-{000..009}.tar"]) == 0
+    assert "warning  data.shards is still a placeholder" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["cifar10", "imagenet64", "lsun_bedroom128", "lsun_church128"])
+def test_every_paper_config_dry_runs_without_a_cluster(name, capsys):
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[2] / "configs" / f"{name}.yaml"
+    assert main(["--dry-run", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "round 0" in out and "->1" in out and "A100-hours" in out and "per worker" in out
+    assert "warning  data.shards is still a placeholder" in out

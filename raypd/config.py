@@ -18,6 +18,7 @@ import yaml
 
 from raypd.diffusion.loss import Weighting
 from raypd.diffusion.params import Parameterization
+from raypd.diffusion.schedule import Schedule
 
 
 class ConfigError(ValueError):
@@ -104,8 +105,22 @@ class ModelConfig:
     """BigGAN-style residual down/up-sampling blocks (the paper's) instead of strided convs."""
     parameterization: Parameterization = "both"
     """Network output: ``eps``, ``x``, ``v`` or ``both`` (the paper's combined x/eps output)."""
+    backbone: Literal["unet", "diffusers"] = "unet"
+    """``unet``: raypd's own UNet (the settings above). ``diffusers``: a diffusers UNet2DModel built from
+    ``diffusers_unet``; set by importing a diffusers teacher (``teacher.source: diffusers``), not by hand."""
+    diffusers_unet: dict[str, Any] = field(default_factory=dict)
+    """The UNet2DModel config of a ``diffusers`` backbone (written by the teacher import)."""
+    diffusers_betas: tuple[float, ...] = ()
+    """The betas of the discrete schedule a ``diffusers`` backbone was trained on: its integer timestep input
+    is found from logsnr through this table (written by the teacher import)."""
 
     def validate(self) -> None:
+        _require(self.backbone != "diffusers" or bool(self.diffusers_unet), "diffusers_unet",
+                 "must hold the UNet2DModel config when backbone is 'diffusers' (import a diffusers teacher)")
+        _require(self.backbone != "diffusers" or len(self.diffusers_betas) >= 2, "diffusers_betas",
+                 "must hold the training betas when backbone is 'diffusers' (import a diffusers teacher)")
+        _require(self.backbone != "diffusers" or self.parameterization != "both", "parameterization",
+                 "'both' needs 2C output channels; a diffusers UNet2DModel outputs C: use eps, x or v")
         _require(self.ch > 0, "ch", f"must be positive, got {self.ch}")
         _require(len(self.ch_mult) >= 1 and min(self.ch_mult) > 0, "ch_mult",
                  f"must be a non-empty list of positive integers, got {list(self.ch_mult)}")
@@ -122,16 +137,41 @@ class DiffusionConfig:
     """logsnr at t = 0."""
     weighting: Weighting = "snr_trunc"
     """Loss weighting of the x-space MSE: ``snr_trunc`` (the paper's), ``snr``, ``snr+1``, ``constant``."""
+    schedule: Schedule = "cosine"
+    """t -> logsnr: ``cosine`` (the paper's, between logsnr_min and logsnr_max) or ``discrete``: a teacher's own
+    T-step schedule given by ``discrete_betas``, with t = (k + 1) / T for timestep k (diffusers' "trailing"
+    spacing) and logsnr_max at t = 0. An imported diffusers teacher sets it."""
+    discrete_betas: tuple[float, ...] = ()
+    """The betas of the ``discrete`` schedule's T timesteps (written by the teacher import)."""
 
     def validate(self) -> None:
         _require(self.logsnr_min < self.logsnr_max, "logsnr_min",
                  f"must be below logsnr_max ({self.logsnr_max}), got {self.logsnr_min}")
+        if self.schedule == "discrete":
+            _require(len(self.discrete_betas) >= 2, "discrete_betas",
+                     "must list the betas of at least 2 timesteps when schedule is 'discrete'")
+            _require(all(0 < b < 1 for b in self.discrete_betas), "discrete_betas",
+                     "every beta must lie strictly between 0 and 1")
+        else:
+            _require(not self.discrete_betas, "discrete_betas", "only the 'discrete' schedule takes betas")
 
 
 @dataclass(frozen=True)
 class TeacherConfig:
     checkpoint: str = ""
     """A trained teacher's checkpoint directory; empty trains a teacher first."""
+    source: Literal["raypd", "diffusers"] = "raypd"
+    """``raypd``: the teacher is ``checkpoint`` or trained now. ``diffusers``: a diffusers UNet2DModel and its
+    scheduler at ``diffusers_path`` are imported into the run's ``teacher`` checkpoint (no training); the run
+    then uses its network and its own discrete noise schedule (needs ``pip install 'raypd[hf]'``)."""
+    diffusers_path: str = ""
+    """The diffusers model to import: a local pipeline or UNet directory, or a Hugging Face hub id."""
+    diffusers_local_only: bool = False
+    """Never reach the hub when importing (diffusers' ``local_files_only``); local directories never do."""
+    diffusers_student_parameterization: Literal["eps", "x", "v"] = "v"
+    """Output parameterization of the students of an imported diffusers teacher (which keeps its own
+    prediction type). The students start from the teacher's weights and the first round learns to re-read
+    its output this way; ``v`` keeps an eps teacher's reading at low noise, and eps is unstable at few steps."""
     sampling_steps: int = 64
     """The teacher's own DDIM step count: its full-quality sampler and the first round's teacher."""
     updates: int = 1200
@@ -151,6 +191,10 @@ class TeacherConfig:
 
     def validate(self) -> None:
         _require(self.sampling_steps >= 1, "sampling_steps", f"must be >= 1, got {self.sampling_steps}")
+        _require(self.source != "diffusers" or bool(self.diffusers_path.strip()), "diffusers_path",
+                 "must name the diffusers model (directory or hub id) when source is 'diffusers'")
+        _require(self.source != "diffusers" or not self.checkpoint, "checkpoint",
+                 "must be empty when source is 'diffusers' (the import is written to the run's teacher directory)")
         _require(self.updates >= 0, "updates", f"must be >= 0, got {self.updates}")
         _require(self.warmup_updates >= 0, "warmup_updates", f"must be >= 0, got {self.warmup_updates}")
         _require(0.0 <= self.ema_decay < 1.0, "ema_decay", f"must lie in [0, 1), got {self.ema_decay}")
@@ -210,6 +254,9 @@ class EvalConfig:
     """Also evaluate the teacher's stochastic (ancestral) sampler at every step count."""
     seed: int = 1234
     """Seed of the evaluation noise and class labels: the same for every sampler and round."""
+    distributed: bool = True
+    """With dist.workers > 0, generate samples and extract features on dist.workers Ray tasks (one GPU each
+    with dist.use_gpu); the driver only gathers features and computes the metrics."""
     grid_size: int = 64
     """Images in each saved sample grid."""
     reference_steps: int = 0
@@ -259,11 +306,64 @@ class DistConfig:
 
 
 @dataclass(frozen=True)
+class SweepConfig:
+    enabled: bool = False
+    """Sweep every round with Ray Tune instead of training it once; the best trial's student is promoted."""
+    trials: int = 4
+    """Trials per round (the first one is the round's configured or previously chosen settings)."""
+    lr_min: float = 1e-4
+    """Lower end of the first round's log-uniform learning-rate range."""
+    lr_max: float = 3e-3
+    """Upper end of the first round's log-uniform learning-rate range; later rounds centre the same span
+    on the learning rate chosen before."""
+    lrs: tuple[float, ...] = ()
+    """Explicit learning rates to try, one trial each (a grid; replaces lr_min/lr_max and trials)."""
+    updates: tuple[int, ...] = ()
+    """Update budgets to choose from per trial; empty: the round's planned budget only."""
+    choices: tuple[str, ...] = ()
+    """Further settings to search, each ``dotted.key=v1|v2|...`` (e.g. ``distill.batch_size=16|32``)."""
+    grace_updates: int = 50
+    """ASHA: updates every trial gets before it can be stopped early."""
+    reduction_factor: int = 2
+    """ASHA: only the best 1/reduction_factor of the trials at a milestone go on."""
+    heldout_samples: int = 256
+    """Size of the fixed held-out set (images, noise and times) every trial's loss is measured on."""
+    report_every: int = 25
+    """Trials report the held-out loss (and checkpoint) every this many updates."""
+    fid: bool = True
+    """Score each finished trial's student by FID (the run's extractor) and choose by it; else by held-out loss."""
+    max_concurrent: int = 0
+    """Trials run at once; 0: as many as the cluster's GPUs (or CPUs) hold at dist.workers each."""
+    seed: int = 0
+    """Seed of the search (which learning rates are tried)."""
+
+    def validate(self) -> None:
+        _require(self.trials >= 1, "trials", f"must be >= 1, got {self.trials}")
+        _require(0 < self.lr_min < self.lr_max, "lr_min", f"must be positive and below lr_max ({self.lr_max}), "
+                 f"got {self.lr_min}")
+        for i, lr in enumerate(self.lrs):
+            _require(lr > 0, f"lrs[{i}]", f"must be positive, got {lr}")
+        for i, u in enumerate(self.updates):
+            _require(u >= 1, f"updates[{i}]", f"must be >= 1, got {u}")
+        for i, item in enumerate(self.choices):
+            key, sep, values = item.partition("=")
+            _require(bool(sep and key.strip() and values.strip()), f"choices[{i}]",
+                     f"must look like dotted.key=v1|v2, got {item!r}")
+            _require(not key.startswith(("sweep.", "run.")), f"choices[{i}]", f"cannot search {key!r}")
+        _require(self.grace_updates >= 1, "grace_updates", f"must be >= 1, got {self.grace_updates}")
+        _require(self.reduction_factor >= 2, "reduction_factor", f"must be >= 2, got {self.reduction_factor}")
+        _require(self.heldout_samples >= 1, "heldout_samples", f"must be >= 1, got {self.heldout_samples}")
+        _require(self.report_every >= 1, "report_every", f"must be >= 1, got {self.report_every}")
+        _require(self.max_concurrent >= 0, "max_concurrent", f"must be >= 0, got {self.max_concurrent}")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str = "local"
     """Run name: the run's files live in ``storage_path/name``."""
-    storage_path: str = "runs"
-    """Directory of all runs' files (checkpoints, reports, sample grids)."""
+    storage_path: str = "raypd_runs"
+    """Directory of all runs' files (checkpoints, reports, sample grids); on a cluster, a shared file system
+    every node sees (NFS, EFS, Filestore)."""
     seed: int = 0
     """Seed of model initialisation, data order and noise."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -274,6 +374,9 @@ class RunConfig:
     def validate(self) -> None:
         _require(bool(self.name) and "/" not in self.name, "name", f"must be a non-empty name without '/', got {self.name!r}")
         _require(bool(self.storage_path), "storage_path", "must not be empty")
+        _require("://" not in self.storage_path, "storage_path",
+                 f"must be a directory (a shared file system on a cluster); object-store URIs such as "
+                 f"{self.storage_path!r} are not supported for run files")
         _require(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
 
 
@@ -293,10 +396,22 @@ class Config:
     """What is measured after each round."""
     dist: DistConfig = field(default_factory=DistConfig)
     """Ray Train workers and DeepSpeed."""
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    """Ray Tune sweeps of each round's learning rate and update budget."""
     run: RunConfig = field(default_factory=RunConfig)
     """Naming, storage, seeds and devices."""
 
     def validate(self) -> None:
+        if self.model.backbone == "unet" and self.teacher.source == "raypd":  # else the imported network's shape rules
+            self._validate_native_unet()
+        _require(self.distill.start_steps <= self.teacher.sampling_steps, "distill.start_steps",
+                 f"must not exceed teacher.sampling_steps ({self.teacher.sampling_steps}), got {self.distill.start_steps}")
+
+        w = max(1, self.dist.workers)
+        for key, batch in (("teacher.batch_size", self.teacher.batch_size), ("distill.batch_size", self.distill.batch_size)):
+            _require(batch % w == 0, key, f"{batch} does not split evenly over dist.workers={self.dist.workers}")
+
+    def _validate_native_unet(self) -> None:
         res, levels = self.data.resolution, len(self.model.ch_mult)
         _require(res % 2 ** (levels - 1) == 0, "model.ch_mult",
                  f"{levels} levels halve the resolution {levels - 1} times, but data.resolution={res} "
@@ -305,12 +420,6 @@ class Config:
         for r in self.model.attn_resolutions:
             _require(r in reached, "model.attn_resolutions",
                      f"{r} is never reached; the UNet's resolutions are {sorted(reached, reverse=True)}")
-        _require(self.distill.start_steps <= self.teacher.sampling_steps, "distill.start_steps",
-                 f"must not exceed teacher.sampling_steps ({self.teacher.sampling_steps}), got {self.distill.start_steps}")
-
-        w = max(1, self.dist.workers)
-        for key, batch in (("teacher.batch_size", self.teacher.batch_size), ("distill.batch_size", self.distill.batch_size)):
-            _require(batch % w == 0, key, f"{batch} does not split evenly over dist.workers={self.dist.workers}")
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -334,6 +443,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         _require(isinstance(value, dict), key, f"must be a mapping of settings, got {value!r}")
         return _build(tp, value, key)
+    if origin is dict:
+        _require(isinstance(value, dict) and all(isinstance(k, str) for k in value), key,
+                 f"must be a mapping with string keys, got {value!r}")
+        return dict(value)
     if origin is Literal:
         choices = get_args(tp)
         _require(value in choices, key, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")

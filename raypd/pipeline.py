@@ -6,8 +6,6 @@ and a rerun with the same ``run.storage_path``/``run.name`` loads those instead 
 
 from __future__ import annotations
 
-import functools
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -19,10 +17,11 @@ from raypd.checkpoint import add_metrics, check_compatible, load_checkpoint, met
 from raypd.config import Config
 from raypd.data.prepare import training_shards
 from raypd.data.shards import ShardLoader, check_shards
-from raypd.diffusion import logsnr_schedule
+from raypd.diffusion import make_logsnr_fn
 from raypd.eval.evaluate import Evaluator
 from raypd.eval.report import write_report
 from raypd.models import Denoiser, build_denoiser
+from raypd.runs import DriverLock, archive_run, check_and_save_config, finished_summary, run_dir
 from raypd.train import build_plain_engine, freeze, linear_decay, make_student, plan_rounds, warmup
 from raypd.train.loop import run_updates
 
@@ -47,7 +46,7 @@ class Context:
     @property
     def logsnr_fn(self):
         d = self.cfg.diffusion
-        return functools.partial(logsnr_schedule, logsnr_min=d.logsnr_min, logsnr_max=d.logsnr_max)
+        return make_logsnr_fn(d.schedule, logsnr_min=d.logsnr_min, logsnr_max=d.logsnr_max, betas=d.discrete_betas)
 
     def batches(self, batch_size: int, stream: int) -> ShardLoader:
         """An endless, seeded stream of decoded batches; each stage gets its own ``stream``."""
@@ -89,8 +88,49 @@ def run_on_ray(ctx: Context, name: str, spec: dict, output: Path) -> dict:
     return read_meta(output).metrics
 
 
+def sweep_stage(ctx: Context, evaluator: Evaluator, teacher_path: Path, rnd, output: Path, centre: dict | None) -> dict:
+    """One round as a Ray Tune sweep; the chosen trial's student lands in ``output``; returns its metrics."""
+    from raypd.dist.sweep import sweep_round
+    from raypd.train.heldout import make_heldout, save_heldout
+
+    cfg = ctx.cfg
+    sweep_dir = ctx.out / "sweeps" / f"round-{rnd.index:02d}"
+    heldout = sweep_dir / "heldout.safetensors"
+    if not heldout.is_file():  # the same images, noise and times for every trial of the round
+        batch = next(iter(ctx.batches(cfg.sweep.heldout_samples, stream=10_000 + rnd.index)))
+        save_heldout(make_heldout(batch.x, batch.y, rnd.student_steps, seed=cfg.sweep.seed + rnd.index), heldout)
+    spec = {"kind": "round", "teacher": str(teacher_path.resolve()), "round": rnd.index, "updates": rnd.updates,
+            "student_steps": rnd.student_steps, "sampling_steps": rnd.student_steps, "stream": 1 + rnd.index,
+            "shards": ctx.shards, "heldout": str(heldout.resolve())}
+    start = time.perf_counter()
+    outcome = sweep_round(cfg, rnd=rnd, spec=spec, sweep_dir=sweep_dir, output=output,
+                          eval_spec=evaluator.trial_spec(), centre=centre)
+    chosen = outcome.chosen
+    add_metrics(output, {"seconds": time.perf_counter() - start, "updates": chosen["updates"], "lr": chosen["lr"],
+                         "heldout_loss": chosen["heldout_loss"], "sweep_trials": len(outcome.rows),
+                         "sweep_reason": outcome.reason, "sweep_report": str(outcome.report.relative_to(ctx.out))})
+    return read_meta(output).metrics
+
+
+def import_diffusers_teacher(ctx: Context) -> tuple[Denoiser, Path]:
+    """A diffusers teacher, imported into the run once; it replaces ``ctx.cfg`` with the config the rounds need
+    (the teacher's network and its own discrete noise schedule)."""
+    from raypd.hf.teacher import import_teacher, run_config
+
+    path = ctx.out / "teacher"
+    if not (path / "meta.json").exists():
+        log(f"[teacher] importing the diffusers model {ctx.cfg.teacher.diffusers_path}")
+        import_teacher(ctx.cfg, path)
+    ctx.cfg = run_config(ctx.cfg, read_meta(path), path)
+    log(f"[teacher] loading {path}")
+    model, _ = load_checkpoint(path, map_location=ctx.device)
+    return freeze(model), path
+
+
 def obtain_teacher(ctx: Context) -> tuple[Denoiser, Path]:
-    """The teacher and its checkpoint directory: given, already trained by this run, or trained now."""
+    """The teacher and its checkpoint directory: given, already trained by this run, imported, or trained now."""
+    if ctx.cfg.teacher.source == "diffusers":
+        return import_diffusers_teacher(ctx)
     given = ctx.cfg.teacher.checkpoint
     path = Path(given) if given else ctx.out / "teacher"
     if not given and not (path / "meta.json").exists():
@@ -110,7 +150,7 @@ def obtain_teacher(ctx: Context) -> tuple[Denoiser, Path]:
 
 def distill_round(ctx: Context, teacher: Denoiser, rnd) -> tuple[Denoiser, dict]:
     cfg = ctx.cfg.distill
-    student = make_student(teacher)
+    student = make_student(teacher, ctx.cfg.model.parameterization)
     engine = build_plain_engine(student, lr=cfg.lr, betas=cfg.adam_betas, grad_clip=cfg.grad_clip,
                                 schedule=linear_decay(rnd.updates))
     loader = ctx.batches(cfg.batch_size, stream=1 + rnd.index)
@@ -124,11 +164,26 @@ def distill_round(ctx: Context, teacher: Denoiser, rnd) -> tuple[Denoiser, dict]
     return freeze(student), stats
 
 
-def run_pipeline(cfg: Config) -> dict:
-    """Teacher (trained or loaded), every round, evaluation after each, and the report; returns the summary."""
-    out = Path(cfg.run.storage_path) / cfg.run.name
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+def run_pipeline(cfg: Config, *, mode: str = "auto") -> dict:
+    """Teacher (trained or loaded), every round, evaluation after each, and the report; returns the summary.
+
+    ``mode``: ``auto`` continues the run in the storage path when there is one (a finished one is
+    left as it is), ``resume`` requires one, ``restart`` moves it aside and starts over.
+    """
+    out = run_dir(cfg)
+    if mode == "restart":
+        archive_run(out)
+    with DriverLock(out):
+        check_and_save_config(cfg, out, resume=mode == "resume")
+        done = finished_summary(out)
+        if done is not None:
+            log(f"[raypd] {out} has finished already: nothing to do (--restart starts it over)")
+            done["report"] = str(out / "report.md")
+            return done
+        return _run(cfg, out)
+
+
+def _run(cfg: Config, out: Path) -> dict:
     shards = training_shards(cfg.data, out / "data", seed=cfg.run.seed)
     d = cfg.data
     manifest = check_shards(shards, resolution=d.resolution, channels=d.channels, num_classes=d.num_classes,
@@ -138,22 +193,33 @@ def run_pipeline(cfg: Config) -> dict:
     log(f"[raypd] run directory {out}, device {ctx.device}, {count} training images of "
         f"{d.channels}x{d.resolution}x{d.resolution} in {len(shards)} shards")
     start = time.perf_counter()
-    if cfg.dist.workers:
+    if cfg.dist.workers or cfg.sweep.enabled:
         from raypd.dist.trainer import ensure_ray
 
         ensure_ray(cfg)  # fails here, before any training, when the cluster cannot host the workers
     teacher, teacher_path = obtain_teacher(ctx)
+    cfg = ctx.cfg  # an imported diffusers teacher fixes the model and the noise schedule
     rounds = plan_rounds(cfg.distill)
+    remote = None
+    if cfg.dist.workers and cfg.eval.distributed:
+        from raypd.dist.evaluate import RayEvaluation
+
+        remote = RayEvaluation(cfg, workers=cfg.dist.workers, use_gpu=cfg.dist.use_gpu)
     evaluator = Evaluator(cfg, out, device=ctx.device, logsnr_fn=ctx.logsnr_fn, urls=shards, manifest=manifest,
-                          teacher=teacher, step_counts=[r.student_steps for r in rounds])
+                          teacher=teacher, step_counts=[r.student_steps for r in rounds], remote=remote)
     summary = {"run": str(out), "teacher": {"full_steps": evaluator.full_steps}, "eval_seed": cfg.eval.seed,
                "rounds": [], "eval": list(evaluator.rows)}
+    centre, choices = None, []
     for rnd in rounds:
         path = out / f"round-{rnd.index:02d}-{rnd.student_steps}steps"
         if (path / "meta.json").exists():
             log(f"[round {rnd.index}] already done, loading {path}")
             model, meta = load_checkpoint(path, map_location=ctx.device)
             student, stats = freeze(model), dict(meta.metrics)
+        elif cfg.sweep.enabled:
+            stats = sweep_stage(ctx, evaluator, teacher_path, rnd, path, centre)
+            model, _ = load_checkpoint(path, map_location=ctx.device)
+            student = freeze(model)
         elif cfg.dist.workers:
             stats = run_on_ray(ctx, f"round-{rnd.index:02d}", {
                 "kind": "round", "teacher": str(teacher_path), "updates": rnd.updates, "round": rnd.index,
@@ -166,12 +232,22 @@ def run_pipeline(cfg: Config) -> dict:
                                                    round=rnd.index, metrics={k: v for k, v in stats.items()
                                                                             if isinstance(v, (int, float))}))
         row = evaluator.student(student, rnd.student_steps, rnd.index)
+        if "sweep_report" in stats:
+            centre = {"lr": stats["lr"], "updates": int(stats["updates"])}
+            choices.append({"round": rnd.index, "teacher_steps": rnd.teacher_steps, "student_steps": rnd.student_steps,
+                            "lr": stats["lr"], "updates": int(stats["updates"]), "trials": int(stats["sweep_trials"]),
+                            "reason": stats["sweep_reason"], "report": stats["sweep_report"]})
         summary["rounds"].append({"round": rnd.index, "teacher_steps": rnd.teacher_steps,
-                                  "student_steps": rnd.student_steps, "updates": rnd.updates, "lr": cfg.distill.lr,
+                                  "student_steps": rnd.student_steps, "updates": int(stats.get("updates", rnd.updates)),
+                                  "lr": stats.get("lr", cfg.distill.lr),
                                   "wall_seconds": stats["seconds"], "final_loss": stats["final_loss"],
                                   "skipped_samples": stats.get("skipped_samples", 0), "checkpoint": path.name})
         summary["eval"].append(row)
         teacher, teacher_path = student, path  # promotion: the student is the next round's teacher
+    if choices:
+        from raypd.eval.sweep_report import write_sweeps_summary
+
+        summary["sweeps"] = str(write_sweeps_summary(out / "sweeps", choices).relative_to(out))
     summary["final_checkpoint"] = summary["rounds"][-1]["checkpoint"]
     summary["seconds"] = time.perf_counter() - start
     summary["report"] = str(write_report(out, summary))

@@ -33,8 +33,11 @@ def ensure_ray(cfg: Config) -> None:
                            f"the cluster has {int(have.get('CPU', 0))}")
 
 
-def run_stage(cfg: Config, *, name: str, spec: dict, storage: Path, output: Path) -> dict:
-    """Fit the stage's TorchTrainer and copy its consolidated model to ``output``; returns the last metrics."""
+def run_stage(cfg: Config, *, name: str, spec: dict, storage: Path, output: Path, callbacks: list | None = None) -> dict:
+    """Fit the stage's TorchTrainer and copy its consolidated model to ``output``; returns the last metrics.
+
+    ``callbacks``: Ray Train callbacks, e.g. ``TuneReportCallback`` when the stage is a Tune trial.
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -48,7 +51,7 @@ def run_stage(cfg: Config, *, name: str, spec: dict, storage: Path, output: Path
         torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo", timeout_s=d.collective_timeout_s),
         run_config=RunConfig(name=name, storage_path=str(storage.resolve()),
                              checkpoint_config=CheckpointConfig(num_to_keep=d.keep_checkpoints),
-                             failure_config=FailureConfig(max_failures=d.max_failures)),
+                             failure_config=FailureConfig(max_failures=d.max_failures), callbacks=callbacks),
     )
     print(f"[{name}] Ray Train run on {d.workers} worker(s), ZeRO stage {d.zero_stage}, {d.precision}",
           file=sys.stderr, flush=True)
@@ -59,9 +62,14 @@ def run_stage(cfg: Config, *, name: str, spec: dict, storage: Path, output: Path
         source = Path(path) / "consolidated"
         if not (source / "meta.json").is_file():
             raise RuntimeError(f"the last checkpoint of run {name} holds no consolidated model")
-        tmp = output.with_name(f".{output.name}.incoming")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(source, tmp)
-        shutil.rmtree(output, ignore_errors=True)
-        tmp.rename(output)
+        copy_into_place(source, output)
     return dict(result.metrics or {})
+
+
+def copy_into_place(source: Path, output: Path) -> None:
+    """Copy a checkpoint directory to ``output`` through a temporary name, so it is whole or absent."""
+    tmp = output.with_name(f".{output.name}.incoming")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    shutil.rmtree(output, ignore_errors=True)
+    tmp.rename(output)

@@ -9,7 +9,7 @@ from that update (so no update repeats the data of an earlier one).
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import math
 import tempfile
 import time
@@ -21,12 +21,14 @@ from safetensors.torch import load_file, save_file
 from raypd.checkpoint import load_checkpoint, meta_for, save_checkpoint
 from raypd.config import Config, config_from_dict
 from raypd.data.shards import ShardLoader
-from raypd.diffusion import logsnr_schedule
+from raypd.diffusion import make_logsnr_fn
 from raypd.dist.deepspeed import build_deepspeed_engine, ds_config
 from raypd.models import build_denoiser
 from raypd.train import freeze, linear_decay, make_student, train_step, warmup
+from raypd.train.heldout import heldout_loss, load_heldout
 
 TAG = "state"
+DIVERGED = 1e30
 
 
 def _engine(cfg: Config, spec: dict, world: int, device: torch.device):
@@ -42,7 +44,8 @@ def _engine(cfg: Config, spec: dict, world: int, device: torch.device):
         teacher, _ = load_checkpoint(spec["teacher"], map_location=device)
         teacher = freeze(teacher)
         s = cfg.distill
-        model, lr, betas, schedule, ema = make_student(teacher), s.lr, s.adam_betas, linear_decay(spec["updates"]), None
+        student = make_student(teacher, cfg.model.parameterization)
+        model, lr, betas, schedule, ema = student, s.lr, s.adam_betas, linear_decay(spec["updates"]), None
         batch, clip = s.batch_size, s.grad_clip
     config = ds_config(global_batch=batch, world_size=world, zero_stage=d.zero_stage, precision=d.precision,
                        grad_clip=clip, offload_optimizer=d.offload_optimizer, offload_params=d.offload_params)
@@ -78,6 +81,19 @@ def _resume(engine) -> int:
     return int(client["updates"])
 
 
+def _heldout(engine, teacher, heldout, cfg: Config, spec: dict, logsnr_fn) -> float:
+    """Held-out distillation loss (every rank computes it: ZeRO-3 gathers parameters collectively).
+
+    A diverged student reports a huge finite number rather than NaN, so schedulers rank it last.
+    """
+    autocast = (torch.autocast(heldout["x"].device.type, dtype=torch.bfloat16) if cfg.dist.precision == "bf16"
+                else contextlib.nullcontext())
+    with autocast:
+        value = heldout_loss(engine.model, teacher, heldout, n_steps=spec["student_steps"],
+                             weighting=cfg.diffusion.weighting, logsnr_fn=logsnr_fn)
+    return value if math.isfinite(value) and value < DIVERGED else DIVERGED
+
+
 def train_loop(spec: dict) -> None:
     """Run by every worker: ``spec`` holds the config, the stage and where its inputs are."""
     import deepspeed
@@ -101,20 +117,25 @@ def train_loop(spec: dict) -> None:
                          random_flip=d.random_flip, shuffle_buffer=d.shuffle_buffer, resampled=True, epoch=start,
                          resolution=d.resolution)
     batches = iter(loader)
-    logsnr_fn = functools.partial(logsnr_schedule, logsnr_min=cfg.diffusion.logsnr_min, logsnr_max=cfg.diffusion.logsnr_max)
+    dif = cfg.diffusion
+    logsnr_fn = make_logsnr_fn(dif.schedule, logsnr_min=dif.logsnr_min, logsnr_max=dif.logsnr_max, betas=dif.discrete_betas)
     gen = torch.Generator(device).manual_seed(cfg.run.seed * 7919 + 104729 * rank + start + spec["stream"])
     kwargs = dict(weighting=cfg.diffusion.weighting, logsnr_fn=logsnr_fn, teacher=teacher,
                   n_steps=spec.get("student_steps"), generator=gen)
+    heldout = load_heldout(spec["heldout"], device) if spec.get("heldout") else None
+    every = spec.get("report_every") or cfg.dist.checkpoint_every
     updates, window, tick = spec["updates"], [], time.perf_counter()
     for k in range(start + 1, updates + 1):
         stats = train_step(engine, next(batches).to(device), **kwargs)
         window.append(stats)
-        if k % cfg.dist.checkpoint_every == 0 or k == updates:
+        if k % every == 0 or k == updates:
             elapsed = time.perf_counter() - tick
             metrics = {"update": k, "loss": sum(s.loss for s in window) / len(window),
                        "grad_norm": sum(s.grad_norm for s in window if math.isfinite(s.grad_norm)) / len(window),
                        "lr": stats.lr, "samples_per_s": len(window) * micro * world / elapsed,
                        "skipped_samples": loader.skipped_samples, "skipped_updates": engine.skipped_updates}
+            if heldout is not None:
+                metrics["heldout_loss"] = _heldout(engine, teacher, heldout, cfg, spec, logsnr_fn)
             if k == updates:
                 spec = {**spec, "metrics": {"final_loss": metrics["loss"], "skipped_samples": loader.skipped_samples,
                                             "skipped_updates": engine.skipped_updates}}

@@ -17,7 +17,8 @@ from raypd.config import Config
 from raypd.data.shards import ShardLoader
 from raypd.diffusion.ddim import LogsnrFn
 from raypd.eval.classifier import save_classifier, train_classifier
-from raypd.eval.fid import Extractor, ImageSet, data_key, fidelity, reference_name, to_uint8
+from raypd.eval.fid import (Extractor, ImageSet, data_key, fidelity, fidelity_from_features, reference_name,
+                            to_uint8)
 from raypd.eval.samples import fixed_noise, rmse, sample_ddim, sample_stochastic, save_grid
 from raypd.models import Denoiser
 
@@ -70,17 +71,20 @@ def reference_set(cfg: Config, urls: list[str], manifest: dict | None, extractor
 
 class Evaluator:
     def __init__(self, cfg: Config, out: Path, *, device: torch.device, logsnr_fn: LogsnrFn, urls: list[str],
-                 manifest: dict | None, teacher: Denoiser, step_counts: list[int]):
+                 manifest: dict | None, teacher: Denoiser, step_counts: list[int], remote=None):
+        """``remote``: an object whose ``run(model, z, y, n_steps, extractor, kid=, prc=)`` returns (samples,
+        features) computed elsewhere (the Ray workers); None generates and extracts here."""
         e, d = cfg.eval, cfg.data
-        self.cfg, self.out, self.device, self.logsnr_fn = cfg, out, device, logsnr_fn
+        self.cfg, self.out, self.device, self.logsnr_fn, self.urls = cfg, out, device, logsnr_fn, list(urls)
         self.z, self.y = fixed_noise(e.num_samples, d.channels, d.resolution, seed=e.seed, num_classes=d.num_classes)
         self.extractor = obtain_extractor(cfg, urls, manifest, out / "eval")
         self.reference, self.cache_name = reference_set(cfg, urls, manifest, self.extractor)
         self.full_steps = e.reference_steps or cfg.teacher.sampling_steps
-        self.full = self.sample(teacher, self.full_steps)
-        self.rows = [self.score("teacher_ddim", self.full_steps, self.full)]
+        self.remote = remote
+        self.full, features = self.generate(teacher, self.full_steps)
+        self.rows = [self.score("teacher_ddim", self.full_steps, self.full, features)]
         for n in sorted(set(step_counts), reverse=True):
-            self.rows.append(self.score("teacher_ddim", n, self.sample(teacher, n)))
+            self.rows.append(self.score("teacher_ddim", n, *self.generate(teacher, n)))
             if e.stochastic:
                 samples = sample_stochastic(teacher, self.z, self.y, n, logsnr_fn=logsnr_fn, seed=e.seed, device=device)
                 self.rows.append(self.score("teacher_stochastic", n, samples))
@@ -88,11 +92,21 @@ class Evaluator:
     def sample(self, model: Denoiser, n_steps: int) -> Tensor:
         return sample_ddim(model, self.z, self.y, n_steps, logsnr_fn=self.logsnr_fn, device=self.device)
 
-    def score(self, sampler: str, steps: int, samples: Tensor, **extra) -> dict:
+    def generate(self, model: Denoiser, n_steps: int) -> tuple[Tensor, dict[str, Tensor] | None]:
+        """N-step DDIM samples of the fixed noise, with their features when the workers computed them."""
+        if self.remote is None:
+            return self.sample(model, n_steps), None
+        e = self.cfg.eval
+        return self.remote.run(model, self.z, self.y, n_steps, self.extractor, kid=e.kid, prc=e.precision_recall)
+
+    def score(self, sampler: str, steps: int, samples: Tensor, features: dict[str, Tensor] | None = None,
+              **extra) -> dict:
         """Metrics, distance to the full sampler and a grid for one (sampler, steps) point."""
         e = self.cfg.eval
-        metrics = fidelity(samples, self.reference, self.extractor, cache_root=self.out / "eval" / "fid-cache",
-                           cache_name=self.cache_name, kid=e.kid, prc=e.precision_recall)
+        where = dict(cache_root=self.out / "eval" / "fid-cache", cache_name=self.cache_name, kid=e.kid,
+                     prc=e.precision_recall)
+        metrics = (fidelity(samples, self.reference, self.extractor, **where) if features is None else
+                   fidelity_from_features(features, self.reference, self.extractor, **where))
         save_grid(samples[: e.grid_size], self.out / "grids" / f"{sampler}-{steps:04d}steps.png",
                   title=f"{sampler.replace('_', ' ')}, {steps} steps")
         row = {"sampler": sampler, "steps": steps, **extra, **metrics, "seed": e.seed,
@@ -101,5 +115,13 @@ class Evaluator:
             f"{row['n_samples']} samples), RMSE to the full sampler {row['rmse_to_full']:.4f}")
         return row
 
+    def trial_spec(self) -> dict:
+        """What a sweep trial needs to score its student the same way (plain data for another process)."""
+        ref = self.reference
+        return {"extractor": {"kind": self.extractor.kind, "weights": self.extractor.weights, "tag": self.extractor.tag},
+                "cache_root": str((self.out / "eval" / "fid-cache").resolve()), "cache_name": self.cache_name,
+                "reference": {"urls": self.urls, "count": len(ref)}, "num_samples": self.cfg.eval.num_samples,
+                "seed": self.cfg.eval.seed}
+
     def student(self, model: Denoiser, n_steps: int, round_index: int) -> dict:
-        return self.score("distilled", n_steps, self.sample(model, n_steps), round=round_index)
+        return self.score("distilled", n_steps, *self.generate(model, n_steps), round=round_index)

@@ -119,3 +119,57 @@ def fidelity(generated: Tensor, reference: ImageSet, extractor: Extractor, *, ca
     if "inception_score_mean" in out:
         result["isc"] = float(out["inception_score_mean"])
     return {**result, "extractor": extractor.name, "n_samples": int(gen.shape[0])}
+
+
+# ---- features computed elsewhere (spread over Ray workers), metrics here ---------------------
+
+
+def _fidelity_kwargs(extractor: Extractor, *, kid: bool, prc: bool, n: int) -> dict:
+    return dict(fid=True, kid=kid, prc=prc, isc=False, cuda=torch.cuda.is_available(), verbose=False,
+                kid_subset_size=min(1000, n), batch_size=64, save_cpu_ram=True, **extractor.fidelity_kwargs())
+
+
+def _layers(kwargs: dict) -> dict[str, str]:
+    from torch_fidelity.utils import resolve_feature_layer_for_metric
+
+    return {m: resolve_feature_layer_for_metric(m, **kwargs) for m in ("fid", "kid", "prc") if kwargs[m]}
+
+
+def extract_features(generated: Tensor, extractor: Extractor, *, kid: bool = True, prc: bool = False) -> dict[str, Tensor]:
+    """The features torch-fidelity's metrics need, for images in [-1, 1] (one worker's share of a set)."""
+    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset, resolve_feature_extractor
+
+    gen = to_uint8(generated)
+    kwargs = _fidelity_kwargs(extractor, kid=kid, prc=prc, n=gen.shape[0])
+    net = create_feature_extractor(resolve_feature_extractor(**kwargs), sorted(set(_layers(kwargs).values())), **kwargs)
+    data = ImageSet(gen.shape[0], lambda: gen, extractor.kind == "inception")
+    return get_featuresdict_from_dataset(data, net, kwargs["batch_size"], kwargs["cuda"], True, False)
+
+
+def fidelity_from_features(features: dict[str, Tensor], reference: ImageSet, extractor: Extractor, *,
+                           cache_root: Path, cache_name: str, kid: bool = True, prc: bool = False) -> dict:
+    """The same metrics as :func:`fidelity`, from the generated set's features gathered from workers."""
+    from torch_fidelity.metric_fid import fid_featuresdict_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_kid import kid_featuresdict_to_metric
+    from torch_fidelity.metric_prc import prc_featuresdict_to_metric
+    from torch_fidelity.utils import (create_feature_extractor, extract_featuresdict_from_input_id_cached,
+                                      resolve_feature_extractor)
+
+    n = next(iter(features.values())).shape[0]
+    kwargs = _fidelity_kwargs(extractor, kid=kid, prc=prc, n=min(n, len(reference)))
+    layers = _layers(kwargs)
+    net = create_feature_extractor(resolve_feature_extractor(**kwargs), sorted(set(layers.values())), **kwargs)
+    cache_root.mkdir(parents=True, exist_ok=True)
+    ref = extract_featuresdict_from_input_id_cached(2, net, input2=reference, cache=True, cache_root=str(cache_root),
+                                                    input2_cache_name=cache_name, **kwargs)
+    out = fid_statistics_to_metric(fid_featuresdict_to_statistics(features, layers["fid"]),
+                                   fid_featuresdict_to_statistics(ref, layers["fid"]), False)
+    result = {"fid": float(out["frechet_inception_distance"])}
+    if kid:
+        k = kid_featuresdict_to_metric(features, ref, layers["kid"], **kwargs)
+        result["kid"] = float(k["kernel_inception_distance_mean"])
+        result["kid_std"] = float(k["kernel_inception_distance_std"])
+    if prc:
+        pr = prc_featuresdict_to_metric(features, ref, layers["prc"], **kwargs)
+        result["precision"], result["recall"] = float(pr["precision"]), float(pr["recall"])
+    return {**result, "extractor": extractor.name, "n_samples": int(n)}

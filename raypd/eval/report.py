@@ -70,6 +70,9 @@ def write_report(out: Path, summary: dict) -> Path:
         lines.append(f"| {r['round']} | {r['teacher_steps']} -> {r['student_steps']} | {r['updates']} | {r['lr']:.2e} | "
                      f"{r['final_loss']:.4f} | {r.get('skipped_samples', 0)} | {r['wall_seconds']:.0f} | [grid]({grid}) |")
     lines += ["", f"Final student: `{summary['final_checkpoint']}`.", ""]
+    if summary.get("sweeps"):
+        lines += ["## Tune sweeps", "", f"Every round was a Ray Tune sweep; the chosen settings per round and "
+                  f"each round's trial table: [{summary['sweeps']}]({summary['sweeps']}).", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path

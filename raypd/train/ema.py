@@ -11,7 +11,9 @@ from torch import nn
 class EMA:
     """shadow <- decay * shadow + (1 - decay) * weights, after every optimizer update.
 
-    The shadow is a full module in eval mode, so it can be sampled from and saved directly.
+    The shadow is a full module in eval mode, so it can be sampled from and saved directly. It is
+    kept in fp32 whatever the model's dtype: in bf16 an update of (1 - 0.9999) x a small difference
+    falls below the format's resolution and the average barely moves.
     Buffers (none in the UNet) are copied, not averaged.
     """
 
@@ -19,7 +21,7 @@ class EMA:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must lie in [0, 1), got {decay}")
         self.decay = decay
-        self.shadow = copy.deepcopy(model).eval().requires_grad_(False)
+        self.shadow = copy.deepcopy(model).float().eval().requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:

@@ -40,7 +40,13 @@ def test_pipeline_runs_resumes_and_reports(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "[teacher] 30/30 loss" in err and "[eval] distilled at 1 steps: FID" in err
 
-    # a rerun loads every finished stage and trains nothing
+    # a rerun of the finished run does nothing and says so
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "has finished already" in err and "[teacher]" not in err and "[eval]" not in err
+
+    # a driver that died after the last round, before the report: the rerun loads every stage, trains nothing
+    (run / "report.md").unlink()
     assert main(args) == 0
     err = capsys.readouterr().err
     assert "[teacher] loading" in err and "already done" in err and "loss" not in err.split("[teacher] loading")[1].split("[round 0]")[0]
@@ -128,3 +134,28 @@ def test_missing_shards_fail_at_start_up(tmp_path, capsys):
                         f"run.storage_path={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert "data error" in err and "train-000000.tar" in err
+
+
+def test_run_directory_guards(tmp_path, capsys):
+    args = TINY + [f"run.storage_path={tmp_path}", "run.name=g", "teacher.updates=2", "distill.start_steps=2",
+                   "teacher.sampling_steps=2", "distill.updates_per_round=2", "eval.reference_samples=16",
+                   "eval.classifier_updates=2"]
+    assert main(["--resume", *args]) == 2
+    assert "holds no run to resume" in capsys.readouterr().err
+    assert main(args) == 0
+    run = tmp_path / "g"
+    capsys.readouterr()
+    # settings that change what was trained cannot continue the run; evaluation settings can change
+    assert main([*args, "model.ch=16", "model.head_channels=16"]) == 2
+    err = capsys.readouterr().err
+    assert "model.ch (32 -> 16)" in err and "--restart" in err
+    assert main(["--resume", *args, "eval.grid_size=4"]) == 0
+    assert "has finished already" in capsys.readouterr().err
+    # --restart moves the finished run aside and starts a new one in its place
+    assert main(["--restart", *args]) == 0
+    archived = [p for p in tmp_path.iterdir() if p.name.startswith("g.")]
+    assert len(archived) == 1 and (archived[0] / "round-00-1steps" / "model.safetensors").is_file()
+    assert (run / "round-00-1steps" / "model.safetensors").is_file()
+    assert main(["--dry-run", *args]) == 0
+    out = capsys.readouterr().out
+    assert "round 0" in out and "2->1" in out and "exists: the run would continue there" in out

@@ -59,7 +59,7 @@ def test_pipeline_on_ray_survives_a_killed_worker_and_reruns_as_a_no_op(tmp_path
     again = subprocess.run([sys.executable, "-m", "raypd.distill", *args], cwd=ROOT, capture_output=True, text=True,
                            timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "Ray Train run" not in again.stderr and "already done" in again.stderr
+    assert "Ray Train run" not in again.stderr and "has finished already" in again.stderr
 
 
 def test_more_gpus_than_exist_fail_before_training(tmp_path):

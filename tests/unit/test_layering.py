@@ -16,6 +16,9 @@ ALLOWED = {
     "train": {"diffusion", "config", "models", "data", "train"},
     "eval": {"diffusion", "config", "models", "data", "eval"},
     "checkpoint": {"config", "models"},
+    "hf": {"diffusion", "config", "models", "checkpoint", "hf"},
+    "runs": {"config"},
+    "plan": {"config", "train", "models", "data", "checkpoint"},
 }
 HEAVY_ONLY_IN = {"ray": {"dist"}, "deepspeed": {"dist"}, "torch_fidelity": {"eval"}, "diffusers": {"models", "tools"}}
 

@@ -101,3 +101,18 @@ def test_engine_skips_non_finite_updates_and_clips():
     grad_norm, _ = engine.step()
     assert grad_norm > 1.0 and engine.skipped_updates == 1
     assert (backbone.weight - before).abs().max() <= 0.1 + 1e-6  # Adam's first step moves each weight by ~lr
+
+
+def test_ema_of_a_bf16_model_averages_in_fp32():
+    from raypd.train.ema import EMA
+
+    model = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    ema = EMA(model, decay=0.9999)
+    start = ema.shadow.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(0.01)
+    for _ in range(100):
+        ema.update(model)
+    moved = (ema.shadow.weight - start).mean().item()
+    assert ema.shadow.weight.dtype == torch.float32
+    assert moved == pytest.approx(0.01 * (1 - 0.9999**100), rel=0.05)  # bf16 arithmetic would move ~3x less

@@ -1,0 +1,255 @@
+"""One halving round as a Ray Tune sweep: every trial a full Ray Train run of that round.
+
+The search covers the round's learning rate (log-uniform), its update budget (a choice) and any
+other setting given as ``dotted.key=v1|v2``. Every trial reports the distillation loss on one
+fixed held-out set of (x, noise, t), so trials compare fairly, and ASHA stops the poor ones early.
+A finished trial's student is scored by FID (the run's extractor and reference statistics) when
+``sweep.fid`` is on. The chosen trial (lowest FID, else lowest held-out loss, among the trials that
+finished their budget) is promoted to the round's checkpoint; its learning rate centres the next
+round's search.
+
+Ray 2.60 no longer takes a Trainer inside a Tuner: the trainable is a function that fits a
+``TorchTrainer`` whose reports reach Tune through ``TuneReportCallback``. Each trial's Train run
+is named after the trial, so a restored sweep (``Tuner.restore``, after the driver died) resumes
+unfinished trials from their own checkpoints and never reruns finished ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raypd.config import Config, config_from_dict
+
+DIVERGED = 1e30
+
+
+class SweepError(RuntimeError):
+    """A sweep that produced no usable student (every trial failed or was stopped)."""
+
+
+@dataclass
+class SweepOutcome:
+    chosen: dict[str, Any]
+    """The chosen trial's row."""
+    reason: str
+    rows: list[dict[str, Any]]
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    report: Path | None = None
+
+
+def log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def search_space(cfg: Config, planned_updates: int, centre: dict[str, Any] | None):
+    """Tune's param space and the first point to evaluate (the centre: configured or previously chosen)."""
+    from ray import tune
+
+    s = cfg.sweep
+    lo, hi = s.lr_min, s.lr_max
+    if centre is not None:  # keep the span, move it to the learning rate chosen last round
+        span = math.sqrt(hi / lo)
+        lo, hi = centre["lr"] / span, centre["lr"] * span
+    budgets = list(s.updates) or [planned_updates]
+    if s.lrs:  # an explicit grid: one trial per learning rate, no centre point
+        space = {"lr": tune.grid_search(list(s.lrs)), "updates": tune.choice(budgets)}
+        for item in s.choices:
+            key, _, values = item.partition("=")
+            space[key.strip()] = tune.choice([yaml.safe_load(v) for v in values.split("|")])
+        return space, None
+    space: dict[str, Any] = {"lr": tune.loguniform(lo, hi), "updates": tune.choice(budgets)}
+    first: dict[str, Any] = {"lr": centre["lr"] if centre else min(max(cfg.distill.lr, lo), hi),
+                             "updates": centre["updates"] if centre and centre["updates"] in budgets else budgets[-1]}
+    for item in s.choices:
+        key, _, values = item.partition("=")
+        options = [yaml.safe_load(v) for v in values.split("|")]
+        space[key.strip()] = tune.choice(options)
+        first[key.strip()] = options[0]
+    return space, first
+
+
+def trial_config(base: dict[str, Any], params: dict[str, Any]) -> Config:
+    """The run's config with one trial's settings applied (and at least one Train worker)."""
+    overrides = [f"distill.lr={params['lr']!r}"] + [f"{k}={json.dumps(v)}" for k, v in params.items()
+                                                     if k not in ("lr", "updates")]
+    cfg = config_from_dict(base, overrides)
+    if cfg.dist.workers == 0:
+        cfg = config_from_dict(cfg.to_dict(), ["dist.workers=1"])
+    return cfg
+
+
+def _trial(params: dict[str, Any], static: dict[str, Any]) -> None:
+    """The Tune trainable: one Ray Train run of the round with this trial's settings, then its score."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raypd.dist.trainer import run_stage
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg = trial_config(static["config"], params)
+    sweep_dir = Path(static["sweep_dir"])
+    trial_dir = sweep_dir / "trials" / trial_id
+    if (trial_dir / "final.json").is_file():  # finished before the sweep's driver died: report, never retrain
+        tune.report(json.loads((trial_dir / "final.json").read_text()))
+        return
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    with open(trial_dir / "starts.log", "a") as f:  # one line per time this trial's driver started
+        f.write(f"{time.time():.0f}\n")
+    updates = int(params["updates"])
+    spec = {**static["spec"], "updates": updates, "report_every": cfg.sweep.report_every}
+    output = trial_dir / "student"
+    last = run_stage(cfg, name=f"trial-{trial_id}", spec=spec, storage=sweep_dir / "train", output=output,
+                     callbacks=[TuneReportCallback()])
+    final = {"update": updates, "heldout_loss": float(last.get("heldout_loss", DIVERGED)), "finished": 1}
+    if static.get("eval") and final["heldout_loss"] < DIVERGED:
+        final["fid"] = _score(output, static["eval"])
+    (trial_dir / "final.json").write_text(json.dumps(final))
+    tune.report(final)
+
+
+def _score(student_dir: Path, spec: dict[str, Any]) -> float:
+    """FID of the trial's student at its steps, against the run's cached reference statistics."""
+    from raypd.checkpoint import load_checkpoint
+    from raypd.diffusion import make_logsnr_fn
+    from raypd.eval.evaluate import read_images
+    from raypd.eval.fid import Extractor, ImageSet, fidelity
+    from raypd.eval.samples import fixed_noise, sample_ddim
+
+    model, meta = load_checkpoint(student_dir)
+    d = meta.data
+    z, y = fixed_noise(spec["num_samples"], d.channels, d.resolution, seed=spec["seed"], num_classes=d.num_classes)
+
+    logsnr_fn = make_logsnr_fn(meta.schedule, logsnr_min=meta.logsnr_min, logsnr_max=meta.logsnr_max,
+                               betas=meta.discrete_betas)
+    samples = sample_ddim(model, z, y, meta.sampling_steps, logsnr_fn=logsnr_fn)
+    extractor = Extractor(**spec["extractor"])
+    ref = spec["reference"]
+    reference = ImageSet(ref["count"], lambda: read_images(ref["urls"], ref["count"], channels=d.channels,
+                                                           resolution=d.resolution), rgb=extractor.kind == "inception")
+    metrics = fidelity(samples, reference, extractor, cache_root=Path(spec["cache_root"]),
+                       cache_name=spec["cache_name"], kid=False)
+    return metrics["fid"]
+
+
+def _concurrency(cfg: Config, workers: int) -> int:
+    import ray
+
+    if cfg.sweep.max_concurrent:
+        return cfg.sweep.max_concurrent
+    have = ray.cluster_resources()
+    units = have.get("GPU", 0) if cfg.dist.use_gpu else have.get("CPU", 0)
+    return max(1, int(units // workers))
+
+
+def _trial_id(result) -> str:
+    """Tune's id of a trial: in its metrics, or (for a trial that failed before reporting) in its directory name."""
+    found = (result.metrics or {}).get("trial_id")
+    if found:
+        return str(found)
+    match = re.search(r"_([0-9a-f]{5}_\d{5})_", Path(result.path or "").name)
+    return match.group(1) if match else "?"
+
+
+def _rows(grid, sweep_dir: Path) -> tuple[list[dict[str, Any]], dict[str, list[tuple[int, float]]]]:
+    """One row per trial (settings, outcome, metric, updates, wall time) and each trial's held-out curve."""
+    rows, curves = [], {}
+    for result in grid:
+        params = dict(result.config)
+        trial_id = _trial_id(result)
+        trial_dir = sweep_dir / "trials" / trial_id
+        final = json.loads((trial_dir / "final.json").read_text()) if (trial_dir / "final.json").is_file() else {}
+        history = result.metrics_dataframe
+        points: dict[int, float] = {}
+        if history is not None and {"heldout_loss", "update"} <= set(history.columns):
+            for u, v in zip(history["update"], history["heldout_loss"]):
+                if math.isfinite(u) and math.isfinite(v):
+                    points[int(u)] = float(v)
+        curves[trial_id] = sorted(points.items())
+        if result.error is not None:
+            status = "failed"
+        elif final.get("finished"):
+            status = "diverged" if final["heldout_loss"] >= DIVERGED else "finished"
+        else:
+            status = "stopped early"
+        starts = (trial_dir / "starts.log").read_text().count("\n") if (trial_dir / "starts.log").is_file() else 0
+        rows.append({
+            "trial": trial_id, "lr": params.get("lr"), "updates": params.get("updates"),
+            **{k: v for k, v in params.items() if k not in ("lr", "updates")},
+            "status": status, "updates_done": int(final.get("update", max(points, default=0))),
+            "heldout_loss": final.get("heldout_loss", curves[trial_id][-1][1] if points else None),
+            "fid": final.get("fid"), "starts": starts,
+            "wall_seconds": round(float((result.metrics or {}).get("time_total_s", 0.0)), 1),
+            "error": None if result.error is None else str(result.error).strip().splitlines()[-1][:300]})
+    return rows, curves
+
+
+def choose(rows: list[dict[str, Any]], by_fid: bool) -> tuple[dict[str, Any], str]:
+    """The best finished trial and why it was chosen."""
+    done = [r for r in rows if r["status"] == "finished"]
+    if not done:
+        summary = ", ".join(f"{r['trial']}: {r['status']}" + (f" ({r['error']})" if r["error"] else "") for r in rows)
+        raise SweepError(f"no trial finished its budget ({summary}); widen or lower sweep.lr_min/lr_max, "
+                         "or raise sweep.grace_updates")
+    if by_fid and all(r.get("fid") is not None for r in done):
+        best = min(done, key=lambda r: r["fid"])
+        return best, f"lowest FID ({best['fid']:.3f}) among {len(done)} finished trials"
+    best = min(done, key=lambda r: r["heldout_loss"])
+    return best, f"lowest held-out loss ({best['heldout_loss']:.5f}) among {len(done)} finished trials"
+
+
+def sweep_round(cfg: Config, *, rnd, spec: dict[str, Any], sweep_dir: Path, output: Path,
+                eval_spec: dict[str, Any] | None, centre: dict[str, Any] | None) -> SweepOutcome:
+    """Sweep one round; the chosen trial's student is copied to ``output``."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from raypd.dist.trainer import copy_into_place
+    from raypd.eval.sweep_report import write_round_report
+
+    s = cfg.sweep
+    sweep_dir = sweep_dir.resolve()
+    space, first = search_space(cfg, rnd.updates, centre)
+    workers = max(1, cfg.dist.workers)
+    static = {"config": cfg.to_dict(), "spec": spec, "sweep_dir": str(sweep_dir),
+              "eval": eval_spec if s.fid else None}
+    # a trial's own process only waits for its Train run: it asks for memory, no CPU or GPU, so the
+    # workers get all of those (Tune refuses an empty request)
+    trainable = tune.with_resources(tune.with_parameters(_trial, static=static), {"memory": 256 * 1024**2})
+    path = sweep_dir / "tune"
+    if tune.Tuner.can_restore(path):
+        log(f"[round {rnd.index}] restoring the interrupted sweep in {path}")
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        budgets = list(s.updates) or [rnd.updates]
+        # max_t one past the largest budget: ASHA stops a trial that reaches max_t, and a trial still
+        # has its student to hand over and score after its last Train report
+        scheduler = ASHAScheduler(time_attr="update", metric="heldout_loss", mode="min", max_t=max(budgets) + 1,
+                                  grace_period=min(s.grace_updates, max(budgets)), reduction_factor=s.reduction_factor)
+        tuner = tune.Tuner(
+            trainable, param_space=space,
+            tune_config=tune.TuneConfig(num_samples=1 if s.lrs else s.trials, scheduler=scheduler,
+                                        search_alg=BasicVariantGenerator(points_to_evaluate=[first] if first else None,
+                                                                         random_state=s.seed + rnd.index),
+                                        max_concurrent_trials=_concurrency(cfg, workers)),
+            run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=0))
+        lrs = list(s.lrs) or f"[{space['lr'].lower:.2e}, {space['lr'].upper:.2e}]"
+        log(f"[round {rnd.index}] Tune sweep: {len(s.lrs) or s.trials} trials, lr in {lrs}, updates in {budgets}, "
+            f"ASHA grace {s.grace_updates} updates")
+    grid = tuner.fit()
+    rows, curves = _rows(grid, sweep_dir)
+    chosen, reason = choose(rows, by_fid=s.fid and eval_spec is not None)
+    copy_into_place(sweep_dir / "trials" / chosen["trial"] / "student", output)
+    outcome = SweepOutcome(chosen, reason, rows, curves)
+    outcome.report = write_round_report(sweep_dir, rnd=rnd, rows=rows, curves=curves, chosen=chosen, reason=reason)
+    log(f"[round {rnd.index}] chose trial {chosen['trial']} (lr {chosen['lr']:.3g}, {chosen['updates']} updates): {reason}")
+    return outcome

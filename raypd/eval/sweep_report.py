@@ -1,0 +1,126 @@
+"""Reports of Tune sweeps: per round a trial table and learning curves, across rounds the choices.
+
+Markdown for reading, CSV and JSON for scripts, PNG for the curves. The data comes in as plain rows
+(one per trial), so this module knows nothing about Ray.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+COLUMNS = ("trial", "lr", "updates", "status", "updates_done", "heldout_loss", "fid", "wall_seconds", "starts")
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if value < 1e29 else "diverged"
+    return str(value)
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(curves: dict[str, list[tuple[int, float]]], rows: list[dict[str, Any]], chosen: str, path: Path,
+                title: str) -> Path:
+    """Held-out loss against updates, one line per trial, the chosen one drawn thick."""
+    plt = _pyplot()
+    by_id = {r["trial"]: r for r in rows}
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    for trial, points in sorted(curves.items()):
+        points = [(u, v) for u, v in points if v < 1e29]
+        if not points:
+            continue
+        row = by_id.get(trial, {})
+        label = f"{trial} lr {row.get('lr', 0):.2g} ({row.get('status', '?')})"
+        ax.plot([u for u, _ in points], [v for _, v in points], marker="o", markersize=3,
+                linewidth=3 if trial == chosen else 1.2, label=label)
+    ax.set_xlabel("update")
+    ax.set_ylabel("held-out distillation loss")
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_round_report(sweep_dir: Path, *, rnd, rows: list[dict[str, Any]], curves: dict[str, list[tuple[int, float]]],
+                       chosen: dict[str, Any], reason: str) -> Path:
+    """trials.csv, trials.json, curves.png and report.md in ``sweep_dir``; returns the report's path."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    _write_csv(sweep_dir / "trials.csv", rows)
+    (sweep_dir / "trials.json").write_text(json.dumps({"round": rnd.index, "teacher_steps": rnd.teacher_steps,
+                                                       "student_steps": rnd.student_steps, "chosen": chosen["trial"],
+                                                       "reason": reason, "trials": rows}, indent=2))
+    title = f"round {rnd.index}: {rnd.teacher_steps} -> {rnd.student_steps} steps"
+    plot_curves(curves, rows, chosen["trial"], sweep_dir / "curves.png", title)
+    extra = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in COLUMNS and k != "error"]
+    cols = list(COLUMNS[:3]) + extra + list(COLUMNS[3:])
+    lines = [f"# Sweep of {title}", "",
+             f"Chosen: **{chosen['trial']}** (lr {chosen['lr']:.3g}, {chosen['updates']} updates): {reason}.", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in sorted(rows, key=lambda r: (r["status"] != "finished", r.get("fid") or r.get("heldout_loss") or 1e30)):
+        mark = " **(chosen)**" if r["trial"] == chosen["trial"] else ""
+        lines.append("| " + " | ".join(_fmt(r.get(c)) + (mark if c == "trial" else "") for c in cols) + " |")
+    failed = [r for r in rows if r.get("error")]
+    if failed:
+        lines += ["", "Failures:", ""] + [f"- {r['trial']}: {r['error']}" for r in failed]
+    lines += ["", "![held-out loss of every trial](curves.png)", "",
+              "Tune's own results are in `tune/` (`ray.tune.Tuner.restore` / `ResultGrid` read them); "
+              "trials.csv and trials.json hold this table for scripts.", ""]
+    path = sweep_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def write_sweeps_summary(sweeps_dir: Path, choices: list[dict[str, Any]]) -> Path:
+    """Across rounds: the chosen learning rate and budget against the student's steps."""
+    sweeps_dir.mkdir(parents=True, exist_ok=True)
+    _write_csv(sweeps_dir / "choices.csv", choices)
+    (sweeps_dir / "choices.json").write_text(json.dumps(choices, indent=2))
+    plt = _pyplot()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(8.4, 3.4), dpi=110)
+    steps = [c["student_steps"] for c in choices]
+    a.plot(steps, [c["lr"] for c in choices], marker="o")
+    a.set_ylabel("chosen learning rate")
+    a.set_yscale("log")
+    b.plot(steps, [c["updates"] for c in choices], marker="o", color="tab:orange")
+    b.set_ylabel("chosen update budget")
+    for ax in (a, b):
+        ax.set_xscale("log", base=2)
+        ax.invert_xaxis()
+        ax.set_xlabel("student sampling steps")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(sweeps_dir / "choices.png")
+    plt.close(fig)
+    lines = ["# Tune sweeps: what each round chose", "",
+             "| round | steps | chosen lr | chosen updates | trials | why | report |", "|---|---|---|---|---|---|---|"]
+    for c in choices:
+        lines.append(f"| {c['round']} | {c['teacher_steps']} -> {c['student_steps']} | {c['lr']:.3g} | {c['updates']} "
+                     f"| {c['trials']} | {c['reason']} | [round {c['round']}]({c['report'].removeprefix('sweeps/')}) |")
+    lines += ["", "![chosen settings per round](choices.png)", ""]
+    path = sweeps_dir / "summary.md"
+    path.write_text("\n".join(lines))
+    return path

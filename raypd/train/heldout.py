@@ -1,0 +1,62 @@
+"""A fixed held-out set for comparing students: the same (x, noise, t) for every trial of a round.
+
+Training losses are measured on different random batches, noise and times in every trial, so they
+do not compare fairly; the held-out loss is the distillation loss on one frozen draw of all three.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from raypd.diffusion import diffuse, student_times, weighted_mse
+from raypd.diffusion.ddim import LogsnrFn
+from raypd.diffusion.loss import Weighting
+from raypd.models import Denoiser
+from raypd.train.step import _teacher_target
+
+
+def make_heldout(x: Tensor, y: Tensor | None, n_steps: int, *, seed: int) -> dict[str, Tensor]:
+    """Noise and student-grid times for the images ``x`` (and labels ``y``), drawn once from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    out = {"x": x.float().contiguous(), "eps": torch.randn(x.shape, generator=g),
+           "t": student_times(x.shape[0], n_steps, generator=g)}
+    if y is not None:
+        out["y"] = y.long().contiguous()
+    return out
+
+
+def save_heldout(heldout: dict[str, Tensor], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(heldout, str(path))
+    return path
+
+
+def load_heldout(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Tensor]:
+    return load_file(str(path), device=str(device))
+
+
+@torch.no_grad()
+def heldout_loss(student: Denoiser, teacher: Denoiser, heldout: dict[str, Tensor], *, n_steps: int,
+                 weighting: Weighting, logsnr_fn: LogsnrFn, batch_size: int = 256) -> float:
+    """The student's mean weighted distillation loss on the held-out set (student in eval mode)."""
+    was_training = student.training
+    student.eval()
+    total, count = 0.0, 0
+    x_all, eps_all, t_all, y_all = heldout["x"], heldout["eps"], heldout["t"], heldout.get("y")
+    for start in range(0, x_all.shape[0], batch_size):
+        sl = slice(start, start + batch_size)
+        x, eps, t = x_all[sl], eps_all[sl], t_all[sl]
+        y = None if y_all is None else y_all[sl]
+        logsnr_t = logsnr_fn(t)
+        z_t = diffuse(x, eps, logsnr_t)
+        target = _teacher_target(teacher, z_t, t, n_steps, y, logsnr_fn, None)
+        x_hat = student(z_t, logsnr_t, y)
+        total += weighted_mse(x_hat.float(), target.float(), logsnr_t, weighting).sum().item()
+        count += x.shape[0]
+    student.train(was_training)
+    return total / count

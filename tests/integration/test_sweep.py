@@ -1,0 +1,102 @@
+"""A round as a Ray Tune sweep of Ray Train trials: early stopping, choice, reports, resume after a killed driver."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = ["data.resolution=8", "model.attn_resolutions=[4]", "teacher.sampling_steps=2", "distill.start_steps=2",
+        "eval.num_samples=32", "eval.grid_size=16", "eval.reference_samples=64", "eval.classifier_updates=20",
+        "run.device=cpu", "data.loader_workers=0", "dist.collective_timeout_s=120", "dist.zero_stage=2",
+        "sweep.enabled=true", "sweep.lrs=[0.001,0.0003,10.0]", "sweep.grace_updates=4", "sweep.report_every=2",
+        "sweep.max_concurrent=2", "sweep.heldout_samples=32", "distill.updates_per_round=12",
+        "distill.late_rounds_factor=1.0"]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A small teacher trained in-process once, given to every sweep below."""
+    from raypd.distill import main
+
+    root = tmp_path_factory.mktemp("teacher")
+    args = [*BASE, "sweep.enabled=false", "teacher.updates=40", "distill.updates_per_round=1",
+            f"run.storage_path={root}", "run.name=t"]
+    assert main(args) == 0
+    return root / "t" / "teacher"
+
+
+def _run(args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "raypd.distill", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
+
+
+def test_sweep_stops_the_bad_lr_promotes_the_best_and_reports(tmp_path, teacher):
+    args = [*BASE, f"teacher.checkpoint={teacher}", f"run.storage_path={tmp_path}", "run.name=s"]
+    proc = _run(args)
+    log, _ = proc.communicate(timeout=900)
+    (tmp_path / "log.txt").write_text(log)
+    assert proc.returncode == 0, log[-4000:]
+    run = tmp_path / "s"
+    table = json.loads((run / "sweeps" / "round-00" / "trials.json").read_text())
+    rows = {r["lr"]: r for r in table["trials"]}
+    assert sorted(rows) == [0.0003, 0.001, 10.0]
+    assert rows[10.0]["status"] in ("stopped early", "failed", "diverged"), rows[10.0]
+    assert rows[10.0]["updates_done"] < 12 or rows[10.0]["status"] != "stopped early"
+    finished = [r for r in table["trials"] if r["status"] == "finished"]
+    assert finished and all(r["fid"] is not None and r["updates_done"] == 12 for r in finished)
+    best = min(finished, key=lambda r: r["fid"])
+    assert table["chosen"] == best["trial"] and best["lr"] != 10.0
+    # the promoted student is the chosen trial's, bit for bit
+    promoted = (run / "round-00-1steps" / "model.safetensors").read_bytes()
+    assert promoted == (run / "sweeps" / "round-00" / "trials" / best["trial"] / "student" / "model.safetensors").read_bytes()
+    with open(run / "sweeps" / "round-00" / "trials.csv") as f:
+        assert len(list(csv.DictReader(f))) == 3
+    for name in ("sweeps/round-00/curves.png", "sweeps/choices.png"):
+        assert (run / name).read_bytes()[:4] == b"\x89PNG", name
+    report = (run / "sweeps" / "round-00" / "report.md").read_text()
+    assert f"Chosen: **{best['trial']}**" in report and report.count("\n| ") == 4
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["sweeps"] == "sweeps/summary.md" and summary["rounds"][0]["lr"] == best["lr"]
+    assert "Tune sweeps" in (run / "report.md").read_text()
+    # Tune's own results stay readable the Ray way
+    from ray.tune import Tuner
+
+    assert Tuner.can_restore(run / "sweeps" / "round-00" / "tune")
+
+
+def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, teacher):
+    args = [*BASE, "sweep.lrs=[0.001,0.0003,0.0001]", "sweep.max_concurrent=1", "distill.updates_per_round=8",
+            f"teacher.checkpoint={teacher}", f"run.storage_path={tmp_path}", "run.name=k"]
+    trials = tmp_path / "k" / "sweeps" / "round-00" / "trials"
+    proc = _run(args)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        done = list(trials.glob("*/final.json"))
+        started = list(trials.glob("*/starts.log"))
+        if done and len(started) > len(done):  # one trial finished, the next one is training
+            time.sleep(3)
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, "the sweep ended before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
+    proc.wait()
+    finished_before = {p.parent.name: p.stat().st_mtime for p in trials.glob("*/final.json")}
+    assert finished_before
+
+    again = _run(args)
+    log, _ = again.communicate(timeout=900)
+    (tmp_path / "log.txt").write_text(log)
+    assert again.returncode == 0, log[-4000:]
+    assert "restoring the interrupted sweep" in log
+    for trial, mtime in finished_before.items():
+        assert (trials / trial / "starts.log").read_text().count("\n") == 1, trial  # trained once only
+        assert (trials / trial / "final.json").stat().st_mtime == mtime
+    table = json.loads((tmp_path / "k" / "sweeps" / "round-00" / "trials.json").read_text())
+    assert len(table["trials"]) == 3 and table["chosen"]

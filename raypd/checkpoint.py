@@ -10,6 +10,7 @@ half-written checkpoint under the final name.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import load_file, save_file
 
-from raypd.config import Config, ConfigError, DataConfig, ModelConfig, _build, _plain
+from raypd.config import Config, ConfigError, DataConfig, ModelConfig, _build, _plain, redact
 from raypd.models import Denoiser, build_denoiser
 
 FORMAT = "raypd-checkpoint"
@@ -55,7 +56,7 @@ class CheckpointMeta:
         return {
             "format": FORMAT, "version": VERSION, "kind": self.kind, "sampling_steps": self.sampling_steps,
             "round": self.round, "parameterization": self.model.parameterization, "schedule": schedule,
-            "model": _section(self.model), "data": _section(self.data), "config": self.config,
+            "model": _section(self.model), "data": redact(_section(self.data)), "config": redact(self.config),
             "metrics": self.metrics,
         }
 
@@ -79,7 +80,9 @@ def save_checkpoint(path: str | Path, model: Denoiser, meta: CheckpointMeta) -> 
     try:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS))
-        (tmp / META).write_text(json.dumps(meta.to_json(), indent=2))
+        # the weights' digest goes in the metadata, written last: a checkpoint whose weights were cut
+        # short or altered afterwards is recognised as damaged instead of loading garbage
+        (tmp / META).write_text(json.dumps({**meta.to_json(), "weights_sha256": _sha256(tmp / WEIGHTS)}, indent=2))
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -126,11 +129,32 @@ def read_meta(path: str | Path) -> CheckpointMeta:
         raise CheckpointError(f"{path / META} is malformed: {err}") from None
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_weights(path: str | Path) -> None:
+    """Raise CheckpointError when the weights no longer match the digest recorded at saving."""
+    path = Path(path)
+    want = json.loads((path / META).read_text()).get("weights_sha256")
+    if want is not None and _sha256(path / WEIGHTS) != want:
+        raise CheckpointError(f"{path} is damaged: {WEIGHTS} does not match the digest in {META} "
+                              "(cut short or modified after it was saved)")
+
+
 def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> tuple[Denoiser, CheckpointMeta]:
     """Build the denoiser the metadata describes and load its weights (safetensors: no code runs)."""
     meta = read_meta(path)
+    verify_weights(path)
     model = build_denoiser(meta.model, meta.data)
-    state = load_file(str(Path(path) / WEIGHTS), device=str(map_location))
+    try:
+        state = load_file(str(Path(path) / WEIGHTS), device=str(map_location))
+    except Exception as err:  # noqa: BLE001 - safetensors reports any malformed file as its own error type
+        raise CheckpointError(f"{path}: {WEIGHTS} is not a readable safetensors file ({err})") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not match the model in its metadata "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,9 @@ class DataConfig:
     """DataLoader worker processes per training process; images are decoded there, ahead of the step."""
     shuffle_buffer: int = 1000
     """Samples held in each loader's shuffle buffer."""
+    max_skipped_fraction: float = 0.05
+    """Stop with a data error when more than this share of the samples read (after the first 200) were
+    corrupt or unreadable; skipped samples are counted and reported either way."""
 
     def validate(self) -> None:
         _require(self.source != "shards" or bool(self.shards.strip()), "shards",
@@ -85,6 +89,8 @@ class DataConfig:
         _require(self.num_classes >= 0, "num_classes", f"must be >= 0, got {self.num_classes}")
         _require(self.loader_workers >= 0, "loader_workers", f"must be >= 0, got {self.loader_workers}")
         _require(self.shuffle_buffer >= 1, "shuffle_buffer", f"must be >= 1, got {self.shuffle_buffer}")
+        _require(0.0 <= self.max_skipped_fraction <= 1.0, "max_skipped_fraction",
+                 f"must lie in [0, 1], got {self.max_skipped_fraction}")
 
 
 @dataclass(frozen=True)
@@ -293,6 +299,13 @@ class DistConfig:
     """Worker-group restarts a run may use before it fails."""
     collective_timeout_s: int = 600
     """Seconds a collective may wait before the worker group is declared stuck."""
+    nonfinite_patience: int = 20
+    """Consecutive updates skipped for a non-finite loss or gradient before the stage rolls back to its
+    last checkpoint with a lower learning rate."""
+    rollback_lr_factor: float = 0.5
+    """Learning-rate multiplier applied at each roll-back."""
+    max_rollbacks: int = 3
+    """Roll-backs before a stage whose updates keep failing stops with a numerical error."""
 
     def validate(self) -> None:
         _require(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
@@ -303,6 +316,10 @@ class DistConfig:
         _require(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
         _require(self.max_failures >= 0, "max_failures", f"must be >= 0, got {self.max_failures}")
         _require(self.collective_timeout_s >= 10, "collective_timeout_s", f"must be >= 10, got {self.collective_timeout_s}")
+        _require(self.nonfinite_patience >= 1, "nonfinite_patience", f"must be >= 1, got {self.nonfinite_patience}")
+        _require(0 < self.rollback_lr_factor <= 1, "rollback_lr_factor",
+                 f"must lie in (0, 1], got {self.rollback_lr_factor}")
+        _require(self.max_rollbacks >= 0, "max_rollbacks", f"must be >= 0, got {self.max_rollbacks}")
 
 
 @dataclass(frozen=True)
@@ -425,6 +442,23 @@ class Config:
         return _plain(dataclasses.asdict(self))
 
 
+_USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/:@\s]+:)[^@/\s]+@")
+
+
+def redact(value: Any) -> Any:
+    """The value with passwords in URLs (``scheme://user:secret@host``) replaced by ``***``, recursively.
+
+    Saved configs, checkpoint metadata and logs hold this form; the running config keeps the real one.
+    """
+    if isinstance(value, str):
+        return _USERINFO.sub(lambda m: m.group("head") + "***@", value)
+    if isinstance(value, dict):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v) for v in value]
+    return value
+
+
 def _plain(value: Any) -> Any:
     """Tuples to lists, so the dict dumps as plain YAML/JSON."""
     if isinstance(value, dict):
@@ -525,7 +559,11 @@ def config_from_dict(data: dict[str, Any] | None, overrides: typing.Sequence[str
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError("", f"override {item!r} must look like section.key=value")
-        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(key.strip(), f"value {raw!r} is not valid YAML ({str(err).splitlines()[0]})") from None
+        _set_dotted(data, key.strip(), value)
     return _build(Config, data)
 
 

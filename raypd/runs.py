@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from raypd.config import Config
+from raypd.config import Config, redact
 
 LOCK = "driver.lock"
 CONFIG = "config.json"
@@ -88,7 +88,7 @@ def check_and_save_config(cfg: Config, out: Path, *, resume: bool = False) -> No
                             "check run.storage_path / run.name, or drop --resume to start one")
     if has_state(out):
         saved = _flat(json.loads((out / CONFIG).read_text()))
-        current = _flat(cfg.to_dict())
+        current = _flat(redact(cfg.to_dict()))
         diffs = changed_keys(saved, current)
         if diffs:
             shown = ", ".join(f"{k} ({saved.get(k)!r} -> {current.get(k)!r})" for k in diffs[:8])
@@ -98,7 +98,7 @@ def check_and_save_config(cfg: Config, out: Path, *, resume: bool = False) -> No
                 "the new settings; use another run.name, or --restart to move the old run aside")
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{CONFIG}.tmp"
-    tmp.write_text(json.dumps(cfg.to_dict(), indent=2))
+    tmp.write_text(json.dumps(redact(cfg.to_dict()), indent=2))
     os.replace(tmp, out / CONFIG)
 
 

@@ -123,12 +123,27 @@ def _folder_source(path: Path) -> Source:
     return Source("folder", str(path.resolve()), len(files), read, classes, len(classes or ()))
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """An unpickler that rebuilds dicts, lists, strings and numpy arrays and refuses anything else.
+
+    CIFAR ships only as Python pickles. A plain ``pickle.load`` would run whatever code a doctored
+    file names; this one only resolves the few numpy constructors an array needs.
+    """
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy._core.numeric", "_frombuffer"), ("numpy.core.numeric", "_frombuffer"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR batch holds only arrays and lists")
+
+
 def _unpickle(path: Path) -> dict:
-    # CIFAR is distributed only as Python pickles, so this data-set file is unpickled; only run it on
-    # data you trust. Model checkpoints elsewhere in raypd are never unpickled.
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
+            return _ArraysOnly(f, encoding="bytes").load()
     except (pickle.UnpicklingError, EOFError) as e:
         raise ValueError(f"{path} is not a CIFAR pickle: {e}") from e
 

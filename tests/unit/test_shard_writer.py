@@ -6,6 +6,7 @@ import gzip
 import importlib.util
 import io
 import json
+import os
 import pickle
 import runpy
 import sys
@@ -284,3 +285,19 @@ def test_make_shards_script(tmp_path, monkeypatch):
     assert exit_info.value.code == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert (manifest["splits"]["train"]["count"], manifest["splits"]["heldout"]["count"]) == (8, 2)
+
+
+def test_a_cifar_pickle_that_names_code_is_refused(tmp_path):
+    from raypd.data.sources import open_source
+
+    class Boom:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    (root / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"a"]}))
+    (root / "data_batch_1").write_bytes(pickle.dumps({b"data": Boom(), b"labels": [0]}))
+    with pytest.raises(ValueError, match="refusing to load posix.system|refusing to load os.system"):
+        open_source("cifar", root)
+    assert not (tmp_path / "pwned").exists()

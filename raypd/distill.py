@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         return dry_run(cfg)
     from raypd.checkpoint import CheckpointError
     from raypd.data.shards import DataError
-    from raypd.dist.trainer import ClusterError
+    from raypd.dist.sweep import SweepError
+    from raypd.dist.trainer import ClusterError, NumericalError
     from raypd.pipeline import run_pipeline
     from raypd.runs import RunStateError
 
@@ -68,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ClusterError as err:
         print(f"cluster error: {err}", file=sys.stderr)
+        return 2
+    except (NumericalError, SweepError) as err:
+        print(f"training error: {err}", file=sys.stderr)
         return 2
     run = Path(summary["report"]).parent
     print(f"final student ({summary['rounds'][-1]['student_steps']} steps): {run / summary['final_checkpoint']}")

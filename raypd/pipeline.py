@@ -6,6 +6,7 @@ and a rerun with the same ``run.storage_path``/``run.name`` loads those instead 
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -13,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from raypd.checkpoint import add_metrics, check_compatible, load_checkpoint, meta_for, read_meta, save_checkpoint
+from raypd.checkpoint import (CheckpointError, add_metrics, check_compatible, load_checkpoint, meta_for, read_meta,
+                              save_checkpoint, verify_weights)
 from raypd.config import Config
 from raypd.data.prepare import training_shards
 from raypd.data.shards import ShardLoader, check_shards
@@ -54,7 +56,7 @@ class Context:
         return ShardLoader(self.shards, batch_size=batch_size, channels=d.channels, num_classes=d.num_classes,
                            num_workers=d.loader_workers, seed=self.cfg.run.seed * 1000 + stream,
                            random_flip=d.random_flip, shuffle_buffer=d.shuffle_buffer, resampled=True,
-                           resolution=d.resolution)
+                           resolution=d.resolution, max_skipped_fraction=d.max_skipped_fraction)
 
     def step_kwargs(self, teacher: Denoiser | None = None, n_steps: int | None = None, seed: int = 0) -> dict:
         return dict(weighting=self.cfg.diffusion.weighting, logsnr_fn=self.logsnr_fn, teacher=teacher,
@@ -127,13 +129,35 @@ def import_diffusers_teacher(ctx: Context) -> tuple[Denoiser, Path]:
     return freeze(model), path
 
 
+def rss_mib() -> float:
+    """The driver's resident memory now (Linux; 0 elsewhere), reported per round to show it does not grow."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def intact(path: Path, stage: str) -> bool:
+    """Whether a finished stage's checkpoint is whole; a damaged one is moved aside (kept) and redone."""
+    try:
+        read_meta(path)
+        verify_weights(path)
+        return True
+    except CheckpointError as err:
+        aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
+        path.rename(aside)
+        log(f"[{stage}] WARNING: {err}; moved it to {aside.name} and redoing the {stage}")
+        return False
+
+
 def obtain_teacher(ctx: Context) -> tuple[Denoiser, Path]:
     """The teacher and its checkpoint directory: given, already trained by this run, imported, or trained now."""
     if ctx.cfg.teacher.source == "diffusers":
         return import_diffusers_teacher(ctx)
     given = ctx.cfg.teacher.checkpoint
     path = Path(given) if given else ctx.out / "teacher"
-    if not given and not (path / "meta.json").exists():
+    if not given and not ((path / "meta.json").exists() and intact(path, "teacher")):
         t = ctx.cfg.teacher
         log(f"[teacher] training for {t.updates} updates")
         if ctx.cfg.dist.workers:
@@ -212,7 +236,7 @@ def _run(cfg: Config, out: Path) -> dict:
     centre, choices = None, []
     for rnd in rounds:
         path = out / f"round-{rnd.index:02d}-{rnd.student_steps}steps"
-        if (path / "meta.json").exists():
+        if (path / "meta.json").exists() and intact(path, f"round {rnd.index}"):
             log(f"[round {rnd.index}] already done, loading {path}")
             model, meta = load_checkpoint(path, map_location=ctx.device)
             student, stats = freeze(model), dict(meta.metrics)
@@ -241,7 +265,8 @@ def _run(cfg: Config, out: Path) -> dict:
                                   "student_steps": rnd.student_steps, "updates": int(stats.get("updates", rnd.updates)),
                                   "lr": stats.get("lr", cfg.distill.lr),
                                   "wall_seconds": stats["seconds"], "final_loss": stats["final_loss"],
-                                  "skipped_samples": stats.get("skipped_samples", 0), "checkpoint": path.name})
+                                  "skipped_samples": stats.get("skipped_samples", 0), "checkpoint": path.name,
+                                  "driver_rss_mib": round(rss_mib(), 1)})
         summary["eval"].append(row)
         teacher, teacher_path = student, path  # promotion: the student is the next round's teacher
     if choices:

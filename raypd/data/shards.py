@@ -222,8 +222,12 @@ class ShardLoader:
     def __init__(self, urls: str | Sequence[str], *, batch_size: int, channels: int, num_classes: int,
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
                  random_flip: bool = False, shuffle_buffer: int = 1000, resampled: bool = True,
-                 epoch: int = 0, resolution: int | None = None):
+                 epoch: int = 0, resolution: int | None = None, max_skipped_fraction: float = 1.0,
+                 judge_after: int = 200):
+        """``max_skipped_fraction``: once ``judge_after`` samples were read or skipped, a larger share of
+        skipped (corrupt) samples stops the run with a DataError instead of training on what is left."""
         self.urls = expand_urls(urls)
+        self.max_skipped_fraction, self.judge_after, self._seen = max_skipped_fraction, judge_after, 0
         readers = world_size * max(1, num_workers)
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is outside world_size {world_size}")
@@ -250,4 +254,14 @@ class ShardLoader:
         for x, y, wid, skipped in self._loader:
             self._skipped[wid] = skipped
             if x is not None:
+                self._seen += x.shape[0]
+                self._check_skips()
                 yield Batch(x=x, y=y)
+        self._check_skips()
+
+    def _check_skips(self) -> None:
+        bad, total = self.skipped_samples, self.skipped_samples + self._seen
+        if total >= self.judge_after and bad > self.max_skipped_fraction * total:
+            raise DataError(f"{bad} of {total} samples read so far were corrupt or unreadable, more than "
+                            f"data.max_skipped_fraction={self.max_skipped_fraction}; check the shards (the "
+                            f"warnings above name them) or raise the limit")

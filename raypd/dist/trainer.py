@@ -6,8 +6,10 @@ last checkpoint and never mixes two stages' checkpoints (Ray resumes any run by 
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from raypd.config import Config
@@ -15,6 +17,10 @@ from raypd.config import Config
 
 class ClusterError(RuntimeError):
     """The cluster cannot run what the config asks for; raised before any training."""
+
+
+class NumericalError(RuntimeError):
+    """A stage whose loss or gradients stayed non-finite through every roll-back."""
 
 
 def ensure_ray(cfg: Config) -> None:
@@ -44,9 +50,13 @@ def run_stage(cfg: Config, *, name: str, spec: dict, storage: Path, output: Path
     from raypd.dist.worker import train_loop
 
     d = cfg.dist
+    # each rank stages its checkpoint files on its own node's disk before Ray persists them; the
+    # folder is named after the run, so a restarted worker clears what a killed one left behind
+    key = hashlib.sha1(f"{storage.resolve()}/{name}".encode()).hexdigest()[:12]
+    staging = Path(tempfile.gettempdir()) / "raypd-staging" / f"{name}-{key}"
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={**spec, "config": cfg.to_dict()},
+        train_loop_config={**spec, "config": cfg.to_dict(), "staging": str(staging)},
         scaling_config=ScalingConfig(num_workers=d.workers, use_gpu=d.use_gpu),
         torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo", timeout_s=d.collective_timeout_s),
         run_config=RunConfig(name=name, storage_path=str(storage.resolve()),
@@ -56,6 +66,10 @@ def run_stage(cfg: Config, *, name: str, spec: dict, storage: Path, output: Path
     print(f"[{name}] Ray Train run on {d.workers} worker(s), ZeRO stage {d.zero_stage}, {d.precision}",
           file=sys.stderr, flush=True)
     result = trainer.fit()
+    shutil.rmtree(staging, ignore_errors=True)
+    failure = (result.return_value or {}).get("error") if isinstance(result.return_value, dict) else None
+    if failure:
+        raise NumericalError(failure)
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {name} finished without a checkpoint")
     with result.checkpoint.as_directory() as path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -53,9 +54,17 @@ def _engine(cfg: Config, spec: dict, world: int, device: torch.device):
     return engine, teacher, batch // world
 
 
+def _staging(spec: dict, rank: int) -> Path:
+    """Where this rank writes checkpoints before Ray persists them; emptied of what a killed run left."""
+    root = Path(spec.get("staging") or tempfile.gettempdir()) / f"rank{rank}"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
 def _save(engine, cfg: Config, spec: dict, update: int, rank: int, final: bool) -> str:
     """This rank's part of a checkpoint, in a fresh directory; with ``final``, rank 0 adds the consolidated model."""
-    path = tempfile.mkdtemp(prefix=f"raypd-rank{rank}-")
+    path = tempfile.mkdtemp(prefix=f"update{update:08d}-", dir=spec["_staging"])
     engine.engine.save_checkpoint(path, tag=TAG, client_state={"updates": update})
     if rank == 0 and engine.ema is not None:
         save_file({k: v.contiguous() for k, v in engine.ema.state_dict().items()}, str(Path(path) / "ema.safetensors"))
@@ -94,7 +103,33 @@ def _heldout(engine, teacher, heldout, cfg: Config, spec: dict, logsnr_fn) -> fl
     return value if math.isfinite(value) and value < DIVERGED else DIVERGED
 
 
-def train_loop(spec: dict) -> None:
+class Faults:
+    """Counts non-finite updates in a row and the roll-backs they caused."""
+
+    def __init__(self, cfg: Config):
+        self.patience, self.limit = cfg.dist.nonfinite_patience, cfg.dist.max_rollbacks
+        self.streak, self.rollbacks = 0, 0
+
+    def after_update(self, skipped: bool) -> bool:
+        """True when the streak of skipped updates calls for a roll-back."""
+        self.streak = self.streak + 1 if skipped else 0
+        if self.streak < self.patience:
+            return False
+        self.streak = 0
+        self.rollbacks += 1
+        return True
+
+    def exhausted(self) -> bool:
+        return self.rollbacks > self.limit
+
+    def message(self, spec: dict) -> str:
+        stage = "teacher training" if spec["kind"] == "teacher" else f"round {spec.get('round')}"
+        return (f"{stage}: the loss or gradients stayed non-finite ({self.patience} updates in a row) after "
+                f"{self.limit} roll-backs with a lower learning rate; check the teacher checkpoint and data, or lower the "
+                "learning rate")
+
+
+def train_loop(spec: dict) -> dict | None:
     """Run by every worker: ``spec`` holds the config, the stage and where its inputs are."""
     import deepspeed
     import ray.train
@@ -106,6 +141,7 @@ def train_loop(spec: dict) -> None:
     device = ray.train.torch.get_device()
     deepspeed.init_distributed(dist_backend="nccl" if cfg.dist.use_gpu else "gloo")
     engine, teacher, micro = _engine(cfg, spec, world, device)
+    spec = {**spec, "_staging": str(_staging(spec, rank))}
     start = _resume(engine)
     if start and rank == 0:
         print(f"[{spec['kind']}] resumed from the checkpoint at update {start} of {spec['updates']}", flush=True)
@@ -115,7 +151,7 @@ def train_loop(spec: dict) -> None:
     loader = ShardLoader(spec["shards"], batch_size=micro, channels=d.channels, num_classes=d.num_classes, rank=rank,
                          world_size=world, num_workers=d.loader_workers, seed=cfg.run.seed * 1000 + spec["stream"],
                          random_flip=d.random_flip, shuffle_buffer=d.shuffle_buffer, resampled=True, epoch=start,
-                         resolution=d.resolution)
+                         resolution=d.resolution, max_skipped_fraction=d.max_skipped_fraction)
     batches = iter(loader)
     dif = cfg.diffusion
     logsnr_fn = make_logsnr_fn(dif.schedule, logsnr_min=dif.logsnr_min, logsnr_max=dif.logsnr_max, betas=dif.discrete_betas)
@@ -125,8 +161,30 @@ def train_loop(spec: dict) -> None:
     heldout = load_heldout(spec["heldout"], device) if spec.get("heldout") else None
     every = spec.get("report_every") or cfg.dist.checkpoint_every
     updates, window, tick = spec["updates"], [], time.perf_counter()
-    for k in range(start + 1, updates + 1):
+    faults = Faults(cfg)
+    last_saved, k = None, start
+    while k < updates:
+        k += 1
+        skipped = engine.skipped_updates
         stats = train_step(engine, next(batches).to(device), **kwargs)
+        if faults.after_update(engine.skipped_updates > skipped):
+            # gradients are all-reduced, so every rank sees the same non-finite streak and rolls back together
+            if faults.exhausted():
+                return {"error": faults.message(spec)}
+            if last_saved is None:
+                engine, teacher, micro = _engine(cfg, spec, world, device)
+                kwargs["teacher"], k = teacher, 0
+            else:
+                _, client = engine.engine.load_checkpoint(last_saved, tag=TAG, load_lr_scheduler_states=False)
+                k = int(client["updates"])
+            engine.base_lr *= cfg.dist.rollback_lr_factor
+            engine.updates = k
+            engine._set_lr()
+            window = []
+            if rank == 0:
+                print(f"[{spec['kind']}] {faults.patience} non-finite updates in a row: rolled back to update {k}, "
+                      f"learning rate x{cfg.dist.rollback_lr_factor} -> {engine.base_lr:.3g}", flush=True)
+            continue
         window.append(stats)
         if k % every == 0 or k == updates:
             elapsed = time.perf_counter() - tick
@@ -142,4 +200,10 @@ def train_loop(spec: dict) -> None:
             path = _save(engine, cfg, spec, k, rank, final=k == updates)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(path))
             ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+            # persisted by Ray now: keep only the newest local copy (the roll-back target)
+            if last_saved is not None:
+                shutil.rmtree(last_saved, ignore_errors=True)
+            last_saved = path
             window, tick = [], time.perf_counter()
+    shutil.rmtree(spec["_staging"], ignore_errors=True)
+    return None

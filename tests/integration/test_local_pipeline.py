@@ -156,6 +156,18 @@ def test_run_directory_guards(tmp_path, capsys):
     archived = [p for p in tmp_path.iterdir() if p.name.startswith("g.")]
     assert len(archived) == 1 and (archived[0] / "round-00-1steps" / "model.safetensors").is_file()
     assert (run / "round-00-1steps" / "model.safetensors").is_file()
+    # a checkpoint cut short after it was written is recognised, kept aside and redone, never loaded
+    weights = run / "round-00-1steps" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    (run / "report.md").unlink()
+    capsys.readouterr()
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "round-00-1steps is damaged" in err and "redoing the round 0" in err
+    assert any(p.name.startswith("round-00-1steps.damaged-") for p in run.iterdir())
+    from raypd.checkpoint import load_checkpoint
+
+    load_checkpoint(run / "round-00-1steps")
     assert main(["--dry-run", *args]) == 0
     out = capsys.readouterr().out
     assert "round 0" in out and "2->1" in out and "exists: the run would continue there" in out

@@ -252,3 +252,13 @@ def test_brace_list_and_directory_expansion(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no train"):
         expand_urls(str(tmp_path / "empty"))
+
+
+def test_too_much_bad_data_stops_the_run(tmp_path):
+    bad = {i: {"png": b"garbage"} for i in range(0, N_SHARDS * PER_SHARD, 4)}  # a quarter of the samples
+    urls = _write_shards(tmp_path, bad=bad)
+    lenient = _loader(urls, batch_size=1, max_skipped_fraction=0.5, judge_after=20)
+    assert len(_read_all(lenient)) == N_SHARDS * PER_SHARD - len(bad)
+    strict = _loader(urls, batch_size=1, max_skipped_fraction=0.05, judge_after=20)
+    with pytest.raises(DataError, match=r"were corrupt or unreadable, more than data.max_skipped_fraction=0.05"):
+        _read_all(strict)

@@ -39,13 +39,20 @@ def forward_flops(cfg: Config) -> tuple[int, float]:
     from raypd.models import build_denoiser
 
     d = cfg.data
-    with torch.device("meta"):
-        model = build_denoiser(cfg.model, d)
-        z = torch.empty(1, d.channels, d.resolution, d.resolution)
-        y = torch.zeros(1, dtype=torch.long) if d.num_classes else None
-        with FlopCounterMode(display=False) as counter:
-            model(z, torch.zeros(1), y)
-    return sum(p.numel() for p in model.parameters()), float(counter.get_total_flops())
+
+    def count(device: str) -> tuple[int, float]:
+        with torch.device(device), torch.no_grad():
+            model = build_denoiser(cfg.model, d)
+            z = torch.zeros(1, d.channels, d.resolution, d.resolution)
+            y = torch.zeros(1, dtype=torch.long) if d.num_classes else None
+            with FlopCounterMode(display=False) as counter:
+                model(z, torch.zeros(1), y)
+        return sum(p.numel() for p in model.parameters()), float(counter.get_total_flops())
+
+    try:
+        return count("meta")
+    except (RuntimeError, NotImplementedError):  # a backbone that reads values (a timestep lookup): count for real
+        return count("cpu")
 
 
 def check_data(cfg: Config, checks: Checks) -> None:
@@ -88,8 +95,31 @@ def check_data(cfg: Config, checks: Checks) -> None:
         pool.shutdown(wait=False, cancel_futures=True)
 
 
+def planned_config(cfg: Config, checks: Checks) -> Config:
+    """The config the rounds will run under: with a diffusers teacher, its network and schedule."""
+    if cfg.teacher.source != "diffusers":
+        return cfg
+    import dataclasses
+
+    from raypd.checkpoint import CheckpointError
+    from raypd.hf.teacher import check_source
+
+    try:
+        source, chain = check_source(cfg)
+    except (CheckpointError, ImportError, OSError, ValueError) as err:
+        checks.errors.append(str(err) if str(err).startswith("teacher.") else f"teacher.diffusers_path: {err}")
+        return cfg
+    checks.passed.append(f"teacher: diffusers UNet2DModel at {cfg.teacher.diffusers_path} "
+                         f"({chain.parameterization} output, {chain.num_timesteps} timesteps), imported at start")
+    model = dataclasses.replace(cfg.model, backbone="diffusers", diffusers_unet=source.unet_config,
+                                diffusers_betas=chain.betas, parameterization=chain.parameterization)
+    return dataclasses.replace(cfg, model=model)
+
+
 def check_teacher(cfg: Config, checks: Checks) -> None:
     path = cfg.teacher.checkpoint
+    if cfg.teacher.source == "diffusers":
+        return  # checked by planned_config
     if not path:
         checks.passed.append(f"teacher: trained first ({cfg.teacher.updates} updates)")
         return
@@ -122,7 +152,7 @@ def describe_plan(cfg: Config) -> list[str]:
     # a training update is forward + backward (~3 forwards); distillation adds two teacher forwards
     rows = [("stage", "steps", "updates", "batch", "per worker", "lr", "compute")]
     total = 0.0
-    if not t.checkpoint:
+    if not t.checkpoint and t.source != "diffusers":
         flops = t.updates * t.batch_size * 3 * fwd
         total += flops
         rows.append(("teacher", str(t.sampling_steps), f"{t.updates:,}", str(t.batch_size),
@@ -147,10 +177,14 @@ def dry_run(cfg: Config) -> int:
     checks = Checks()
     check_data(cfg, checks)
     check_teacher(cfg, checks)
+    plan_cfg = planned_config(cfg, checks)
     out = Path(cfg.run.storage_path) / cfg.run.name
     print(f"run: {out}" + (" (exists: the run would continue there)" if (out / "config.json").is_file() else ""))
-    for line in describe_plan(cfg):
-        print(line)
+    if plan_cfg.teacher.source == "diffusers" and plan_cfg.model.backbone != "diffusers":
+        print("(no plan: the diffusers teacher could not be read, see below)")
+    else:
+        for line in describe_plan(plan_cfg):
+            print(line)
     print()
     for line in checks.passed:
         print(f"ok       {line}")

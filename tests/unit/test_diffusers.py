@@ -353,6 +353,10 @@ def test_pipeline_imports_a_diffusers_teacher_and_distils_it(ddpm_dir, tmp_path,
                        "teacher.diffusers_local_only=true", "distill.updates_per_round=2", "eval.num_samples=8",
                        "eval.grid_size=8", "eval.reference_samples=32", "eval.classifier_updates=5",
                        f"run.storage_path={tmp_path}", "run.name=hf"]
+    assert main(["--dry-run", *args]) == 0  # the plan sizes the diffusers UNet, trains no teacher
+    plan = capsys.readouterr().out
+    assert "ok       teacher: diffusers UNet2DModel" in plan and "eps output" in plan
+    assert "teacher " not in plan.split("stage")[1].split("round 0")[0]
     assert main(args) == 0
     run = tmp_path / "hf"
     assert "[teacher] importing the diffusers model" in capsys.readouterr().err

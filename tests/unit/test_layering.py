@@ -18,7 +18,7 @@ ALLOWED = {
     "checkpoint": {"config", "models"},
     "hf": {"diffusion", "config", "models", "checkpoint", "hf"},
     "runs": {"config"},
-    "plan": {"config", "train", "models", "data", "checkpoint"},
+    "plan": {"config", "train", "models", "data", "checkpoint", "hf"},
 }
 HEAVY_ONLY_IN = {"ray": {"dist"}, "deepspeed": {"dist"}, "torch_fidelity": {"eval"}, "diffusers": {"models", "tools"}}
 

@@ -389,7 +389,8 @@ class RunConfig:
     """Print training progress every this many updates."""
 
     def validate(self) -> None:
-        _require(bool(self.name) and "/" not in self.name, "name", f"must be a non-empty name without '/', got {self.name!r}")
+        _require(bool(self.name) and not set(self.name) & set("/\\\0") and self.name not in (".", ".."), "name",
+                 f"must be a plain directory name (no '/', '\\', '.' or '..'), got {self.name!r}")
         _require(bool(self.storage_path), "storage_path", "must not be empty")
         _require("://" not in self.storage_path, "storage_path",
                  f"must be a directory (a shared file system on a cluster); object-store URIs such as "

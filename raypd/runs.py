@@ -109,7 +109,9 @@ def finished_summary(out: Path) -> dict[str, Any] | None:
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     final = summary.get("final_checkpoint")
-    if final and (out / final / "meta.json").is_file() and (out / "report.md").is_file():
+    if not isinstance(final, str) or Path(final).name != final or final in (".", ".."):
+        return None  # only a checkpoint directly inside the run counts
+    if (out / final / "meta.json").is_file() and (out / "report.md").is_file():
         return summary
     return None
 

@@ -6,7 +6,7 @@ as a real Ray Train run of DeepSpeed ZeRO-2 workers (1, then 2), and its speed i
 workers' own report over the second half of the round (after start-up). Goal: 1 worker within
 1.10x of the floor.
 
-    python tools/bench_overhead.py [--batch 32] [--updates 60] [--resolution 16]
+    python tools/bench_overhead.py [--batch 32] [--updates 60] [--resolution 16] [--loader-workers 1]
 """
 
 from __future__ import annotations
@@ -52,10 +52,12 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=60)
     parser.add_argument("--resolution", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="threads per worker (Ray's default is 1)")
+    parser.add_argument("--loader-workers", type=int, default=1,
+                        help="decoding processes per worker (0 decodes on the training thread, which the floor never does)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        base = [f"data.resolution={args.resolution}", f"distill.batch_size={args.batch}", "data.loader_workers=0",
+        base = [f"data.resolution={args.resolution}", f"distill.batch_size={args.batch}", f"data.loader_workers={args.loader_workers}",
                 f"run.storage_path={root}", f"dist.checkpoint_every={args.updates // 2}"]
         cfg = load_config(None, base)
         torch.manual_seed(0)

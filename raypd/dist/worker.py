@@ -161,6 +161,7 @@ def train_loop(spec: dict) -> dict | None:
     heldout = load_heldout(spec["heldout"], device) if spec.get("heldout") else None
     every = spec.get("report_every") or cfg.dist.checkpoint_every
     updates, window, tick = spec["updates"], [], time.perf_counter()
+    began = tick
     faults = Faults(cfg)
     last_saved, k = None, start
     while k < updates:
@@ -186,6 +187,11 @@ def train_loop(spec: dict) -> dict | None:
                       f"learning rate x{cfg.dist.rollback_lr_factor} -> {engine.base_lr:.3g}", flush=True)
             continue
         window.append(stats)
+        if rank == 0 and (k % cfg.run.log_every == 0 or k == updates):
+            rate = (k - start) / max(1e-9, time.perf_counter() - began)
+            label = spec["kind"] if spec["kind"] == "teacher" else f"round {spec.get('round')}"
+            print(f"[{label}] {k}/{updates} loss {stats.loss:.4f} lr {stats.lr:.2e} {rate:.2f} upd/s "
+                  f"({rate * micro * world:.0f} samples/s), {(updates - k) / max(rate, 1e-9):.0f}s left", flush=True)
         if k % every == 0 or k == updates:
             elapsed = time.perf_counter() - tick
             metrics = {"update": k, "loss": sum(s.loss for s in window) / len(window),

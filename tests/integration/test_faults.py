@@ -39,13 +39,15 @@ def _checkpoints(run: Path) -> int:
 
 def test_driver_killed_again_and_again_loses_only_work_since_the_last_checkpoint(tmp_path):
     args = [*ARGS, f"run.storage_path={tmp_path}", "run.name=soak"]
+    secret = "soak-secret-7Hq2vXb9"  # cloud credentials in the environment must never reach files or logs
+    env = {**os.environ, "AWS_SECRET_ACCESS_KEY": secret, "GOOGLE_APPLICATION_CREDENTIALS_JSON": secret}
     run = tmp_path / "soak"
     before = _ray_processes()
     logs = []
     for cycle in range(3):
         seen = _checkpoints(run) if run.exists() else 0
         proc = subprocess.Popen([sys.executable, "-m", "raypd.distill", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)
         deadline = time.time() + 400
         while time.time() < deadline and proc.poll() is None and _checkpoints(run) <= seen:
             time.sleep(0.3)
@@ -55,7 +57,7 @@ def test_driver_killed_again_and_again_loses_only_work_since_the_last_checkpoint
     done_before = {s: (run / s / "meta.json").stat().st_mtime for s in STAGES if (run / s / "meta.json").is_file()}
 
     final = subprocess.run([sys.executable, "-m", "raypd.distill", *args], cwd=ROOT, capture_output=True, text=True,
-                           timeout=900)
+                           timeout=900, env=env)
     log = final.stdout + final.stderr
     (tmp_path / "log.txt").write_text("\n=====\n".join(logs + [log]))
     assert final.returncode == 0, log[-4000:]
@@ -70,6 +72,11 @@ def test_driver_killed_again_and_again_loses_only_work_since_the_last_checkpoint
     assert summary["final_checkpoint"] == "round-02-1steps"
     rss = [r["driver_rss_mib"] for r in summary["rounds"]]
     assert max(rss) <= rss[0] * 1.3 + 64, rss  # no growth round over round
+
+    assert secret not in "".join(logs) + log
+    for path in run.rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".md", ".txt", ".csv", ".yaml", ".log"):
+            assert secret not in path.read_text(errors="replace"), path
 
     # nothing left behind
     time.sleep(3)

@@ -82,3 +82,22 @@ def test_credentials_in_urls_never_reach_saved_configs(tmp_path):
     assert secret not in saved and "https://user:***@data.example/train-0.tar" in saved
     # and the saved config still loads
     assert isinstance(config_from_dict(json.loads(saved)), Config)
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/../../b", "a\\b"])
+def test_run_names_cannot_leave_the_storage_root(name):
+    with pytest.raises(ConfigError, match="run.name: must be a plain directory name"):
+        load_config(None, [f"run.name={name}"])
+
+
+def test_a_summary_pointing_outside_the_run_is_not_taken_as_finished(tmp_path):
+    from raypd.runs import finished_summary
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "meta.json").write_text("{}")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "report.md").write_text("x")
+    (run / "summary.json").write_text(json.dumps({"final_checkpoint": "../elsewhere"}))
+    assert finished_summary(run) is None

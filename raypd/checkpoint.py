@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from raypd.config import Config, ConfigError, DataConfig, ModelConfig, _build, _plain, redact
+from raypd.diffusion import make_logsnr_fn
 from raypd.models import Denoiser, build_denoiser
 
 FORMAT = "raypd-checkpoint"
@@ -48,6 +49,11 @@ class CheckpointMeta:
     schedule: str = "cosine"
     discrete_betas: tuple[float, ...] = ()
     """The noise schedule (``diffusion.schedule``) and, for ``discrete``, its betas: what ``make_logsnr_fn`` needs."""
+
+    def logsnr_fn(self):
+        """The t -> logsnr function these weights were trained on."""
+        return make_logsnr_fn(self.schedule, logsnr_min=self.logsnr_min, logsnr_max=self.logsnr_max,
+                              betas=self.discrete_betas)
 
     def to_json(self) -> dict[str, Any]:
         schedule: dict[str, Any] = {"logsnr_min": self.logsnr_min, "logsnr_max": self.logsnr_max}

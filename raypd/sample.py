@@ -30,14 +30,12 @@ def _generate(args: argparse.Namespace, n: int):
     from tqdm import tqdm
 
     from raypd.checkpoint import load_checkpoint
-    from raypd.diffusion import make_logsnr_fn
     from raypd.eval.samples import fixed_noise, sample_ddim
 
     model, meta = load_checkpoint(args.checkpoint, map_location=args.device)
     steps = args.steps or meta.sampling_steps
     z, y = fixed_noise(n, meta.data.channels, meta.data.resolution, seed=args.seed, num_classes=meta.data.num_classes)
-    logsnr_fn = make_logsnr_fn(meta.schedule, logsnr_min=meta.logsnr_min, logsnr_max=meta.logsnr_max,
-                               betas=meta.discrete_betas)
+    logsnr_fn = meta.logsnr_fn()
     out = []
     for start in tqdm(range(0, n, args.batch), desc=f"sampling {steps} steps", unit="batch", file=sys.stderr):
         yb = None if y is None else y[start:start + args.batch]

@@ -26,7 +26,6 @@ def _generate_and_extract(config: dict, state: dict, z: Tensor, y: Tensor | None
 
     cfg = config_from_dict(config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     model = build_denoiser(cfg.model, cfg.data)
     model.load_state_dict(state)
     model.to(device)

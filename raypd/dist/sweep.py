@@ -60,20 +60,17 @@ def search_space(cfg: Config, planned_updates: int, centre: dict[str, Any] | Non
         span = math.sqrt(hi / lo)
         lo, hi = centre["lr"] / span, centre["lr"] * span
     budgets = list(s.updates) or [planned_updates]
-    if s.lrs:  # an explicit grid: one trial per learning rate, no centre point
-        space = {"lr": tune.grid_search(list(s.lrs)), "updates": tune.choice(budgets)}
-        for item in s.choices:
-            key, _, values = item.partition("=")
-            space[key.strip()] = tune.choice([yaml.safe_load(v) for v in values.split("|")])
-        return space, None
-    space: dict[str, Any] = {"lr": tune.loguniform(lo, hi), "updates": tune.choice(budgets)}
-    first: dict[str, Any] = {"lr": centre["lr"] if centre else min(max(cfg.distill.lr, lo), hi),
-                             "updates": centre["updates"] if centre and centre["updates"] in budgets else budgets[-1]}
+    extra = {}
     for item in s.choices:
         key, _, values = item.partition("=")
-        options = [yaml.safe_load(v) for v in values.split("|")]
-        space[key.strip()] = tune.choice(options)
-        first[key.strip()] = options[0]
+        extra[key.strip()] = [yaml.safe_load(v) for v in values.split("|")]
+    choices = {key: tune.choice(options) for key, options in extra.items()}
+    if s.lrs:  # an explicit grid: one trial per learning rate, no centre point
+        return {"lr": tune.grid_search(list(s.lrs)), "updates": tune.choice(budgets), **choices}, None
+    space: dict[str, Any] = {"lr": tune.loguniform(lo, hi), "updates": tune.choice(budgets), **choices}
+    first: dict[str, Any] = {"lr": centre["lr"] if centre else min(max(cfg.distill.lr, lo), hi),
+                             "updates": centre["updates"] if centre and centre["updates"] in budgets else budgets[-1],
+                             **{key: options[0] for key, options in extra.items()}}
     return space, first
 
 
@@ -119,7 +116,6 @@ def _trial(params: dict[str, Any], static: dict[str, Any]) -> None:
 def _score(student_dir: Path, spec: dict[str, Any]) -> float:
     """FID of the trial's student at its steps, against the run's cached reference statistics."""
     from raypd.checkpoint import load_checkpoint
-    from raypd.diffusion import make_logsnr_fn
     from raypd.eval.evaluate import read_images
     from raypd.eval.fid import Extractor, ImageSet, fidelity
     from raypd.eval.samples import fixed_noise, sample_ddim
@@ -128,8 +124,7 @@ def _score(student_dir: Path, spec: dict[str, Any]) -> float:
     d = meta.data
     z, y = fixed_noise(spec["num_samples"], d.channels, d.resolution, seed=spec["seed"], num_classes=d.num_classes)
 
-    logsnr_fn = make_logsnr_fn(meta.schedule, logsnr_min=meta.logsnr_min, logsnr_max=meta.logsnr_max,
-                               betas=meta.discrete_betas)
+    logsnr_fn = meta.logsnr_fn()
     samples = sample_ddim(model, z, y, meta.sampling_steps, logsnr_fn=logsnr_fn)
     extractor = Extractor(**spec["extractor"])
     ref = spec["reference"]

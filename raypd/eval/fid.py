@@ -105,11 +105,9 @@ def fidelity(generated: Tensor, reference: ImageSet, extractor: Extractor, *, ca
     n = min(gen.shape[0], len(reference))
     cache_root.mkdir(parents=True, exist_ok=True)
     out = torch_fidelity.calculate_metrics(
-        input1=ImageSet(gen.shape[0], lambda: gen, rgb), input2=reference, fid=True, kid=kid, prc=prc,
-        isc=isc and extractor.kind == "inception", cuda=torch.cuda.is_available(), verbose=False, cache=True,
-        cache_root=str(cache_root), input2_cache_name=cache_name, kid_subset_size=min(1000, n), batch_size=64,
-        save_cpu_ram=True,  # the images are already in memory: loader worker processes only add start-up cost
-        **extractor.fidelity_kwargs())
+        input1=ImageSet(gen.shape[0], lambda: gen, rgb), input2=reference, cache=True, cache_root=str(cache_root),
+        input2_cache_name=cache_name, **_fidelity_kwargs(extractor, kid=kid, prc=prc, n=n,
+                                                         isc=isc and extractor.kind == "inception"))
     result = {"fid": float(out["frechet_inception_distance"])}
     if kid:
         result["kid"] = float(out["kernel_inception_distance_mean"])
@@ -124,8 +122,10 @@ def fidelity(generated: Tensor, reference: ImageSet, extractor: Extractor, *, ca
 # ---- features computed elsewhere (spread over Ray workers), metrics here ---------------------
 
 
-def _fidelity_kwargs(extractor: Extractor, *, kid: bool, prc: bool, n: int) -> dict:
-    return dict(fid=True, kid=kid, prc=prc, isc=False, cuda=torch.cuda.is_available(), verbose=False,
+def _fidelity_kwargs(extractor: Extractor, *, kid: bool, prc: bool, n: int, isc: bool = False) -> dict:
+    """torch-fidelity's settings, the same whether it extracts the features or the workers did."""
+    # save_cpu_ram: the images are already in memory, loader worker processes only add start-up cost
+    return dict(fid=True, kid=kid, prc=prc, isc=isc, cuda=torch.cuda.is_available(), verbose=False,
                 kid_subset_size=min(1000, n), batch_size=64, save_cpu_ram=True, **extractor.fidelity_kwargs())
 
 

@@ -15,7 +15,7 @@ ALLOWED = {
     "data": {"config", "data"},
     "train": {"diffusion", "config", "models", "data", "train"},
     "eval": {"diffusion", "config", "models", "data", "eval"},
-    "checkpoint": {"config", "models"},
+    "checkpoint": {"diffusion", "config", "models"},
     "hf": {"diffusion", "config", "models", "checkpoint", "hf"},
     "runs": {"config"},
     "plan": {"config", "train", "models", "data", "checkpoint", "hf"},

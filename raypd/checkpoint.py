@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -78,13 +78,14 @@ def meta_for(cfg: Config, *, kind: Literal["teacher", "student"], sampling_steps
                           cfg.diffusion.schedule, tuple(cfg.diffusion.discrete_betas))
 
 
-def save_checkpoint(path: str | Path, model: Denoiser, meta: CheckpointMeta) -> Path:
-    """Write weights and metadata atomically to ``path`` (replacing an older checkpoint there)."""
+def save_checkpoint(path: str | Path, model: Denoiser | Mapping[str, torch.Tensor], meta: CheckpointMeta) -> Path:
+    """Write weights (a model, or its state dict) and metadata atomically to ``path`` (replacing an older one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        weights = model if isinstance(model, Mapping) else model.state_dict()
+        state = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
         save_file(state, str(tmp / WEIGHTS))
         # the weights' digest goes in the metadata, written last: a checkpoint whose weights were cut
         # short or altered afterwards is recognised as damaged instead of loading garbage

@@ -286,9 +286,16 @@ class DistConfig:
     zero_stage: int = 2
     """DeepSpeed ZeRO stage of the student: 0 (plain data parallel), 1, 2 or 3."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Student training precision (bf16 on GPUs that have it; fp16 is refused on CPU)."""
+    """Student training precision. bf16: DeepSpeed keeps bf16 weights for the forward (run under autocast)
+    and fp32 master weights in the optimizer; the student handed to the next stage is the fp32 master.
+    fp16 needs GPUs (it is refused on CPU)."""
+    teacher_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """The frozen teacher's forward precision in distillation (two of an update's five forward-equivalents):
+    auto is bf16 on GPUs that have it and fp32 otherwise. Only the network runs in bf16: the DDIM steps and
+    the inversion to the target x (which divides by small differences of alpha and sigma) stay fp32."""
     offload_optimizer: bool = False
-    """Keep the optimizer state in CPU memory (ZeRO-Offload)."""
+    """Keep the optimizer state in CPU memory (ZeRO-Offload; ZeRO stage 1, 2 or 3). The optimizer is DeepSpeed's
+    CPU Adam where that op was compiled into the install, torch's Adam on the offloaded states otherwise."""
     offload_params: bool = False
     """Keep the parameters in CPU memory (needs ZeRO stage 3)."""
     checkpoint_every: int = 100
@@ -311,6 +318,8 @@ class DistConfig:
         _require(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
         _require(self.zero_stage in (0, 1, 2, 3), "zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
         _require(not self.offload_params or self.zero_stage == 3, "offload_params", "needs zero_stage 3")
+        _require(not self.offload_optimizer or self.zero_stage >= 1, "offload_optimizer",
+                 "needs zero_stage 1, 2 or 3 (stage 0 keeps no optimizer partition to offload)")
         _require(self.precision != "fp16" or self.use_gpu, "precision", "fp16 needs GPUs (use bf16 or fp32 on CPU)")
         _require(self.checkpoint_every >= 1, "checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
         _require(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from raypd.checkpoint import CheckpointError
     from raypd.data.shards import DataError
     from raypd.dist.sweep import SweepError
-    from raypd.dist.trainer import ClusterError, NumericalError
+    from raypd.dist.trainer import ClusterError, NumericalError, StageError
     from raypd.pipeline import run_pipeline
     from raypd.runs import RunStateError
 
@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (NumericalError, SweepError) as err:
         print(f"training error: {err}", file=sys.stderr)
+        return 2
+    except StageError as err:
+        print(f"{err.category} error: {err}", file=sys.stderr)
         return 2
     run = Path(summary["report"]).parent
     print(f"final student ({summary['rounds'][-1]['student_steps']} steps): {run / summary['final_checkpoint']}")

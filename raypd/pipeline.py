@@ -208,18 +208,21 @@ def run_pipeline(cfg: Config, *, mode: str = "auto") -> dict:
 
 
 def _run(cfg: Config, out: Path) -> dict:
-    shards = training_shards(cfg.data, out / "data", seed=cfg.run.seed)
+    readers = max(1, cfg.dist.workers) * max(1, cfg.data.loader_workers)
+    shards = training_shards(cfg.data, out / "data", seed=cfg.run.seed, readers=readers)
     d = cfg.data
+    # every Ray Train rank reads its own shards with its own loader processes: count them all
     manifest = check_shards(shards, resolution=d.resolution, channels=d.channels, num_classes=d.num_classes,
-                            world_size=1, num_workers=d.loader_workers)
+                            world_size=max(1, cfg.dist.workers), num_workers=d.loader_workers)
     ctx = Context(cfg, out, pick_device(cfg.run.device), shards)
     count = manifest["splits"]["train"]["count"] if manifest else "?"
     log(f"[raypd] run directory {out}, device {ctx.device}, {count} training images of "
         f"{d.channels}x{d.resolution}x{d.resolution} in {len(shards)} shards")
     start = time.perf_counter()
     if cfg.dist.workers or cfg.sweep.enabled:
-        from raypd.dist.trainer import ensure_ray
+        from raypd.dist.trainer import check_stages_in_progress, ensure_ray
 
+        check_stages_in_progress(cfg, out)  # a stage checkpointed under other dist settings cannot continue
         ensure_ray(cfg)  # fails here, before any training, when the cluster cannot host the workers
     teacher, teacher_path = obtain_teacher(ctx)
     cfg = ctx.cfg  # an imported diffusers teacher fixes the model and the noise schedule

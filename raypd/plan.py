@@ -172,13 +172,31 @@ def describe_plan(cfg: Config) -> list[str]:
     return lines
 
 
+def check_storage(cfg: Config, checks: Checks) -> None:
+    from raypd.runs import RunStateError, check_storage_path
+
+    try:
+        check_storage_path(cfg.run.storage_path)
+        checks.passed.append(f"storage: {Path(cfg.run.storage_path).absolute()}")
+    except RunStateError as err:
+        checks.errors.append(f"run.storage_path: {err}")
+        return
+    from raypd.dist.trainer import StageError, check_stages_in_progress
+
+    try:
+        check_stages_in_progress(cfg, Path(cfg.run.storage_path).absolute() / cfg.run.name)
+    except StageError as err:
+        checks.errors.append(f"dist: {err}")
+
+
 def dry_run(cfg: Config) -> int:
     """Print checks and plan; 0 when nothing is wrong, 2 when a check failed."""
     checks = Checks()
     check_data(cfg, checks)
     check_teacher(cfg, checks)
     plan_cfg = planned_config(cfg, checks)
-    out = Path(cfg.run.storage_path) / cfg.run.name
+    check_storage(cfg, checks)
+    out = Path(cfg.run.storage_path).absolute() / cfg.run.name
     print(f"run: {out}" + (" (exists: the run would continue there)" if (out / "config.json").is_file() else ""))
     if plan_cfg.teacher.source == "diffusers" and plan_cfg.model.backbone != "diffusers":
         print("(no plan: the diffusers teacher could not be read, see below)")

@@ -62,8 +62,26 @@ def has_state(out: Path) -> bool:
     return (out / CONFIG).is_file()
 
 
+RAY_JOB_COPY = "runtime_resources/working_dir_files"
+"""Part of the path of the per-job copy of the working directory that ``ray job submit --working-dir`` runs in."""
+
+
+def check_storage_path(storage_path: str, cwd: str | None = None) -> None:
+    """Refuse a relative storage path inside a Ray job's copy of its working directory.
+
+    That copy is made anew for every submission (under a content hash), so a run written relative to
+    it would never be found again by a resubmitted job: resume after a failure would start over.
+    """
+    cwd = cwd if cwd is not None else os.getcwd()
+    if not Path(storage_path).is_absolute() and RAY_JOB_COPY in Path(cwd).as_posix():
+        raise RunStateError(f"run.storage_path={storage_path!r} is relative, and this job runs in Ray's per-job copy "
+                            f"of its working directory ({cwd}): a resubmitted job would not find the run. Give an "
+                            "absolute path on storage every node shares (--storage /mnt/shared/raypd-runs)")
+
+
 def run_dir(cfg: Config) -> Path:
     """The run's directory, absolute: Ray workers and Tune trials do not share the driver's working directory."""
+    check_storage_path(cfg.run.storage_path)
     return (Path(cfg.run.storage_path) / cfg.run.name).resolve()
 
 

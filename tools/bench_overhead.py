@@ -1,17 +1,19 @@
 """Updates per second of a round run through Ray Train + DeepSpeed against the bare-PyTorch floor.
 
 Same model, batch and threads in one run: the floor is tools/bench_step.py's bare distillation
-step in this process with as many threads as one Ray worker gets (1 by default); the round runs
-as a real Ray Train run of DeepSpeed ZeRO-2 workers (1, then 2), and its speed is taken from the
-workers' own report over the second half of the round (after start-up). Goal: 1 worker within
-1.10x of the floor.
+step in this process with as many threads as one Ray worker gets (1 by default), under bf16
+autocast when the round runs in bf16; the round runs as a real Ray Train run of DeepSpeed workers
+(1, then 2) for every ZeRO stage and precision asked for, and its speed is taken from the workers'
+own report over the second half of the round (after start-up). Goal: 1 worker within 1.10x of the floor.
 
     python tools/bench_overhead.py [--batch 32] [--updates 60] [--resolution 16] [--loader-workers 1]
+                                   [--precision fp32 bf16] [--zero-stage 0 1 2 3] [--workers 1 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -31,18 +33,20 @@ from raypd.models import build_denoiser  # noqa: E402
 from raypd.train import freeze, make_student  # noqa: E402
 
 
-def floor_rate(cfg, teacher, batch: int, iters: int = 15) -> float:
+def floor_rate(cfg, teacher, batch: int, precision: str, iters: int = 15) -> float:
     student = make_student(teacher)
     opt = torch.optim.Adam(student.parameters(), lr=1e-4)
     x = torch.rand(batch, cfg.data.channels, cfg.data.resolution, cfg.data.resolution) * 2 - 1
     gen = torch.Generator().manual_seed(0)
-    for _ in range(3):
-        floor_step(student, teacher, opt, x, 8, gen)
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        floor_step(student, teacher, opt, x, 8, gen)
-        times.append(time.perf_counter() - start)
+    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext())
+    with autocast:
+        for _ in range(3):
+            floor_step(student, teacher, opt, x, 8, gen)
+        times = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            floor_step(student, teacher, opt, x, 8, gen)
+            times.append(time.perf_counter() - start)
     return 1.0 / statistics.median(times)
 
 
@@ -54,6 +58,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="threads per worker (Ray's default is 1)")
     parser.add_argument("--loader-workers", type=int, default=1,
                         help="decoding processes per worker (0 decodes on the training thread, which the floor never does)")
+    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
+    parser.add_argument("--zero-stage", nargs="+", type=int, default=[2], choices=[0, 1, 2, 3])
+    parser.add_argument("--workers", nargs="+", type=int, default=[1, 2])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -64,20 +71,30 @@ def main() -> None:
         teacher = freeze(build_denoiser(cfg.model, cfg.data))
         save_checkpoint(root / "teacher", teacher, meta_for(cfg, kind="teacher", sampling_steps=16, round=None))
         torch.set_num_threads(args.threads)
-        floor = floor_rate(cfg, teacher, args.batch)
-        print(f"floor (bare PyTorch, {args.threads} thread(s)): {floor:.2f} updates/s at batch {args.batch}")
-        shards = training_shards(cfg.data, root / "data")
-        for workers in (1, 2):
-            wcfg = load_config(None, base + [f"dist.workers={workers}"])
-            ensure_ray(wcfg)
-            spec = {"kind": "round", "teacher": str(root / "teacher"), "updates": args.updates, "round": 0,
-                    "student_steps": 8, "sampling_steps": 8, "stream": 1, "shards": shards}
-            metrics = run_stage(wcfg, name=f"bench-{workers}w", spec=spec, storage=root / "ray",
-                                output=root / f"out-{workers}")
-            rate = metrics["samples_per_s"] / args.batch
-            print(f"Ray Train + DeepSpeed ZeRO-2, {workers} worker(s): {rate:.2f} updates/s "
-                  f"(global batch {args.batch}); floor / raypd = {floor / rate:.2f}x")
-
+        shards = training_shards(cfg.data, root / "data", readers=max(args.workers) * max(1, args.loader_workers))
+        rows = []
+        for precision in args.precision:
+            floor = floor_rate(cfg, teacher, args.batch, precision)
+            print(f"floor (bare PyTorch, {precision}, {args.threads} thread(s)): {floor:.2f} updates/s at batch "
+                  f"{args.batch}", flush=True)
+            for stage in args.zero_stage:
+                for workers in args.workers:
+                    wcfg = load_config(None, base + [f"dist.workers={workers}", f"dist.zero_stage={stage}",
+                                                     f"dist.precision={precision}", "dist.teacher_dtype=" +
+                                                     ("bf16" if precision == "bf16" else "fp32")])
+                    ensure_ray(wcfg)
+                    spec = {"kind": "round", "teacher": str(root / "teacher"), "updates": args.updates, "round": 0,
+                            "student_steps": 8, "sampling_steps": 8, "stream": 1, "shards": shards}
+                    name = f"bench-z{stage}-{precision}-{workers}w"
+                    began = time.perf_counter()
+                    metrics = run_stage(wcfg, name=name, spec=spec, storage=root / "ray", output=root / name)
+                    rate = metrics["samples_per_s"] / args.batch
+                    rows.append((precision, stage, workers, rate, floor / rate, time.perf_counter() - began))
+                    print(f"Ray Train + DeepSpeed ZeRO-{stage} {precision}, {workers} worker(s): {rate:.2f} updates/s "
+                          f"(global batch {args.batch}); floor / raypd = {floor / rate:.2f}x", flush=True)
+        print("\nprecision | ZeRO | workers | updates/s | floor/raypd | wall s")
+        for precision, stage, workers, rate, ratio, wall in rows:
+            print(f"{precision} | {stage} | {workers} | {rate:.2f} | {ratio:.2f}x | {wall:.0f}")
 
 if __name__ == "__main__":
     main()

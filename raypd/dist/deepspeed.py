@@ -4,38 +4,53 @@ The DeepSpeed config is generated from typed arguments and checked after initial
 DeepSpeed silently ignores a misspelled key (a run would quietly train as ZeRO-0), so the stage
 it actually runs is asserted. The teacher never enters DeepSpeed: it stays a frozen plain module
 beside the engine (under ZeRO-3 it must not be partitioned).
+
+Precision: under bf16 DeepSpeed holds the student's weights in bf16 and the fp32 master weights
+in its optimizer; the forward runs under ``torch.autocast`` (the Denoiser still does its
+parameterization arithmetic in fp32). The weights a stage hands on are always the fp32 master,
+assembled by DeepSpeed (``safe_get_full_fp32_param``), never ``module.state_dict()``: under ZeRO-3
+that holds empty placeholders and under bf16 only rounded copies.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Literal
 
 import torch
+from torch import Tensor, nn
 
 from raypd.models import Denoiser
 from raypd.train.ema import EMA
 from raypd.train.lr import LrSchedule
 
 Precision = Literal["fp32", "bf16", "fp16"]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def ds_config(*, global_batch: int, world_size: int, zero_stage: int, precision: Precision, grad_clip: float,
-              offload_optimizer: bool = False, offload_params: bool = False) -> dict:
-    """The DeepSpeed config for a global batch split evenly over ``world_size`` ranks (no accumulation)."""
+              offload_optimizer: bool = False, offload_params: bool = False, client_optimizer: bool = True) -> dict:
+    """The DeepSpeed config for a global batch split evenly over ``world_size`` ranks (no accumulation).
+
+    ``client_optimizer``: the optimizer is a torch one handed to ``deepspeed.initialize``; with offload
+    that needs DeepSpeed's switch that allows it (its own CPU Adam needs a compiled op).
+    """
     if global_batch % world_size:
         raise ValueError(f"the global batch {global_batch} does not split evenly over {world_size} workers")
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {zero_stage}")
     if offload_params and zero_stage != 3:
         raise ValueError("parameter offload needs ZeRO stage 3")
+    if offload_optimizer and zero_stage == 0:
+        raise ValueError("optimizer offload needs ZeRO stage 1, 2 or 3")
     zero: dict = {"stage": zero_stage}
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     if offload_params:
         zero["offload_param"] = {"device": "cpu"}
-    return {
+    config = {
         "train_batch_size": global_batch,
         "train_micro_batch_size_per_gpu": global_batch // world_size,
         "gradient_accumulation_steps": 1,
@@ -46,37 +61,154 @@ def ds_config(*, global_batch: int, world_size: int, zero_stage: int, precision:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if (offload_optimizer or offload_params) and client_optimizer:
+        config["zero_force_ds_cpu_optimizer"] = False
+    return config
+
+
+def ds_cpu_adam_prebuilt() -> bool:
+    """Whether DeepSpeed's CPU Adam op was compiled into this install (else using it would compile it now)."""
+    try:
+        from deepspeed.git_version_info import installed_ops
+    except ImportError:
+        return False
+    return bool(installed_ops.get("cpu_adam"))
+
+
+class MixedPrecisionForward(nn.Module):
+    """Calls the DeepSpeed engine under autocast to its low-precision dtype; returns fp32 x_hat."""
+
+    def __init__(self, engine: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.engine, self.dtype = engine, dtype
+
+    def forward(self, z: Tensor, logsnr: Tensor, y: Tensor | None = None) -> Tensor:
+        with torch.autocast(z.device.type, dtype=self.dtype):
+            return self.engine(z, logsnr, y).float()
+
+
+def _grad_norm(params: list[nn.Parameter]) -> float:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
 
 class DeepSpeedEngine:
     """The Engine interface (model, backward, step) over a deepspeed engine."""
 
-    def __init__(self, engine, schedule: LrSchedule, base_lr: float, ema: EMA | None = None):
+    def __init__(self, engine, schedule: LrSchedule, base_lr: float, ema: EMA | None = None,
+                 precision: Precision = "fp32"):
         self.engine, self.schedule, self.base_lr, self.ema = engine, schedule, base_lr, ema
-        self.model = engine  # calling the engine runs the wrapped Denoiser's forward with ZeRO's hooks
+        self.precision = precision
+        # calling the engine runs the wrapped Denoiser's forward with ZeRO's hooks
+        self.model = MixedPrecisionForward(engine, DTYPES[precision]) if precision in DTYPES else engine
+        self.zero_stage = engine.zero_optimization_stage()
         self.updates = 0
         self.skipped_updates = 0
-        self._set_lr()
+        self.set_lr()
 
-    def _set_lr(self) -> None:
+    def set_lr(self) -> None:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = self.base_lr * self.schedule(self.updates)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: Tensor) -> None:
         self.engine.backward(loss)
 
     def step(self) -> tuple[float, float]:
         lr = self.engine.optimizer.param_groups[0]["lr"]
-        self.engine.step()  # clips to gradient_clipping and updates (fp16 skips overflowing steps itself)
-        norm = self.engine.get_global_grad_norm()
+        own_norm = None
+        if self.zero_stage == 0 and self.precision == "fp32":
+            # DeepSpeed then runs the torch optimizer as is: it keeps no norm and would apply a NaN
+            # gradient; the gradients are all-reduced already, so this norm is the global one
+            params = [p for p in self.engine.module.parameters() if p.requires_grad]
+            own_norm = _grad_norm(params)
+        if own_norm is not None and not math.isfinite(own_norm):
+            for p in params:
+                p.grad = None  # a real skip: no optimizer step, Adam's moments untouched
+        else:
+            self.engine.step()  # clips to gradient_clipping and updates unless the gradients overflowed
+        norm = own_norm if own_norm is not None else self.engine.get_global_grad_norm()
         grad_norm = float(norm) if norm is not None else math.nan
+        if norm is None:
+            raise RuntimeError(f"DeepSpeed reported no gradient norm (ZeRO stage {self.zero_stage}, {self.precision})")
         if not math.isfinite(grad_norm):
             self.skipped_updates += 1
         elif self.ema is not None:
-            self.ema.update(self.engine.module)
+            with self.gathered():
+                self.ema.update(self.engine.module)
         self.updates += 1
-        self._set_lr()
+        self.set_lr()
         return grad_norm, lr
+
+    def gathered(self):
+        """Whole parameters on every rank for the duration (ZeRO-3 partitions them; a no-op otherwise)."""
+        if self.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
+
+    def master_state_dict(self) -> dict[str, Tensor]:
+        """The full fp32 weights, by name, on CPU; collective under ZeRO-3 (call it on every rank)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        state, masters = {}, self._stage0_masters()
+        for name, p in self.engine.module.named_parameters():
+            full = safe_get_full_fp32_param(p) if p.requires_grad else None
+            if full is None and id(p) in masters:
+                full = masters[id(p)]
+            if full is None:
+                if p.requires_grad and p.dtype != torch.float32:
+                    raise RuntimeError(f"no fp32 master weights found for {name} (ZeRO stage {self.zero_stage}, "
+                                       f"{self.precision})")
+                full = self._gathered_copy(p)  # ZeRO-0 in fp32, frozen weights: the module's own are the master
+            state[name] = full.float().cpu().contiguous()
+        for name, b in self.engine.module.named_buffers():
+            state[name] = b.detach().cpu().clone()
+        return state
+
+    def set_master(self, state: dict[str, Tensor]) -> None:
+        """Write exact fp32 weights into the master copy (DeepSpeed derives it from the weights it has cast to
+        bf16/fp16, so a student would otherwise start from a rounded teacher). Collective under ZeRO-3."""
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        masters = self._stage0_masters(copy=False)
+        with torch.no_grad():
+            for name, p in self.engine.module.named_parameters():
+                if not p.requires_grad or name not in state:
+                    continue
+                value = state[name].to(device=p.device if p.numel() else state[name].device, dtype=torch.float32)
+                if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
+                    safe_set_full_fp32_param(p, value)
+                elif id(p) in masters:
+                    masters[id(p)].copy_(value)
+
+    def _stage0_masters(self, copy: bool = True) -> dict[int, Tensor]:
+        """ZeRO-0 under bf16/fp16 wraps the optimizer in DeepSpeed's fp16 optimizers, which keep the fp32
+        master copies in ``fp32_groups`` (one tensor per parameter, or one flat tensor per group)."""
+        opt = self.engine.optimizer
+        lows, highs = getattr(opt, "fp16_groups", None), getattr(opt, "fp32_groups", None)
+        if highs is None:
+            highs = getattr(opt, "fp32_groups_flat", None)
+        if self.zero_stage != 0 or not lows or highs is None:
+            return {}
+        from torch._utils import _unflatten_dense_tensors
+
+        masters = {}
+        for low, high in zip(lows, highs):
+            if isinstance(high, Tensor):
+                high = _unflatten_dense_tensors(high, low)  # views into the flat buffer
+            masters.update({id(p): h.detach().clone() if copy else h for p, h in zip(low, high)})
+        return masters
+
+    def _gathered_copy(self, p: nn.Parameter) -> Tensor:
+        if self.zero_stage != 3:
+            return p.detach().clone()
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            return p.detach().clone()
 
     @property
     def module(self) -> Denoiser:
@@ -85,18 +217,37 @@ class DeepSpeedEngine:
 
 def build_deepspeed_engine(model: Denoiser, *, lr: float, betas: tuple[float, float], schedule: LrSchedule,
                            config: dict, ema_decay: float | None = None) -> DeepSpeedEngine:
-    """Initialise DeepSpeed around the student with a client torch Adam (no C++ op build at start-up)."""
+    """Initialise DeepSpeed around the student.
+
+    The optimizer is torch's Adam (no C++ op to build at start-up), except with ZeRO-Offload where
+    DeepSpeed's CPU Adam is compiled into the install: then that one, which is much faster on CPU
+    states.
+    """
     import deepspeed
 
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, betas=betas)
+    params = [p for p in model.parameters() if p.requires_grad]
+    zero = config["zero_optimization"]
+    offload = "offload_optimizer" in zero or "offload_param" in zero
+    if offload and ds_cpu_adam_prebuilt():
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(params, lr=lr, betas=betas, adamw_mode=False)
+        config = {k: v for k, v in config.items() if k != "zero_force_ds_cpu_optimizer"}
+    else:
+        optimizer = torch.optim.Adam(params, lr=lr, betas=betas)
+    # an EMA copy, and the exact fp32 weights, are taken before DeepSpeed partitions (ZeRO-3) or casts them
+    ema = EMA(model, ema_decay) if ema_decay is not None else None
+    low_precision = config["bf16"]["enabled"] or config["fp16"]["enabled"]
+    exact = {n: p.detach().float().cpu().clone() for n, p in model.named_parameters()} if low_precision else None
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-    want = config["zero_optimization"]["stage"]
+    want = zero["stage"]
     if engine.zero_optimization_stage() != want:
         raise RuntimeError(f"DeepSpeed runs ZeRO stage {engine.zero_optimization_stage()}, the config asked for {want}")
-    if ema_decay is not None and engine.zero_optimization_stage() == 3:
-        raise ValueError("an EMA of the weights (teacher training) needs whole weights on every rank: use ZeRO stage <= 2")
-    ema = EMA(engine.module, ema_decay) if ema_decay is not None else None
-    return DeepSpeedEngine(engine, schedule, lr, ema)
+    precision: Precision = "bf16" if config["bf16"]["enabled"] else "fp16" if config["fp16"]["enabled"] else "fp32"
+    wrapped = DeepSpeedEngine(engine, schedule, lr, ema, precision)
+    if exact is not None:
+        wrapped.set_master(exact)
+    return wrapped
 
 
 def init_single_process(port: int = 29511) -> None:

@@ -7,6 +7,7 @@ last checkpoint and never mixes two stages' checkpoints (Ray resumes any run by 
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import sys
 import tempfile
@@ -23,20 +24,83 @@ class NumericalError(RuntimeError):
     """A stage whose loss or gradients stayed non-finite through every roll-back."""
 
 
+class StageError(RuntimeError):
+    """A stage stopped by an error a restart would meet again (data, configuration, checkpoint, settings)."""
+
+    def __init__(self, message: str, category: str = "stage"):
+        super().__init__(message)
+        self.category = category
+
+
+def worker_bundle(cfg: Config) -> dict[str, float]:
+    """What one Ray Train worker reserves (Ray Train's default: one CPU, plus one GPU with use_gpu)."""
+    return {"CPU": 1.0, **({"GPU": 1.0} if cfg.dist.use_gpu else {})}
+
+
+def placeable_workers(nodes: list[dict], bundle: dict[str, float]) -> int:
+    """How many worker bundles the alive nodes can host, each bundle on one node (a worker cannot span nodes)."""
+    total = 0
+    for node in nodes:
+        if not node.get("Alive", node.get("alive", True)):
+            continue
+        have = node.get("Resources", {})
+        total += int(min(have.get(k, 0.0) // v for k, v in bundle.items() if v > 0))
+    return total
+
+
 def ensure_ray(cfg: Config) -> None:
-    """Connect to the running cluster (``ray job submit`` sets RAY_ADDRESS) or start a local one."""
+    """Connect to the running cluster (``ray job submit`` sets RAY_ADDRESS) or start a local one, and check
+    that its nodes can host the workers: each worker's CPU and GPU on one node, counted node by node."""
     import ray
 
     if not ray.is_initialized():
         ray.init(log_to_driver=True, configure_logging=False)
-    have = ray.cluster_resources()
     d = cfg.dist
-    if d.use_gpu and have.get("GPU", 0) < d.workers:
-        raise ClusterError(f"dist.workers={d.workers} with dist.use_gpu=true needs {d.workers} GPUs; "
-                           f"the cluster has {int(have.get('GPU', 0))}")
-    if not d.use_gpu and have.get("CPU", 0) < d.workers:
-        raise ClusterError(f"dist.workers={d.workers} CPU workers need {d.workers} CPUs; "
-                           f"the cluster has {int(have.get('CPU', 0))}")
+    bundle = worker_bundle(cfg)
+    fits = placeable_workers(ray.nodes(), bundle)
+    if fits < d.workers:
+        have = ray.cluster_resources()
+        what = "GPU" if d.use_gpu else "CPU"
+        who = f"dist.workers={d.workers} with dist.use_gpu=true needs" if d.use_gpu else \
+            f"dist.workers={d.workers} CPU workers need"
+        raise ClusterError(f"{who} {d.workers} {what}s; the cluster has {int(have.get(what, 0))}, and its nodes can "
+                           f"host {fits} worker(s) of {bundle} each")
+
+
+def check_stage_settings(cfg: Config, storage: Path, name: str) -> None:
+    """Refuse to continue a stage whose newest checkpoint was written with other ``dist`` settings."""
+    from raypd.dist.stage_run import SETTINGS, dist_settings, settings_mismatch
+
+    run = storage / name
+    found = sorted(run.glob(f"checkpoint_*/{SETTINGS}"), key=lambda p: p.stat().st_mtime) if run.is_dir() else []
+    if not found:
+        return
+    problem = settings_mismatch(json.loads(found[-1].read_text()), dist_settings(cfg, cfg.dist.workers))
+    if problem:
+        raise StageError(f"stage {name} is in progress in {run}: {problem}", "settings")
+
+
+def check_stages_in_progress(cfg: Config, out: Path) -> None:
+    """Before anything starts: every unfinished stage's Ray run checkpointed with other ``dist`` settings is
+    refused (finished stages, whose checkpoints are in the run directory, are never affected)."""
+    ray_dir = out / "ray"
+    if not ray_dir.is_dir():
+        return
+    for stage in sorted(p for p in ray_dir.iterdir() if p.is_dir()):
+        finished = (out / "teacher" / "meta.json").is_file() if stage.name == "teacher" else any(
+            (p / "meta.json").is_file() for p in out.glob(f"{stage.name}-*steps"))
+        if not finished:
+            check_stage_settings(cfg, ray_dir, stage.name)
+
+
+def _raise_failure(name: str, value) -> None:
+    """Turn a worker's agreed failure into the driver's exception."""
+    if not isinstance(value, dict) or not value.get("error"):
+        return
+    category, message = value.get("category", "stage"), value["error"]
+    if category == "numerical":
+        raise NumericalError(message)
+    raise StageError(message, category)
 
 
 def run_stage(cfg: Config, *, name: str, spec: dict, storage: Path, output: Path, callbacks: list | None = None) -> dict:
@@ -50,6 +114,7 @@ def run_stage(cfg: Config, *, name: str, spec: dict, storage: Path, output: Path
     from raypd.dist.worker import train_loop
 
     d = cfg.dist
+    check_stage_settings(cfg, storage, name)
     # each rank stages its checkpoint files on its own node's disk before Ray persists them; the
     # folder is named after the run, so a restarted worker clears what a killed one left behind
     key = hashlib.sha1(f"{storage.resolve()}/{name}".encode()).hexdigest()[:12]
@@ -65,11 +130,16 @@ def run_stage(cfg: Config, *, name: str, spec: dict, storage: Path, output: Path
     )
     print(f"[{name}] Ray Train run on {d.workers} worker(s), ZeRO stage {d.zero_stage}, {d.precision}",
           file=sys.stderr, flush=True)
-    result = trainer.fit()
-    shutil.rmtree(staging, ignore_errors=True)
-    failure = (result.return_value or {}).get("error") if isinstance(result.return_value, dict) else None
-    if failure:
-        raise NumericalError(failure)
+    try:
+        result = trainer.fit()
+    except Exception as err:  # noqa: BLE001 - Ray wraps the workers' last error; say it once, plainly
+        if type(err).__name__ != "TrainingFailedError":
+            raise
+        raise StageError(f"stage {name} failed after {d.max_failures} restart(s) of its worker group: "
+                         f"{_root_cause(err)}", "cluster") from err
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    _raise_failure(name, result.return_value)
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {name} finished without a checkpoint")
     with result.checkpoint.as_directory() as path:
@@ -78,6 +148,19 @@ def run_stage(cfg: Config, *, name: str, spec: dict, storage: Path, output: Path
             raise RuntimeError(f"the last checkpoint of run {name} holds no consolidated model")
         copy_into_place(source, output)
     return dict(result.metrics or {})
+
+
+def _root_cause(err: BaseException) -> str:
+    """The innermost error's one-line description."""
+    seen = err
+    while seen.__cause__ is not None or getattr(seen, "worker_failures", None):
+        failures = getattr(seen, "worker_failures", None)
+        if failures:
+            seen = next(iter(failures.values()))
+            continue
+        seen = seen.__cause__
+    text = str(seen).strip().splitlines()
+    return f"{type(seen).__name__}: {text[-1] if text else ''}"
 
 
 def copy_into_place(source: Path, output: Path) -> None:

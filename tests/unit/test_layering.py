@@ -18,7 +18,7 @@ ALLOWED = {
     "checkpoint": {"diffusion", "config", "models"},
     "hf": {"diffusion", "config", "models", "checkpoint", "hf"},
     "runs": {"config"},
-    "plan": {"config", "train", "models", "data", "checkpoint", "hf"},
+    "plan": {"config", "train", "models", "data", "checkpoint", "hf", "runs", "dist"},
 }
 HEAVY_ONLY_IN = {"ray": {"dist"}, "deepspeed": {"dist"}, "torch_fidelity": {"eval"}, "diffusers": {"models", "tools"}}
 

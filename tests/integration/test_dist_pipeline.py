@@ -1,0 +1,95 @@
+"""The pipeline on Ray Train + DeepSpeed in one shared Ray session.
+
+Each paper config, shortened to a tiny model and data but with its own dist settings (ZeRO stage,
+precision, offload, teacher precision) on 2 CPU workers, runs one distillation round through the
+whole pipeline: Ray Train + DeepSpeed, evaluation as Ray tasks, the report. And an error inside the
+workers that a restart would meet again stops the stage at once, as one message."""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+PAPER = ["cifar10.yaml", "imagenet64.yaml", "lsun_bedroom128.yaml", "lsun_church128.yaml"]
+SHRINK = ["data.source=digits", "data.resolution=8", "data.channels=1", "data.random_flip=false",
+          "data.loader_workers=1", "data.shuffle_buffer=64", "model.ch=32", "model.ch_mult=[1,2]",
+          "model.num_res_blocks=1", "model.attn_resolutions=[4]", "teacher.sampling_steps=2", "distill.start_steps=2",
+          "distill.updates_per_round=4", "distill.batch_size=8", "eval.extractor=classifier", "eval.num_samples=16",
+          "eval.grid_size=16", "eval.reference_samples=64", "eval.classifier_updates=20", "eval.kid=false",
+          "dist.workers=2", "dist.use_gpu=false", "dist.checkpoint_every=2", "dist.collective_timeout_s=120",
+          "run.device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_paper_config_runs_a_round_on_cpu_with_its_dist_settings(ray_session, tmp_path, name):
+    from raypd.checkpoint import meta_for, save_checkpoint
+    from raypd.config import load_config
+    from raypd.distill import main
+    from raypd.models import build_denoiser
+
+    paper = load_config(ROOT / "configs" / name)
+    classes = ["data.num_classes=10"] if paper.data.num_classes else []
+    cfg = load_config(ROOT / "configs" / name, SHRINK + classes)
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "teacher", build_denoiser(cfg.model, cfg.data),
+                    meta_for(cfg, kind="teacher", sampling_steps=2, round=None))
+    args = ["--config", str(ROOT / "configs" / name), *SHRINK, *classes, f"teacher.checkpoint={tmp_path / 'teacher'}",
+            f"run.storage_path={tmp_path}", "run.name=r"]
+    assert main(args) == 0
+    run = tmp_path / "r"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["final_checkpoint"] == "round-00-1steps"
+    meta = json.loads((run / "round-00-1steps" / "meta.json").read_text())
+    saved = meta["config"]["dist"]
+    for key in ("zero_stage", "precision", "offload_optimizer", "offload_params", "teacher_dtype"):
+        assert saved[key] == getattr(paper.dist, key), key  # the paper config's own settings ran
+    assert meta["metrics"]["skipped_updates"] == 0
+    assert summary["rounds"][0]["final_loss"] > 0
+
+
+def test_an_error_every_restart_would_repeat_stops_the_stage_at_once(ray_session, tmp_path, capsys):
+    from raypd.checkpoint import meta_for, save_checkpoint
+    from raypd.config import load_config
+    from raypd.distill import main
+    from raypd.models import build_denoiser
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"not an image" * 10)
+    for i in range(4):  # shards whose every image is unreadable: the loaders in the workers give up on them
+        with tarfile.open(shards / f"train-{i:06d}.tar", "w") as tar:
+            for k in range(64):
+                tar.add(garbage, arcname=f"{i:03d}{k:05d}.png")
+    base = [*SHRINK, "data.source=shards", f"data.shards={shards}/train-{{000000..000003}}.tar", "data.loader_workers=0",
+            "dist.max_failures=2", "dist.precision=fp32", "dist.zero_stage=2"]
+    cfg = load_config(None, base)
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "teacher", build_denoiser(cfg.model, cfg.data),
+                    meta_for(cfg, kind="teacher", sampling_steps=2, round=None))
+    began = time.perf_counter()
+    code = main([*base, f"teacher.checkpoint={tmp_path / 'teacher'}", f"run.storage_path={tmp_path}", "run.name=r"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "data error: round 0: DataError:" in err and "were corrupt or unreadable" in err
+    assert err.count("Ray Train run on 2 worker(s)") == 1
+    assert "TrainingFailedError" not in err and "Traceback" not in err
+    assert time.perf_counter() - began < 120, "the worker group was restarted"
+    assert not (tmp_path / "r" / "round-00-1steps").exists()

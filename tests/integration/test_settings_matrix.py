@@ -1,0 +1,131 @@
+"""The settings matrix, run for real: ZeRO stage x precision x offload, on 1 and 2 Ray Train workers.
+
+One Ray session and one Ray Train run per worker count (a Ray Train start costs ~15 s here); inside,
+every combination goes through the production stage code (``StageRun``) on real DeepSpeed with gloo:
+a round starts from the teacher's exact fp32 weights and trains with finite losses and no update
+counted as skipped; teacher training moves one EMA, the same on every rank, and hands it on; the
+student a round hands on equals
+DeepSpeed's own zero-to-fp32 consolidation of the same checkpoint and is fp32; a fresh engine resumed
+from the mid-stage checkpoint runs the next updates with the same losses; NaN data on rank 1 alone
+rolls every rank back to the last checkpoint with half the learning rate, and the stage then finishes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from tests.matrix_worker import EVERY, UPDATES  # noqa: E402
+
+LR = 1e-3
+COMBOS = [(f"z{stage}-{precision}-{offload}", [f"dist.zero_stage={stage}", f"dist.precision={precision}",
+                                                f"dist.offload_optimizer={str(offload in ('opt', 'params')).lower()}",
+                                                f"dist.offload_params={str(offload == 'params').lower()}"])
+          for stage in (0, 1, 2, 3) for precision in ("fp32", "bf16")
+          for offload in (("none",) if stage == 0 else ("none", "opt") if stage < 3 else ("none", "opt", "params"))]
+BASE = ["data.resolution=8", "model.attn_resolutions=[4]", "model.ch=32", "data.loader_workers=0",
+        "distill.batch_size=8", "teacher.batch_size=8", "teacher.warmup_updates=1", f"distill.lr={LR}", f"dist.checkpoint_every={EVERY}", "dist.nonfinite_patience=2",
+        "dist.max_rollbacks=1", "dist.teacher_dtype=fp32", "data.shuffle_buffer=16"]
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def stage_inputs(tmp_path_factory):
+    from raypd.checkpoint import meta_for, save_checkpoint
+    from raypd.config import load_config
+    from raypd.data.prepare import training_shards
+    from raypd.models import build_denoiser
+
+    root = tmp_path_factory.mktemp("matrix")
+    cfg = load_config(None, BASE)
+    torch.manual_seed(0)
+    teacher = build_denoiser(cfg.model, cfg.data)
+    with torch.no_grad():  # a teacher whose output depends on its input, so the targets are not trivial
+        for p in teacher.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    save_checkpoint(root / "teacher", teacher, meta_for(cfg, kind="teacher", sampling_steps=4, round=None))
+    shards = training_shards(cfg.data, root / "data", readers=2)
+    spec = {"kind": "round", "teacher": str(root / "teacher"), "round": 0, "updates": UPDATES, "student_steps": 2,
+            "sampling_steps": 2, "stream": 1, "shards": shards}
+    return cfg.to_dict(), spec, root, sum(p.numel() for p in teacher.parameters())
+
+
+def _run_matrix(workers: int, stage_inputs) -> list[dict]:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from tests.matrix_worker import matrix_worker
+
+    base, spec, root, _ = stage_inputs
+    trainer = TorchTrainer(matrix_worker,
+                           train_loop_config={"combos": COMBOS, "base": base, "spec": spec, "root": str(root)},
+                           scaling_config=ScalingConfig(num_workers=workers),
+                           torch_config=TorchConfig(backend="gloo", timeout_s=120),
+                           run_config=RunConfig(name=f"matrix-{workers}w", storage_path=str(root / "ray")))
+    return trainer.fit().return_value
+
+
+def _check(results: list[dict], workers: int, numel: int) -> list[str]:
+    rows = []
+    assert [r["name"] for r in results] == [name for name, _ in COMBOS]
+    failed = {r["name"]: r["ranks"][i]["traceback"] for r in results for i in range(workers) if "error" in r["ranks"][i]}
+    assert not failed, "\n\n".join(f"{name}:\n{tb}" for name, tb in failed.items())
+    for result in results:
+        name, ranks = result["name"], result["ranks"]
+        errors = [r["error"] for r in ranks if "error" in r]
+        assert not errors, f"{workers} worker(s), {name}: {errors}"
+        for rank, r in enumerate(ranks):
+            losses = [r["losses"][k] for k in range(1, UPDATES + 1)]
+            assert all(math.isfinite(x) for x in losses), (name, rank, losses)
+            assert r["skipped"] == 0, f"{name}: {r['skipped']} updates counted as skipped on rank {rank}"
+            assert r["start_max_diff"] == 0.0, (name, rank, r["start_max_diff"])
+            # the resumed engine continues at the checkpoint's update with the uninterrupted run's losses: the
+            # same weights, Adam moments, data window and per-update seeds; CPU kernels and gloo sums run in the
+            # same order, so equal to fp32 rounding (1e-5 relative leaves room for a reordered reduction)
+            assert r["resumed_at"] == EVERY
+            for k in range(EVERY + 1, UPDATES + 1):
+                assert r["resumed_losses"][k] == pytest.approx(r["losses"][k], rel=1e-5, abs=1e-7), (name, rank, k)
+            rb = r["rollback"]
+            assert rb["rollbacks"] == 1 and rb["skipped"] == 2, (name, rank, rb)
+            assert rb["base_lr"] == pytest.approx(LR * 0.5), (name, rank, rb)
+            after = [rb["losses"][k] for k in range(EVERY + 1, UPDATES + EVERY + 1)]
+            assert all(math.isfinite(x) for x in after), (name, rank, after)
+            t = r["teacher"]
+            assert all(math.isfinite(x) for x in t["losses"].values()) and t["skipped"] == 0, (name, rank, t)
+            assert t["ema_moved"] > 0, (name, rank)
+        assert len({r["teacher"]["ema_sum"] for r in ranks}) == 1, name  # one EMA on every rank
+        assert ranks[0]["teacher"]["saved_is_ema"], name
+        if workers > 1:  # the ranks read different data: their losses differ
+            assert ranks[0]["losses"][1] != ranks[1]["losses"][1], name
+        r0 = ranks[0]
+        assert r0["consolidated_keys"] and r0["consolidated_numel"] == numel, name
+        assert r0["consolidated_dtypes"] == ["torch.float32"], name
+        assert r0["consolidated_max_diff"] == 0.0, (name, r0["consolidated_max_diff"])
+        assert r0.get("master_has_more_bits", True), name
+        rows.append(f"{workers} | {name} | pass | {r0['seconds']:.1f}")
+    return rows
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_every_deepspeed_setting_trains_hands_on_fp32_resumes_and_rolls_back(ray_session, stage_inputs, workers):
+    results = _run_matrix(workers, stage_inputs)
+    rows = _check(results, workers, stage_inputs[3])
+    print("\nworkers | setting | passes | seconds\n" + "\n".join(rows))

@@ -1,0 +1,152 @@
+"""Run inside Ray Train workers by the settings-matrix test: every DeepSpeed setting through the stage code.
+
+For each combination this rank: trains a short round (``StageRun.run``, checkpoints merged into a shared
+folder the way Ray Train merges the ranks' files), checks the consolidated student against DeepSpeed's own
+zero-to-fp32 consolidation of the same checkpoint, resumes a fresh engine from the mid-stage checkpoint
+and runs the same updates again, and rolls back from NaN data fed to rank 1 only. Returns the figures
+(rank 0 gathers every rank's); the test asserts on them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+
+from raypd.data.batch import Batch
+
+UPDATES, EVERY = 4, 2
+
+
+class SharedFolderStore:
+    """Ray Train's checkpoint merge on one machine: every rank copies its files into one folder per report."""
+
+    def __init__(self, root: Path):
+        self.root, self.reported = root, []
+
+    def report(self, metrics: dict, path: str) -> None:
+        dest = self.root / f"checkpoint_{metrics['update']:06d}"
+        shutil.copytree(path, dest, dirs_exist_ok=True)
+        shutil.rmtree(path, ignore_errors=True)
+        torch_dist.barrier()
+        self.reported.append(dest)
+
+    @contextlib.contextmanager
+    def latest(self):
+        yield str(self.reported[-1]) if self.reported else None
+
+
+def _poison_last_rank(run, rank: int, world: int) -> None:
+    """NaN images on the last rank (rank 1 of 2) for the two updates after update 2, once: a non-finite streak
+    that starts on one rank only."""
+    original, done = run.batches, []
+
+    def batches(start: int):
+        stream = original(start)
+        if rank != world - 1 or start != EVERY or done:
+            return stream
+        done.append(True)
+
+        def poisoned():
+            for i, b in enumerate(stream):
+                yield Batch(torch.full_like(b.x, float("nan")), b.y) if i < 2 else b
+        return poisoned()
+
+    run.batches = batches
+
+
+def _combo(cfg, spec: dict, root: Path, rank: int, world: int) -> dict:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    from raypd.dist.stage_run import TAG, StageRun
+
+    device = torch.device("cpu")
+    began = time.perf_counter()
+    store = SharedFolderStore(root / "through")
+    run = StageRun(cfg, spec, rank=rank, world=world, device=device, store=store, staging=root / f"staging{rank}")
+    teacher = run.teacher.state_dict()
+    start = run.engine.master_state_dict()  # the student starts from the teacher's exact fp32 weights
+    out_start = max(float((start[k] - teacher[k].float()).abs().max()) for k in teacher)
+    run.run(0)
+    out = {"losses": run.losses, "skipped": run.engine.skipped_updates, "lr_after": run.engine.base_lr,
+           "start_max_diff": out_start}
+    final = store.reported[-1]
+    if rank == 0:
+        mine = load_file(str(final / "consolidated" / "model.safetensors"))
+        out["consolidated_dtypes"] = sorted({str(v.dtype) for v in mine.values()})
+        out["consolidated_numel"] = sum(v.numel() for v in mine.values())
+        if cfg.dist.zero_stage:
+            ref = get_fp32_state_dict_from_zero_checkpoint(str(final), tag=TAG)
+        else:
+            # ZeRO-0 checkpoints are not ZeRO-partitioned: DeepSpeed saves the module itself (fp32: the master
+            # weights; bf16: their bf16 copies, which the fp32 master must round to, while holding more bits)
+            module = torch.load(final / TAG / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+            ref = {k: v for k, v in module.items()}
+            if cfg.dist.precision == "bf16":
+                out["master_has_more_bits"] = any(bool((mine[k] != mine[k].bfloat16().float()).any()) for k in ref)
+                mine = {k: v.bfloat16() for k, v in mine.items()}
+        out["consolidated_keys"] = sorted(mine) == sorted(ref)
+        out["consolidated_max_diff"] = max(float((mine[k].float() - ref[k].float()).abs().max()) for k in ref)
+    torch_dist.barrier()
+
+    resumed = StageRun(cfg, spec, rank=rank, world=world, device=device, store=SharedFolderStore(root / "resumed"),
+                       staging=root / f"staging{rank}")
+    start = int(resumed.restore(store.root / f"checkpoint_{EVERY:06d}")["updates"])
+    resumed.run(start)
+    out["resumed_at"], out["resumed_losses"] = start, resumed.losses
+
+    rb_spec = {**spec, "updates": UPDATES + EVERY}
+    rolled = StageRun(cfg, rb_spec, rank=rank, world=world, device=device, store=SharedFolderStore(root / "rolled"),
+                      staging=root / f"staging{rank}")
+    _poison_last_rank(rolled, rank, world)
+    rolled.run(0)
+    out["rollback"] = {"rollbacks": rolled.rollbacks, "skipped": rolled.engine.skipped_updates,
+                       "base_lr": rolled.engine.base_lr, "losses": rolled.losses}
+
+    # teacher training: the EMA of whole weights (gathered under ZeRO-3) is what the stage hands on
+    t_spec = {"kind": "teacher", "updates": EVERY, "sampling_steps": 4, "stream": 0, "shards": spec["shards"]}
+    taught = StageRun(cfg, t_spec, rank=rank, world=world, device=device, store=SharedFolderStore(root / "teacher"),
+                      staging=root / f"staging{rank}")
+    initial = {k: v.clone() for k, v in taught.engine.ema.state_dict().items()}
+    taught.run(0)
+    ema = taught.engine.ema.state_dict()
+    out["teacher"] = {"losses": taught.losses, "skipped": taught.engine.skipped_updates,
+                      "ema_moved": max(float((ema[k] - initial[k]).abs().max()) for k in ema),
+                      "ema_sum": float(sum(v.double().sum() for v in ema.values()))}
+    if rank == 0:
+        saved = load_file(str(taught.store.reported[-1] / "consolidated" / "model.safetensors"))
+        out["teacher"]["saved_is_ema"] = all(torch.equal(saved[k], ema[k]) for k in ema)
+    out["seconds"] = time.perf_counter() - began
+    return out
+
+
+def matrix_worker(config: dict) -> list | None:
+    import deepspeed
+    import ray.train
+
+    from raypd.config import config_from_dict
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    deepspeed.init_distributed(dist_backend="gloo")
+    results = []
+    for name, overrides in config["combos"]:
+        cfg = config_from_dict(config["base"], overrides)
+        root = Path(config["root"]) / f"{world}w-{name}"
+        try:
+            out = _combo(cfg, config["spec"], root, rank, world)
+        except Exception as err:  # noqa: BLE001 - reported to the test, which names the combination
+            import traceback
+
+            out = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-1500:]}
+        gathered = [None] * world
+        torch_dist.all_gather_object(gathered, out)
+        results.append({"name": name, "ranks": gathered})
+        if rank == 0 and "error" not in out:
+            shutil.rmtree(root, ignore_errors=True)
+    return results if rank == 0 else None

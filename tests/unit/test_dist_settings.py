@@ -1,0 +1,109 @@
+"""Distributed settings that cannot work are refused before any training, each naming what is wrong."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from raypd.config import ConfigError, DataConfig, load_config
+from raypd.data.prepare import training_shards
+from raypd.data.shards import DataError
+from raypd.dist.deepspeed import ds_config
+from raypd.dist.stage_run import SETTINGS, dist_settings
+from raypd.dist.trainer import StageError, check_stages_in_progress, placeable_workers
+from raypd.distill import main
+from raypd.runs import RAY_JOB_COPY, RunStateError, check_storage_path
+from raypd.train.seeds import update_seed
+
+
+@pytest.mark.parametrize("overrides, key, reason", [
+    (["dist.precision=fp16"], "dist.precision", "fp16 needs GPUs"),
+    (["dist.zero_stage=0", "dist.offload_optimizer=true"], "dist.offload_optimizer", "needs zero_stage 1, 2 or 3"),
+    (["dist.zero_stage=2", "dist.offload_params=true"], "dist.offload_params", "needs zero_stage 3"),
+    (["dist.teacher_dtype=fp16"], "dist.teacher_dtype", ""),
+])
+def test_settings_that_cannot_run_are_config_errors(overrides, key, reason):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as info:
+        load_config(None, overrides)
+    assert reason in str(info.value)
+
+
+def test_offload_lets_deepspeed_take_a_torch_optimizer_and_stage_0_cannot_offload():
+    cfg = ds_config(global_batch=8, world_size=2, zero_stage=1, precision="bf16", grad_clip=1.0, offload_optimizer=True)
+    assert cfg["zero_force_ds_cpu_optimizer"] is False and cfg["bf16"] == {"enabled": True}
+    assert "zero_force_ds_cpu_optimizer" not in ds_config(global_batch=8, world_size=2, zero_stage=1,
+                                                          precision="fp32", grad_clip=1.0)
+    with pytest.raises(ValueError, match="optimizer offload needs ZeRO stage 1, 2 or 3"):
+        ds_config(global_batch=8, world_size=1, zero_stage=0, precision="fp32", grad_clip=1.0, offload_optimizer=True)
+
+
+def test_workers_are_placed_node_by_node():
+    # a GPU on a node without a free CPU, CPUs on a node without a GPU: 1 GPU and 8 CPUs, yet no GPU worker fits
+    nodes = [{"Alive": True, "Resources": {"CPU": 0.0, "GPU": 1.0}}, {"Alive": True, "Resources": {"CPU": 8.0}}]
+    assert placeable_workers(nodes, {"CPU": 1.0, "GPU": 1.0}) == 0
+    assert placeable_workers(nodes, {"CPU": 1.0}) == 8
+    nodes = [{"Alive": True, "Resources": {"CPU": 16.0, "GPU": 8.0}}, {"Alive": False, "Resources": {"CPU": 16.0, "GPU": 8.0}},
+             {"Alive": True, "Resources": {"CPU": 4.0, "GPU": 8.0}}]
+    assert placeable_workers(nodes, {"CPU": 1.0, "GPU": 1.0}) == 12
+
+
+def test_relative_storage_inside_a_ray_job_copy_is_refused():
+    job_copy = f"/tmp/ray/session_x/{RAY_JOB_COPY}/_ray_pkg_0123abcd"
+    with pytest.raises(RunStateError, match="is relative, and this job runs in Ray's per-job copy"):
+        check_storage_path("raypd_runs", cwd=job_copy)
+    check_storage_path("/mnt/shared/runs", cwd=job_copy)
+    check_storage_path("raypd_runs", cwd="/home/me/project")
+
+
+def test_relative_storage_inside_a_ray_job_copy_fails_the_dry_run(tmp_path, monkeypatch, capsys):
+    job_copy = tmp_path / RAY_JOB_COPY / "_ray_pkg_0123abcd"
+    job_copy.mkdir(parents=True)
+    monkeypatch.chdir(job_copy)
+    assert main(["--dry-run", "run.storage_path=raypd_runs"]) == 2
+    assert "error    run.storage_path:" in capsys.readouterr().out
+
+
+def _in_progress(out: Path, stage: str, **settings) -> None:
+    cfg = load_config(None, [f"dist.{k}={v}" for k, v in settings.items() if k != "workers"]
+                      + [f"dist.workers={settings.get('workers', 1)}"])
+    checkpoint = out / "ray" / stage / "checkpoint_2026-01-01_00-00-00.000000"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / SETTINGS).write_text(json.dumps(dist_settings(cfg, cfg.dist.workers)))
+
+
+def test_a_stage_in_progress_under_other_dist_settings_is_refused_by_name(tmp_path):
+    _in_progress(tmp_path, "round-01", workers=2, zero_stage=2, precision="bf16")
+    same = load_config(None, ["dist.workers=2", "dist.precision=bf16"])
+    check_stages_in_progress(same, tmp_path)
+    other = load_config(None, ["dist.workers=1", "dist.zero_stage=3", "dist.precision=bf16"])
+    with pytest.raises(StageError, match=r"stage round-01 is in progress .*dist\.workers=2 \(now 1\), "
+                                         r"dist\.zero_stage=2 \(now 3\)"):
+        check_stages_in_progress(other, tmp_path)
+    # once the stage has finished, its Ray run no longer matters
+    (tmp_path / "round-01-4steps").mkdir()
+    (tmp_path / "round-01-4steps" / "meta.json").write_text("{}")
+    check_stages_in_progress(other, tmp_path)
+
+
+def test_shards_are_counted_against_every_workers_loader_processes(tmp_path, capsys):
+    urls = training_shards(DataConfig(source="digits", resolution=8), tmp_path / "data")
+    assert len(urls) == 16
+    code = main(["dist.workers=4", "data.loader_workers=6", "data.source=shards", f"data.shards={','.join(urls)}",
+                 "data.resolution=8", f"run.storage_path={tmp_path}"])
+    assert code == 2
+    assert "data error: 16 shards for 4 ranks x 6 loader workers" in capsys.readouterr().err
+
+
+def test_local_sources_are_cut_into_a_shard_per_reader(tmp_path):
+    urls = training_shards(DataConfig(source="digits", resolution=8), tmp_path, readers=24)
+    assert len(urls) == 24
+    with pytest.raises(DataError, match="cannot fill a shard for each of the 4000 readers"):
+        training_shards(DataConfig(source="digits", resolution=8), tmp_path, readers=4000)
+
+
+def test_update_seeds_differ_across_ranks_and_updates_and_repeat_exactly():
+    seeds = {update_seed(0, stream, rank, k) for stream in range(3) for rank in range(64) for k in range(1, 200)}
+    assert len(seeds) == 3 * 64 * 199
+    assert update_seed(5, 1, 3, 17) == update_seed(5, 1, 3, 17) != update_seed(6, 1, 3, 17)

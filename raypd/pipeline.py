@@ -26,6 +26,7 @@ from raypd.models import Denoiser, build_denoiser
 from raypd.runs import DriverLock, archive_run, check_and_save_config, finished_summary, run_dir
 from raypd.train import build_plain_engine, freeze, linear_decay, make_student, plan_rounds, warmup
 from raypd.train.loop import run_updates
+from raypd.train.step import teacher_autocast_dtype
 
 
 def log(line: str) -> None:
@@ -60,7 +61,8 @@ class Context:
 
     def step_kwargs(self, teacher: Denoiser | None = None, n_steps: int | None = None, seed: int = 0) -> dict:
         return dict(weighting=self.cfg.diffusion.weighting, logsnr_fn=self.logsnr_fn, teacher=teacher,
-                    n_steps=n_steps, generator=torch.Generator(self.device).manual_seed(seed))
+                    n_steps=n_steps, generator=torch.Generator(self.device).manual_seed(seed),
+                    teacher_dtype=teacher_autocast_dtype(self.cfg.dist.teacher_dtype, self.device))
 
 
 def train_teacher(ctx: Context) -> Denoiser:

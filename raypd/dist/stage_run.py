@@ -33,6 +33,7 @@ from raypd.dist.deepspeed import DeepSpeedEngine, build_deepspeed_engine, ds_con
 from raypd.models import build_denoiser
 from raypd.train import freeze, linear_decay, make_student, train_step, warmup
 from raypd.train.heldout import heldout_loss, load_heldout
+from raypd.train.step import teacher_autocast_dtype
 from raypd.train.seeds import update_seed
 
 TAG = "state"
@@ -75,18 +76,6 @@ def settings_mismatch(saved: dict, now: dict) -> str | None:
             "settings that wrote it: rerun with those, or remove the stage's folder under ray/ to redo the stage")
 
 
-def teacher_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """The teacher's autocast dtype: bf16 where the hardware has it (``auto``), or as configured."""
-    choice = cfg.dist.teacher_dtype
-    if choice == "fp32":
-        return None
-    if choice == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
-
-
 def _category(err: BaseException) -> str:
     return ("data" if isinstance(err, (DataError, FileNotFoundError, NotADirectoryError)) else
             "checkpoint" if isinstance(err, CheckpointError) else "config")
@@ -125,7 +114,7 @@ class StageRun:
         dif = cfg.diffusion
         self.logsnr_fn = make_logsnr_fn(dif.schedule, logsnr_min=dif.logsnr_min, logsnr_max=dif.logsnr_max,
                                         betas=dif.discrete_betas)
-        self.teacher_dtype = teacher_dtype(cfg, device)
+        self.teacher_dtype = teacher_autocast_dtype(cfg.dist.teacher_dtype, device)
         self.generator = torch.Generator(device)
         self.loader: ShardLoader | None = None
         self.skipped_before = 0

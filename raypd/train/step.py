@@ -53,6 +53,16 @@ def diffusion_loss(
     return weighted_mse(x_hat, target, logsnr_t, weighting).mean()
 
 
+def teacher_autocast_dtype(choice: str, device: torch.device) -> torch.dtype | None:
+    """The frozen teacher's forward dtype (``dist.teacher_dtype``): ``auto`` is bf16 on GPUs that have it.
+
+    Only the network runs in it: the Denoiser returns x_hat in the dtype of z (fp32), so the DDIM
+    steps and the inversion to the target, which divides by small differences, stay fp32."""
+    if choice == "bf16" or (choice == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return None
+
+
 def _teacher_target(teacher: Denoiser, z_t: Tensor, t: Tensor, n_steps: int, y: Tensor | None,
                     logsnr_fn: LogsnrFn, teacher_dtype: torch.dtype | None) -> Tensor:
     autocast = (torch.autocast(z_t.device.type, dtype=teacher_dtype) if teacher_dtype is not None

@@ -7,8 +7,10 @@ workers that a restart would meet again stops the stage at once, as one message.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import shutil
 import tarfile
 import time
 from pathlib import Path
@@ -37,19 +39,28 @@ def ray_session():
     ray.shutdown()
 
 
+def _teacher(cfg):
+    """A small teacher whose output depends on its input (a fresh one's zero output layers make every target 0)."""
+    from raypd.models import build_denoiser
+
+    torch.manual_seed(0)
+    model = build_denoiser(cfg.model, cfg.data)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model
+
+
 @pytest.mark.parametrize("name", PAPER)
 def test_paper_config_runs_a_round_on_cpu_with_its_dist_settings(ray_session, tmp_path, name):
     from raypd.checkpoint import meta_for, save_checkpoint
     from raypd.config import load_config
     from raypd.distill import main
-    from raypd.models import build_denoiser
 
     paper = load_config(ROOT / "configs" / name)
     classes = ["data.num_classes=10"] if paper.data.num_classes else []
     cfg = load_config(ROOT / "configs" / name, SHRINK + classes)
-    torch.manual_seed(0)
-    save_checkpoint(tmp_path / "teacher", build_denoiser(cfg.model, cfg.data),
-                    meta_for(cfg, kind="teacher", sampling_steps=2, round=None))
+    save_checkpoint(tmp_path / "teacher", _teacher(cfg), meta_for(cfg, kind="teacher", sampling_steps=2, round=None))
     args = ["--config", str(ROOT / "configs" / name), *SHRINK, *classes, f"teacher.checkpoint={tmp_path / 'teacher'}",
             f"run.storage_path={tmp_path}", "run.name=r"]
     assert main(args) == 0
@@ -68,22 +79,28 @@ def test_an_error_every_restart_would_repeat_stops_the_stage_at_once(ray_session
     from raypd.checkpoint import meta_for, save_checkpoint
     from raypd.config import load_config
     from raypd.distill import main
-    from raypd.models import build_denoiser
 
+    from raypd.config import DataConfig
+    from raypd.data.prepare import training_shards
+
+    # labelled shards with every other image unreadable: the driver's evaluation skips those, the workers'
+    # loaders give up on them (data.max_skipped_fraction), a failure every restart would meet again
     shards = tmp_path / "shards"
     shards.mkdir()
-    garbage = tmp_path / "garbage.png"
-    garbage.write_bytes(b"not an image" * 10)
-    for i in range(4):  # shards whose every image is unreadable: the loaders in the workers give up on them
-        with tarfile.open(shards / f"train-{i:06d}.tar", "w") as tar:
-            for k in range(64):
-                tar.add(garbage, arcname=f"{i:03d}{k:05d}.png")
-    base = [*SHRINK, "data.source=shards", f"data.shards={shards}/train-{{000000..000003}}.tar", "data.loader_workers=0",
-            "dist.max_failures=2", "dist.precision=fp32", "dist.zero_stage=2"]
+    for url in training_shards(DataConfig(source="digits", resolution=8), tmp_path / "clean"):
+        with tarfile.open(url) as src, tarfile.open(shards / Path(url).name, "w") as dst:
+            for i, member in enumerate(src.getmembers()):
+                data = src.extractfile(member).read()
+                if member.name.endswith(".png") and i % 4 == 1:
+                    data = b"not an image" * 8
+                member.size = len(data)
+                dst.addfile(member, io.BytesIO(data))
+    shutil.copy(Path(url).parent / "manifest.json", shards / "manifest.json")
+    base = [*SHRINK, "data.source=shards", f"data.shards={shards}/train-{{000000..000015}}.tar", "data.loader_workers=0",
+            "data.max_skipped_fraction=0.05", "distill.batch_size=128", "dist.max_failures=2", "dist.precision=fp32",
+            "dist.zero_stage=2"]
     cfg = load_config(None, base)
-    torch.manual_seed(0)
-    save_checkpoint(tmp_path / "teacher", build_denoiser(cfg.model, cfg.data),
-                    meta_for(cfg, kind="teacher", sampling_steps=2, round=None))
+    save_checkpoint(tmp_path / "teacher", _teacher(cfg), meta_for(cfg, kind="teacher", sampling_steps=2, round=None))
     began = time.perf_counter()
     code = main([*base, f"teacher.checkpoint={tmp_path / 'teacher'}", f"run.storage_path={tmp_path}", "run.name=r"])
     err = capsys.readouterr().err

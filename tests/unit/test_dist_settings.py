@@ -107,3 +107,31 @@ def test_update_seeds_differ_across_ranks_and_updates_and_repeat_exactly():
     seeds = {update_seed(0, stream, rank, k) for stream in range(3) for rank in range(64) for k in range(1, 200)}
     assert len(seeds) == 3 * 64 * 199
     assert update_seed(5, 1, 3, 17) == update_seed(5, 1, 3, 17) != update_seed(6, 1, 3, 17)
+
+
+def test_teacher_in_bf16_computes_its_target_in_fp32():
+    import torch
+
+    from raypd.diffusion import logsnr_schedule
+    from raypd.models import build_denoiser
+    from raypd.train import freeze
+    from raypd.train.step import _teacher_target, teacher_autocast_dtype
+
+    assert teacher_autocast_dtype("auto", torch.device("cpu")) is None  # CPUs: fp32 unless asked
+    assert teacher_autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    assert teacher_autocast_dtype("fp32", torch.device("cuda")) is None
+    cfg = load_config(None, ["data.resolution=8", "model.attn_resolutions=[4]"])
+    torch.manual_seed(0)
+    teacher = build_denoiser(cfg.model, cfg.data)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    teacher = freeze(teacher)
+    z = torch.randn(16, 1, 8, 8)
+    t = (torch.arange(16) % 4 + 1).float() / 4
+    full = _teacher_target(teacher, z, t, 4, None, logsnr_schedule, None)
+    half = _teacher_target(teacher, z, t, 4, None, logsnr_schedule, torch.bfloat16)
+    assert half.dtype == torch.float32 and torch.isfinite(half).all()
+    assert not torch.equal(half, full)  # the network did run in bf16
+    # bf16's 8-bit mantissa in the network, not in the inversion: the target moves by about its rounding
+    assert float((half - full).abs().max()) < 0.05 * float(full.abs().max())

@@ -117,6 +117,7 @@ class StageRun:
         self.teacher_dtype = teacher_autocast_dtype(cfg.dist.teacher_dtype, device)
         self.generator = torch.Generator(device)
         self.loader: ShardLoader | None = None
+        self.window = -1
         self.skipped_before = 0
         self.losses: dict[int, float] = {}
         """This rank's loss at every update it ran (skipped ones included)."""
@@ -157,16 +158,25 @@ class StageRun:
         return model, teacher, lr, betas, schedule, ema, batch, clip
 
     def batches(self, start: int) -> Iterator[Batch]:
-        """The data stream of the checkpoint window that begins after update ``start``."""
+        """The data stream of the checkpoint window that begins after update ``start``.
+
+        Window ``start // every`` reads epoch ``start // every`` of the seeded shard stream, so a stage
+        resumed at a checkpoint reads what an uninterrupted one read. The next window is the loader's next
+        pass (its processes stay up); a resume or a roll-back starts a loader at its window.
+        """
+        window = start // self.every
+        if self.loader is not None and window == self.window + 1:
+            self.window = window
+            return iter(self.loader)
         d = self.cfg.data
         loader = ShardLoader(self.spec["shards"], batch_size=self.micro, channels=d.channels,
                              num_classes=d.num_classes, rank=self.rank, world_size=self.world,
                              num_workers=d.loader_workers, seed=self.cfg.run.seed * 1000 + self.spec["stream"],
-                             random_flip=d.random_flip, shuffle_buffer=d.shuffle_buffer, resampled=True, epoch=start,
+                             random_flip=d.random_flip, shuffle_buffer=d.shuffle_buffer, resampled=True, epoch=window,
                              resolution=d.resolution, max_skipped_fraction=d.max_skipped_fraction)
         if self.loader is not None:
             self.skipped_before += self.loader.skipped_samples
-        self.loader = loader
+        self.loader, self.window = loader, window
         return iter(loader)
 
     @property

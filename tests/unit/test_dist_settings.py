@@ -135,3 +135,21 @@ def test_teacher_in_bf16_computes_its_target_in_fp32():
     assert not torch.equal(half, full)  # the network did run in bf16
     # bf16's 8-bit mantissa in the network, not in the inversion: the target moves by about its rounding
     assert float((half - full).abs().max()) < 0.05 * float(full.abs().max())
+
+
+@pytest.mark.parametrize("loader_workers", [0, 1])
+def test_the_next_pass_of_a_loader_reads_what_a_loader_started_at_that_window_reads(tmp_path, loader_workers):
+    """How a stage resumed at a checkpoint sees the batches an uninterrupted one saw (StageRun.batches)."""
+    import torch
+
+    from raypd.data.shards import ShardLoader
+
+    urls = training_shards(DataConfig(source="digits", resolution=8), tmp_path)
+    opts = dict(batch_size=8, channels=1, num_classes=0, num_workers=loader_workers, seed=3, shuffle_buffer=32,
+                resampled=True, resolution=8)
+    through = ShardLoader(urls, epoch=0, **opts)
+    first = next(iter(through)).x
+    second = [b.x for _, b in zip(range(3), iter(through))]  # the next window: the loader's next pass
+    resumed = [b.x for _, b in zip(range(3), iter(ShardLoader(urls, epoch=1, **opts)))]
+    assert all(torch.equal(a, b) for a, b in zip(second, resumed))
+    assert not torch.equal(first, second[0])

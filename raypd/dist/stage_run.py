@@ -21,15 +21,15 @@ from pathlib import Path
 from typing import ContextManager, Iterator, Protocol
 
 import torch
-import torch.distributed as torch_dist
 from safetensors.torch import load_file, save_file
 
 from raypd.checkpoint import CheckpointError, load_checkpoint, meta_for, save_checkpoint
-from raypd.config import Config, ConfigError
+from raypd.config import Config
 from raypd.data.batch import Batch
-from raypd.data.shards import DataError, ShardLoader
+from raypd.data.shards import ShardLoader
 from raypd.diffusion import make_logsnr_fn
 from raypd.dist.deepspeed import DeepSpeedEngine, build_deepspeed_engine, ds_config
+from raypd.dist.guards import DETERMINISTIC, SETTINGS, StageFailure, agree, dist_settings, settings_mismatch
 from raypd.models import build_denoiser
 from raypd.train import freeze, linear_decay, make_student, train_step, warmup
 from raypd.train.heldout import heldout_loss, load_heldout
@@ -37,11 +37,7 @@ from raypd.train.step import teacher_autocast_dtype
 from raypd.train.seeds import update_seed
 
 TAG = "state"
-SETTINGS = "raypd_dist.json"
 DIVERGED = 1e30
-# errors a retry would meet again: they stop the stage at once instead of restarting the worker group
-DETERMINISTIC = (DataError, ConfigError, CheckpointError, FileNotFoundError, NotADirectoryError, PermissionError,
-                 ValueError, TypeError, KeyError)
 
 
 class Store(Protocol):
@@ -50,53 +46,6 @@ class Store(Protocol):
     def report(self, metrics: dict, path: str) -> None: ...
 
     def latest(self) -> ContextManager[str | None]: ...
-
-
-class StageFailure(Exception):
-    """A failure every rank agreed on: ``category`` (numerical, data, checkpoint, config, settings) and message."""
-
-    def __init__(self, category: str, message: str):
-        super().__init__(message)
-        self.category, self.message = category, message
-
-
-def dist_settings(cfg: Config, world: int) -> dict:
-    """The settings a ZeRO checkpoint's layout depends on; another value cannot load it."""
-    d = cfg.dist
-    return {"workers": world, "zero_stage": d.zero_stage, "precision": d.precision,
-            "offload_optimizer": d.offload_optimizer, "offload_params": d.offload_params}
-
-
-def settings_mismatch(saved: dict, now: dict) -> str | None:
-    """A message naming every dist setting that differs from the checkpoint's, or None."""
-    diff = [f"dist.{k}={saved.get(k)!r} (now {v!r})" for k, v in now.items() if saved.get(k) != v]
-    if not diff:
-        return None
-    return ("its checkpoint was written with " + ", ".join(diff) + "; a ZeRO checkpoint only loads with the "
-            "settings that wrote it: rerun with those, or remove the stage's folder under ray/ to redo the stage")
-
-
-def _category(err: BaseException) -> str:
-    return ("data" if isinstance(err, (DataError, FileNotFoundError, NotADirectoryError)) else
-            "checkpoint" if isinstance(err, CheckpointError) else "config")
-
-
-def agree(error: BaseException | None, *, world: int, label: str) -> None:
-    """Collective: raise the same StageFailure on every rank when any rank met a deterministic error."""
-    failed = torch.tensor([0.0 if error is None else 1.0])
-    if world > 1:
-        torch_dist.all_reduce(failed, op=torch_dist.ReduceOp.MAX)
-    if not failed.item():
-        return
-    mine = None if error is None else (
-        (error.category, error.message) if isinstance(error, StageFailure)
-        else (_category(error), f"{label}: {type(error).__name__}: {error}"))
-    every = [mine]
-    if world > 1:
-        every = [None] * world
-        torch_dist.all_gather_object(every, mine)
-    category, message = next(m for m in every if m is not None)
-    raise StageFailure(category, message)
 
 
 class StageRun:
@@ -254,7 +203,7 @@ class StageRun:
 
     # -- the loop ------------------------------------------------------------------------------------
     def agree(self, error: BaseException | None) -> None:
-        agree(error, world=self.world, label=self.label)
+        agree(error, world=self.world, label=self.label, device=self.device)
 
     def _next_batch(self, batches: Iterator[Batch]) -> Batch | None:
         error, batch = None, None

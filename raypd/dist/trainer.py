@@ -69,7 +69,7 @@ def ensure_ray(cfg: Config) -> None:
 
 def check_stage_settings(cfg: Config, storage: Path, name: str) -> None:
     """Refuse to continue a stage whose newest checkpoint was written with other ``dist`` settings."""
-    from raypd.dist.stage_run import SETTINGS, dist_settings, settings_mismatch
+    from raypd.dist.guards import SETTINGS, dist_settings, settings_mismatch
 
     run = storage / name
     found = sorted(run.glob(f"checkpoint_*/{SETTINGS}"), key=lambda p: p.stat().st_mtime) if run.is_dir() else []

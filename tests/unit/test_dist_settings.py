@@ -11,7 +11,7 @@ from raypd.config import ConfigError, DataConfig, load_config
 from raypd.data.prepare import training_shards
 from raypd.data.shards import DataError
 from raypd.dist.deepspeed import ds_config
-from raypd.dist.stage_run import SETTINGS, dist_settings
+from raypd.dist.guards import SETTINGS, dist_settings
 from raypd.dist.trainer import StageError, check_stages_in_progress, placeable_workers
 from raypd.distill import main
 from raypd.runs import RAY_JOB_COPY, RunStateError, check_storage_path

@@ -189,6 +189,26 @@ def check_storage(cfg: Config, checks: Checks) -> None:
         checks.errors.append(f"dist: {err}")
 
 
+def check_cluster(cfg: Config, checks: Checks) -> None:
+    """With a cluster to ask (RAY_ADDRESS, as under ``ray job submit``): can its nodes host the workers?"""
+    import os
+
+    if not cfg.dist.workers:
+        return
+    if not os.environ.get("RAY_ADDRESS"):
+        checks.passed.append("cluster: not asked (no RAY_ADDRESS); the run checks it before training")
+        return
+    from raypd.dist.trainer import ClusterError, ensure_ray
+
+    try:
+        ensure_ray(cfg)
+        checks.passed.append(f"cluster: its nodes can host dist.workers={cfg.dist.workers}")
+    except ClusterError as err:
+        checks.errors.append(f"dist.workers: {err}")
+    except Exception as err:  # noqa: BLE001 - an unreachable cluster is reported, not raised
+        checks.warnings.append(f"cluster: could not ask {os.environ['RAY_ADDRESS']} ({type(err).__name__}: {err})")
+
+
 def dry_run(cfg: Config) -> int:
     """Print checks and plan; 0 when nothing is wrong, 2 when a check failed."""
     checks = Checks()
@@ -196,6 +216,7 @@ def dry_run(cfg: Config) -> int:
     check_teacher(cfg, checks)
     plan_cfg = planned_config(cfg, checks)
     check_storage(cfg, checks)
+    check_cluster(cfg, checks)
     out = Path(cfg.run.storage_path).absolute() / cfg.run.name
     print(f"run: {out}" + (" (exists: the run would continue there)" if (out / "config.json").is_file() else ""))
     if plan_cfg.teacher.source == "diffusers" and plan_cfg.model.backbone != "diffusers":

@@ -153,3 +153,9 @@ def test_the_next_pass_of_a_loader_reads_what_a_loader_started_at_that_window_re
     resumed = [b.x for _, b in zip(range(3), iter(ShardLoader(urls, epoch=1, **opts)))]
     assert all(torch.equal(a, b) for a, b in zip(second, resumed))
     assert not torch.equal(first, second[0])
+
+
+def test_the_dry_run_asks_the_cluster_it_is_pointed_at(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert main(["--dry-run", "dist.workers=2", f"run.storage_path={tmp_path}"]) == 0
+    assert "cluster: not asked (no RAY_ADDRESS)" in capsys.readouterr().out

@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         return dry_run(cfg)
     from raypd.checkpoint import CheckpointError
     from raypd.data.shards import DataError
-    from raypd.dist.sweep import SweepError
-    from raypd.dist.trainer import ClusterError, NumericalError, StageError
+    from raypd.distributed.sweep import SweepError
+    from raypd.distributed.trainer import ClusterError, NumericalError, StageError
     from raypd.pipeline import run_pipeline
     from raypd.runs import RunStateError
 

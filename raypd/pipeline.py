@@ -84,7 +84,7 @@ def train_teacher(ctx: Context) -> Denoiser:
 
 def run_on_ray(ctx: Context, name: str, spec: dict, output: Path) -> dict:
     """One stage as a Ray Train run of DeepSpeed workers; returns its wall time and final loss."""
-    from raypd.dist.trainer import run_stage
+    from raypd.distributed.trainer import run_stage
 
     start = time.perf_counter()
     run_stage(ctx.cfg, name=name, spec={**spec, "shards": ctx.shards}, storage=ctx.out / "ray", output=output)
@@ -94,7 +94,7 @@ def run_on_ray(ctx: Context, name: str, spec: dict, output: Path) -> dict:
 
 def sweep_stage(ctx: Context, evaluator: Evaluator, teacher_path: Path, rnd, output: Path, centre: dict | None) -> dict:
     """One round as a Ray Tune sweep; the chosen trial's student lands in ``output``; returns its metrics."""
-    from raypd.dist.sweep import sweep_round
+    from raypd.distributed.sweep import sweep_round
     from raypd.train.heldout import make_heldout, save_heldout
 
     cfg = ctx.cfg
@@ -222,7 +222,7 @@ def _run(cfg: Config, out: Path) -> dict:
         f"{d.channels}x{d.resolution}x{d.resolution} in {len(shards)} shards")
     start = time.perf_counter()
     if cfg.dist.workers or cfg.sweep.enabled:
-        from raypd.dist.trainer import check_stages_in_progress, ensure_ray
+        from raypd.distributed.trainer import check_stages_in_progress, ensure_ray
 
         check_stages_in_progress(cfg, out)  # a stage checkpointed under other dist settings cannot continue
         ensure_ray(cfg)  # fails here, before any training, when the cluster cannot host the workers
@@ -231,7 +231,7 @@ def _run(cfg: Config, out: Path) -> dict:
     rounds = plan_rounds(cfg.distill)
     remote = None
     if cfg.dist.workers and cfg.eval.distributed:
-        from raypd.dist.evaluate import RayEvaluation
+        from raypd.distributed.evaluate import RayEvaluation
 
         remote = RayEvaluation(cfg, workers=cfg.dist.workers, use_gpu=cfg.dist.use_gpu)
     evaluator = Evaluator(cfg, out, device=ctx.device, logsnr_fn=ctx.logsnr_fn, urls=shards, manifest=manifest,

@@ -181,7 +181,7 @@ def check_storage(cfg: Config, checks: Checks) -> None:
     except RunStateError as err:
         checks.errors.append(f"run.storage_path: {err}")
         return
-    from raypd.dist.trainer import StageError, check_stages_in_progress
+    from raypd.distributed.trainer import StageError, check_stages_in_progress
 
     try:
         check_stages_in_progress(cfg, Path(cfg.run.storage_path).absolute() / cfg.run.name)
@@ -198,7 +198,7 @@ def check_cluster(cfg: Config, checks: Checks) -> None:
     if not os.environ.get("RAY_ADDRESS"):
         checks.passed.append("cluster: not asked (no RAY_ADDRESS); the run checks it before training")
         return
-    from raypd.dist.trainer import ClusterError, ensure_ray
+    from raypd.distributed.trainer import ClusterError, ensure_ray
 
     try:
         ensure_ray(cfg)

@@ -12,7 +12,7 @@ import torch
 from raypd.config import load_config
 from raypd.data import Batch
 from raypd.diffusion import logsnr_schedule
-from raypd.dist.deepspeed import build_deepspeed_engine, ds_config, init_single_process
+from raypd.distributed.deepspeed import build_deepspeed_engine, ds_config, init_single_process
 from raypd.models import build_denoiser
 from raypd.train import build_plain_engine, freeze, linear_decay, make_student, train_step
 

@@ -63,7 +63,7 @@ def _combo(cfg, spec: dict, root: Path, rank: int, world: int) -> dict:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import load_file
 
-    from raypd.dist.stage_run import TAG, StageRun
+    from raypd.distributed.stage_run import TAG, StageRun
 
     device = torch.device("cpu")
     began = time.perf_counter()

@@ -28,7 +28,7 @@ from bench_step import floor_step  # noqa: E402
 from raypd.checkpoint import meta_for, save_checkpoint  # noqa: E402
 from raypd.config import load_config  # noqa: E402
 from raypd.data.prepare import training_shards  # noqa: E402
-from raypd.dist.trainer import ensure_ray, run_stage  # noqa: E402
+from raypd.distributed.trainer import ensure_ray, run_stage  # noqa: E402
 from raypd.models import build_denoiser  # noqa: E402
 from raypd.train import freeze, make_student  # noqa: E402
 

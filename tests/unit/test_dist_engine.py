@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from raypd.dist.deepspeed import ds_config
+from raypd.distributed.deepspeed import ds_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

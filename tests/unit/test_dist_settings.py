@@ -10,9 +10,9 @@ import pytest
 from raypd.config import ConfigError, DataConfig, load_config
 from raypd.data.prepare import training_shards
 from raypd.data.shards import DataError
-from raypd.dist.deepspeed import ds_config
-from raypd.dist.guards import SETTINGS, dist_settings
-from raypd.dist.trainer import StageError, check_stages_in_progress, placeable_workers
+from raypd.distributed.deepspeed import ds_config
+from raypd.distributed.guards import SETTINGS, dist_settings
+from raypd.distributed.trainer import StageError, check_stages_in_progress, placeable_workers
 from raypd.distill import main
 from raypd.runs import RAY_JOB_COPY, RunStateError, check_storage_path
 from raypd.train.seeds import update_seed

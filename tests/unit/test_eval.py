@@ -125,7 +125,7 @@ def test_ray_tasks_generate_and_extract_what_one_process_would(digits, tmp_path)
 
     from raypd.config import load_config
     from raypd.diffusion import logsnr_schedule
-    from raypd.dist.evaluate import RayEvaluation
+    from raypd.distributed.evaluate import RayEvaluation
     from raypd.eval.fid import extract_features
     from raypd.eval.samples import fixed_noise, sample_ddim
     from raypd.models import build_denoiser

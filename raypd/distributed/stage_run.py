@@ -28,8 +28,8 @@ from raypd.config import Config
 from raypd.data.batch import Batch
 from raypd.data.shards import ShardLoader
 from raypd.diffusion import make_logsnr_fn
-from raypd.dist.deepspeed import DeepSpeedEngine, build_deepspeed_engine, ds_config
-from raypd.dist.guards import DETERMINISTIC, SETTINGS, StageFailure, agree, dist_settings, settings_mismatch
+from raypd.distributed.deepspeed import DeepSpeedEngine, build_deepspeed_engine, ds_config
+from raypd.distributed.guards import DETERMINISTIC, SETTINGS, StageFailure, agree, dist_settings, settings_mismatch
 from raypd.models import build_denoiser
 from raypd.train import freeze, linear_decay, make_student, train_step, warmup
 from raypd.train.heldout import heldout_loss, load_heldout

@@ -57,7 +57,7 @@ def train_loop(spec: dict) -> dict | None:
     import ray.train
     import ray.train.torch
 
-    from raypd.dist.stage_run import StageFailure, StageRun, clear_staging
+    from raypd.distributed.stage_run import StageFailure, StageRun, clear_staging
 
     cfg = config_from_dict(spec["config"])
     ctx = ray.train.get_context()

@@ -69,7 +69,7 @@ def ensure_ray(cfg: Config) -> None:
 
 def check_stage_settings(cfg: Config, storage: Path, name: str) -> None:
     """Refuse to continue a stage whose newest checkpoint was written with other ``dist`` settings."""
-    from raypd.dist.guards import SETTINGS, dist_settings, settings_mismatch
+    from raypd.distributed.guards import SETTINGS, dist_settings, settings_mismatch
 
     run = storage / name
     found = sorted(run.glob(f"checkpoint_*/{SETTINGS}"), key=lambda p: p.stat().st_mtime) if run.is_dir() else []
@@ -111,7 +111,7 @@ def run_stage(cfg: Config, *, name: str, spec: dict, storage: Path, output: Path
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from raypd.dist.worker import train_loop
+    from raypd.distributed.worker import train_loop
 
     d = cfg.dist
     check_stage_settings(cfg, storage, name)

@@ -89,7 +89,7 @@ def _trial(params: dict[str, Any], static: dict[str, Any]) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raypd.dist.trainer import run_stage
+    from raypd.distributed.trainer import run_stage
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(static["config"], params)
@@ -208,7 +208,7 @@ def sweep_round(cfg: Config, *, rnd, spec: dict[str, Any], sweep_dir: Path, outp
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from raypd.dist.trainer import copy_into_place
+    from raypd.distributed.trainer import copy_into_place
     from raypd.eval.sweep_report import write_round_report
 
     s = cfg.sweep

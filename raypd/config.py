@@ -161,6 +161,13 @@ class DiffusionConfig:
         else:
             _require(not self.discrete_betas, "discrete_betas", "only the 'discrete' schedule takes betas")
 
+    def logsnr_fn(self):
+        """The run's t -> logsnr function (the one builder every stage, sampler and evaluation uses)."""
+        from raypd.diffusion import make_logsnr_fn
+
+        return make_logsnr_fn(self.schedule, logsnr_min=self.logsnr_min, logsnr_max=self.logsnr_max,
+                              betas=self.discrete_betas)
+
 
 @dataclass(frozen=True)
 class TeacherConfig:

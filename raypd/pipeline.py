@@ -18,8 +18,7 @@ from raypd.checkpoint import (CheckpointError, add_metrics, check_compatible, lo
                               save_checkpoint, verify_weights)
 from raypd.config import Config
 from raypd.data.prepare import training_shards
-from raypd.data.shards import ShardLoader, check_shards
-from raypd.diffusion import make_logsnr_fn
+from raypd.data.shards import ShardLoader, check_shards, training_loader
 from raypd.eval.evaluate import Evaluator
 from raypd.eval.report import write_report
 from raypd.models import Denoiser, build_denoiser
@@ -48,16 +47,12 @@ class Context:
 
     @property
     def logsnr_fn(self):
-        d = self.cfg.diffusion
-        return make_logsnr_fn(d.schedule, logsnr_min=d.logsnr_min, logsnr_max=d.logsnr_max, betas=d.discrete_betas)
+        return self.cfg.diffusion.logsnr_fn()
 
     def batches(self, batch_size: int, stream: int) -> ShardLoader:
         """An endless, seeded stream of decoded batches; each stage gets its own ``stream``."""
-        d = self.cfg.data
-        return ShardLoader(self.shards, batch_size=batch_size, channels=d.channels, num_classes=d.num_classes,
-                           num_workers=d.loader_workers, seed=self.cfg.run.seed * 1000 + stream,
-                           random_flip=d.random_flip, shuffle_buffer=d.shuffle_buffer, resampled=True,
-                           resolution=d.resolution, max_skipped_fraction=d.max_skipped_fraction)
+        return training_loader(self.shards, self.cfg.data, batch_size=batch_size, seed=self.cfg.run.seed,
+                               stream=stream)
 
     def step_kwargs(self, teacher: Denoiser | None = None, n_steps: int | None = None, seed: int = 0) -> dict:
         return dict(weighting=self.cfg.diffusion.weighting, logsnr_fn=self.logsnr_fn, teacher=teacher,

@@ -23,6 +23,7 @@ import braceexpand
 import webdataset as wds
 from torch.utils.data import DataLoader
 
+from raypd.config import DataConfig
 from raypd.data.batch import Batch
 from raypd.data.decode import ShardStream
 
@@ -265,3 +266,13 @@ class ShardLoader:
             raise DataError(f"{bad} of {total} samples read so far were corrupt or unreadable, more than "
                             f"data.max_skipped_fraction={self.max_skipped_fraction}; check the shards (the "
                             f"warnings above name them) or raise the limit")
+
+
+def training_loader(urls: Sequence[str], cfg: DataConfig, *, batch_size: int, seed: int, stream: int,
+                    rank: int = 0, world_size: int = 1, epoch: int = 0) -> ShardLoader:
+    """The endless, seeded training stream of one stage (``stream``) on one rank: the one place the data
+    settings become a loader, for the in-process loop and the Ray workers alike."""
+    return ShardLoader(urls, batch_size=batch_size, channels=cfg.channels, num_classes=cfg.num_classes, rank=rank,
+                       world_size=world_size, num_workers=cfg.loader_workers, seed=seed * 1000 + stream,
+                       random_flip=cfg.random_flip, shuffle_buffer=cfg.shuffle_buffer, resampled=True, epoch=epoch,
+                       resolution=cfg.resolution, max_skipped_fraction=cfg.max_skipped_fraction)

@@ -19,7 +19,6 @@ def _generate_and_extract(config: dict, state: dict, z: Tensor, y: Tensor | None
                           extractor: dict, kid: bool, prc: bool) -> tuple[Tensor, dict[str, Tensor]]:
     """One task: N-step DDIM samples of its noise slice and their features (uint8 samples come back for grids)."""
     from raypd.config import config_from_dict
-    from raypd.diffusion import make_logsnr_fn
     from raypd.eval.fid import Extractor, extract_features, to_uint8
     from raypd.eval.samples import sample_ddim
     from raypd.models import build_denoiser
@@ -29,9 +28,7 @@ def _generate_and_extract(config: dict, state: dict, z: Tensor, y: Tensor | None
     model = build_denoiser(cfg.model, cfg.data)
     model.load_state_dict(state)
     model.to(device)
-    d = cfg.diffusion
-    logsnr_fn = make_logsnr_fn(d.schedule, logsnr_min=d.logsnr_min, logsnr_max=d.logsnr_max, betas=d.discrete_betas)
-    samples = sample_ddim(model, z, y, n_steps, logsnr_fn=logsnr_fn, device=device)
+    samples = sample_ddim(model, z, y, n_steps, logsnr_fn=cfg.diffusion.logsnr_fn(), device=device)
     features = extract_features(samples, Extractor(**extractor), kid=kid, prc=prc)
     return to_uint8(samples), {k: v.cpu() for k, v in features.items()}
 

@@ -26,8 +26,7 @@ from safetensors.torch import load_file, save_file
 from raypd.checkpoint import CheckpointError, load_checkpoint, meta_for, save_checkpoint
 from raypd.config import Config
 from raypd.data.batch import Batch
-from raypd.data.shards import ShardLoader
-from raypd.diffusion import make_logsnr_fn
+from raypd.data.shards import ShardLoader, training_loader
 from raypd.distributed.deepspeed import DeepSpeedEngine, build_deepspeed_engine, ds_config
 from raypd.distributed.guards import DETERMINISTIC, SETTINGS, StageFailure, agree, dist_settings, settings_mismatch
 from raypd.models import build_denoiser
@@ -60,9 +59,7 @@ class StageRun:
         self.label = "teacher" if self.kind == "teacher" else f"round {spec.get('round')}"
         self.every = spec.get("report_every") or cfg.dist.checkpoint_every
         self.patience, self.max_rollbacks, self.rollbacks = cfg.dist.nonfinite_patience, cfg.dist.max_rollbacks, 0
-        dif = cfg.diffusion
-        self.logsnr_fn = make_logsnr_fn(dif.schedule, logsnr_min=dif.logsnr_min, logsnr_max=dif.logsnr_max,
-                                        betas=dif.discrete_betas)
+        self.logsnr_fn = cfg.diffusion.logsnr_fn()
         self.teacher_dtype = teacher_autocast_dtype(cfg.dist.teacher_dtype, device)
         self.generator = torch.Generator(device)
         self.loader: ShardLoader | None = None
@@ -117,12 +114,8 @@ class StageRun:
         if self.loader is not None and window == self.window + 1:
             self.window = window
             return iter(self.loader)
-        d = self.cfg.data
-        loader = ShardLoader(self.spec["shards"], batch_size=self.micro, channels=d.channels,
-                             num_classes=d.num_classes, rank=self.rank, world_size=self.world,
-                             num_workers=d.loader_workers, seed=self.cfg.run.seed * 1000 + self.spec["stream"],
-                             random_flip=d.random_flip, shuffle_buffer=d.shuffle_buffer, resampled=True, epoch=window,
-                             resolution=d.resolution, max_skipped_fraction=d.max_skipped_fraction)
+        loader = training_loader(self.spec["shards"], self.cfg.data, batch_size=self.micro, seed=self.cfg.run.seed,
+                                 stream=self.spec["stream"], rank=self.rank, world_size=self.world, epoch=window)
         if self.loader is not None:
             self.skipped_before += self.loader.skipped_samples
         self.loader, self.window = loader, window

@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from raypd.diffusion import diffuse, student_times, weighted_mse
+from raypd.diffusion import student_times
 from raypd.diffusion.ddim import LogsnrFn
 from raypd.diffusion.loss import Weighting
 from raypd.models import Denoiser
-from raypd.train.step import _teacher_target
+from raypd.train.step import loss_at
 
 
 def make_heldout(x: Tensor, y: Tensor | None, n_steps: int, *, seed: int) -> dict[str, Tensor]:
@@ -50,13 +50,10 @@ def heldout_loss(student: Denoiser, teacher: Denoiser, heldout: dict[str, Tensor
     x_all, eps_all, t_all, y_all = heldout["x"], heldout["eps"], heldout["t"], heldout.get("y")
     for start in range(0, x_all.shape[0], batch_size):
         sl = slice(start, start + batch_size)
-        x, eps, t = x_all[sl], eps_all[sl], t_all[sl]
         y = None if y_all is None else y_all[sl]
-        logsnr_t = logsnr_fn(t)
-        z_t = diffuse(x, eps, logsnr_t)
-        target = _teacher_target(teacher, z_t, t, n_steps, y, logsnr_fn, None)
-        x_hat = student(z_t, logsnr_t, y)
-        total += weighted_mse(x_hat.float(), target.float(), logsnr_t, weighting).sum().item()
-        count += x.shape[0]
+        losses = loss_at(student, x_all[sl], eps_all[sl], t_all[sl], y, weighting=weighting, logsnr_fn=logsnr_fn,
+                         teacher=teacher, n_steps=n_steps)
+        total += losses.sum().item()
+        count += losses.shape[0]
     student.train(was_training)
     return total / count

@@ -33,7 +33,7 @@ def diffusion_loss(
     teacher: Denoiser | None = None, n_steps: int | None = None,
     generator: torch.Generator | None = None, teacher_dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """Mean weighted x-space loss of the student on one batch."""
+    """Mean weighted x-space loss of the student on one batch, at freshly drawn noise and times."""
     x = batch.x
     b = x.shape[0]
     eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
@@ -43,14 +43,23 @@ def diffusion_loss(
         if n_steps is None:
             raise ValueError("distillation needs n_steps, the student's sampling step count")
         t = student_times(b, n_steps, generator=generator, dtype=x.dtype, device=x.device)
+    return loss_at(student, x, eps, t, batch.y, weighting=weighting, logsnr_fn=logsnr_fn, teacher=teacher,
+                   n_steps=n_steps, teacher_dtype=teacher_dtype).mean()
+
+
+def loss_at(student: Denoiser, x: Tensor, eps: Tensor, t: Tensor, y: Tensor | None, *, weighting: Weighting,
+            logsnr_fn: LogsnrFn, teacher: Denoiser | None = None, n_steps: int | None = None,
+            teacher_dtype: torch.dtype | None = None) -> Tensor:
+    """Per-example weighted x-space loss at given noise ``eps`` and times ``t``: the data as target without a
+    teacher (Algorithm 1), the teacher's two-step target x_tilde with one (Algorithm 2)."""
     logsnr_t = logsnr_fn(t)
     z_t = diffuse(x, eps, logsnr_t)
     if teacher is None:
         target = x
     else:
-        target = _teacher_target(teacher, z_t, t, n_steps, batch.y, logsnr_fn, teacher_dtype)
-    x_hat = student(z_t, logsnr_t, batch.y)
-    return weighted_mse(x_hat, target, logsnr_t, weighting).mean()
+        target = _teacher_target(teacher, z_t, t, n_steps, y, logsnr_fn, teacher_dtype)
+    x_hat = student(z_t, logsnr_t, y)
+    return weighted_mse(x_hat.float(), target.float(), logsnr_t, weighting)
 
 
 def teacher_autocast_dtype(choice: str, device: torch.device) -> torch.dtype | None:

@@ -31,11 +31,11 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def ds_config(*, global_batch: int, world_size: int, zero_stage: int, precision: Precision, grad_clip: float,
-              offload_optimizer: bool = False, offload_params: bool = False, client_optimizer: bool = True) -> dict:
+              offload_optimizer: bool = False, offload_params: bool = False) -> dict:
     """The DeepSpeed config for a global batch split evenly over ``world_size`` ranks (no accumulation).
 
-    ``client_optimizer``: the optimizer is a torch one handed to ``deepspeed.initialize``; with offload
-    that needs DeepSpeed's switch that allows it (its own CPU Adam needs a compiled op).
+    With offload it carries DeepSpeed's switch that allows a torch optimizer on the offloaded state
+    (its own CPU Adam needs a compiled op); ``build_deepspeed_engine`` drops it where that op is built.
     """
     if global_batch % world_size:
         raise ValueError(f"the global batch {global_batch} does not split evenly over {world_size} workers")
@@ -61,7 +61,7 @@ def ds_config(*, global_batch: int, world_size: int, zero_stage: int, precision:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if (offload_optimizer or offload_params) and client_optimizer:
+    if offload_optimizer or offload_params:
         config["zero_force_ds_cpu_optimizer"] = False
     return config
 
@@ -85,13 +85,6 @@ class MixedPrecisionForward(nn.Module):
     def forward(self, z: Tensor, logsnr: Tensor, y: Tensor | None = None) -> Tensor:
         with torch.autocast(z.device.type, dtype=self.dtype):
             return self.engine(z, logsnr, y).float()
-
-
-def _grad_norm(params: list[nn.Parameter]) -> float:
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
 
 class DeepSpeedEngine:
@@ -122,16 +115,16 @@ class DeepSpeedEngine:
             # DeepSpeed then runs the torch optimizer as is: it keeps no norm and would apply a NaN
             # gradient; the gradients are all-reduced already, so this norm is the global one
             params = [p for p in self.engine.module.parameters() if p.requires_grad]
-            own_norm = _grad_norm(params)
+            own_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
         if own_norm is not None and not math.isfinite(own_norm):
             for p in params:
                 p.grad = None  # a real skip: no optimizer step, Adam's moments untouched
         else:
             self.engine.step()  # clips to gradient_clipping and updates unless the gradients overflowed
         norm = own_norm if own_norm is not None else self.engine.get_global_grad_norm()
-        grad_norm = float(norm) if norm is not None else math.nan
         if norm is None:
             raise RuntimeError(f"DeepSpeed reported no gradient norm (ZeRO stage {self.zero_stage}, {self.precision})")
+        grad_norm = float(norm)
         if not math.isfinite(grad_norm):
             self.skipped_updates += 1
         elif self.ema is not None:

@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+
+from tests.teachers import perturbed_denoiser
 
 ROOT = Path(__file__).resolve().parents[2]
 PAPER = ["cifar10.yaml", "imagenet64.yaml", "lsun_bedroom128.yaml", "lsun_church128.yaml"]
@@ -39,18 +40,6 @@ def ray_session():
     ray.shutdown()
 
 
-def _teacher(cfg):
-    """A small teacher whose output depends on its input (a fresh one's zero output layers make every target 0)."""
-    from raypd.models import build_denoiser
-
-    torch.manual_seed(0)
-    model = build_denoiser(cfg.model, cfg.data)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return model
-
-
 @pytest.mark.parametrize("name", PAPER)
 def test_paper_config_runs_a_round_on_cpu_with_its_dist_settings(ray_session, tmp_path, name):
     from raypd.checkpoint import meta_for, save_checkpoint
@@ -60,7 +49,8 @@ def test_paper_config_runs_a_round_on_cpu_with_its_dist_settings(ray_session, tm
     paper = load_config(ROOT / "configs" / name)
     classes = ["data.num_classes=10"] if paper.data.num_classes else []
     cfg = load_config(ROOT / "configs" / name, SHRINK + classes)
-    save_checkpoint(tmp_path / "teacher", _teacher(cfg), meta_for(cfg, kind="teacher", sampling_steps=2, round=None))
+    save_checkpoint(tmp_path / "teacher", perturbed_denoiser(cfg),
+                    meta_for(cfg, kind="teacher", sampling_steps=2, round=None))
     args = ["--config", str(ROOT / "configs" / name), *SHRINK, *classes, f"teacher.checkpoint={tmp_path / 'teacher'}",
             f"run.storage_path={tmp_path}", "run.name=r"]
     assert main(args) == 0
@@ -100,7 +90,8 @@ def test_an_error_every_restart_would_repeat_stops_the_stage_at_once(ray_session
             "data.max_skipped_fraction=0.05", "distill.batch_size=128", "dist.max_failures=2", "dist.precision=fp32",
             "dist.zero_stage=2"]
     cfg = load_config(None, base)
-    save_checkpoint(tmp_path / "teacher", _teacher(cfg), meta_for(cfg, kind="teacher", sampling_steps=2, round=None))
+    save_checkpoint(tmp_path / "teacher", perturbed_denoiser(cfg),
+                    meta_for(cfg, kind="teacher", sampling_steps=2, round=None))
     began = time.perf_counter()
     code = main([*base, f"teacher.checkpoint={tmp_path / 'teacher'}", f"run.storage_path={tmp_path}", "run.name=r"])
     err = capsys.readouterr().err

@@ -18,12 +18,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from tests.matrix_worker import EVERY, UPDATES  # noqa: E402
+from tests.teachers import perturbed_denoiser  # noqa: E402
 
 LR = 1e-3
 COMBOS = [(f"z{stage}-{precision}-{offload}", [f"dist.zero_stage={stage}", f"dist.precision={precision}",
@@ -52,15 +52,10 @@ def stage_inputs(tmp_path_factory):
     from raypd.checkpoint import meta_for, save_checkpoint
     from raypd.config import load_config
     from raypd.data.prepare import training_shards
-    from raypd.models import build_denoiser
 
     root = tmp_path_factory.mktemp("matrix")
     cfg = load_config(None, BASE)
-    torch.manual_seed(0)
-    teacher = build_denoiser(cfg.model, cfg.data)
-    with torch.no_grad():  # a teacher whose output depends on its input, so the targets are not trivial
-        for p in teacher.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+    teacher = perturbed_denoiser(cfg)
     save_checkpoint(root / "teacher", teacher, meta_for(cfg, kind="teacher", sampling_steps=4, round=None))
     shards = training_shards(cfg.data, root / "data", readers=2)
     spec = {"kind": "round", "teacher": str(root / "teacher"), "round": 0, "updates": UPDATES, "student_steps": 2,

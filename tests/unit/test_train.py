@@ -10,6 +10,8 @@ from raypd.models import Denoiser, build_denoiser
 from raypd.train import (EMA, build_plain_engine, diffusion_loss, freeze, linear_decay, make_student,
                          plan_rounds, train_step, warmup)
 
+from tests.teachers import perturbed_denoiser
+
 TINY = ["model.ch=32", "model.ch_mult=[1,2]", "data.resolution=8", "model.attn_resolutions=[4]", "model.dropout=0.2"]
 
 
@@ -55,20 +57,11 @@ def test_student_is_a_trainable_dropout_free_copy_and_teacher_is_frozen():
     assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), student.state_dict().values()))
 
 
-def _perturbed(cfg):
-    torch.manual_seed(0)
-    model = build_denoiser(cfg.model, cfg.data)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return model
-
-
 def test_teacher_training_and_distillation_share_one_step():
     cfg = load_config(None, TINY)
     x = torch.rand(8, 1, 8, 8) * 2 - 1
-    student = _perturbed(cfg).train()
-    teacher = freeze(_perturbed(cfg))
+    student = perturbed_denoiser(cfg).train()
+    teacher = freeze(perturbed_denoiser(cfg))
     kw = dict(weighting="snr_trunc", logsnr_fn=logsnr_schedule)
     plain = diffusion_loss(student, Batch(x), generator=torch.Generator().manual_seed(0), **kw)
     distill = diffusion_loss(student, Batch(x), teacher=teacher, n_steps=4, generator=torch.Generator().manual_seed(0), **kw)

@@ -28,12 +28,13 @@ from tests.teachers import perturbed_denoiser  # noqa: E402
 LR = 1e-3
 COMBOS = [(f"z{stage}-{precision}-{offload}", [f"dist.zero_stage={stage}", f"dist.precision={precision}",
                                                 f"dist.offload_optimizer={str(offload in ('opt', 'params')).lower()}",
-                                                f"dist.offload_params={str(offload == 'params').lower()}"])
+                                                f"dist.offload_params={str(offload == 'params').lower()}",
+                                                f"dist.teacher_dtype={precision}"])
           for stage in (0, 1, 2, 3) for precision in ("fp32", "bf16")
           for offload in (("none",) if stage == 0 else ("none", "opt") if stage < 3 else ("none", "opt", "params"))]
 BASE = ["data.resolution=8", "model.attn_resolutions=[4]", "model.ch=32", "data.loader_workers=0",
         "distill.batch_size=8", "teacher.batch_size=8", "teacher.warmup_updates=1", f"distill.lr={LR}", f"dist.checkpoint_every={EVERY}", "dist.nonfinite_patience=2",
-        "dist.max_rollbacks=1", "dist.teacher_dtype=fp32", "data.shuffle_buffer=16"]
+        "dist.max_rollbacks=1", "data.shuffle_buffer=16"]
 
 
 @pytest.fixture(scope="module")

@@ -113,6 +113,20 @@ def add_metrics(path: str | Path, metrics: dict[str, float]) -> None:
     os.replace(tmp, meta)
 
 
+def publish_checkpoint(source: str | Path, output: str | Path, metrics: dict | None = None) -> Path:
+    """Copy a finished stage's checkpoint to ``output`` (with ``metrics`` merged into its metadata) through a
+    temporary name, so ``output`` is whole or absent."""
+    output = Path(output)
+    tmp = output.with_name(f".{output.name}.incoming")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    if metrics:
+        add_metrics(tmp, metrics)
+    shutil.rmtree(output, ignore_errors=True)
+    tmp.rename(output)
+    return output
+
+
 def read_meta(path: str | Path) -> CheckpointMeta:
     path = Path(path)
     if not (path / META).is_file() or not (path / WEIGHTS).is_file():

@@ -1,7 +1,10 @@
-"""The whole job on one machine in plain PyTorch: teacher, every halving round, evaluation, report.
+"""The job: obtain a teacher, then for each halving round train the student, evaluate it, promote it.
 
-Resumable at round granularity: every finished stage leaves a checkpoint in the run directory,
-and a rerun with the same ``run.storage_path``/``run.name`` loads those instead of redoing them.
+How a stage is trained is chosen once, at start: in this process (``dist.workers=0``), as a Ray Train
+run of DeepSpeed workers, or as a Ray Tune sweep of such runs; all three run the same training loop
+(``raypd.train.stage_loop``). Resumable: every finished stage leaves a checkpoint in the run directory,
+an unfinished one resumes from its last in-stage checkpoint, and a rerun with the same
+``run.storage_path``/``run.name`` loads what is done instead of redoing it.
 """
 
 from __future__ import annotations
@@ -14,18 +17,17 @@ from pathlib import Path
 
 import torch
 
-from raypd.checkpoint import (CheckpointError, add_metrics, check_compatible, load_checkpoint, meta_for, read_meta,
-                              save_checkpoint, verify_weights)
+from raypd.checkpoint import CheckpointError, check_compatible, load_checkpoint, read_meta, verify_weights
 from raypd.config import Config
 from raypd.data.prepare import training_shards
-from raypd.data.shards import ShardLoader, check_shards, training_loader
+from raypd.data.shards import check_shards
 from raypd.eval.evaluate import Evaluator
 from raypd.eval.report import write_report
-from raypd.models import Denoiser, build_denoiser
+from raypd.models import Denoiser
 from raypd.runs import DriverLock, archive_run, check_and_save_config, finished_summary, run_dir
-from raypd.train import build_plain_engine, freeze, linear_decay, make_student, plan_rounds, warmup
-from raypd.train.loop import run_updates
-from raypd.train.step import teacher_autocast_dtype
+from raypd.train import freeze, plan_rounds
+from raypd.train.runner import InProcessRunner
+from raypd.train.stage import round_stage, teacher_stage
 
 
 def log(line: str) -> None:
@@ -49,66 +51,19 @@ class Context:
     def logsnr_fn(self):
         return self.cfg.diffusion.logsnr_fn()
 
-    def batches(self, batch_size: int, stream: int) -> ShardLoader:
-        """An endless, seeded stream of decoded batches; each stage gets its own ``stream``."""
-        return training_loader(self.shards, self.cfg.data, batch_size=batch_size, seed=self.cfg.run.seed,
-                               stream=stream)
 
-    def step_kwargs(self, teacher: Denoiser | None = None, n_steps: int | None = None, seed: int = 0) -> dict:
-        return dict(weighting=self.cfg.diffusion.weighting, logsnr_fn=self.logsnr_fn, teacher=teacher,
-                    n_steps=n_steps, generator=torch.Generator(self.device).manual_seed(seed),
-                    teacher_dtype=teacher_autocast_dtype(self.cfg.dist.teacher_dtype, self.device))
+def make_runner(ctx: Context):
+    """How every stage of this run is trained, chosen once: in this process, or by Ray Train workers."""
+    if not ctx.cfg.dist.workers:
+        return InProcessRunner(ctx.cfg, ctx.out / "local", ctx.device)
+    from raypd.distributed.trainer import RayTrainRunner
 
-
-def train_teacher(ctx: Context) -> Denoiser:
-    cfg = ctx.cfg.teacher
-    torch.manual_seed(ctx.cfg.run.seed)
-    model = build_denoiser(ctx.cfg.model, ctx.cfg.data).to(ctx.device).train()
-    engine = build_plain_engine(model, lr=cfg.lr, betas=cfg.adam_betas, grad_clip=cfg.grad_clip,
-                                schedule=warmup(cfg.warmup_updates), ema_decay=cfg.ema_decay)
-    loader = ctx.batches(cfg.batch_size, stream=0)
-    result = run_updates(engine, iter(loader), cfg.updates, label="teacher",
-                         log_every=ctx.cfg.run.log_every, device=ctx.device,
-                         step_kwargs=ctx.step_kwargs(seed=ctx.cfg.run.seed))
-    meta = meta_for(ctx.cfg, kind="teacher", sampling_steps=cfg.sampling_steps, round=None,
-                    metrics={"final_loss": result.final_loss, "seconds": result.seconds,
-                             "skipped_samples": loader.skipped_samples})
-    save_checkpoint(ctx.out / "teacher", engine.ema.shadow, meta)
-    return freeze(engine.ema.shadow)
+    return RayTrainRunner(ctx.cfg, ctx.out / "ray")
 
 
-def run_on_ray(ctx: Context, name: str, spec: dict, output: Path) -> dict:
-    """One stage as a Ray Train run of DeepSpeed workers; returns its wall time and final loss."""
-    from raypd.distributed.trainer import run_stage
-
-    start = time.perf_counter()
-    run_stage(ctx.cfg, name=name, spec={**spec, "shards": ctx.shards}, storage=ctx.out / "ray", output=output)
-    add_metrics(output, {"seconds": time.perf_counter() - start, "updates": spec["updates"]})
-    return read_meta(output).metrics
-
-
-def sweep_stage(ctx: Context, evaluator: Evaluator, teacher_path: Path, rnd, output: Path, centre: dict | None) -> dict:
-    """One round as a Ray Tune sweep; the chosen trial's student lands in ``output``; returns its metrics."""
-    from raypd.distributed.sweep import sweep_round
-    from raypd.train.heldout import make_heldout, save_heldout
-
-    cfg = ctx.cfg
-    sweep_dir = ctx.out / "sweeps" / f"round-{rnd.index:02d}"
-    heldout = sweep_dir / "heldout.safetensors"
-    if not heldout.is_file():  # the same images, noise and times for every trial of the round
-        batch = next(iter(ctx.batches(cfg.sweep.heldout_samples, stream=10_000 + rnd.index)))
-        save_heldout(make_heldout(batch.x, batch.y, rnd.student_steps, seed=cfg.sweep.seed + rnd.index), heldout)
-    spec = {"kind": "round", "teacher": str(teacher_path.resolve()), "round": rnd.index, "updates": rnd.updates,
-            "student_steps": rnd.student_steps, "sampling_steps": rnd.student_steps, "stream": 1 + rnd.index,
-            "shards": ctx.shards, "heldout": str(heldout.resolve())}
-    start = time.perf_counter()
-    outcome = sweep_round(cfg, rnd=rnd, spec=spec, sweep_dir=sweep_dir, output=output,
-                          eval_spec=evaluator.trial_spec(), centre=centre)
-    chosen = outcome.chosen
-    add_metrics(output, {"seconds": time.perf_counter() - start, "updates": chosen["updates"], "lr": chosen["lr"],
-                         "heldout_loss": chosen["heldout_loss"], "sweep_trials": len(outcome.rows),
-                         "sweep_reason": outcome.reason, "sweep_report": str(outcome.report.relative_to(ctx.out))})
-    return read_meta(output).metrics
+def load_frozen(path: Path, device: torch.device) -> Denoiser:
+    model, _ = load_checkpoint(path, map_location=device)
+    return freeze(model)
 
 
 def import_diffusers_teacher(ctx: Context) -> tuple[Denoiser, Path]:
@@ -122,8 +77,7 @@ def import_diffusers_teacher(ctx: Context) -> tuple[Denoiser, Path]:
         import_teacher(ctx.cfg, path)
     ctx.cfg = run_config(ctx.cfg, read_meta(path), path)
     log(f"[teacher] loading {path}")
-    model, _ = load_checkpoint(path, map_location=ctx.device)
-    return freeze(model), path
+    return load_frozen(path, ctx.device), path
 
 
 def rss_mib() -> float:
@@ -148,41 +102,26 @@ def intact(path: Path, stage: str) -> bool:
         return False
 
 
+def finished(path: Path, stage: str) -> dict | None:
+    """A finished stage's metrics, or None when it has still to run (or its checkpoint was damaged)."""
+    if (path / "meta.json").exists() and intact(path, stage):
+        return dict(read_meta(path).metrics)
+    return None
+
+
 def obtain_teacher(ctx: Context) -> tuple[Denoiser, Path]:
     """The teacher and its checkpoint directory: given, already trained by this run, imported, or trained now."""
     if ctx.cfg.teacher.source == "diffusers":
         return import_diffusers_teacher(ctx)
     given = ctx.cfg.teacher.checkpoint
     path = Path(given) if given else ctx.out / "teacher"
-    if not given and not ((path / "meta.json").exists() and intact(path, "teacher")):
+    if not given and finished(path, "teacher") is None:
         t = ctx.cfg.teacher
         log(f"[teacher] training for {t.updates} updates")
-        if ctx.cfg.dist.workers:
-            run_on_ray(ctx, "teacher", {"kind": "teacher", "stream": 0, "updates": t.updates,
-                                        "sampling_steps": t.sampling_steps}, path)
-        else:
-            return train_teacher(ctx), path
-    meta = read_meta(path)
-    check_compatible(meta, ctx.cfg, path)
+        make_runner(ctx).run(teacher_stage(t.updates, t.sampling_steps, ctx.shards), path)
+    check_compatible(read_meta(path), ctx.cfg, path)
     log(f"[teacher] loading {path}")
-    model, _ = load_checkpoint(path, map_location=ctx.device)
-    return freeze(model), path
-
-
-def distill_round(ctx: Context, teacher: Denoiser, rnd) -> tuple[Denoiser, dict]:
-    cfg = ctx.cfg.distill
-    student = make_student(teacher, ctx.cfg.model.parameterization)
-    engine = build_plain_engine(student, lr=cfg.lr, betas=cfg.adam_betas, grad_clip=cfg.grad_clip,
-                                schedule=linear_decay(rnd.updates))
-    loader = ctx.batches(cfg.batch_size, stream=1 + rnd.index)
-    result = run_updates(engine, iter(loader), rnd.updates,
-                         label=f"round {rnd.index}: {rnd.teacher_steps}->{rnd.student_steps} steps",
-                         log_every=ctx.cfg.run.log_every, device=ctx.device,
-                         step_kwargs=ctx.step_kwargs(teacher, rnd.student_steps, seed=ctx.cfg.run.seed + 1 + rnd.index))
-    stats = {"final_loss": result.final_loss, "seconds": result.seconds, "updates": rnd.updates,
-             "skipped_updates": engine.skipped_updates, "skipped_samples": loader.skipped_samples,
-             "losses": result.losses}
-    return freeze(student), stats
+    return load_frozen(path, ctx.device), path
 
 
 def run_pipeline(cfg: Config, *, mode: str = "auto") -> dict:
@@ -204,7 +143,8 @@ def run_pipeline(cfg: Config, *, mode: str = "auto") -> dict:
         return _run(cfg, out)
 
 
-def _run(cfg: Config, out: Path) -> dict:
+def prepare(cfg: Config, out: Path) -> tuple[Context, dict | None]:
+    """The run's training shards (written once), checked, and the context every stage shares."""
     readers = max(1, cfg.dist.workers) * max(1, cfg.data.loader_workers)
     shards = training_shards(cfg.data, out / "data", seed=cfg.run.seed, readers=readers)
     d = cfg.data
@@ -215,64 +155,62 @@ def _run(cfg: Config, out: Path) -> dict:
     count = manifest["splits"]["train"]["count"] if manifest else "?"
     log(f"[raypd] run directory {out}, device {ctx.device}, {count} training images of "
         f"{d.channels}x{d.resolution}x{d.resolution} in {len(shards)} shards")
-    start = time.perf_counter()
     if cfg.dist.workers or cfg.sweep.enabled:
         from raypd.distributed.trainer import check_stages_in_progress, ensure_ray
 
         check_stages_in_progress(cfg, out)  # a stage checkpointed under other dist settings cannot continue
         ensure_ray(cfg)  # fails here, before any training, when the cluster cannot host the workers
-    teacher, teacher_path = obtain_teacher(ctx)
-    cfg = ctx.cfg  # an imported diffusers teacher fixes the model and the noise schedule
-    rounds = plan_rounds(cfg.distill)
-    remote = None
+    return ctx, manifest
+
+
+def make_evaluator(ctx: Context, manifest: dict | None, teacher: Denoiser, rounds) -> Evaluator:
+    cfg, remote = ctx.cfg, None
     if cfg.dist.workers and cfg.eval.distributed:
         from raypd.distributed.evaluate import RayEvaluation
 
         remote = RayEvaluation(cfg, workers=cfg.dist.workers, use_gpu=cfg.dist.use_gpu)
-    evaluator = Evaluator(cfg, out, device=ctx.device, logsnr_fn=ctx.logsnr_fn, urls=shards, manifest=manifest,
-                          teacher=teacher, step_counts=[r.student_steps for r in rounds], remote=remote)
+    return Evaluator(cfg, ctx.out, device=ctx.device, logsnr_fn=ctx.logsnr_fn, urls=ctx.shards, manifest=manifest,
+                     teacher=teacher, step_counts=[r.student_steps for r in rounds], remote=remote)
+
+
+def round_row(rnd, stats: dict, path: Path, default_lr: float) -> dict:
+    return {"round": rnd.index, "teacher_steps": rnd.teacher_steps, "student_steps": rnd.student_steps,
+            "updates": int(stats.get("updates", rnd.updates)), "lr": stats.get("lr", default_lr),
+            "wall_seconds": stats["seconds"], "final_loss": stats["final_loss"],
+            "skipped_samples": stats.get("skipped_samples", 0), "checkpoint": path.name,
+            "driver_rss_mib": round(rss_mib(), 1)}
+
+
+def _run(cfg: Config, out: Path) -> dict:
+    start = time.perf_counter()
+    ctx, manifest = prepare(cfg, out)
+    teacher, teacher_path = obtain_teacher(ctx)
+    cfg = ctx.cfg  # an imported diffusers teacher fixes the model and the noise schedule
+    runner = make_runner(ctx)
+    rounds = plan_rounds(cfg.distill)
+    evaluator = make_evaluator(ctx, manifest, teacher, rounds)
+    if cfg.sweep.enabled:
+        from raypd.distributed.sweep import SweepRunner
+
+        runner = SweepRunner(cfg, out, runner, evaluator.spec)
     summary = {"run": str(out), "teacher": {"full_steps": evaluator.full_steps}, "eval_seed": cfg.eval.seed,
                "rounds": [], "eval": list(evaluator.rows)}
-    centre, choices = None, []
     for rnd in rounds:
         path = out / f"round-{rnd.index:02d}-{rnd.student_steps}steps"
-        if (path / "meta.json").exists() and intact(path, f"round {rnd.index}"):
-            log(f"[round {rnd.index}] already done, loading {path}")
-            model, meta = load_checkpoint(path, map_location=ctx.device)
-            student, stats = freeze(model), dict(meta.metrics)
-        elif cfg.sweep.enabled:
-            stats = sweep_stage(ctx, evaluator, teacher_path, rnd, path, centre)
-            model, _ = load_checkpoint(path, map_location=ctx.device)
-            student = freeze(model)
-        elif cfg.dist.workers:
-            stats = run_on_ray(ctx, f"round-{rnd.index:02d}", {
-                "kind": "round", "teacher": str(teacher_path), "updates": rnd.updates, "round": rnd.index,
-                "student_steps": rnd.student_steps, "sampling_steps": rnd.student_steps, "stream": 1 + rnd.index}, path)
-            model, _ = load_checkpoint(path, map_location=ctx.device)
-            student = freeze(model)
+        stats = finished(path, f"round {rnd.index}")
+        if stats is None:
+            stats = runner.run(round_stage(rnd, teacher_path, ctx.shards), path)
         else:
-            student, stats = distill_round(ctx, teacher, rnd)
-            save_checkpoint(path, student, meta_for(cfg, kind="student", sampling_steps=rnd.student_steps,
-                                                   round=rnd.index, metrics={k: v for k, v in stats.items()
-                                                                            if isinstance(v, (int, float))}))
-        row = evaluator.student(student, rnd.student_steps, rnd.index)
-        if "sweep_report" in stats:
-            centre = {"lr": stats["lr"], "updates": int(stats["updates"])}
-            choices.append({"round": rnd.index, "teacher_steps": rnd.teacher_steps, "student_steps": rnd.student_steps,
-                            "lr": stats["lr"], "updates": int(stats["updates"]), "trials": int(stats["sweep_trials"]),
-                            "reason": stats["sweep_reason"], "report": stats["sweep_report"]})
-        summary["rounds"].append({"round": rnd.index, "teacher_steps": rnd.teacher_steps,
-                                  "student_steps": rnd.student_steps, "updates": int(stats.get("updates", rnd.updates)),
-                                  "lr": stats.get("lr", cfg.distill.lr),
-                                  "wall_seconds": stats["seconds"], "final_loss": stats["final_loss"],
-                                  "skipped_samples": stats.get("skipped_samples", 0), "checkpoint": path.name,
-                                  "driver_rss_mib": round(rss_mib(), 1)})
-        summary["eval"].append(row)
-        teacher, teacher_path = student, path  # promotion: the student is the next round's teacher
-    if choices:
-        from raypd.eval.sweep_report import write_sweeps_summary
-
-        summary["sweeps"] = str(write_sweeps_summary(out / "sweeps", choices).relative_to(out))
+            log(f"[round {rnd.index}] already done, loading {path}")
+        student = load_frozen(path, ctx.device)
+        summary["eval"].append(evaluator.student(student, rnd.student_steps, rnd.index))
+        summary["rounds"].append(round_row(rnd, stats, path, cfg.distill.lr))
+        if hasattr(runner, "chose"):
+            runner.chose(rnd.index, rnd.teacher_steps, rnd.student_steps, stats)
+        teacher_path = path  # promotion: the student is the next round's teacher
+    sweeps = runner.finish() if hasattr(runner, "finish") else None
+    if sweeps:
+        summary["sweeps"] = sweeps
     summary["final_checkpoint"] = summary["rounds"][-1]["checkpoint"]
     summary["seconds"] = time.perf_counter() - start
     summary["report"] = str(write_report(out, summary))

@@ -74,8 +74,7 @@ def fid_main(argv: list[str] | None = None) -> int:
     from raypd.config import config_from_dict
     from raypd.data.prepare import training_shards
     from raypd.data.shards import DataError, check_shards
-    from raypd.eval.evaluate import obtain_extractor, reference_set
-    from raypd.eval.fid import fidelity
+    from raypd.eval.setup import fid_setup
 
     try:
         meta = read_meta(args.checkpoint)
@@ -88,14 +87,11 @@ def fid_main(argv: list[str] | None = None) -> int:
         urls = training_shards(d, run / "data", seed=cfg.run.seed)
         manifest = check_shards(urls, resolution=d.resolution, channels=d.channels, num_classes=d.num_classes,
                                 world_size=1, num_workers=0)
-        extractor = obtain_extractor(cfg, urls, manifest, run / "eval")
-        reference, cache_name = reference_set(cfg, urls, manifest, extractor)
+        spec = fid_setup(cfg, urls, manifest, run)
         samples, meta, steps = _generate(args, args.n)
     except (CheckpointError, DataError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    result = fidelity(samples, reference, extractor, cache_root=run / "eval" / "fid-cache",
-                      cache_name=cache_name,
-                      kid=cfg.eval.kid, prc=cfg.eval.precision_recall)
+    result = spec.score(samples)
     print(json.dumps({"checkpoint": str(args.checkpoint), "steps": steps, "seed": args.seed, **result}))
     return 0

@@ -1,6 +1,6 @@
 """Run inside Ray Train workers by the settings-matrix test: every DeepSpeed setting through the stage code.
 
-For each combination this rank: trains a short round (``StageRun.run``, checkpoints merged into a shared
+For each combination this rank: trains a short round (``StageLoop.run``, checkpoints merged into a shared
 folder the way Ray Train merges the ranks' files), checks the consolidated student against DeepSpeed's own
 zero-to-fp32 consolidation of the same checkpoint, resumes a fresh engine from the mid-stage checkpoint
 and runs the same updates again, and rolls back from NaN data fed to rank 1 only. Returns the figures
@@ -59,16 +59,29 @@ def _poison_last_rank(run, rank: int, world: int) -> None:
     run.batches = batches
 
 
+def _loop(cfg, stage, rank: int, world: int, store, staging: Path):
+    """The production loop on the production DeepSpeed engine, as a Ray Train worker builds it."""
+    from raypd.distributed.deepspeed import stage_engine
+    from raypd.distributed.guards import agree, dist_settings
+    from raypd.train.stage_loop import StageLoop
+
+    device = torch.device("cpu")
+    return StageLoop(cfg, stage, build_engine=stage_engine(cfg, world), store=store, staging=staging, device=device,
+                     rank=rank, world=world, settings=dist_settings(cfg, world),
+                     agree=lambda error: agree(error, world=world, label=stage.label, device=device))
+
+
 def _combo(cfg, spec: dict, root: Path, rank: int, world: int) -> dict:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import load_file
 
-    from raypd.distributed.stage_run import TAG, StageRun
+    from raypd.distributed.deepspeed import TAG
+    from raypd.train.stage import Stage
 
-    device = torch.device("cpu")
+    stage = Stage.from_dict(spec)
     began = time.perf_counter()
     store = SharedFolderStore(root / "through")
-    run = StageRun(cfg, spec, rank=rank, world=world, device=device, store=store, staging=root / f"staging{rank}")
+    run = _loop(cfg, stage, rank, world, store, root / f"staging{rank}")
     teacher = run.teacher.state_dict()
     start = run.engine.master_state_dict()  # the student starts from the teacher's exact fp32 weights
     out_start = max(float((start[k] - teacher[k].float()).abs().max()) for k in teacher)
@@ -94,24 +107,21 @@ def _combo(cfg, spec: dict, root: Path, rank: int, world: int) -> dict:
         out["consolidated_max_diff"] = max(float((mine[k].float() - ref[k].float()).abs().max()) for k in ref)
     torch_dist.barrier()
 
-    resumed = StageRun(cfg, spec, rank=rank, world=world, device=device, store=SharedFolderStore(root / "resumed"),
-                       staging=root / f"staging{rank}")
+    resumed = _loop(cfg, stage, rank, world, SharedFolderStore(root / "resumed"), root / f"staging{rank}")
     start = int(resumed.restore(store.root / f"checkpoint_{EVERY:06d}")["updates"])
     resumed.run(start)
     out["resumed_at"], out["resumed_losses"] = start, resumed.losses
 
-    rb_spec = {**spec, "updates": UPDATES + EVERY}
-    rolled = StageRun(cfg, rb_spec, rank=rank, world=world, device=device, store=SharedFolderStore(root / "rolled"),
-                      staging=root / f"staging{rank}")
+    rolled = _loop(cfg, stage.with_(updates=UPDATES + EVERY), rank, world, SharedFolderStore(root / "rolled"),
+                   root / f"staging{rank}")
     _poison_last_rank(rolled, rank, world)
     rolled.run(0)
     out["rollback"] = {"rollbacks": rolled.rollbacks, "skipped": rolled.engine.skipped_updates,
                        "base_lr": rolled.engine.base_lr, "losses": rolled.losses}
 
     # teacher training: the EMA of whole weights (gathered under ZeRO-3) is what the stage hands on
-    t_spec = {"kind": "teacher", "updates": EVERY, "sampling_steps": 4, "stream": 0, "shards": spec["shards"]}
-    taught = StageRun(cfg, t_spec, rank=rank, world=world, device=device, store=SharedFolderStore(root / "teacher"),
-                      staging=root / f"staging{rank}")
+    t_stage = Stage("teacher", "teacher", updates=EVERY, sampling_steps=4, stream=0, shards=stage.shards)
+    taught = _loop(cfg, t_stage, rank, world, SharedFolderStore(root / "teacher"), root / f"staging{rank}")
     initial = {k: v.clone() for k, v in taught.engine.ema.state_dict().items()}
     taught.run(0)
     ema = taught.engine.ema.state_dict()

@@ -17,17 +17,21 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from raypd.checkpoint import CheckpointError
 from raypd.models import Denoiser
 from raypd.train.ema import EMA
 from raypd.train.lr import LrSchedule
 
 Precision = Literal["fp32", "bf16", "fp16"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+TAG = "state"
 
 
 def ds_config(*, global_batch: int, world_size: int, zero_stage: int, precision: Precision, grad_clip: float,
@@ -133,6 +137,25 @@ class DeepSpeedEngine:
         self.updates += 1
         self.set_lr()
         return grad_norm, lr
+
+    # -- state: DeepSpeed's own checkpoint (each rank its shard) plus the EMA, identical on every rank ---------
+    def save(self, directory: Path, client: dict) -> None:
+        self.engine.save_checkpoint(str(directory), tag=TAG, client_state=client)
+        if self.ema is not None and self.engine.global_rank == 0:
+            save_file({k: v.contiguous() for k, v in self.ema.state_dict().items()},
+                      str(Path(directory) / "ema.safetensors"))
+
+    def load(self, directory: Path) -> dict:
+        _, client = self.engine.load_checkpoint(str(directory), tag=TAG, load_lr_scheduler_states=False)
+        if client is None:
+            raise CheckpointError(f"{directory}: DeepSpeed could not load the checkpoint")
+        if self.ema is not None:
+            self.ema.load_state_dict(load_file(str(Path(directory) / "ema.safetensors")))
+        return client
+
+    def export_state(self) -> dict[str, Tensor]:
+        """The EMA, or the fp32 master weights (collective under ZeRO-3: every rank calls it)."""
+        return self.ema.state_dict() if self.ema is not None else self.master_state_dict()
 
     def gathered(self):
         """Whole parameters on every rank for the duration (ZeRO-3 partitions them; a no-op otherwise)."""
@@ -251,3 +274,18 @@ def init_single_process(port: int = 29511) -> None:
                        ("MASTER_PORT", str(port))):
         os.environ.setdefault(key, value)
     deepspeed.init_distributed(dist_backend="gloo")
+
+
+def stage_engine(cfg, world: int):
+    """A builder of the DeepSpeed engine for a stage's set-up (``raypd.train.setup.StageSetup``) on ``world`` ranks,
+    with the run's ``dist`` settings."""
+    d = cfg.dist
+
+    def build(setup) -> DeepSpeedEngine:
+        config = ds_config(global_batch=setup.batch_size, world_size=world, zero_stage=d.zero_stage,
+                           precision=d.precision, grad_clip=setup.grad_clip, offload_optimizer=d.offload_optimizer,
+                           offload_params=d.offload_params)
+        return build_deepspeed_engine(setup.model, lr=setup.lr, betas=setup.betas, schedule=setup.schedule,
+                                      config=config, ema_decay=setup.ema_decay)
+
+    return build

@@ -1,4 +1,4 @@
-"""Failures that every rank agrees on, and the settings a stage's checkpoints depend on.
+"""Failures that every rank of a stage agrees on.
 
 An error that a restart would meet again (unreadable data, a missing file, a checkpoint written with
 other settings) must stop a stage once, with one message, rather than make Ray restart the worker
@@ -11,44 +11,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as torch_dist
 
-from raypd.checkpoint import CheckpointError
-from raypd.config import Config, ConfigError
-from raypd.data.shards import DataError
+from raypd.train.failures import (DETERMINISTIC, SETTINGS, StageFailure, as_failure, dist_settings,
+                                   settings_mismatch)
 
-SETTINGS = "raypd_dist.json"
-# errors a retry would meet again: they stop the stage at once instead of restarting the worker group
-DETERMINISTIC = (DataError, ConfigError, CheckpointError, FileNotFoundError, NotADirectoryError, PermissionError,
-                 ValueError, TypeError, KeyError)
-
-
-
-class StageFailure(Exception):
-    """A failure every rank agreed on: ``category`` (numerical, data, checkpoint, config, settings) and message."""
-
-    def __init__(self, category: str, message: str):
-        super().__init__(message)
-        self.category, self.message = category, message
-
-
-def dist_settings(cfg: Config, world: int) -> dict:
-    """The settings a ZeRO checkpoint's layout depends on; another value cannot load it."""
-    d = cfg.dist
-    return {"workers": world, "zero_stage": d.zero_stage, "precision": d.precision,
-            "offload_optimizer": d.offload_optimizer, "offload_params": d.offload_params}
-
-
-def settings_mismatch(saved: dict, now: dict) -> str | None:
-    """A message naming every dist setting that differs from the checkpoint's, or None."""
-    diff = [f"dist.{k}={saved.get(k)!r} (now {v!r})" for k, v in now.items() if saved.get(k) != v]
-    if not diff:
-        return None
-    return ("its checkpoint was written with " + ", ".join(diff) + "; a ZeRO checkpoint only loads with the "
-            "settings that wrote it: rerun with those, or remove the stage's folder under ray/ to redo the stage")
-
-
-def _category(err: BaseException) -> str:
-    return ("data" if isinstance(err, (DataError, FileNotFoundError, NotADirectoryError)) else
-            "checkpoint" if isinstance(err, CheckpointError) else "config")
+__all__ = ["DETERMINISTIC", "SETTINGS", "StageFailure", "agree", "dist_settings", "settings_mismatch"]
 
 
 def agree(error: BaseException | None, *, world: int, label: str, device: torch.device | str = "cpu") -> None:
@@ -61,9 +27,8 @@ def agree(error: BaseException | None, *, world: int, label: str, device: torch.
         torch_dist.all_reduce(failed, op=torch_dist.ReduceOp.MAX)
     if not failed.item():
         return
-    mine = None if error is None else (
-        (error.category, error.message) if isinstance(error, StageFailure)
-        else (_category(error), f"{label}: {type(error).__name__}: {error}"))
+    failure = None if error is None else as_failure(error, label)
+    mine = None if failure is None else (failure.category, failure.message)
     every = [mine]
     if world > 1:
         every = [None] * world

@@ -27,7 +27,11 @@ from typing import Any
 
 import yaml
 
+from raypd.checkpoint import publish_checkpoint, read_meta
 from raypd.config import Config, config_from_dict
+from raypd.eval.setup import EvalSpec
+from raypd.train.rounds import Round
+from raypd.train.stage import Stage
 
 DIVERGED = 1e30
 
@@ -102,37 +106,26 @@ def _trial(params: dict[str, Any], static: dict[str, Any]) -> None:
     with open(trial_dir / "starts.log", "a") as f:  # one line per time this trial's driver started
         f.write(f"{time.time():.0f}\n")
     updates = int(params["updates"])
-    spec = {**static["spec"], "updates": updates, "report_every": cfg.sweep.report_every}
+    stage = Stage.from_dict(static["stage"]).with_(name=f"trial-{trial_id}", updates=updates)
     output = trial_dir / "student"
-    last = run_stage(cfg, name=f"trial-{trial_id}", spec=spec, storage=sweep_dir / "train", output=output,
-                     callbacks=[TuneReportCallback()])
+    last = run_stage(cfg, stage, storage=sweep_dir / "train", output=output, callbacks=[TuneReportCallback()])
     final = {"update": updates, "heldout_loss": float(last.get("heldout_loss", DIVERGED)), "finished": 1}
     if static.get("eval") and final["heldout_loss"] < DIVERGED:
-        final["fid"] = _score(output, static["eval"])
+        final["fid"] = _score(output, EvalSpec.from_dict(static["eval"]))
     (trial_dir / "final.json").write_text(json.dumps(final))
     tune.report(final)
 
 
-def _score(student_dir: Path, spec: dict[str, Any]) -> float:
+def _score(student_dir: Path, spec: EvalSpec) -> float:
     """FID of the trial's student at its steps, against the run's cached reference statistics."""
     from raypd.checkpoint import load_checkpoint
-    from raypd.eval.evaluate import read_images
-    from raypd.eval.fid import Extractor, ImageSet, fidelity
     from raypd.eval.samples import fixed_noise, sample_ddim
 
     model, meta = load_checkpoint(student_dir)
     d = meta.data
-    z, y = fixed_noise(spec["num_samples"], d.channels, d.resolution, seed=spec["seed"], num_classes=d.num_classes)
-
-    logsnr_fn = meta.logsnr_fn()
-    samples = sample_ddim(model, z, y, meta.sampling_steps, logsnr_fn=logsnr_fn)
-    extractor = Extractor(**spec["extractor"])
-    ref = spec["reference"]
-    reference = ImageSet(ref["count"], lambda: read_images(ref["urls"], ref["count"], channels=d.channels,
-                                                           resolution=d.resolution), rgb=extractor.kind == "inception")
-    metrics = fidelity(samples, reference, extractor, cache_root=Path(spec["cache_root"]),
-                       cache_name=spec["cache_name"], kid=False)
-    return metrics["fid"]
+    z, y = fixed_noise(spec.num_samples, d.channels, d.resolution, seed=spec.seed, num_classes=d.num_classes)
+    samples = sample_ddim(model, z, y, meta.sampling_steps, logsnr_fn=meta.logsnr_fn())
+    return spec.score(samples, kid=False, prc=False)["fid"]
 
 
 def _concurrency(cfg: Config, workers: int) -> int:
@@ -201,22 +194,21 @@ def choose(rows: list[dict[str, Any]], by_fid: bool) -> tuple[dict[str, Any], st
     return best, f"lowest held-out loss ({best['heldout_loss']:.5f}) among {len(done)} finished trials"
 
 
-def sweep_round(cfg: Config, *, rnd, spec: dict[str, Any], sweep_dir: Path, output: Path,
-                eval_spec: dict[str, Any] | None, centre: dict[str, Any] | None) -> SweepOutcome:
-    """Sweep one round; the chosen trial's student is copied to ``output``."""
+def sweep_round(cfg: Config, *, rnd: Round, stage: Stage, sweep_dir: Path, eval_spec: EvalSpec | None,
+                centre: dict[str, Any] | None) -> SweepOutcome:
+    """Sweep one round (``stage``: its trials' common description); returns the trials and the chosen one."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from raypd.distributed.trainer import copy_into_place
     from raypd.eval.sweep_report import write_round_report
 
     s = cfg.sweep
     sweep_dir = sweep_dir.resolve()
     space, first = search_space(cfg, rnd.updates, centre)
     workers = max(1, cfg.dist.workers)
-    static = {"config": cfg.to_dict(), "spec": spec, "sweep_dir": str(sweep_dir),
-              "eval": eval_spec if s.fid else None}
+    static = {"config": cfg.to_dict(), "stage": stage.to_dict(), "sweep_dir": str(sweep_dir),
+              "eval": eval_spec.to_dict() if s.fid and eval_spec is not None else None}
     # a trial's own process only waits for its Train run: it asks for memory, no CPU or GPU, so the
     # workers get all of those (Tune refuses an empty request)
     trainable = tune.with_resources(tune.with_parameters(_trial, static=static), {"memory": 256 * 1024**2})
@@ -243,8 +235,72 @@ def sweep_round(cfg: Config, *, rnd, spec: dict[str, Any], sweep_dir: Path, outp
     grid = tuner.fit()
     rows, curves = _rows(grid, sweep_dir)
     chosen, reason = choose(rows, by_fid=s.fid and eval_spec is not None)
-    copy_into_place(sweep_dir / "trials" / chosen["trial"] / "student", output)
     outcome = SweepOutcome(chosen, reason, rows, curves)
     outcome.report = write_round_report(sweep_dir, rnd=rnd, rows=rows, curves=curves, chosen=chosen, reason=reason)
     log(f"[round {rnd.index}] chose trial {chosen['trial']} (lr {chosen['lr']:.3g}, {chosen['updates']} updates): {reason}")
     return outcome
+
+
+class SweepRunner:
+    """Every round as a Tune sweep of Ray Train trials; other stages (the teacher) through ``base``.
+
+    The chosen trial's student becomes the round's checkpoint, and its learning rate and budget centre
+    the next round's search.
+    """
+
+    mode = "tune"
+
+    def __init__(self, cfg: Config, out: Path, base, eval_spec: EvalSpec | None):
+        self.cfg, self.out, self.base, self.eval_spec = cfg, Path(out), base, eval_spec
+        self.centre: dict[str, Any] | None = None
+        self.choices: list[dict[str, Any]] = []
+
+    def heldout(self, stage: Stage, sweep_dir: Path) -> Path:
+        """The round's fixed held-out set (the same images, noise and times for every trial), made once."""
+        from raypd.data.shards import training_loader
+        from raypd.train.heldout import make_heldout, save_heldout
+
+        path = sweep_dir / "heldout.safetensors"
+        if not path.is_file():
+            cfg = self.cfg
+            loader = training_loader(list(stage.shards), cfg.data, batch_size=cfg.sweep.heldout_samples,
+                                     seed=cfg.run.seed, stream=10_000 + stage.round)
+            batch = next(iter(loader))
+            save_heldout(make_heldout(batch.x, batch.y, stage.student_steps, seed=cfg.sweep.seed + stage.round), path)
+        return path.resolve()
+
+    def run(self, stage: Stage, output: Path) -> dict:
+        if not stage.distills:
+            return self.base.run(stage, output)
+        rnd = Round(stage.round, 2 * stage.student_steps, stage.student_steps, stage.updates)
+        sweep_dir = self.out / "sweeps" / f"round-{rnd.index:02d}"
+        trials = stage.with_(kind="trial", heldout=str(self.heldout(stage, sweep_dir)),
+                             report_every=self.cfg.sweep.report_every)
+        start = time.perf_counter()
+        outcome = sweep_round(self.cfg, rnd=rnd, stage=trials, sweep_dir=sweep_dir, eval_spec=self.eval_spec,
+                              centre=self.centre)
+        chosen = outcome.chosen
+        report = str(outcome.report.relative_to(self.out))
+        publish_checkpoint(sweep_dir / "trials" / chosen["trial"] / "student", output, {
+            "seconds": time.perf_counter() - start, "updates": chosen["updates"], "lr": chosen["lr"],
+            "heldout_loss": chosen["heldout_loss"], "sweep_trials": len(outcome.rows),
+            "sweep_reason": outcome.reason, "sweep_report": report})
+        return dict(read_meta(output).metrics)
+
+    def chose(self, round_index: int, teacher_steps: int, student_steps: int, metrics: dict) -> None:
+        """Record a round's choice (also for a round finished before this driver started)."""
+        if "sweep_report" not in metrics:
+            return
+        self.centre = {"lr": metrics["lr"], "updates": int(metrics["updates"])}
+        self.choices.append({"round": round_index, "teacher_steps": teacher_steps, "student_steps": student_steps,
+                             "lr": metrics["lr"], "updates": int(metrics["updates"]),
+                             "trials": int(metrics["sweep_trials"]), "reason": metrics["sweep_reason"],
+                             "report": metrics["sweep_report"]})
+
+    def finish(self) -> str | None:
+        """The summary across rounds, relative to the run directory (None when no round was swept)."""
+        if not self.choices:
+            return None
+        from raypd.eval.sweep_report import write_sweeps_summary
+
+        return str(write_sweeps_summary(self.out / "sweeps", self.choices).relative_to(self.out))

@@ -13,23 +13,16 @@ import sys
 import tempfile
 from pathlib import Path
 
+from raypd.checkpoint import publish_checkpoint, read_meta
 from raypd.config import Config
+from raypd.train.failures import NumericalError, StageError, driver_error
+from raypd.train.stage import Stage
+
+__all__ = ["ClusterError", "NumericalError", "RayTrainRunner", "StageError", "ensure_ray", "run_stage"]
 
 
 class ClusterError(RuntimeError):
     """The cluster cannot run what the config asks for; raised before any training."""
-
-
-class NumericalError(RuntimeError):
-    """A stage whose loss or gradients stayed non-finite through every roll-back."""
-
-
-class StageError(RuntimeError):
-    """A stage stopped by an error a restart would meet again (data, configuration, checkpoint, settings)."""
-
-    def __init__(self, message: str, category: str = "stage"):
-        super().__init__(message)
-        self.category = category
 
 
 def worker_bundle(cfg: Config) -> dict[str, float]:
@@ -93,18 +86,30 @@ def check_stages_in_progress(cfg: Config, out: Path) -> None:
             check_stage_settings(cfg, ray_dir, stage.name)
 
 
-def _raise_failure(name: str, value) -> None:
+def _raise_failure(value) -> None:
     """Turn a worker's agreed failure into the driver's exception."""
-    if not isinstance(value, dict) or not value.get("error"):
-        return
-    category, message = value.get("category", "stage"), value["error"]
-    if category == "numerical":
-        raise NumericalError(message)
-    raise StageError(message, category)
+    if isinstance(value, dict) and value.get("error"):
+        raise driver_error(value.get("category", "stage"), value["error"])
 
 
-def run_stage(cfg: Config, *, name: str, spec: dict, storage: Path, output: Path, callbacks: list | None = None) -> dict:
-    """Fit the stage's TorchTrainer and copy its consolidated model to ``output``; returns the last metrics.
+class RayTrainRunner:
+    """Each stage as one Ray Train run of ``dist.workers`` DeepSpeed workers, checkpointed under ``storage``."""
+
+    mode = "ray-train"
+
+    def __init__(self, cfg: Config, storage: Path):
+        self.cfg, self.storage = cfg, Path(storage)
+
+    def run(self, stage: Stage, output: Path) -> dict:
+        """Train ``stage``, publish its model at ``output``; returns its metrics."""
+        run_stage(self.cfg, stage, storage=self.storage, output=output)
+        return dict(read_meta(output).metrics)
+
+
+def run_stage(cfg: Config, stage: Stage, *, storage: Path, output: Path, callbacks: list | None = None,
+              metrics: dict | None = None) -> dict:
+    """Fit the stage's TorchTrainer and publish its consolidated model at ``output`` (with ``metrics`` added to
+    its own); returns the last reported metrics.
 
     ``callbacks``: Ray Train callbacks, e.g. ``TuneReportCallback`` when the stage is a Tune trial.
     """
@@ -113,7 +118,7 @@ def run_stage(cfg: Config, *, name: str, spec: dict, storage: Path, output: Path
 
     from raypd.distributed.worker import train_loop
 
-    d = cfg.dist
+    d, name = cfg.dist, stage.name
     check_stage_settings(cfg, storage, name)
     # each rank stages its checkpoint files on its own node's disk before Ray persists them; the
     # folder is named after the run, so a restarted worker clears what a killed one left behind
@@ -121,7 +126,7 @@ def run_stage(cfg: Config, *, name: str, spec: dict, storage: Path, output: Path
     staging = Path(tempfile.gettempdir()) / "raypd-staging" / f"{name}-{key}"
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={**spec, "config": cfg.to_dict(), "staging": str(staging)},
+        train_loop_config={"stage": stage.to_dict(), "config": cfg.to_dict(), "staging": str(staging)},
         scaling_config=ScalingConfig(num_workers=d.workers, use_gpu=d.use_gpu),
         torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo", timeout_s=d.collective_timeout_s),
         run_config=RunConfig(name=name, storage_path=str(storage.resolve()),
@@ -139,14 +144,14 @@ def run_stage(cfg: Config, *, name: str, spec: dict, storage: Path, output: Path
                          f"{_root_cause(err)}", "cluster") from err
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    _raise_failure(name, result.return_value)
+    _raise_failure(result.return_value)
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {name} finished without a checkpoint")
     with result.checkpoint.as_directory() as path:
         source = Path(path) / "consolidated"
         if not (source / "meta.json").is_file():
             raise RuntimeError(f"the last checkpoint of run {name} holds no consolidated model")
-        copy_into_place(source, output)
+        publish_checkpoint(source, output, metrics)
     return dict(result.metrics or {})
 
 
@@ -161,12 +166,3 @@ def _root_cause(err: BaseException) -> str:
         seen = seen.__cause__
     text = str(seen).strip().splitlines()
     return f"{type(seen).__name__}: {text[-1] if text else ''}"
-
-
-def copy_into_place(source: Path, output: Path) -> None:
-    """Copy a checkpoint directory to ``output`` through a temporary name, so it is whole or absent."""
-    tmp = output.with_name(f".{output.name}.incoming")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp)
-    shutil.rmtree(output, ignore_errors=True)
-    tmp.rename(output)

@@ -1,4 +1,4 @@
-"""The function every Ray Train worker runs: one stage on DeepSpeed, checkpointed through Ray Train.
+"""The function every Ray Train worker runs: one stage through the training loop, on DeepSpeed.
 
 Every rank saves its own ZeRO shard and reports it (Ray merges the ranks' files); each report is
 awaited until committed, so a worker killed right after it resumes from it. A restarted worker
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 from raypd.config import config_from_dict
+from raypd.train.stage import Stage
 
 
 class RayStore:
@@ -47,8 +48,15 @@ class RayStore:
             yield directory
 
 
-def train_loop(spec: dict) -> dict | None:
-    """Run by every worker: ``spec`` holds the config, the stage and where its inputs are.
+def clear_staging(root: Path) -> Path:
+    """This rank's staging folder, emptied of what a killed run left."""
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def train_loop(payload: dict) -> dict | None:
+    """Run by every worker: ``payload`` holds the config, the stage (``Stage.to_dict``) and a staging folder.
 
     Returns None, or ``{"error": message, "category": ...}`` for a failure that a restart would
     meet again (every rank returns the same one).
@@ -57,17 +65,21 @@ def train_loop(spec: dict) -> dict | None:
     import ray.train
     import ray.train.torch
 
-    from raypd.distributed.stage_run import StageFailure, StageRun, clear_staging
+    from raypd.distributed.deepspeed import stage_engine
+    from raypd.distributed.guards import StageFailure, agree, dist_settings
+    from raypd.train.stage_loop import StageLoop
 
-    cfg = config_from_dict(spec["config"])
+    cfg, stage = config_from_dict(payload["config"]), Stage.from_dict(payload["stage"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     deepspeed.init_distributed(dist_backend="nccl" if cfg.dist.use_gpu else "gloo")
-    staging = clear_staging(Path(spec.get("staging") or tempfile.gettempdir()) / f"rank{rank}")
+    staging = clear_staging(Path(payload.get("staging") or tempfile.gettempdir()) / f"rank{rank}")
     try:
-        run = StageRun(cfg, spec, rank=rank, world=world, device=device, store=RayStore(), staging=staging)
-        run.run(run.resume())
+        loop = StageLoop(cfg, stage, build_engine=stage_engine(cfg, world), store=RayStore(), staging=staging,
+                         device=device, rank=rank, world=world, settings=dist_settings(cfg, world),
+                         agree=lambda error: agree(error, world=world, label=stage.label, device=device))
+        loop.run(loop.resume())
     except StageFailure as failure:
         return {"error": failure.message, "category": failure.category}
     finally:

@@ -17,8 +17,7 @@ from raypd.config import Config
 from raypd.data.shards import ShardLoader
 from raypd.diffusion.ddim import LogsnrFn
 from raypd.eval.classifier import save_classifier, train_classifier
-from raypd.eval.fid import (Extractor, ImageSet, data_key, fidelity, fidelity_from_features, reference_name,
-                            to_uint8)
+from raypd.eval.fid import Extractor, ImageSet, data_key, reference_name, to_uint8
 from raypd.eval.samples import fixed_noise, rmse, sample_ddim, sample_stochastic, save_grid
 from raypd.models import Denoiser
 
@@ -77,8 +76,10 @@ class Evaluator:
         e, d = cfg.eval, cfg.data
         self.cfg, self.out, self.device, self.logsnr_fn, self.urls = cfg, out, device, logsnr_fn, list(urls)
         self.z, self.y = fixed_noise(e.num_samples, d.channels, d.resolution, seed=e.seed, num_classes=d.num_classes)
-        self.extractor = obtain_extractor(cfg, urls, manifest, out / "eval")
-        self.reference, self.cache_name = reference_set(cfg, urls, manifest, self.extractor)
+        from raypd.eval.setup import fid_setup
+
+        self.spec = fid_setup(cfg, urls, manifest, out)
+        self.extractor, self.reference = self.spec.extractor, self.spec.reference()
         self.full_steps = e.reference_steps or cfg.teacher.sampling_steps
         self.remote = remote
         self.full, features = self.generate(teacher, self.full_steps)
@@ -103,10 +104,7 @@ class Evaluator:
               **extra) -> dict:
         """Metrics, distance to the full sampler and a grid for one (sampler, steps) point."""
         e = self.cfg.eval
-        where = dict(cache_root=self.out / "eval" / "fid-cache", cache_name=self.cache_name, kid=e.kid,
-                     prc=e.precision_recall)
-        metrics = (fidelity(samples, self.reference, self.extractor, **where) if features is None else
-                   fidelity_from_features(features, self.reference, self.extractor, **where))
+        metrics = self.spec.score(samples, features=features, reference=self.reference)
         save_grid(samples[: e.grid_size], self.out / "grids" / f"{sampler}-{steps:04d}steps.png",
                   title=f"{sampler.replace('_', ' ')}, {steps} steps")
         row = {"sampler": sampler, "steps": steps, **extra, **metrics, "seed": e.seed,
@@ -114,14 +112,6 @@ class Evaluator:
         log(f"[eval] {sampler} at {steps} steps: FID {row['fid']:.2f} ({row['extractor']}, "
             f"{row['n_samples']} samples), RMSE to the full sampler {row['rmse_to_full']:.4f}")
         return row
-
-    def trial_spec(self) -> dict:
-        """What a sweep trial needs to score its student the same way (plain data for another process)."""
-        ref = self.reference
-        return {"extractor": {"kind": self.extractor.kind, "weights": self.extractor.weights, "tag": self.extractor.tag},
-                "cache_root": str((self.out / "eval" / "fid-cache").resolve()), "cache_name": self.cache_name,
-                "reference": {"urls": self.urls, "count": len(ref)}, "num_samples": self.cfg.eval.num_samples,
-                "seed": self.cfg.eval.seed}
 
     def student(self, model: Denoiser, n_steps: int, round_index: int) -> dict:
         return self.score("distilled", n_steps, *self.generate(model, n_steps), round=round_index)

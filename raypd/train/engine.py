@@ -1,15 +1,18 @@
-"""The small engine interface train_step runs behind, and its plain-PyTorch implementation.
+"""The engine interface the training loop drives, and its plain-PyTorch implementation.
 
-A DeepSpeed engine implements the same three members, so the training logic never
+A DeepSpeed engine (``raypd.distributed.deepspeed``) implements the same members, so the loop never
 knows which one it drives.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Protocol
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from raypd.models import Denoiser
 from raypd.train.ema import EMA
@@ -17,13 +20,34 @@ from raypd.train.lr import LrSchedule
 
 
 class Engine(Protocol):
-    model: Denoiser
+    model: torch.nn.Module
     """The trainable denoiser (what the loss calls)."""
+    ema: EMA | None
+    updates: int
+    """Updates taken (skipped ones included): where the LR schedule stands."""
+    base_lr: float
+    skipped_updates: int
 
     def backward(self, loss: torch.Tensor) -> None: ...
 
     def step(self) -> tuple[float, float]:
         """Clip, update (unless the gradient is not finite), advance the LR; returns (grad_norm, lr)."""
+        ...
+
+    def set_lr(self) -> None:
+        """Apply ``base_lr`` x the schedule at ``updates`` (after either changed)."""
+        ...
+
+    def save(self, directory: Path, client: dict) -> None:
+        """This rank's training state (weights, optimizer, EMA) and ``client`` into ``directory``."""
+        ...
+
+    def load(self, directory: Path) -> dict:
+        """The state ``save`` wrote; returns its ``client``."""
+        ...
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """The model to keep, in fp32 on CPU: the EMA when there is one, else the weights (every rank calls it)."""
         ...
 
 
@@ -36,13 +60,12 @@ class PlainEngine:
         self.base_lr, self.grad_clip, self.ema = base_lr, grad_clip, ema
         self.updates = 0
         self.skipped_updates = 0
-        self._set_lr()
+        self.set_lr()
 
-    def _set_lr(self) -> float:
+    def set_lr(self) -> None:
         lr = self.base_lr * self.schedule(self.updates)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        return lr
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -59,8 +82,44 @@ class PlainEngine:
             self.skipped_updates += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.updates += 1
-        self._set_lr()
+        self.set_lr()
         return grad_norm, lr
+
+    # -- state: safetensors for tensors, JSON for the rest; nothing is unpickled on load ----------------
+    def save(self, directory: Path, client: dict) -> None:
+        directory = Path(directory)
+        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        if self.ema is not None:
+            tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in self.ema.state_dict().items()})
+        opt = self.optimizer.state_dict()
+        for index, state in opt["state"].items():
+            for key, value in state.items():
+                tensors[f"optimizer.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        save_file(tensors, str(directory / "engine.safetensors"))
+        info = {"client": client, "param_groups": opt["param_groups"], "updates": self.updates,
+                "skipped_updates": self.skipped_updates}
+        (directory / "engine.json").write_text(json.dumps(info))
+
+    def load(self, directory: Path) -> dict:
+        directory = Path(directory)
+        tensors = load_file(str(directory / "engine.safetensors"))
+        info = json.loads((directory / "engine.json").read_text())
+        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        if self.ema is not None:
+            self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        state: dict[int, dict] = {}
+        for name, value in tensors.items():
+            if name.startswith("optimizer."):
+                _, index, key = name.split(".", 2)
+                state.setdefault(int(index), {})[key] = value
+        self.optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+        self.updates, self.skipped_updates = int(info["updates"]), int(info["skipped_updates"])
+        self.set_lr()
+        return info["client"]
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        source = self.ema.shadow if self.ema is not None else self.model
+        return {k: v.detach().float().cpu().clone() for k, v in source.state_dict().items()}
 
 
 def build_plain_engine(model: Denoiser, *, lr: float, betas: tuple[float, float], grad_clip: float,

@@ -22,6 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from raypd.train.stage import Stage  # noqa: E402
 from tests.matrix_worker import EVERY, UPDATES  # noqa: E402
 from tests.teachers import perturbed_denoiser  # noqa: E402
 
@@ -59,8 +60,8 @@ def stage_inputs(tmp_path_factory):
     teacher = perturbed_denoiser(cfg)
     save_checkpoint(root / "teacher", teacher, meta_for(cfg, kind="teacher", sampling_steps=4, round=None))
     shards = training_shards(cfg.data, root / "data", readers=2)
-    spec = {"kind": "round", "teacher": str(root / "teacher"), "round": 0, "updates": UPDATES, "student_steps": 2,
-            "sampling_steps": 2, "stream": 1, "shards": shards}
+    spec = Stage("round", "round-00", teacher=str(root / "teacher"), round=0, updates=UPDATES, student_steps=2,
+                 sampling_steps=2, stream=1, shards=shards).to_dict()
     return cfg.to_dict(), spec, root, sum(p.numel() for p in teacher.parameters())
 
 

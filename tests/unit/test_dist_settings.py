@@ -139,7 +139,7 @@ def test_teacher_in_bf16_computes_its_target_in_fp32():
 
 @pytest.mark.parametrize("loader_workers", [0, 1])
 def test_the_next_pass_of_a_loader_reads_what_a_loader_started_at_that_window_reads(tmp_path, loader_workers):
-    """How a stage resumed at a checkpoint sees the batches an uninterrupted one saw (StageRun.batches)."""
+    """How a stage resumed at a checkpoint sees the batches an uninterrupted one saw (StageLoop.batches)."""
     import torch
 
     from raypd.data.shards import ShardLoader

@@ -1,8 +1,9 @@
 """A recorded loss curve: the local config's first teacher updates and first distillation updates.
 
-Data, noise, model, loss and optimizer all feed it, so a change to any numerics shows here. A change
-made on purpose rewrites ``tests/golden/local_curve.json`` with RAYPD_UPDATE_GOLDEN=1 (and says why).
-CPU kernels differ slightly between processors, hence a relative tolerance rather than equality.
+Data, noise, model, loss, optimizer and the training loop all feed it, so a change to any numerics
+shows here. A change made on purpose rewrites ``tests/golden/local_curve.json`` with
+RAYPD_UPDATE_GOLDEN=1 (and says why). CPU kernels differ slightly between processors, hence a
+relative tolerance rather than equality.
 """
 
 from __future__ import annotations
@@ -22,23 +23,27 @@ UPDATES = 6
 def curve(tmp: Path) -> dict[str, list[float]]:
     from raypd.config import load_config
     from raypd.data.prepare import training_shards
-    from raypd.models import build_denoiser
-    from raypd.pipeline import Context, distill_round
-    from raypd.train import build_plain_engine, freeze, plan_rounds, warmup
-    from raypd.train.loop import run_updates
+    from raypd.train import plan_rounds
+    from raypd.train.setup import plain_engine
+    from raypd.train.stage import round_stage, teacher_stage
+    from raypd.train.stage_loop import StageLoop
+    from raypd.train.store import DirectoryStore
 
     torch.set_num_threads(1)
-    cfg = load_config(None, ["run.log_every=1", "run.device=cpu", "data.loader_workers=0"])
-    ctx = Context(cfg, tmp, torch.device("cpu"), training_shards(cfg.data, tmp / "data", seed=cfg.run.seed))
-    t = cfg.teacher
-    torch.manual_seed(cfg.run.seed)  # as the pipeline's teacher training does
-    engine = build_plain_engine(build_denoiser(cfg.model, cfg.data).train(), lr=t.lr, betas=t.adam_betas,
-                                grad_clip=t.grad_clip, schedule=warmup(t.warmup_updates), ema_decay=t.ema_decay)
-    taught = run_updates(engine, iter(ctx.batches(t.batch_size, stream=0)), UPDATES, label="teacher", log_every=1,
-                         device="cpu", step_kwargs=ctx.step_kwargs(seed=cfg.run.seed), print_fn=lambda line: None)
+    cfg = load_config(None, ["run.log_every=1", "run.device=cpu", "data.loader_workers=0", "dist.checkpoint_every=4"])
+    shards = training_shards(cfg.data, tmp / "data", seed=cfg.run.seed)
+
+    def losses(stage) -> tuple[list[float], Path]:
+        store = DirectoryStore(tmp / stage.name, keep=2)
+        loop = StageLoop(cfg, stage, build_engine=plain_engine, store=store, staging=store.staging,
+                         device=torch.device("cpu"))
+        loop.run(loop.resume())
+        return [loop.losses[k] for k in sorted(loop.losses)], store.final() / "consolidated"
+
+    teacher, path = losses(teacher_stage(UPDATES, cfg.teacher.sampling_steps, shards))
     rnd = dataclasses.replace(plan_rounds(cfg.distill)[0], updates=UPDATES)
-    _, stats = distill_round(ctx, freeze(engine.model), rnd)
-    return {"teacher": [loss for _, loss in taught.losses], "round0": [loss for _, loss in stats["losses"]]}
+    round0, _ = losses(round_stage(rnd, path, shards))
+    return {"teacher": teacher, "round0": round0}
 
 
 def test_local_loss_curve_matches_the_recording(tmp_path):

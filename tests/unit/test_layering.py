@@ -13,7 +13,7 @@ ALLOWED = {
     "config": {"diffusion"},
     "models": {"diffusion", "config", "models"},
     "data": {"config", "data"},
-    "train": {"diffusion", "config", "models", "data", "train"},
+    "train": {"diffusion", "config", "models", "data", "checkpoint", "train"},
     "eval": {"diffusion", "config", "models", "data", "eval"},
     "checkpoint": {"diffusion", "config", "models"},
     "hf": {"diffusion", "config", "models", "checkpoint", "hf"},

@@ -1,0 +1,73 @@
+"""The FID set-up of a run, built once: the feature extractor, the reference images behind the cached
+statistics, where that cache lives, and the fixed noise every sampler starts from.
+
+The driver's evaluator, a sweep trial scoring its student in another process, and ``raypd fid`` all
+score through this one description; it is plain data, so it travels to Ray workers and Tune trials.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from raypd.config import Config
+from raypd.eval.fid import Extractor, ImageSet, fidelity, fidelity_from_features
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    extractor: Extractor
+    reference_urls: tuple[str, ...]
+    reference_count: int
+    channels: int
+    resolution: int
+    cache_root: str
+    cache_name: str
+    num_samples: int
+    seed: int
+    kid: bool = True
+    prc: bool = False
+
+    def reference(self) -> ImageSet:
+        """The reference images (read only when the cached statistics are missing)."""
+        from raypd.eval.evaluate import read_images
+
+        return ImageSet(self.reference_count, lambda: read_images(list(self.reference_urls), self.reference_count,
+                                                                  channels=self.channels, resolution=self.resolution),
+                        rgb=self.extractor.kind == "inception")
+
+    def score(self, samples: Tensor | None = None, *, features: dict[str, Tensor] | None = None,
+              reference: ImageSet | None = None, kid: bool | None = None, prc: bool | None = None) -> dict:
+        """Metrics of generated images ([-1, 1]), or of their features computed elsewhere."""
+        where = dict(cache_root=Path(self.cache_root), cache_name=self.cache_name,
+                     kid=self.kid if kid is None else kid, prc=self.prc if prc is None else prc)
+        reference = reference or self.reference()
+        if features is not None:
+            return fidelity_from_features(features, reference, self.extractor, **where)
+        return fidelity(samples, reference, self.extractor, **where)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["reference_urls"] = list(self.reference_urls)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EvalSpec":
+        return cls(**{**data, "extractor": Extractor(**data["extractor"]),
+                      "reference_urls": tuple(data["reference_urls"])})
+
+
+def fid_setup(cfg: Config, urls: list[str], manifest: dict | None, run: Path) -> EvalSpec:
+    """The run's FID set-up (training the classifier extractor on first use)."""
+    from raypd.eval.evaluate import obtain_extractor, reference_set
+
+    extractor = obtain_extractor(cfg, urls, manifest, run / "eval")
+    images, cache_name = reference_set(cfg, urls, manifest, extractor)
+    e, d = cfg.eval, cfg.data
+    return EvalSpec(extractor, tuple(urls), len(images), d.channels, d.resolution,
+                    str((run / "eval" / "fid-cache").resolve()), cache_name, e.num_samples, e.seed, e.kid,
+                    e.precision_recall)

@@ -1,0 +1,41 @@
+"""Running a stage in this process: the loop the cluster's workers run, on the plain-PyTorch engine.
+
+Checkpoints go to ``<run>/local/<stage name>/`` every ``dist.checkpoint_every`` updates, so an
+interrupted stage resumes where its last checkpoint left it and a streak of non-finite updates rolls
+back, exactly as on a cluster.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from raypd.checkpoint import publish_checkpoint, read_meta
+from raypd.config import Config
+from raypd.train.failures import StageFailure, driver_error
+from raypd.train.setup import plain_engine
+from raypd.train.stage import Stage
+from raypd.train.stage_loop import StageLoop
+from raypd.train.store import DirectoryStore
+
+
+class InProcessRunner:
+    """One rank, no Ray: each stage through ``StageLoop`` with ``PlainEngine``."""
+
+    mode = "in-process"
+
+    def __init__(self, cfg: Config, root: Path, device: torch.device):
+        self.cfg, self.root, self.device = cfg, Path(root), device
+
+    def run(self, stage: Stage, output: Path) -> dict:
+        """Train ``stage`` (resuming its last checkpoint), publish its model at ``output``; returns its metrics."""
+        store = DirectoryStore(self.root / stage.name, keep=self.cfg.dist.keep_checkpoints)
+        try:
+            loop = StageLoop(self.cfg, stage, build_engine=plain_engine, store=store, staging=store.staging,
+                             device=self.device)
+            loop.run(loop.resume())
+        except StageFailure as failure:
+            raise driver_error(failure.category, failure.message) from None
+        publish_checkpoint(store.final() / "consolidated", output)
+        return dict(read_meta(output).metrics)

@@ -96,8 +96,7 @@ class PlainEngine:
             for key, value in state.items():
                 tensors[f"optimizer.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
         save_file(tensors, str(directory / "engine.safetensors"))
-        info = {"client": client, "param_groups": opt["param_groups"], "updates": self.updates,
-                "skipped_updates": self.skipped_updates}
+        info = {"client": client, "param_groups": opt["param_groups"], "updates": self.updates}
         (directory / "engine.json").write_text(json.dumps(info))
 
     def load(self, directory: Path) -> dict:
@@ -112,8 +111,9 @@ class PlainEngine:
             if name.startswith("optimizer."):
                 _, index, key = name.split(".", 2)
                 state.setdefault(int(index), {})[key] = value
-        self.optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
-        self.updates, self.skipped_updates = int(info["updates"]), int(info["skipped_updates"])
+        groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in info["param_groups"]]
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        self.updates = int(info["updates"])
         self.set_lr()
         return info["client"]
 

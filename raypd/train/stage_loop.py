@@ -122,6 +122,7 @@ class StageLoop:
                     client = self.restore(directory)
                     start, self.rollbacks = int(client["updates"]), int(client.get("rollbacks", 0))
                     self.seconds = float(client.get("seconds", 0.0))
+                    self.engine.skipped_updates = int(client.get("skipped_updates", 0))
         except DETERMINISTIC + (StageFailure,) as err:
             error = err
         self.agree(error)
@@ -133,7 +134,8 @@ class StageLoop:
     def save(self, k: int, final_metrics: dict | None) -> str:
         """This rank's part of a checkpoint in a fresh folder; ``final_metrics`` adds the consolidated model."""
         path = tempfile.mkdtemp(prefix=f"update{k:08d}-", dir=self.staging)
-        client = {"updates": k, "base_lr": self.engine.base_lr, "rollbacks": self.rollbacks, "seconds": self.seconds}
+        client = {"updates": k, "base_lr": self.engine.base_lr, "rollbacks": self.rollbacks, "seconds": self.seconds,
+                  "skipped_updates": self.engine.skipped_updates}
         self.engine.save(Path(path), client)
         if self.rank == 0 and self.settings is not None:
             (Path(path) / SETTINGS).write_text(json.dumps(self.settings))

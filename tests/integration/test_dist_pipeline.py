@@ -101,3 +101,57 @@ def test_an_error_every_restart_would_repeat_stops_the_stage_at_once(ray_session
     assert "TrainingFailedError" not in err and "Traceback" not in err
     assert time.perf_counter() - began < 120, "the worker group was restarted"
     assert not (tmp_path / "r" / "round-00-1steps").exists()
+
+
+def test_local_mode_and_one_ray_worker_run_the_same_loop(ray_session, tmp_path):
+    """Same seed, ``dist.workers=0`` (in this process, plain PyTorch) and ``dist.workers=1`` (a Ray Train worker on
+    DeepSpeed): the same loss at every update of teacher training and of a round, and the same weights after."""
+    import torch
+    from safetensors.torch import load_file
+
+    from raypd.config import load_config
+    from raypd.data.prepare import training_shards
+    from raypd.distributed.trainer import run_stage
+    from raypd.train import plan_rounds
+    from raypd.train.runner import InProcessRunner
+    from raypd.train.stage import round_stage, teacher_stage
+    from tests.recorder import MetricsToFile
+
+    updates = 6
+    base = ["data.resolution=8", "model.attn_resolutions=[4]", "model.ch=32", "model.ch_mult=[1,2]",
+            "teacher.sampling_steps=4", "distill.start_steps=4", "teacher.batch_size=16", "distill.batch_size=16",
+            "teacher.warmup_updates=2", "data.loader_workers=0", "run.device=cpu", "dist.checkpoint_every=1",
+            f"dist.keep_checkpoints={updates}", "dist.zero_stage=2", "dist.precision=fp32",
+            "dist.collective_timeout_s=120"]
+    local, ray1 = load_config(None, base + ["dist.workers=0"]), load_config(None, base + ["dist.workers=1"])
+    shards = training_shards(local.data, tmp_path / "data", seed=local.run.seed)
+    curves: dict[str, dict[str, list[float]]] = {"local": {}, "ray": {}}
+    weights: dict[str, dict[str, dict]] = {"local": {}, "ray": {}}
+
+    runner = InProcessRunner(local, tmp_path / "local", torch.device("cpu"))
+    record = tmp_path / "ray-metrics.jsonl"
+    for kind in ("teacher", "round"):
+        # both rounds distil the teacher trained in this process
+        stage = (teacher_stage(updates, 4, shards) if kind == "teacher" else
+                 round_stage(plan_rounds(local.distill)[0], tmp_path / "local" / "teacher-out", shards))
+        stage = stage.with_(updates=updates)
+        for mode in ("local", "ray"):
+            out = tmp_path / mode / f"{kind}-out"
+            if mode == "local":
+                runner.run(stage, out)
+                folders = sorted((tmp_path / "local" / stage.name).glob("checkpoint_*"))
+                reported = [json.loads((f / "metrics.json").read_text()) for f in folders]
+            else:
+                record.unlink(missing_ok=True)
+                run_stage(ray1, stage, storage=tmp_path / "ray", output=out,
+                          callbacks=[MetricsToFile(str(record))])
+                reported = [json.loads(line)[0] for line in record.read_text().splitlines()]
+            curves[mode][kind] = [m["loss"] for m in sorted(reported, key=lambda m: m["update"])]
+            weights[mode][kind] = load_file(str(out / "model.safetensors"))
+    print(json.dumps(curves))
+    for kind in ("teacher", "round"):
+        assert len(curves["local"][kind]) == updates, curves
+        assert curves["ray"][kind] == pytest.approx(curves["local"][kind], rel=1e-4), kind
+        a, b = weights["local"][kind], weights["ray"][kind]
+        assert sorted(a) == sorted(b)
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4, kind

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -128,7 +129,7 @@ class StageLoop:
         self.agree(error)
         if start and self.rank == 0:
             print(f"[{self.stage.label}] resumed from the checkpoint at update {start} of {self.stage.updates}",
-                  flush=True)
+                  file=sys.stderr, flush=True)
         return start
 
     def save(self, k: int, final_metrics: dict | None) -> str:
@@ -161,7 +162,7 @@ class StageLoop:
         self.engine.set_lr()
         if self.rank == 0:
             print(f"[{self.stage.label}] {self.patience} non-finite updates in a row: rolled back to update {k}, "
-                  f"learning rate x{self.cfg.dist.rollback_lr_factor} -> {lower:.3g}", flush=True)
+                  f"learning rate x{self.cfg.dist.rollback_lr_factor} -> {lower:.3g}", file=sys.stderr, flush=True)
         return k
 
     # -- the loop ------------------------------------------------------------------------------------
@@ -229,7 +230,7 @@ class StageLoop:
             rate = (k - start) / max(1e-9, time.perf_counter() - began)
             print(f"[{self.stage.label}] {k}/{updates} loss {stats.loss:.4f} grad {stats.grad_norm:.3f} "
                   f"lr {stats.lr:.2e} {rate:.2f} upd/s ({rate * self.micro * self.world:.0f} samples/s), "
-                  f"{(updates - k) / max(rate, 1e-9):.0f}s left", flush=True)
+                  f"{(updates - k) / max(rate, 1e-9):.0f}s left", file=sys.stderr, flush=True)
 
     def _window_metrics(self, k: int, window: list[StepStats], elapsed: float) -> dict:
         finite = [s.grad_norm for s in window if math.isfinite(s.grad_norm)]

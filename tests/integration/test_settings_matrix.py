@@ -1,7 +1,7 @@
 """The settings matrix, run for real: ZeRO stage x precision x offload, on 1 and 2 Ray Train workers.
 
 One Ray session and one Ray Train run per worker count (a Ray Train start costs ~15 s here); inside,
-every combination goes through the production stage code (``StageRun``) on real DeepSpeed with gloo:
+every combination goes through the production loop (``StageLoop`` on the DeepSpeed engine) with gloo:
 a round starts from the teacher's exact fp32 weights and trains with finite losses and no update
 counted as skipped; teacher training moves one EMA, the same on every rank, and hands it on; the
 student a round hands on equals

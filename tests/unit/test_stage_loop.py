@@ -52,7 +52,7 @@ def test_an_interrupted_stage_resumes_at_its_checkpoint_and_ends_where_an_uninte
         ["checkpoint_00000004"]
     monkeypatch.setattr(StageLoop, "_update", original)
     resumed, meta = _run(cfg, tmp_path / "again", stage)
-    assert "resumed from the checkpoint at update 4 of 8" in capsys.readouterr().out
+    assert "resumed from the checkpoint at update 4 of 8" in capsys.readouterr().err
     assert sorted(resumed) == sorted(through)
     assert all(torch.equal(resumed[k], through[k]) for k in through)  # the EMA, bit for bit
     assert meta["metrics"]["updates"] == 8 and meta["kind"] == "teacher"
@@ -72,7 +72,7 @@ def test_a_non_finite_streak_rolls_back_to_the_checkpoint_with_a_lower_learning_
 
     monkeypatch.setattr(StageLoop, "batches", nan_after_update_4)
     weights, meta = _run(cfg, tmp_path, teacher_stage(8, 4, shards))
-    assert "2 non-finite updates in a row: rolled back to update 4" in capsys.readouterr().out
+    assert "2 non-finite updates in a row: rolled back to update 4" in capsys.readouterr().err
     assert meta["metrics"]["lr"] == pytest.approx(cfg.teacher.lr * cfg.dist.rollback_lr_factor)
     assert meta["metrics"]["skipped_updates"] == 2
     assert all(torch.isfinite(v).all() for v in weights.values())

@@ -31,7 +31,7 @@ def _sample(argv: list[str]) -> int:
 
 
 def _fid(argv: list[str]) -> int:
-    from raypd.sample import fid_main
+    from raypd.score import fid_main
 
     return fid_main(argv)
 

@@ -176,7 +176,7 @@ def make_evaluator(ctx: Context, manifest: dict | None, teacher: Denoiser, round
 def round_row(rnd, stats: dict, path: Path, default_lr: float) -> dict:
     return {"round": rnd.index, "teacher_steps": rnd.teacher_steps, "student_steps": rnd.student_steps,
             "updates": int(stats.get("updates", rnd.updates)), "lr": stats.get("lr", default_lr),
-            "wall_seconds": stats["seconds"], "final_loss": stats["final_loss"],
+            "wall_seconds": stats.get("wall_seconds", stats["seconds"]), "final_loss": stats["final_loss"],
             "skipped_samples": stats.get("skipped_samples", 0), "checkpoint": path.name,
             "driver_rss_mib": round(rss_mib(), 1)}
 

@@ -282,7 +282,7 @@ class SweepRunner:
         chosen = outcome.chosen
         report = str(outcome.report.relative_to(self.out))
         publish_checkpoint(sweep_dir / "trials" / chosen["trial"] / "student", output, {
-            "seconds": time.perf_counter() - start, "updates": chosen["updates"], "lr": chosen["lr"],
+            "wall_seconds": time.perf_counter() - start, "updates": chosen["updates"], "lr": chosen["lr"],
             "heldout_loss": chosen["heldout_loss"], "sweep_trials": len(outcome.rows),
             "sweep_reason": outcome.reason, "sweep_report": report})
         return dict(read_meta(output).metrics)

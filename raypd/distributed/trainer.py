@@ -11,6 +11,7 @@ import json
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from raypd.checkpoint import publish_checkpoint, read_meta
@@ -118,7 +119,7 @@ def run_stage(cfg: Config, stage: Stage, *, storage: Path, output: Path, callbac
 
     from raypd.distributed.worker import train_loop
 
-    d, name = cfg.dist, stage.name
+    d, name, began = cfg.dist, stage.name, time.perf_counter()
     check_stage_settings(cfg, storage, name)
     # each rank stages its checkpoint files on its own node's disk before Ray persists them; the
     # folder is named after the run, so a restarted worker clears what a killed one left behind
@@ -151,7 +152,7 @@ def run_stage(cfg: Config, stage: Stage, *, storage: Path, output: Path, callbac
         source = Path(path) / "consolidated"
         if not (source / "meta.json").is_file():
             raise RuntimeError(f"the last checkpoint of run {name} holds no consolidated model")
-        publish_checkpoint(source, output, metrics)
+        publish_checkpoint(source, output, {"wall_seconds": time.perf_counter() - began, **(metrics or {})})
     return dict(result.metrics or {})
 
 

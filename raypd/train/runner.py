@@ -7,6 +7,7 @@ back, exactly as on a cluster.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ class InProcessRunner:
 
     def run(self, stage: Stage, output: Path) -> dict:
         """Train ``stage`` (resuming its last checkpoint), publish its model at ``output``; returns its metrics."""
+        began = time.perf_counter()
         store = DirectoryStore(self.root / stage.name, keep=self.cfg.dist.keep_checkpoints)
         try:
             loop = StageLoop(self.cfg, stage, build_engine=plain_engine, store=store, staging=store.staging,
@@ -37,5 +39,5 @@ class InProcessRunner:
             loop.run(loop.resume())
         except StageFailure as failure:
             raise driver_error(failure.category, failure.message) from None
-        publish_checkpoint(store.final() / "consolidated", output)
+        publish_checkpoint(store.final() / "consolidated", output, {"wall_seconds": time.perf_counter() - began})
         return dict(read_meta(output).metrics)

@@ -23,6 +23,10 @@ from raypd.train.seeds import update_seed
     (["dist.zero_stage=0", "dist.offload_optimizer=true"], "dist.offload_optimizer", "needs zero_stage 1, 2 or 3"),
     (["dist.zero_stage=2", "dist.offload_params=true"], "dist.offload_params", "needs zero_stage 3"),
     (["dist.teacher_dtype=fp16"], "dist.teacher_dtype", ""),
+    (["dist.workers=0", "dist.precision=bf16"], "dist.precision", "bf16 runs on DeepSpeed workers"),
+    (["dist.workers=0", "dist.zero_stage=3", "dist.offload_params=true"], "dist.offload_params",
+     "offloading runs on DeepSpeed workers"),
+    (["dist.workers=0", "dist.offload_optimizer=true"], "dist.offload_optimizer", "offloading runs on DeepSpeed"),
 ])
 def test_settings_that_cannot_run_are_config_errors(overrides, key, reason):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as info:

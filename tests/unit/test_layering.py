@@ -10,7 +10,7 @@ PKG = Path(__file__).resolve().parents[2] / "raypd"
 # what each part of the package may import from raypd (by top-level module under raypd)
 ALLOWED = {
     "diffusion": set(),
-    "config": {"diffusion"},
+    "config": {"diffusion", "config"},
     "models": {"diffusion", "config", "models"},
     "data": {"config", "data"},
     "train": {"diffusion", "config", "models", "data", "checkpoint", "train"},
@@ -23,9 +23,10 @@ ALLOWED = {
     # the driver's modules and the command line, on top
     "plan": {"config", "train", "models", "data", "checkpoint", "hf", "runs", "distributed"},
     "sample": {"config", "data", "eval", "checkpoint"},
+    "score": {"config", "data", "eval", "checkpoint", "sample"},
     "pipeline": {"diffusion", "config", "models", "data", "train", "eval", "checkpoint", "hf", "runs", "distributed"},
     "distill": {"config", "data", "checkpoint", "runs", "plan", "pipeline", "distributed"},
-    "cli": {"distill", "data", "sample", "hf"},
+    "cli": {"distill", "data", "sample", "score", "hf"},
     "__init__": set(),
 }
 HEAVY_ONLY_IN = {"ray": {"distributed"}, "deepspeed": {"distributed"}, "torch_fidelity": {"eval"},

@@ -1,0 +1,51 @@
+"""``raypd fid``: FID/KID of any checkpoint's samples at any step count.
+
+    raypd fid --checkpoint runs/local/round-04-1steps --steps 1 --n 10000 [--extractor inception]
+
+It scores against the training data the checkpoint's run used (its config is in the checkpoint),
+through the run's FID set-up: the same extractor and cached reference statistics as its report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from raypd.sample import checkpoint_args, generate
+
+
+def fid_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="raypd fid", description="FID/KID of a checkpoint's samples.")
+    checkpoint_args(parser)
+    parser.add_argument("--n", type=int, default=10000, help="number of samples")
+    parser.add_argument("--extractor", choices=("classifier", "inception"), help="default: the run's")
+    parser.add_argument("--inception-weights", help="Inception weights in torch-fidelity's format (offline)")
+    parser.add_argument("--reference-samples", type=int, help="training images behind the reference statistics")
+    args = parser.parse_args(argv)
+    from raypd.checkpoint import CheckpointError, read_meta
+    from raypd.config import config_from_dict
+    from raypd.data.prepare import training_shards
+    from raypd.data.shards import DataError, check_shards
+    from raypd.eval.setup import fid_setup
+
+    try:
+        meta = read_meta(args.checkpoint)
+        overrides = [f"eval.extractor={args.extractor}"] if args.extractor else []
+        overrides += [f"eval.inception_weights={args.inception_weights}"] if args.inception_weights else []
+        overrides += [f"eval.reference_samples={args.reference_samples}"] if args.reference_samples else []
+        cfg = config_from_dict(meta.config, overrides)
+        run = Path(args.checkpoint).resolve().parent
+        d = cfg.data
+        urls = training_shards(d, run / "data", seed=cfg.run.seed)
+        manifest = check_shards(urls, resolution=d.resolution, channels=d.channels, num_classes=d.num_classes,
+                                world_size=1, num_workers=0)
+        spec = fid_setup(cfg, urls, manifest, run)
+        samples, meta, steps = generate(args, args.n)
+    except (CheckpointError, DataError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    result = spec.score(samples)
+    print(json.dumps({"checkpoint": str(args.checkpoint), "steps": steps, "seed": args.seed, **result}))
+    return 0

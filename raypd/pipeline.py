@@ -114,7 +114,7 @@ def obtain_teacher(ctx: Context) -> tuple[Denoiser, Path]:
     if ctx.cfg.teacher.source == "diffusers":
         return import_diffusers_teacher(ctx)
     given = ctx.cfg.teacher.checkpoint
-    path = Path(given) if given else ctx.out / "teacher"
+    path = Path(given).resolve() if given else ctx.out / "teacher"  # workers do not share the driver's cwd
     if not given and finished(path, "teacher") is None:
         t = ctx.cfg.teacher
         log(f"[teacher] training for {t.updates} updates")

@@ -23,6 +23,9 @@ class ConfigError(ValueError):
         super().__init__(f"{key}: {reason}" if key else reason)
         self.key, self.reason = key, reason
 
+    def __reduce__(self):  # raised in a Ray worker, it must unpickle on the driver
+        return type(self), (self.key, self.reason)
+
 
 def _require(ok: bool, key: str, reason: str) -> None:
     if not ok:

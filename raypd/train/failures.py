@@ -24,6 +24,9 @@ class StageFailure(Exception):
         super().__init__(message)
         self.category, self.message = category, message
 
+    def __reduce__(self):  # crosses process boundaries (Ray workers and tasks)
+        return type(self), (self.category, self.message)
+
 
 class StageError(RuntimeError):
     """A stage stopped by an error a restart would meet again (data, configuration, checkpoint, settings)."""
@@ -32,12 +35,15 @@ class StageError(RuntimeError):
         super().__init__(message)
         self.category = category
 
+    def __reduce__(self):
+        return type(self), (str(self), self.category)
+
 
 class NumericalError(StageError):
     """A stage whose loss or gradients stayed non-finite through every roll-back."""
 
-    def __init__(self, message: str):
-        super().__init__(message, "training")
+    def __init__(self, message: str, category: str = "training"):
+        super().__init__(message, category)
 
 
 def driver_error(category_: str, message: str) -> StageError:

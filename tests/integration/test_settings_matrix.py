@@ -35,7 +35,7 @@ COMBOS = [(f"z{stage}-{precision}-{offload}", [f"dist.zero_stage={stage}", f"dis
           for offload in (("none",) if stage == 0 else ("none", "opt") if stage < 3 else ("none", "opt", "params"))]
 BASE = ["data.resolution=8", "model.attn_resolutions=[4]", "model.ch=32", "data.loader_workers=0",
         "distill.batch_size=8", "teacher.batch_size=8", "teacher.warmup_updates=1", f"distill.lr={LR}", f"dist.checkpoint_every={EVERY}", "dist.nonfinite_patience=2",
-        "dist.max_rollbacks=1", "data.shuffle_buffer=16"]
+        "dist.max_rollbacks=1", "data.shuffle_buffer=16", "dist.workers=2"]  # the worker count is the Ray run's
 
 
 @pytest.fixture(scope="module")

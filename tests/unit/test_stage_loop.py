@@ -108,3 +108,15 @@ def test_a_stage_is_typed_and_travels_as_plain_data(setup):
         Stage("round", "round-00", updates=1, stream=1, sampling_steps=1)
     with pytest.raises(ValueError, match="unknown stage fields"):
         Stage.from_dict({**stage.to_dict(), "spec": 1})
+
+
+def test_the_errors_that_cross_processes_unpickle_whole():
+    import pickle
+
+    from raypd.config import ConfigError
+    from raypd.train.failures import NumericalError, StageError, StageFailure
+
+    for err in (ConfigError("dist.precision", "bad"), StageFailure("data", "round 0: broken shard"),
+                StageError("stage round-00 failed", "settings"), NumericalError("diverged")):
+        back = pickle.loads(pickle.dumps(err))
+        assert type(back) is type(err) and str(back) == str(err) and vars(back) == vars(err)

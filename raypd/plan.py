@@ -144,7 +144,9 @@ def describe_plan(cfg: Config) -> list[str]:
     params, fwd = forward_flops(cfg)
     d, t, s = cfg.dist, cfg.teacher, cfg.distill
     workers = max(1, d.workers)
-    where = (f"{d.workers} Ray Train worker(s), {'1 GPU' if d.use_gpu else '1 CPU'} each, DeepSpeed ZeRO stage "
+    from raypd.distributed.trainer import worker_bundle
+
+    where = (f"{d.workers} Ray Train worker(s) of {worker_bundle(cfg)} each, DeepSpeed ZeRO stage "
              f"{d.zero_stage}, {d.precision}" if d.workers else "in this process (plain PyTorch, no Ray workers)")
     lines = [f"model: {params:,} parameters, {fwd / 1e9:,.2f} GFLOP per image forward "
              f"({cfg.data.channels}x{cfg.data.resolution}x{cfg.data.resolution}, {cfg.model.parameterization} output)",

@@ -287,6 +287,12 @@ class DistConfig:
     the plain-PyTorch engine and no Ray."""
     use_gpu: bool = False
     """One GPU per worker; false runs the workers on CPUs (gloo)."""
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    """Ray resources each worker reserves, e.g. ``{CPU: 8, GPU: 1}`` or a custom resource a node type offers;
+    empty: Ray Train's default (1 CPU, plus 1 GPU with use_gpu). A worker's bundle must fit on one node."""
+    accelerator_type: str = ""
+    """The GPU type every worker runs on (Ray's accelerator type, e.g. ``A100``, ``H100``; needs use_gpu);
+    empty: any."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage of the student: 0 (plain data parallel), 1, 2 or 3."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -326,6 +332,13 @@ class DistConfig:
         _require(not self.offload_optimizer or self.zero_stage >= 1, "offload_optimizer",
                  "needs zero_stage 1, 2 or 3 (stage 0 keeps no optimizer partition to offload)")
         _require(self.precision != "fp16" or self.use_gpu, "precision", "fp16 needs GPUs (use bf16 or fp32 on CPU)")
+        for name, amount in self.resources_per_worker.items():
+            _require(bool(name.strip()), "resources_per_worker", "resource names must not be empty")
+            _require(isinstance(amount, (int, float)) and not isinstance(amount, bool) and amount >= 0,
+                     "resources_per_worker", f"{name} must be a number >= 0, got {amount!r}")
+        _require(not self.resources_per_worker.get("GPU") or self.use_gpu, "resources_per_worker",
+                 "reserves GPUs, which needs dist.use_gpu=true")
+        _require(not self.accelerator_type or self.use_gpu, "accelerator_type", "needs dist.use_gpu=true")
         local = "dist.workers=0 trains in this process on the plain-PyTorch engine, in fp32 with no ZeRO; "
         _require(self.workers > 0 or self.precision == "fp32", "precision",
                  local + f"{self.precision} runs on DeepSpeed workers (set dist.workers >= 1, or precision fp32)")

@@ -133,9 +133,9 @@ def _concurrency(cfg: Config, workers: int) -> int:
 
     if cfg.sweep.max_concurrent:
         return cfg.sweep.max_concurrent
-    have = ray.cluster_resources()
-    units = have.get("GPU", 0) if cfg.dist.use_gpu else have.get("CPU", 0)
-    return max(1, int(units // workers))
+    from raypd.distributed.trainer import placeable_workers, worker_bundle
+
+    return max(1, placeable_workers(ray.nodes(), worker_bundle(cfg)) // workers)
 
 
 def _trial_id(result) -> str:

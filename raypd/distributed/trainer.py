@@ -27,8 +27,25 @@ class ClusterError(RuntimeError):
 
 
 def worker_bundle(cfg: Config) -> dict[str, float]:
-    """What one Ray Train worker reserves (Ray Train's default: one CPU, plus one GPU with use_gpu)."""
-    return {"CPU": 1.0, **({"GPU": 1.0} if cfg.dist.use_gpu else {})}
+    """What one Ray Train worker reserves: ``dist.resources_per_worker`` (Ray Train's default when empty: one
+    CPU, plus one GPU with use_gpu), and a sliver of the node's accelerator-type resource when one is asked for."""
+    d = cfg.dist
+    bundle = {k: float(v) for k, v in d.resources_per_worker.items()} or {"CPU": 1.0}
+    if d.use_gpu and "GPU" not in bundle:
+        bundle["GPU"] = 1.0
+    if d.accelerator_type:
+        bundle[f"accelerator_type:{d.accelerator_type}"] = 0.001
+    return {k: v for k, v in bundle.items() if v > 0}
+
+
+def scaling_config(cfg: Config):
+    """Ray Train's ScalingConfig for the run's workers."""
+    from ray.train import ScalingConfig
+
+    d = cfg.dist
+    return ScalingConfig(num_workers=d.workers, use_gpu=d.use_gpu,
+                         resources_per_worker=dict(d.resources_per_worker) or None,
+                         accelerator_type=d.accelerator_type or None)
 
 
 def placeable_workers(nodes: list[dict], bundle: dict[str, float]) -> int:
@@ -54,11 +71,10 @@ def ensure_ray(cfg: Config) -> None:
     fits = placeable_workers(ray.nodes(), bundle)
     if fits < d.workers:
         have = ray.cluster_resources()
-        what = "GPU" if d.use_gpu else "CPU"
-        who = f"dist.workers={d.workers} with dist.use_gpu=true needs" if d.use_gpu else \
-            f"dist.workers={d.workers} CPU workers need"
-        raise ClusterError(f"{who} {d.workers} {what}s; the cluster has {int(have.get(what, 0))}, and its nodes can "
-                           f"host {fits} worker(s) of {bundle} each")
+        short = ", ".join(f"{k} (the cluster has {have.get(k, 0):g})" for k in bundle
+                          if have.get(k, 0) < bundle[k] * d.workers) or "room on single nodes"
+        raise ClusterError(f"dist.workers={d.workers} workers of {bundle} each do not fit: the cluster's nodes can "
+                           f"host {fits}; short of {short}")
 
 
 def check_stage_settings(cfg: Config, storage: Path, name: str) -> None:
@@ -114,7 +130,7 @@ def run_stage(cfg: Config, stage: Stage, *, storage: Path, output: Path, callbac
 
     ``callbacks``: Ray Train callbacks, e.g. ``TuneReportCallback`` when the stage is a Tune trial.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from raypd.distributed.worker import train_loop
@@ -128,7 +144,7 @@ def run_stage(cfg: Config, stage: Stage, *, storage: Path, output: Path, callbac
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"stage": stage.to_dict(), "config": cfg.to_dict(), "staging": str(staging)},
-        scaling_config=ScalingConfig(num_workers=d.workers, use_gpu=d.use_gpu),
+        scaling_config=scaling_config(cfg),
         torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo", timeout_s=d.collective_timeout_s),
         run_config=RunConfig(name=name, storage_path=str(storage.resolve()),
                              checkpoint_config=CheckpointConfig(num_to_keep=d.keep_checkpoints),

@@ -35,7 +35,8 @@ def ray_session():
     import ray
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)
+    # a custom resource stands in for an accelerator a node type offers
+    ray.init(num_cpus=4, resources={"raypd_slot": 2}, include_dashboard=False, configure_logging=False)
     yield
     ray.shutdown()
 
@@ -155,3 +156,25 @@ def test_local_mode_and_one_ray_worker_run_the_same_loop(ray_session, tmp_path):
         a, b = weights["local"][kind], weights["ray"][kind]
         assert sorted(a) == sorted(b)
         assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4, kind
+
+
+def test_workers_reserve_the_resources_asked_for(ray_session, tmp_path, capsys):
+    """``dist.resources_per_worker`` naming a custom resource: 2 workers fit the session's 2 slots and train a round;
+    3 do not, and the run stops before training with a message naming what is short."""
+    from raypd.checkpoint import meta_for, save_checkpoint
+    from raypd.config import load_config
+    from raypd.distill import main
+
+    args = [*SHRINK, "dist.resources_per_worker={CPU: 1, raypd_slot: 1}", f"teacher.checkpoint={tmp_path / 'teacher'}",
+            f"run.storage_path={tmp_path}"]
+    cfg = load_config(None, args)
+    save_checkpoint(tmp_path / "teacher", perturbed_denoiser(cfg), meta_for(cfg, kind="teacher", sampling_steps=2,
+                                                                          round=None))
+    assert main([*args, "run.name=fits"]) == 0
+    assert (tmp_path / "fits" / "round-00-1steps" / "model.safetensors").is_file()
+    capsys.readouterr()
+    assert main([*args, "dist.workers=3", "distill.batch_size=9", "teacher.batch_size=9", "run.name=short"]) == 2
+    err = capsys.readouterr().err
+    assert "cluster error: dist.workers=3 workers of {'CPU': 1.0, 'raypd_slot': 1.0} each do not fit" in err
+    assert "short of raypd_slot (the cluster has 2)" in err
+    assert not (tmp_path / "short" / "round-00-1steps").exists()

@@ -12,7 +12,8 @@ from raypd.data.prepare import training_shards
 from raypd.data.shards import DataError
 from raypd.distributed.deepspeed import ds_config
 from raypd.distributed.guards import SETTINGS, dist_settings
-from raypd.distributed.trainer import StageError, check_stages_in_progress, placeable_workers
+from raypd.distributed.trainer import (StageError, check_stages_in_progress, placeable_workers, scaling_config,
+                                      worker_bundle)
 from raypd.distill import main
 from raypd.runs import RAY_JOB_COPY, RunStateError, check_storage_path
 from raypd.train.seeds import update_seed
@@ -27,6 +28,10 @@ from raypd.train.seeds import update_seed
     (["dist.workers=0", "dist.zero_stage=3", "dist.offload_params=true"], "dist.offload_params",
      "offloading runs on DeepSpeed workers"),
     (["dist.workers=0", "dist.offload_optimizer=true"], "dist.offload_optimizer", "offloading runs on DeepSpeed"),
+    (["dist.resources_per_worker={GPU: 1}"], "dist.resources_per_worker", "needs dist.use_gpu=true"),
+    (["dist.resources_per_worker={CPU: -1}"], "dist.resources_per_worker", "CPU must be a number >= 0"),
+    (["dist.resources_per_worker=[CPU]"], "dist.resources_per_worker", "must be a mapping"),
+    (["dist.accelerator_type=H100"], "dist.accelerator_type", "needs dist.use_gpu=true"),
 ])
 def test_settings_that_cannot_run_are_config_errors(overrides, key, reason):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as info:
@@ -51,6 +56,25 @@ def test_workers_are_placed_node_by_node():
     nodes = [{"Alive": True, "Resources": {"CPU": 16.0, "GPU": 8.0}}, {"Alive": False, "Resources": {"CPU": 16.0, "GPU": 8.0}},
              {"Alive": True, "Resources": {"CPU": 4.0, "GPU": 8.0}}]
     assert placeable_workers(nodes, {"CPU": 1.0, "GPU": 1.0}) == 12
+
+
+def test_resources_per_worker_and_accelerator_type_reach_ray_train():
+    plain = load_config(None, ["dist.workers=2"])
+    assert worker_bundle(plain) == {"CPU": 1.0}
+    gpu = load_config(None, ["dist.workers=2", "dist.use_gpu=true", "dist.resources_per_worker={CPU: 8, GPU: 1}",
+                             "dist.accelerator_type=H100"])
+    bundle = worker_bundle(gpu)
+    assert bundle == {"CPU": 8.0, "GPU": 1.0, "accelerator_type:H100": 0.001}
+    scaling = scaling_config(gpu)
+    assert scaling.num_workers == 2 and scaling.use_gpu and scaling.accelerator_type == "H100"
+    assert scaling.resources_per_worker == {"CPU": 8, "GPU": 1}
+    # an accelerator type is a node resource: only nodes that offer it count
+    nodes = [{"Alive": True, "Resources": {"CPU": 32.0, "GPU": 4.0, "accelerator_type:H100": 1.0}},
+             {"Alive": True, "Resources": {"CPU": 32.0, "GPU": 4.0, "accelerator_type:A100": 1.0}}]
+    assert placeable_workers(nodes, bundle) == 4
+    custom = load_config(None, ["dist.workers=2", "dist.resources_per_worker={CPU: 1, slot: 1}"])
+    assert worker_bundle(custom) == {"CPU": 1.0, "slot": 1.0}
+    assert scaling_config(custom).resources_per_worker == {"CPU": 1, "slot": 1}
 
 
 def test_relative_storage_inside_a_ray_job_copy_is_refused():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,12 +156,22 @@ def prepare(cfg: Config, out: Path) -> tuple[Context, dict | None]:
     count = manifest["splits"]["train"]["count"] if manifest else "?"
     log(f"[raypd] run directory {out}, device {ctx.device}, {count} training images of "
         f"{d.channels}x{d.resolution}x{d.resolution} in {len(shards)} shards")
-    if cfg.dist.workers or cfg.sweep.enabled:
-        from raypd.distributed.trainer import check_stages_in_progress, ensure_ray
-
-        check_stages_in_progress(cfg, out)  # a stage checkpointed under other dist settings cannot continue
-        ensure_ray(cfg)  # fails here, before any training, when the cluster cannot host the workers
     return ctx, manifest
+
+
+@contextmanager
+def cluster_for(cfg: Config, out: Path):
+    """The Ray cluster the run's stages need (None in local mode): checked before any training, scaled up
+    where an autoscaler runs, its request withdrawn when the run ends."""
+    if not (cfg.dist.workers or cfg.sweep.enabled):
+        yield None
+        return
+    from raypd.distributed.cluster import held
+    from raypd.distributed.trainer import check_stages_in_progress
+
+    check_stages_in_progress(cfg, out)  # a stage checkpointed under other dist settings cannot continue
+    with held(cfg) as cluster:
+        yield cluster
 
 
 def make_evaluator(ctx: Context, manifest: dict | None, teacher: Denoiser, rounds) -> Evaluator:
@@ -184,6 +195,16 @@ def round_row(rnd, stats: dict, path: Path, default_lr: float) -> dict:
 def _run(cfg: Config, out: Path) -> dict:
     start = time.perf_counter()
     ctx, manifest = prepare(cfg, out)
+    with cluster_for(cfg, out) as cluster:
+        summary = _stages(ctx, manifest, cluster)
+    summary["seconds"] = time.perf_counter() - start
+    summary["report"] = str(write_report(out, summary))
+    return summary
+
+
+def _stages(ctx: Context, manifest: dict | None, cluster) -> dict:
+    """The teacher, then every round: trained (or found finished), evaluated, recorded, promoted."""
+    out = ctx.out
     teacher, teacher_path = obtain_teacher(ctx)
     cfg = ctx.cfg  # an imported diffusers teacher fixes the model and the noise schedule
     runner = make_runner(ctx)
@@ -192,7 +213,7 @@ def _run(cfg: Config, out: Path) -> dict:
     if cfg.sweep.enabled:
         from raypd.distributed.sweep import SweepRunner
 
-        runner = SweepRunner(cfg, out, runner, evaluator.spec)
+        runner = SweepRunner(cfg, out, runner, evaluator.spec, concurrency=cluster.concurrent_trials())
     summary = {"run": str(out), "teacher": {"full_steps": evaluator.full_steps}, "eval_seed": cfg.eval.seed,
                "rounds": [], "eval": list(evaluator.rows)}
     for rnd in rounds:
@@ -212,6 +233,4 @@ def _run(cfg: Config, out: Path) -> dict:
     if sweeps:
         summary["sweeps"] = sweeps
     summary["final_checkpoint"] = summary["rounds"][-1]["checkpoint"]
-    summary["seconds"] = time.perf_counter() - start
-    summary["report"] = str(write_report(out, summary))
     return summary

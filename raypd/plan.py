@@ -144,7 +144,7 @@ def describe_plan(cfg: Config) -> list[str]:
     params, fwd = forward_flops(cfg)
     d, t, s = cfg.dist, cfg.teacher, cfg.distill
     workers = max(1, d.workers)
-    from raypd.distributed.trainer import worker_bundle
+    from raypd.distributed.cluster import worker_bundle
 
     where = (f"{d.workers} Ray Train worker(s) of {worker_bundle(cfg)} each, DeepSpeed ZeRO stage "
              f"{d.zero_stage}, {d.precision}" if d.workers else "in this process (plain PyTorch, no Ray workers)")
@@ -200,11 +200,18 @@ def check_cluster(cfg: Config, checks: Checks) -> None:
     if not os.environ.get("RAY_ADDRESS"):
         checks.passed.append("cluster: not asked (no RAY_ADDRESS); the run checks it before training")
         return
-    from raypd.distributed.trainer import ClusterError, ensure_ray
+    from raypd.distributed.cluster import ClusterError, ensure_ray
 
     try:
-        ensure_ray(cfg)
-        checks.passed.append(f"cluster: its nodes can host dist.workers={cfg.dist.workers}")
+        cluster = ensure_ray(cfg, wait=False)
+        here = cluster.here
+        if here >= cfg.dist.workers:
+            checks.passed.append(f"cluster: its nodes can host dist.workers={cfg.dist.workers}")
+        else:
+            most = "" if cluster.most is None else f" (its node types can host {cluster.most} at most)"
+            checks.passed.append(f"cluster: its nodes up now host {here} of dist.workers={cfg.dist.workers}; the run "
+                                 f"asks the autoscaler for the rest{most} and waits up to dist.scale_timeout_s="
+                                 f"{cfg.dist.scale_timeout_s:g}")
     except ClusterError as err:
         checks.errors.append(f"dist.workers: {err}")
     except Exception as err:  # noqa: BLE001 - an unreachable cluster is reported, not raised

@@ -315,6 +315,9 @@ class DistConfig:
     """Checkpoints kept per run (the newest ones)."""
     max_failures: int = 2
     """Worker-group restarts a run may use before it fails."""
+    scale_timeout_s: float = 1800.0
+    """On an autoscaling cluster: seconds the driver waits for the nodes its workers need to come up
+    (asked for with Ray's ``request_resources``) before it gives up naming what never arrived."""
     collective_timeout_s: int = 600
     """Seconds a collective may wait before the worker group is declared stuck."""
     nonfinite_patience: int = 20
@@ -348,6 +351,7 @@ class DistConfig:
         _require(self.checkpoint_every >= 1, "checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
         _require(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
         _require(self.max_failures >= 0, "max_failures", f"must be >= 0, got {self.max_failures}")
+        _require(self.scale_timeout_s > 0, "scale_timeout_s", f"must be > 0, got {self.scale_timeout_s}")
         _require(self.collective_timeout_s >= 10, "collective_timeout_s", f"must be >= 10, got {self.collective_timeout_s}")
         _require(self.nonfinite_patience >= 1, "nonfinite_patience", f"must be >= 1, got {self.nonfinite_patience}")
         _require(0 < self.rollback_lr_factor <= 1, "rollback_lr_factor",

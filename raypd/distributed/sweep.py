@@ -128,16 +128,6 @@ def _score(student_dir: Path, spec: EvalSpec) -> float:
     return spec.score(samples, kid=False, prc=False)["fid"]
 
 
-def _concurrency(cfg: Config, workers: int) -> int:
-    import ray
-
-    if cfg.sweep.max_concurrent:
-        return cfg.sweep.max_concurrent
-    from raypd.distributed.trainer import placeable_workers, worker_bundle
-
-    return max(1, placeable_workers(ray.nodes(), worker_bundle(cfg)) // workers)
-
-
 def _trial_id(result) -> str:
     """Tune's id of a trial: in its metrics, or (for a trial that failed before reporting) in its directory name."""
     found = (result.metrics or {}).get("trial_id")
@@ -195,8 +185,9 @@ def choose(rows: list[dict[str, Any]], by_fid: bool) -> tuple[dict[str, Any], st
 
 
 def sweep_round(cfg: Config, *, rnd: Round, stage: Stage, sweep_dir: Path, eval_spec: EvalSpec | None,
-                centre: dict[str, Any] | None) -> SweepOutcome:
-    """Sweep one round (``stage``: its trials' common description); returns the trials and the chosen one."""
+                centre: dict[str, Any] | None, concurrency: int = 1) -> SweepOutcome:
+    """Sweep one round (``stage``: its trials' common description, ``concurrency`` trials at once); returns the
+    trials and the chosen one."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -206,7 +197,6 @@ def sweep_round(cfg: Config, *, rnd: Round, stage: Stage, sweep_dir: Path, eval_
     s = cfg.sweep
     sweep_dir = sweep_dir.resolve()
     space, first = search_space(cfg, rnd.updates, centre)
-    workers = max(1, cfg.dist.workers)
     static = {"config": cfg.to_dict(), "stage": stage.to_dict(), "sweep_dir": str(sweep_dir),
               "eval": eval_spec.to_dict() if s.fid and eval_spec is not None else None}
     # a trial's own process only waits for its Train run: it asks for memory, no CPU or GPU, so the
@@ -227,7 +217,7 @@ def sweep_round(cfg: Config, *, rnd: Round, stage: Stage, sweep_dir: Path, eval_
             tune_config=tune.TuneConfig(num_samples=1 if s.lrs else s.trials, scheduler=scheduler,
                                         search_alg=BasicVariantGenerator(points_to_evaluate=[first] if first else None,
                                                                          random_state=s.seed + rnd.index),
-                                        max_concurrent_trials=_concurrency(cfg, workers)),
+                                        max_concurrent_trials=concurrency),
             run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=0))
         lrs = list(s.lrs) or f"[{space['lr'].lower:.2e}, {space['lr'].upper:.2e}]"
         log(f"[round {rnd.index}] Tune sweep: {len(s.lrs) or s.trials} trials, lr in {lrs}, updates in {budgets}, "
@@ -250,8 +240,9 @@ class SweepRunner:
 
     mode = "tune"
 
-    def __init__(self, cfg: Config, out: Path, base, eval_spec: EvalSpec | None):
+    def __init__(self, cfg: Config, out: Path, base, eval_spec: EvalSpec | None, concurrency: int = 1):
         self.cfg, self.out, self.base, self.eval_spec = cfg, Path(out), base, eval_spec
+        self.concurrency = concurrency
         self.centre: dict[str, Any] | None = None
         self.choices: list[dict[str, Any]] = []
 
@@ -278,7 +269,7 @@ class SweepRunner:
                              report_every=self.cfg.sweep.report_every)
         start = time.perf_counter()
         outcome = sweep_round(self.cfg, rnd=rnd, stage=trials, sweep_dir=sweep_dir, eval_spec=self.eval_spec,
-                              centre=self.centre)
+                              centre=self.centre, concurrency=self.concurrency)
         chosen = outcome.chosen
         report = str(outcome.report.relative_to(self.out))
         publish_checkpoint(sweep_dir / "trials" / chosen["trial"] / "student", output, {

@@ -16,65 +16,13 @@ from pathlib import Path
 
 from raypd.checkpoint import publish_checkpoint, read_meta
 from raypd.config import Config
+from raypd.distributed.cluster import (PREEMPTED, ClusterError, alive_nodes, describe_losses, ensure_ray, node_losses,
+                                      placeable_workers, scaling_config, worker_bundle)
 from raypd.train.failures import NumericalError, StageError, driver_error
 from raypd.train.stage import Stage
 
-__all__ = ["ClusterError", "NumericalError", "RayTrainRunner", "StageError", "ensure_ray", "run_stage"]
-
-
-class ClusterError(RuntimeError):
-    """The cluster cannot run what the config asks for; raised before any training."""
-
-
-def worker_bundle(cfg: Config) -> dict[str, float]:
-    """What one Ray Train worker reserves: ``dist.resources_per_worker`` (Ray Train's default when empty: one
-    CPU, plus one GPU with use_gpu), and a sliver of the node's accelerator-type resource when one is asked for."""
-    d = cfg.dist
-    bundle = {k: float(v) for k, v in d.resources_per_worker.items()} or {"CPU": 1.0}
-    if d.use_gpu and "GPU" not in bundle:
-        bundle["GPU"] = 1.0
-    if d.accelerator_type:
-        bundle[f"accelerator_type:{d.accelerator_type}"] = 0.001
-    return {k: v for k, v in bundle.items() if v > 0}
-
-
-def scaling_config(cfg: Config):
-    """Ray Train's ScalingConfig for the run's workers."""
-    from ray.train import ScalingConfig
-
-    d = cfg.dist
-    return ScalingConfig(num_workers=d.workers, use_gpu=d.use_gpu,
-                         resources_per_worker=dict(d.resources_per_worker) or None,
-                         accelerator_type=d.accelerator_type or None)
-
-
-def placeable_workers(nodes: list[dict], bundle: dict[str, float]) -> int:
-    """How many worker bundles the alive nodes can host, each bundle on one node (a worker cannot span nodes)."""
-    total = 0
-    for node in nodes:
-        if not node.get("Alive", node.get("alive", True)):
-            continue
-        have = node.get("Resources", {})
-        total += int(min(have.get(k, 0.0) // v for k, v in bundle.items() if v > 0))
-    return total
-
-
-def ensure_ray(cfg: Config) -> None:
-    """Connect to the running cluster (``ray job submit`` sets RAY_ADDRESS) or start a local one, and check
-    that its nodes can host the workers: each worker's CPU and GPU on one node, counted node by node."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True, configure_logging=False)
-    d = cfg.dist
-    bundle = worker_bundle(cfg)
-    fits = placeable_workers(ray.nodes(), bundle)
-    if fits < d.workers:
-        have = ray.cluster_resources()
-        short = ", ".join(f"{k} (the cluster has {have.get(k, 0):g})" for k in bundle
-                          if have.get(k, 0) < bundle[k] * d.workers) or "room on single nodes"
-        raise ClusterError(f"dist.workers={d.workers} workers of {bundle} each do not fit: the cluster's nodes can "
-                           f"host {fits}; short of {short}")
+__all__ = ["ClusterError", "NumericalError", "RayTrainRunner", "StageError", "ensure_ray", "placeable_workers",
+           "run_stage", "scaling_config", "worker_bundle"]
 
 
 def check_stage_settings(cfg: Config, storage: Path, name: str) -> None:
@@ -152,15 +100,25 @@ def run_stage(cfg: Config, stage: Stage, *, storage: Path, output: Path, callbac
     )
     print(f"[{name}] Ray Train run on {d.workers} worker(s), ZeRO stage {d.zero_stage}, {d.precision}",
           file=sys.stderr, flush=True)
+    nodes = alive_nodes()
     try:
         result = trainer.fit()
     except Exception as err:  # noqa: BLE001 - Ray wraps the workers' last error; say it once, plainly
         if type(err).__name__ != "TrainingFailedError":
             raise
+        losses = node_losses(nodes)
+        lost = f"; it lost {describe_losses(losses)}" if losses else ""
         raise StageError(f"stage {name} failed after {d.max_failures} restart(s) of its worker group: "
-                         f"{_root_cause(err)}", "cluster") from err
+                         f"{_root_cause(err)}{lost}; rerunning the job resumes it from its last checkpoint",
+                         "cluster") from err
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    losses = node_losses(nodes)
+    if losses:
+        print(f"[{name}] the worker group came through the loss of {describe_losses(losses)}: resumed from its last "
+              "checkpoint", file=sys.stderr, flush=True)
+        metrics = {**(metrics or {}), "nodes_preempted": sum(k == PREEMPTED for _, k, _ in losses),
+                   "nodes_lost": sum(k != PREEMPTED for _, k, _ in losses)}
     _raise_failure(result.return_value)
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {name} finished without a checkpoint")

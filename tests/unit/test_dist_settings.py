@@ -77,6 +77,35 @@ def test_resources_per_worker_and_accelerator_type_reach_ray_train():
     assert scaling_config(custom).resources_per_worker == {"CPU": 1, "slot": 1}
 
 
+def test_an_autoscalers_published_maximum_bounds_the_workers_and_the_sweep():
+    from ray.core.generated import autoscaler_pb2
+
+    from raypd.distributed.cluster import Cluster, capacity
+
+    config = autoscaler_pb2.ClusterConfig()
+    gpu = config.node_group_configs.add(name="gpu", max_count=3)
+    gpu.resources.update({"CPU": 8, "GPU": 4})
+    cpu = config.node_group_configs.add(name="cpu", max_count=10)
+    cpu.resources.update({"CPU": 16})
+    head = {"Alive": True, "Resources": {"CPU": 4, "node:__internal_head__": 1}}
+    assert capacity({"CPU": 2, "GPU": 1}, [head], config) == 12  # 3 nodes x 4 GPUs; the head has none
+    assert capacity({"CPU": 1}, [head], config) == 4 + 3 * 8 + 10 * 16
+    assert capacity({"CPU": 1, "GPU": 1}, [head], autoscaler_pb2.ClusterConfig()) == 0
+    unbounded = autoscaler_pb2.ClusterConfig()
+    unbounded.node_group_configs.add(name="any", max_count=-1).resources.update({"GPU": 1})
+    assert capacity({"GPU": 1}, [], unbounded) > 10**9
+    cfg = load_config(None, ["dist.workers=4", "dist.use_gpu=true", "sweep.enabled=true", "sweep.trials=8"])
+    assert Cluster(cfg, autoscaled=True, most=12, request=None).concurrent_trials() == 3  # the target: 12 GPUs / 4
+    assert Cluster(cfg, autoscaled=True, most=None, request=None).concurrent_trials() == 8  # Tune queues the rest
+    capped = load_config(None, ["dist.workers=4", "sweep.enabled=true", "sweep.max_concurrent=2"])
+    assert Cluster(capped, autoscaled=True, most=None, request=None).concurrent_trials() == 2
+
+
+def test_scale_timeout_must_be_positive():
+    with pytest.raises(ConfigError, match=r"dist\.scale_timeout_s"):
+        load_config(None, ["dist.scale_timeout_s=0"])
+
+
 def test_relative_storage_inside_a_ray_job_copy_is_refused():
     job_copy = f"/tmp/ray/session_x/{RAY_JOB_COPY}/_ray_pkg_0123abcd"
     with pytest.raises(RunStateError, match="is relative, and this job runs in Ray's per-job copy"):

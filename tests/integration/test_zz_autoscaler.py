@@ -1,0 +1,109 @@
+"""Against Ray's own autoscaler: a loopback cluster whose head runs the autoscaler on the ``fake_multinode``
+provider (worker nodes are local processes), starting with no worker nodes. The node type offers a custom
+resource standing in for a GPU (the fake provider's resources are logical), and the run's workers reserve it.
+Only the processes the cluster started are stopped."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.raycluster import TINY_RUN, Head
+
+ROOT = Path(__file__).resolve().parents[2]
+SLOT = {"slot": {"resources": {"CPU": 1, "raypd_slot": 1}, "node_config": {}, "min_workers": 0, "max_workers": 3}}
+TINY = [*TINY_RUN, "dist.workers=2", "dist.resources_per_worker={CPU: 1, raypd_slot: 1}",
+        "dist.collective_timeout_s=120"]
+
+
+@pytest.fixture
+def cluster():
+    head = Head(num_cpus=1, worker_types=SLOT)
+    try:
+        head.start()
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    try:
+        yield head
+    finally:
+        head.stop()
+
+
+def _distill(head: Head, args: list[str], log: Path) -> subprocess.Popen:
+    env = {**head.env, "RAY_ADDRESS": head.gcs_address, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "raypd.distill", *args], env=env, cwd=ROOT,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def _wait_until(check, timeout: float, what: str) -> float:
+    began = time.monotonic()
+    while not check():
+        assert time.monotonic() - began < timeout, f"timed out waiting for {what}"
+        time.sleep(0.5)
+    return time.monotonic() - began
+
+
+def test_scales_from_zero_then_lets_the_nodes_go(cluster, tmp_path):
+    assert not cluster.node_raylets()  # no worker node: the run's request brings them up
+    log = tmp_path / "log.txt"
+    proc = _distill(cluster, [*TINY, "teacher.updates=8", "dist.checkpoint_every=4", f"run.storage_path={tmp_path}"],
+                    log)
+    assert proc.wait(timeout=900) == 0, log.read_text()[-5000:]
+    text = log.read_text()
+    assert "[cluster] waiting for nodes: 0 of 2 worker bundles {CPU: 1, raypd_slot: 1} placeable" in text
+    waited = [line for line in text.splitlines() if "placeable after" in line]
+    assert waited, text[-3000:]
+    print(waited[0])  # the measured scale-up wait
+    summary = json.loads((tmp_path / "local" / "summary.json").read_text())
+    assert summary["final_checkpoint"] == "round-00-1steps"
+    # the run withdrew its request: the idle nodes are removed (idle timeout 6 s)
+    gone = _wait_until(lambda: not cluster.node_raylets(), 120, "the idle nodes to go")
+    print(f"nodes removed {gone:.0f} s after the run ended")
+
+
+def test_a_request_no_node_type_can_host_fails_fast(cluster, tmp_path):
+    log = tmp_path / "log.txt"
+    args = [*TINY, "teacher.updates=4", "dist.resources_per_worker={CPU: 1, raypd_slot: 2}",
+            f"run.storage_path={tmp_path}"]
+    began = time.monotonic()
+    proc = _distill(cluster, args, log)
+    assert proc.wait(timeout=300) == 2, log.read_text()[-5000:]
+    text = log.read_text()
+    assert "cluster error: the autoscaler adds no nodes for dist.workers=2 workers of {CPU: 1, raypd_slot: 2}" in text
+    assert "raypd_slot (needs 4, the cluster has 0)" in text
+    assert time.monotonic() - began < 150  # well before dist.scale_timeout_s (30 minutes)
+    assert not (tmp_path / "local" / "teacher" / "meta.json").exists()
+    assert not cluster.node_raylets()
+
+
+def test_a_stage_survives_the_loss_of_a_node(cluster, tmp_path):
+    """A worker node's raylet killed in the middle of teacher training (a node lost, as a spot preemption
+    without notice looks to Ray): the worker group restarts on a replacement node from the last checkpoint."""
+    log = tmp_path / "log.txt"
+    proc = _distill(cluster, [*TINY, "teacher.updates=60", "dist.checkpoint_every=10", "dist.max_failures=3",
+                              f"run.storage_path={tmp_path}"], log)
+    try:
+        checkpoints = tmp_path / "local" / "ray" / "teacher"
+        _wait_until(lambda: any(checkpoints.glob("checkpoint_*/raypd_dist.json")) or proc.poll() is not None, 600,
+                    "the teacher's first checkpoint")
+        assert proc.poll() is None, log.read_text()[-5000:]
+        victim = cluster.node_raylets()[0]
+        killed = time.monotonic()
+        victim.kill()
+        back = _wait_until(lambda: "resumed from the checkpoint" in log.read_text() or proc.poll() is not None, 600,
+                           "the stage to resume")
+        assert proc.wait(timeout=900) == 0, log.read_text()[-5000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    resumed = [line for line in text.splitlines() if "[teacher] resumed from the checkpoint at update" in line]
+    assert resumed, text[-5000:]
+    assert "[teacher] the worker group came through the loss of node" in text
+    meta = json.loads((tmp_path / "local" / "teacher" / "meta.json").read_text())
+    assert meta["metrics"]["nodes_lost"] >= 1 and meta["metrics"]["updates"] == 60
+    print(f"{resumed[0]}: {back:.0f} s after the node was killed; the run ended {time.monotonic() - killed:.0f} s "
+          "after it")

@@ -150,6 +150,12 @@ def read_meta(path: str | Path) -> CheckpointMeta:
         raise CheckpointError(f"{path / META} is malformed: {err}") from None
 
 
+def weights_digest(path: str | Path) -> str:
+    """The sha256 of a checkpoint's weights: the one its metadata records, else computed."""
+    path = Path(path)
+    return json.loads((path / META).read_text()).get("weights_sha256") or _sha256(path / WEIGHTS)
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

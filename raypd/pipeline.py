@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from raypd.checkpoint import CheckpointError, check_compatible, load_checkpoint, read_meta, verify_weights
+from raypd.checkpoint import (CheckpointError, check_compatible, load_checkpoint, read_meta, verify_weights,
+                              weights_digest)
 from raypd.config import Config
 from raypd.data.prepare import training_shards
 from raypd.data.shards import check_shards
@@ -174,14 +175,15 @@ def cluster_for(cfg: Config, out: Path):
         yield cluster
 
 
-def make_evaluator(ctx: Context, manifest: dict | None, teacher: Denoiser, rounds) -> Evaluator:
+def make_evaluator(ctx: Context, manifest: dict | None, teacher: Denoiser, teacher_path: Path, rounds) -> Evaluator:
     cfg, remote = ctx.cfg, None
     if cfg.dist.workers and cfg.eval.distributed:
         from raypd.distributed.evaluate import RayEvaluation
 
         remote = RayEvaluation(cfg, workers=cfg.dist.workers, use_gpu=cfg.dist.use_gpu)
     return Evaluator(cfg, ctx.out, device=ctx.device, logsnr_fn=ctx.logsnr_fn, urls=ctx.shards, manifest=manifest,
-                     teacher=teacher, step_counts=[r.student_steps for r in rounds], remote=remote)
+                     teacher=teacher, step_counts=[r.student_steps for r in rounds], remote=remote,
+                     teacher_digest=weights_digest(teacher_path))
 
 
 def round_row(rnd, stats: dict, path: Path, default_lr: float) -> dict:
@@ -209,7 +211,7 @@ def _stages(ctx: Context, manifest: dict | None, cluster) -> dict:
     cfg = ctx.cfg  # an imported diffusers teacher fixes the model and the noise schedule
     runner = make_runner(ctx)
     rounds = plan_rounds(cfg.distill)
-    evaluator = make_evaluator(ctx, manifest, teacher, rounds)
+    evaluator = make_evaluator(ctx, manifest, teacher, teacher_path, rounds)
     if cfg.sweep.enabled:
         from raypd.distributed.sweep import SweepRunner
 
@@ -224,7 +226,7 @@ def _stages(ctx: Context, manifest: dict | None, cluster) -> dict:
         else:
             log(f"[round {rnd.index}] already done, loading {path}")
         student = load_frozen(path, ctx.device)
-        summary["eval"].append(evaluator.student(student, rnd.student_steps, rnd.index))
+        summary["eval"].append(evaluator.student(student, rnd.student_steps, rnd.index, weights_digest(path)))
         summary["rounds"].append(round_row(rnd, stats, path, cfg.distill.lr))
         if hasattr(runner, "chose"):
             runner.chose(rnd.index, rnd.teacher_steps, rnd.student_steps, stats)

@@ -51,6 +51,12 @@ def scaling_config(cfg: Config):
                          accelerator_type=d.accelerator_type or None)
 
 
+def task_options(bundle: dict[str, float]) -> dict:
+    """Ray task options reserving one worker's ``bundle`` (CPU, GPU and any custom resource)."""
+    rest = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
+    return {"num_cpus": bundle.get("CPU", 0), "num_gpus": bundle.get("GPU", 0), **({"resources": rest} if rest else {})}
+
+
 def fits(resources: dict, bundle: dict[str, float]) -> int:
     """How many ``bundle``s one node offering ``resources`` hosts."""
     return int(min(resources.get(k, 0.0) // v for k, v in bundle.items() if v > 0))

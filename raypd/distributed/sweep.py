@@ -111,20 +111,33 @@ def _trial(params: dict[str, Any], static: dict[str, Any]) -> None:
     last = run_stage(cfg, stage, storage=sweep_dir / "train", output=output, callbacks=[TuneReportCallback()])
     final = {"update": updates, "heldout_loss": float(last.get("heldout_loss", DIVERGED)), "finished": 1}
     if static.get("eval") and final["heldout_loss"] < DIVERGED:
-        final["fid"] = _score(output, EvalSpec.from_dict(static["eval"]))
+        import ray
+
+        from raypd.distributed.cluster import task_options, worker_bundle
+
+        # scored where a worker of the trial ran: a task holding one worker's bundle (its GPU with use_gpu),
+        # outside the trial's own placement group (which holds memory only)
+        score = ray.remote(_score).options(**task_options(worker_bundle(cfg)), max_retries=2,
+                                           scheduling_strategy="DEFAULT")
+        final["fid"] = ray.get(score.remote(str(output), static["eval"]))
     (trial_dir / "final.json").write_text(json.dumps(final))
     tune.report(final)
 
 
-def _score(student_dir: Path, spec: EvalSpec) -> float:
-    """FID of the trial's student at its steps, against the run's cached reference statistics."""
+def _score(student_dir: str, spec: dict) -> float:
+    """FID of the trial's student at its steps, against the run's cached reference statistics (on the GPU the
+    task holds, when it holds one)."""
+    import torch
+
     from raypd.checkpoint import load_checkpoint
     from raypd.eval.samples import fixed_noise, sample_ddim
 
-    model, meta = load_checkpoint(student_dir)
+    spec = EvalSpec.from_dict(spec)
+    model, meta = load_checkpoint(Path(student_dir))
     d = meta.data
     z, y = fixed_noise(spec.num_samples, d.channels, d.resolution, seed=spec.seed, num_classes=d.num_classes)
-    samples = sample_ddim(model, z, y, meta.sampling_steps, logsnr_fn=meta.logsnr_fn())
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    samples = sample_ddim(model.to(device), z, y, meta.sampling_steps, logsnr_fn=meta.logsnr_fn(), device=device)
     return spec.score(samples, kid=False, prc=False)["fid"]
 
 

@@ -18,6 +18,7 @@ from raypd.data.shards import ShardLoader
 from raypd.diffusion.ddim import LogsnrFn
 from raypd.eval.classifier import save_classifier, train_classifier
 from raypd.eval.fid import Extractor, ImageSet, data_key, reference_name, to_uint8
+from raypd.eval.record import EvalRecord, fingerprint
 from raypd.eval.samples import fixed_noise, rmse, sample_ddim, sample_stochastic, save_grid
 from raypd.models import Denoiser
 
@@ -70,9 +71,12 @@ def reference_set(cfg: Config, urls: list[str], manifest: dict | None, extractor
 
 class Evaluator:
     def __init__(self, cfg: Config, out: Path, *, device: torch.device, logsnr_fn: LogsnrFn, urls: list[str],
-                 manifest: dict | None, teacher: Denoiser, step_counts: list[int], remote=None):
+                 manifest: dict | None, teacher: Denoiser, step_counts: list[int], remote=None,
+                 teacher_digest: str = ""):
         """``remote``: an object whose ``run(model, z, y, n_steps, extractor, kid=, prc=)`` returns (samples,
-        features) computed elsewhere (the Ray workers); None generates and extracts here."""
+        features) computed elsewhere (the Ray workers); None generates and extracts here. ``teacher_digest``
+        (the teacher's weights digest) keeps an evaluation record in ``out/eval``: points scored before under
+        the same set-up are reused, not sampled again."""
         e, d = cfg.eval, cfg.data
         self.cfg, self.out, self.device, self.logsnr_fn, self.urls = cfg, out, device, logsnr_fn, list(urls)
         self.z, self.y = fixed_noise(e.num_samples, d.channels, d.resolution, seed=e.seed, num_classes=d.num_classes)
@@ -82,13 +86,41 @@ class Evaluator:
         self.extractor, self.reference = self.spec.extractor, self.spec.reference()
         self.full_steps = e.reference_steps or cfg.teacher.sampling_steps
         self.remote = remote
-        self.full, features = self.generate(teacher, self.full_steps)
-        self.rows = [self.score("teacher_ddim", self.full_steps, self.full, features)]
+        self.record = None
+        if teacher_digest:
+            plain = cfg.to_dict()
+            self.record = EvalRecord(out / "eval", fingerprint(
+                eval=plain["eval"], diffusion=plain["diffusion"], spec=self.spec.to_dict(),
+                teacher=teacher_digest, full_steps=self.full_steps))
+        self.full = self.record.full_samples() if self.record else None
+        if self.full is None or self.record.get(f"teacher_ddim-{self.full_steps}") is None:
+            samples, features = self.generate(teacher, self.full_steps)
+            self.full = self.record.keep_full(samples) if self.record else samples
+            self.rows = [self.point(f"teacher_ddim-{self.full_steps}",
+                                    lambda: self.score("teacher_ddim", self.full_steps, self.full, features),
+                                    fresh=True)]
+        else:
+            self.rows = [self.point(f"teacher_ddim-{self.full_steps}", None)]
         for n in sorted(set(step_counts), reverse=True):
-            self.rows.append(self.score("teacher_ddim", n, *self.generate(teacher, n)))
+            self.rows.append(self.point(f"teacher_ddim-{n}",
+                                        lambda n=n: self.score("teacher_ddim", n, *self.generate(teacher, n))))
             if e.stochastic:
-                samples = sample_stochastic(teacher, self.z, self.y, n, logsnr_fn=logsnr_fn, seed=e.seed, device=device)
-                self.rows.append(self.score("teacher_stochastic", n, samples))
+                self.rows.append(self.point(f"teacher_stochastic-{n}", lambda n=n: self.score(
+                    "teacher_stochastic", n, sample_stochastic(teacher, self.z, self.y, n, logsnr_fn=logsnr_fn,
+                                                               seed=e.seed, device=device))))
+
+    def point(self, key: str, make, fresh: bool = False) -> dict:
+        """The row of one point: from the record when it was scored before (and ``fresh`` is false), else made
+        by ``make()`` and recorded."""
+        row = None if fresh or self.record is None else self.record.get(key)
+        if row is not None:
+            log(f"[eval] {row['sampler']} at {row['steps']} steps: FID {row['fid']:.2f} (scored before; from "
+                f"{self.record.directory / 'record.json'})")
+            return row
+        row = make()
+        if self.record is not None:
+            self.record.put(key, row)
+        return row
 
     def sample(self, model: Denoiser, n_steps: int) -> Tensor:
         return sample_ddim(model, self.z, self.y, n_steps, logsnr_fn=self.logsnr_fn, device=self.device)
@@ -113,5 +145,9 @@ class Evaluator:
             f"{row['n_samples']} samples), RMSE to the full sampler {row['rmse_to_full']:.4f}")
         return row
 
-    def student(self, model: Denoiser, n_steps: int, round_index: int) -> dict:
-        return self.score("distilled", n_steps, *self.generate(model, n_steps), round=round_index)
+    def student(self, model: Denoiser, n_steps: int, round_index: int, digest: str = "") -> dict:
+        """The round's student at its steps (``digest``: its weights' digest, the key it is recorded under)."""
+        make = lambda: self.score("distilled", n_steps, *self.generate(model, n_steps), round=round_index)  # noqa: E731
+        if not digest:
+            return make()
+        return self.point(f"distilled-{n_steps}-round{round_index}-{digest[:16]}", make)

@@ -175,6 +175,6 @@ def test_workers_reserve_the_resources_asked_for(ray_session, tmp_path, capsys):
     capsys.readouterr()
     assert main([*args, "dist.workers=3", "distill.batch_size=9", "teacher.batch_size=9", "run.name=short"]) == 2
     err = capsys.readouterr().err
-    assert "cluster error: dist.workers=3 workers of {'CPU': 1.0, 'raypd_slot': 1.0} each do not fit" in err
-    assert "short of raypd_slot (the cluster has 2)" in err
+    assert "cluster error: dist.workers=3 workers of {CPU: 1, raypd_slot: 1} each do not fit" in err
+    assert "short of raypd_slot (needs 3, the cluster has 2)" in err
     assert not (tmp_path / "short" / "round-00-1steps").exists()

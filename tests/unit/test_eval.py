@@ -148,3 +148,23 @@ def test_ray_tasks_generate_and_extract_what_one_process_would(digits, tmp_path)
     mine = extract_features(local, extractor)
     for key, value in mine.items():
         torch.testing.assert_close(features[key], value, rtol=1e-4, atol=1e-4)
+
+
+def test_the_evaluation_record_is_kept_per_set_up_and_its_full_samples_round_trip(tmp_path):
+    import torch
+
+    from raypd.eval.record import EvalRecord, fingerprint
+
+    key = fingerprint(eval={"num_samples": 16}, teacher="abc")
+    assert key == fingerprint(teacher="abc", eval={"num_samples": 16}) != fingerprint(eval={"num_samples": 32},
+                                                                                       teacher="abc")
+    record = EvalRecord(tmp_path, key)
+    assert record.get("teacher_ddim-4") is None and record.full_samples() is None
+    full = record.keep_full(torch.linspace(-1, 1, 48).reshape(3, 1, 4, 4) / 3)
+    record.put("teacher_ddim-4", {"fid": 12.5})
+    again = EvalRecord(tmp_path, key)
+    assert again.get("teacher_ddim-4") == {"fid": 12.5}
+    assert torch.equal(again.full_samples(), full) and full.dtype == torch.float32
+    other = EvalRecord(tmp_path, fingerprint(eval={"num_samples": 32}, teacher="abc"))
+    assert other.get("teacher_ddim-4") is None and other.full_samples() is None  # another set-up: set aside
+    assert (tmp_path / f"record-{key}.json").is_file()

@@ -55,11 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     from raypd.distributed.trainer import ClusterError, NumericalError, StageError
     from raypd.pipeline import run_pipeline
     from raypd.runs import RunStateError
+    from raypd.storage import StorageError
 
     try:
         summary = run_pipeline(cfg, mode="resume" if args.resume else "restart" if args.restart else "auto")
     except RunStateError as err:
         print(f"run error: {err}", file=sys.stderr)
+        return 2
+    except StorageError as err:
+        print(f"storage error: {err}", file=sys.stderr)
         return 2
     except CheckpointError as err:
         print(f"checkpoint error: {err}", file=sys.stderr)

@@ -15,6 +15,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -26,7 +27,7 @@ from raypd.data.shards import check_shards
 from raypd.eval.evaluate import Evaluator
 from raypd.eval.report import write_report
 from raypd.models import Denoiser
-from raypd.runs import DriverLock, archive_run, check_and_save_config, finished_summary, run_dir
+from raypd.runs import check_and_save_config, finished_summary, open_run, run_uri
 from raypd.train import freeze, plan_rounds
 from raypd.train.runner import InProcessRunner
 from raypd.train.stage import round_stage, teacher_stage
@@ -48,6 +49,8 @@ class Context:
     out: Path
     device: torch.device
     shards: list[str]
+    sync: Callable[[], None] = lambda: None
+    """Pushes the run's files to its bucket now (nothing for a run in a directory)."""
 
     @property
     def logsnr_fn(self):
@@ -57,7 +60,7 @@ class Context:
 def make_runner(ctx: Context):
     """How every stage of this run is trained, chosen once: in this process, or by Ray Train workers."""
     if not ctx.cfg.dist.workers:
-        return InProcessRunner(ctx.cfg, ctx.out / "local", ctx.device)
+        return InProcessRunner(ctx.cfg, ctx.out / "local", ctx.device, on_commit=ctx.sync)
     from raypd.distributed.trainer import RayTrainRunner
 
     return RayTrainRunner(ctx.cfg, ctx.out / "ray")
@@ -132,17 +135,14 @@ def run_pipeline(cfg: Config, *, mode: str = "auto") -> dict:
     ``mode``: ``auto`` continues the run in the storage path when there is one (a finished one is
     left as it is), ``resume`` requires one, ``restart`` moves it aside and starts over.
     """
-    out = run_dir(cfg)
-    if mode == "restart":
-        archive_run(out)
-    with DriverLock(out):
+    with open_run(cfg, restart=mode == "restart") as (out, mirror):
         check_and_save_config(cfg, out, resume=mode == "resume")
         done = finished_summary(out)
         if done is not None:
-            log(f"[raypd] {out} has finished already: nothing to do (--restart starts it over)")
+            log(f"[raypd] {run_uri(cfg) or out} has finished already: nothing to do (--restart starts it over)")
             done["report"] = str(out / "report.md")
             return done
-        return _run(cfg, out)
+        return _run(cfg, out, mirror)
 
 
 def prepare(cfg: Config, out: Path) -> tuple[Context, dict | None]:
@@ -194,9 +194,11 @@ def round_row(rnd, stats: dict, path: Path, default_lr: float) -> dict:
             "driver_rss_mib": round(rss_mib(), 1)}
 
 
-def _run(cfg: Config, out: Path) -> dict:
+def _run(cfg: Config, out: Path, mirror=None) -> dict:
     start = time.perf_counter()
     ctx, manifest = prepare(cfg, out)
+    if mirror is not None:
+        ctx.sync = mirror.sync
     with cluster_for(cfg, out) as cluster:
         summary = _stages(ctx, manifest, cluster)
     summary["seconds"] = time.perf_counter() - start
@@ -211,6 +213,7 @@ def _stages(ctx: Context, manifest: dict | None, cluster) -> dict:
     cfg = ctx.cfg  # an imported diffusers teacher fixes the model and the noise schedule
     runner = make_runner(ctx)
     rounds = plan_rounds(cfg.distill)
+    ctx.sync()
     evaluator = make_evaluator(ctx, manifest, teacher, teacher_path, rounds)
     if cfg.sweep.enabled:
         from raypd.distributed.sweep import SweepRunner
@@ -231,6 +234,7 @@ def _stages(ctx: Context, manifest: dict | None, cluster) -> dict:
         if hasattr(runner, "chose"):
             runner.chose(rnd.index, rnd.teacher_steps, rnd.student_steps, stats)
         teacher_path = path  # promotion: the student is the next round's teacher
+        ctx.sync()
     sweeps = runner.finish() if hasattr(runner, "finish") else None
     if sweeps:
         summary["sweeps"] = sweeps

@@ -21,10 +21,12 @@ import socket
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from raypd.config import Config, redact
+from raypd.storage import pid_alive
 
 LOCK = "driver.lock"
 CONFIG = "config.json"
@@ -79,10 +81,58 @@ def check_storage_path(storage_path: str, cwd: str | None = None) -> None:
                             "absolute path on storage every node shares (--storage /mnt/shared/raypd-runs)")
 
 
+def run_uri(cfg: Config) -> str | None:
+    """The run's folder in a bucket, when ``run.storage_path`` is an object-store URI."""
+    from raypd.storage import is_uri, join
+
+    return join(cfg.run.storage_path, cfg.run.name) if is_uri(cfg.run.storage_path) else None
+
+
 def run_dir(cfg: Config) -> Path:
-    """The run's directory, absolute: Ray workers and Tune trials do not share the driver's working directory."""
+    """The run's directory, absolute (Ray workers and Tune trials do not share the driver's working directory);
+    for a run in a bucket, the driver's local mirror of it."""
+    uri = run_uri(cfg)
+    if uri is not None:
+        from raypd.storage import mirror_dir
+
+        return mirror_dir(uri)
     check_storage_path(cfg.run.storage_path)
     return (Path(cfg.run.storage_path) / cfg.run.name).resolve()
+
+
+@contextmanager
+def open_run(cfg: Config, *, restart: bool = False) -> Iterator[tuple[Path, Any]]:
+    """The run's directory for one driver: locked (a lock file, or a lease object in the bucket), moved aside
+    first with ``restart``; for a run in a bucket, a mirror pulled now and pushed as it changes (yielded second;
+    None for a directory)."""
+    uri = run_uri(cfg)
+    if uri is None:
+        out = run_dir(cfg)
+        if restart:
+            archive_run(out)
+        with DriverLock(out):
+            yield out, None
+        return
+    from raypd.storage import Bucket, BucketLock, Mirror, mirror_dir
+
+    bucket = Bucket(uri)
+    with BucketLock(bucket):
+        if restart:
+            aside = bucket.move_aside(keep=BucketLock.NAME)
+            if aside:
+                print(f"[raypd] --restart: moved the previous run to {aside} (nothing was deleted)", file=sys.stderr)
+        mirror = Mirror(bucket, mirror_dir(uri)).open()
+        failed = True
+        try:
+            yield mirror.local, mirror
+            failed = False
+        finally:
+            try:
+                mirror.close()
+            except Exception as err:  # noqa: BLE001 - do not hide the run's own error behind the push's
+                if not failed:
+                    raise
+                print(f"[storage] the last push to {uri} failed: {err}", file=sys.stderr)
 
 
 def archive_run(out: Path) -> Path | None:
@@ -137,16 +187,6 @@ def finished_summary(out: Path) -> dict[str, Any] | None:
 # ---- the driver lock -------------------------------------------------------------------------
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def lock_holder(out: Path) -> dict[str, Any] | None:
     """The live driver holding ``out``, or None when the lock is absent or stale."""
     path = out / LOCK
@@ -156,7 +196,7 @@ def lock_holder(out: Path) -> dict[str, Any] | None:
     except (FileNotFoundError, json.JSONDecodeError, OSError):
         return None
     if info.get("host") == socket.gethostname():
-        return info if _pid_alive(int(info.get("pid", -1))) else None
+        return info if pid_alive(int(info.get("pid", -1))) else None
     return info if age < STALE_AFTER_S else None
 
 

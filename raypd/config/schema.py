@@ -411,13 +411,37 @@ class SweepConfig:
         _require(self.max_concurrent >= 0, "max_concurrent", f"must be >= 0, got {self.max_concurrent}")
 
 
+STORAGE_SCHEMES = ("s3", "gs")
+SECRET_PARAMS = ("access_key", "secret_key", "session_token", "credentials")
+
+
+def uri_problem(path: str) -> str | None:
+    """What is wrong with a storage URI (None for a path, or a URI raypd can use)."""
+    from urllib.parse import parse_qs, urlparse
+
+    if "://" not in path:
+        return None
+    parsed = urlparse(path)
+    if parsed.scheme not in STORAGE_SCHEMES:
+        return (f"{path!r}: the scheme {parsed.scheme!r} is not supported; use s3://bucket/prefix, "
+                "gs://bucket/prefix or a directory")
+    if not parsed.netloc:
+        return f"{path!r} names no bucket"
+    secret = [k for k in parse_qs(parsed.query) if k.lower() in SECRET_PARAMS]
+    if secret or "@" in parsed.netloc:
+        return (f"carries credentials ({', '.join(secret) or 'user:password'}), which would be saved with the run's "
+                "config; give them through the environment (AWS_* or GOOGLE_APPLICATION_CREDENTIALS)")
+    return None
+
+
 @dataclass(frozen=True)
 class RunConfig:
     name: str = "local"
     """Run name: the run's files live in ``storage_path/name``."""
     storage_path: str = "raypd_runs"
-    """Directory of all runs' files (checkpoints, reports, sample grids); on a cluster, a shared file system
-    every node sees (NFS, EFS, Filestore)."""
+    """Where all runs' files go (checkpoints, reports, sample grids): a bucket (``s3://bucket/prefix``,
+    ``gs://bucket/prefix``; credentials from the environment, never in the URI) or a directory (on a
+    cluster, a shared file system every node sees: NFS, EFS, Filestore)."""
     seed: int = 0
     """Seed of model initialisation, data order and noise."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -429,9 +453,7 @@ class RunConfig:
         _require(bool(self.name) and not set(self.name) & set("/\\\0") and self.name not in (".", ".."), "name",
                  f"must be a plain directory name (no '/', '\\', '.' or '..'), got {self.name!r}")
         _require(bool(self.storage_path), "storage_path", "must not be empty")
-        _require("://" not in self.storage_path, "storage_path",
-                 f"must be a directory (a shared file system on a cluster); object-store URIs such as "
-                 f"{self.storage_path!r} are not supported for run files")
+        _require(uri_problem(self.storage_path) is None, "storage_path", str(uri_problem(self.storage_path)))
         _require(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
 
 

@@ -26,13 +26,14 @@ class InProcessRunner:
 
     mode = "in-process"
 
-    def __init__(self, cfg: Config, root: Path, device: torch.device):
-        self.cfg, self.root, self.device = cfg, Path(root), device
+    def __init__(self, cfg: Config, root: Path, device: torch.device, on_commit=None):
+        """``on_commit``: called after each checkpoint is in place (the run's storage pushes it)."""
+        self.cfg, self.root, self.device, self.on_commit = cfg, Path(root), device, on_commit
 
     def run(self, stage: Stage, output: Path) -> dict:
         """Train ``stage`` (resuming its last checkpoint), publish its model at ``output``; returns its metrics."""
         began = time.perf_counter()
-        store = DirectoryStore(self.root / stage.name, keep=self.cfg.dist.keep_checkpoints)
+        store = DirectoryStore(self.root / stage.name, keep=self.cfg.dist.keep_checkpoints, on_commit=self.on_commit)
         try:
             loop = StageLoop(self.cfg, stage, build_engine=plain_engine, store=store, staging=store.staging,
                              device=self.device)

@@ -33,8 +33,8 @@ class DirectoryStore:
     on the same file system), so a crash leaves either the whole checkpoint or none.
     """
 
-    def __init__(self, root: Path, keep: int):
-        self.root, self.keep = Path(root), keep
+    def __init__(self, root: Path, keep: int, on_commit=None):
+        self.root, self.keep, self.on_commit = Path(root), keep, on_commit
         self.staging = self.root / ".staging"
         shutil.rmtree(self.staging, ignore_errors=True)  # what a killed run left half-written
         self.staging.mkdir(parents=True, exist_ok=True)
@@ -52,6 +52,8 @@ class DirectoryStore:
         source.rename(target)
         for old in self.checkpoints()[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
+        if self.on_commit is not None:
+            self.on_commit()
 
     @contextlib.contextmanager
     def latest(self) -> Iterator[str | None]:

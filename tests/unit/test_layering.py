@@ -17,7 +17,8 @@ ALLOWED = {
     "eval": {"diffusion", "config", "models", "data", "eval"},
     "checkpoint": {"diffusion", "config", "models"},
     "hf": {"diffusion", "config", "models", "checkpoint", "hf"},
-    "runs": {"config"},
+    "runs": {"config", "storage"},
+    "storage": {"config"},
     # the Ray/DeepSpeed layer: everything below the driver, nothing of it
     "distributed": {"diffusion", "config", "models", "data", "train", "eval", "checkpoint", "distributed"},
     # the driver's modules and the command line, on top
@@ -25,7 +26,7 @@ ALLOWED = {
     "sample": {"config", "data", "eval", "checkpoint"},
     "score": {"config", "data", "eval", "checkpoint", "sample"},
     "pipeline": {"diffusion", "config", "models", "data", "train", "eval", "checkpoint", "hf", "runs", "distributed"},
-    "distill": {"config", "data", "checkpoint", "runs", "plan", "pipeline", "distributed"},
+    "distill": {"config", "data", "checkpoint", "runs", "plan", "pipeline", "distributed", "storage"},
     "cli": {"distill", "data", "sample", "score", "hf"},
     "__init__": set(),
 }

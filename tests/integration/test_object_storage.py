@@ -1,0 +1,114 @@
+"""Run storage in a bucket: the whole local pipeline against a local S3 server (moto's, on loopback), its
+driver killed in the middle of a round and run again. Credentials reach it only through the environment."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.raycluster import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+KEY_ID, SECRET = "AKIARAYPDTESTKEY0001", "raypd-test-secret-9f3c2e7a"
+RUN = ["data.resolution=8", "model.attn_resolutions=[4]", "teacher.updates=30", "teacher.sampling_steps=4",
+       "distill.start_steps=4", "distill.updates_per_round=60", "dist.checkpoint_every=20", "eval.num_samples=16",
+       "eval.grid_size=16", "eval.reference_samples=64", "eval.classifier_updates=20", "run.log_every=20",
+       "run.device=cpu", "run.name=r"]
+
+
+@pytest.fixture
+def s3(tmp_path):
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=free_port())
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": KEY_ID,
+           "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_REGION": "us-east-1", "TMPDIR": str(tmp_path / "tmp"),
+           "PYTHONPATH": str(ROOT)}
+    (tmp_path / "tmp").mkdir()
+    from pyarrow import fs
+
+    bucket = fs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], access_key=KEY_ID, secret_key=SECRET,
+                             region="us-east-1", allow_bucket_creation=True)
+    bucket.create_dir("raypd-test")
+    try:
+        yield env, bucket
+    finally:
+        server.stop()
+
+
+def _keys(bucket, prefix: str) -> list[str]:
+    from pyarrow import fs
+
+    return [info.path[len(prefix) + 1:] for info in
+            bucket.get_file_info(fs.FileSelector(prefix, recursive=True, allow_not_found=True))
+            if info.type == fs.FileType.File]
+
+
+def _objects(bucket, prefix: str) -> dict[str, bytes]:
+    out = {}
+    for key in _keys(bucket, prefix):
+        with bucket.open_input_stream(f"{prefix}/{key}") as f:
+            out[key] = f.read()
+    return out
+
+
+def test_the_local_pipeline_keeps_its_run_in_a_bucket_and_survives_a_killed_driver(s3, tmp_path):
+    env, bucket = s3
+    work = tmp_path / "cwd"
+    work.mkdir()
+    cmd = [sys.executable, "-m", "raypd.distill", *RUN, "--storage", "s3://raypd-test/runs"]
+    log = tmp_path / "first.txt"
+    began = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env, cwd=work, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        while proc.poll() is None:  # kill the driver once round 0 has a checkpoint in the bucket
+            keys = _keys(bucket, "raypd-test/runs/r") if time.monotonic() - began > 5 else []
+            if any(k.startswith("local/round-00/checkpoint_") and k.endswith("metrics.json") for k in keys):
+                break
+            time.sleep(0.3)
+        assert proc.poll() is None, log.read_text()[-4000:]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    second = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True, timeout=900)
+    text = second.stdout + second.stderr
+    (tmp_path / "second.txt").write_text(text)
+    assert second.returncode == 0, text[-4000:]
+    assert "[teacher] loading" in text and "[teacher] training" not in text  # the teacher was finished
+    resumed = [line for line in text.splitlines() if line.startswith("[round 0] resumed from the checkpoint at update")]
+    assert resumed, text[-4000:]
+    assert "teacher_ddim at 4 steps: FID" in text and "(scored before" in text  # baselines kept in the bucket
+    files = _objects(bucket, "raypd-test/runs/r")
+    for name in ("config.json", "summary.json", "report.md", "fid_vs_steps.png", "teacher/meta.json",
+                 "teacher/model.safetensors", "round-00-2steps/meta.json", "round-01-1steps/model.safetensors",
+                 "grids/distilled-0001steps.png", "eval/record.json"):
+        assert name in files, name
+    assert "driver.lock" not in files  # the lease was released
+    summary = json.loads(files["summary.json"])
+    assert summary["final_checkpoint"] == "round-01-1steps"
+    # nothing of the run on local disk outside the temporary directory; no credential in any file
+    assert not any(work.iterdir())
+    local = [p for p in tmp_path.rglob("*") if p.is_file()]
+    for data in [*files.values(), *(p.read_bytes() for p in local if p.stat().st_size < 50_000_000)]:
+        assert SECRET.encode() not in data and KEY_ID.encode() not in data
+    print(f"{resumed[0]}; whole second run {json.loads(files['summary.json'])['seconds']:.0f} s")
+
+
+def test_storage_uris_that_cannot_work_are_refused_up_front():
+    from raypd.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="scheme 'hdfs' is not supported"):
+        load_config(None, ["run.storage_path=hdfs://nn/runs"])
+    with pytest.raises(ConfigError, match="carries credentials"):
+        load_config(None, ["run.storage_path=s3://bucket/runs?access_key=A&secret_key=B"])
+    with pytest.raises(ConfigError, match="names no bucket"):
+        load_config(None, ["run.storage_path=s3:///runs"])
+    assert load_config(None, ["run.storage_path=gs://bucket/runs"]).run.storage_path == "gs://bucket/runs"

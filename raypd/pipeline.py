@@ -15,7 +15,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import torch
 
@@ -49,8 +49,18 @@ class Context:
     out: Path
     device: torch.device
     shards: list[str]
-    sync: Callable[[], None] = lambda: None
-    """Pushes the run's files to its bucket now (nothing for a run in a directory)."""
+    mirror: Any = None
+    """The run's bucket mirror (``raypd.storage.Mirror``); None for a run in a directory."""
+
+    def sync(self) -> None:
+        """Push the run's files to its bucket now (nothing for a run in a directory)."""
+        if self.mirror is not None:
+            self.mirror.sync()
+
+    @property
+    def ray_storage(self) -> Path | str:
+        """Where Ray Train keeps this run's stages: ``<run>/ray``, in the bucket for a run in one."""
+        return self.mirror.locate(str(self.out / "ray")) if self.mirror is not None else self.out / "ray"
 
     @property
     def logsnr_fn(self):
@@ -63,7 +73,7 @@ def make_runner(ctx: Context):
         return InProcessRunner(ctx.cfg, ctx.out / "local", ctx.device, on_commit=ctx.sync)
     from raypd.distributed.trainer import RayTrainRunner
 
-    return RayTrainRunner(ctx.cfg, ctx.out / "ray")
+    return RayTrainRunner(ctx.cfg, ctx.ray_storage, mirror=ctx.mirror)
 
 
 def load_frozen(path: Path, device: torch.device) -> Denoiser:
@@ -161,16 +171,17 @@ def prepare(cfg: Config, out: Path) -> tuple[Context, dict | None]:
 
 
 @contextmanager
-def cluster_for(cfg: Config, out: Path):
+def cluster_for(ctx: Context):
     """The Ray cluster the run's stages need (None in local mode): checked before any training, scaled up
     where an autoscaler runs, its request withdrawn when the run ends."""
+    cfg = ctx.cfg
     if not (cfg.dist.workers or cfg.sweep.enabled):
         yield None
         return
     from raypd.distributed.cluster import held
     from raypd.distributed.trainer import check_stages_in_progress
 
-    check_stages_in_progress(cfg, out)  # a stage checkpointed under other dist settings cannot continue
+    check_stages_in_progress(cfg, ctx.out, ctx.ray_storage)  # a stage checkpointed under other settings cannot go on
     with held(cfg) as cluster:
         yield cluster
 
@@ -197,9 +208,8 @@ def round_row(rnd, stats: dict, path: Path, default_lr: float) -> dict:
 def _run(cfg: Config, out: Path, mirror=None) -> dict:
     start = time.perf_counter()
     ctx, manifest = prepare(cfg, out)
-    if mirror is not None:
-        ctx.sync = mirror.sync
-    with cluster_for(cfg, out) as cluster:
+    ctx.mirror = mirror
+    with cluster_for(ctx) as cluster:
         summary = _stages(ctx, manifest, cluster)
     summary["seconds"] = time.perf_counter() - start
     summary["report"] = str(write_report(out, summary))

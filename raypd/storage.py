@@ -156,6 +156,32 @@ class Bucket:
         return len(changed)
 
 
+def fetch(location: str, cache: Path) -> str:
+    """A local copy of ``location`` (an object, or a folder of objects, in a bucket) under ``cache``, downloaded
+    once; a plain path or URL comes back as it is. Ray workers read the teacher and the shards this way."""
+    if not is_uri(location):
+        return location
+    from pyarrow import fs
+
+    target = Path(cache) / hashlib.sha1(location.encode()).hexdigest()[:16] / location.rstrip("/").rsplit("/", 1)[-1]
+    if target.exists():
+        return str(target)
+    source_fs, path = fs.FileSystem.from_uri(location)
+    staged = target.with_name(f".{target.name}.part{os.getpid()}")
+    staged.parent.mkdir(parents=True, exist_ok=True)
+    info = source_fs.get_file_info(path)
+    if info.type == fs.FileType.NotFound:
+        raise FileNotFoundError(f"{location} is not in the bucket")
+    if info.type == fs.FileType.Directory:
+        staged.mkdir(parents=True, exist_ok=True)
+    fs.copy_files(path, str(staged), source_filesystem=source_fs, destination_filesystem=fs.LocalFileSystem())
+    try:
+        os.replace(staged, target)
+    except OSError:  # another rank on this node got there first
+        shutil.rmtree(staged, ignore_errors=True)
+    return str(target)
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process with this pid runs on this host."""
     try:
@@ -212,6 +238,14 @@ class Mirror:
     def sync(self) -> None:
         with self._lock:
             self.bucket.push(self.local)
+
+    def locate(self, path: str) -> str:
+        """The bucket URI of a file or folder in the mirror (anything else comes back as it is)."""
+        try:
+            rel = Path(path).resolve().relative_to(self.local.resolve())
+        except ValueError:
+            return path
+        return join(self.bucket.uri, rel.as_posix())
 
     def _every(self) -> None:
         while not self._stop.wait(PUSH_EVERY_S):

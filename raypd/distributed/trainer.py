@@ -25,30 +25,50 @@ __all__ = ["ClusterError", "NumericalError", "RayTrainRunner", "StageError", "en
            "run_stage", "scaling_config", "worker_bundle"]
 
 
-def check_stage_settings(cfg: Config, storage: Path, name: str) -> None:
-    """Refuse to continue a stage whose newest checkpoint was written with other ``dist`` settings."""
-    from raypd.distributed.guards import SETTINGS, dist_settings, settings_mismatch
+def _newest_settings(storage: Path | str, name: str) -> tuple[str, bytes] | None:
+    """Where the newest checkpoint of Ray run ``name`` keeps its ``dist`` settings, and their bytes."""
+    from raypd.distributed.guards import SETTINGS
+    from raypd.storage import Bucket, is_uri
 
-    run = storage / name
+    if is_uri(str(storage)):
+        bucket = Bucket(str(storage))
+        # Ray names checkpoints after the time they were taken: the newest sorts last
+        found = sorted(k for k in bucket.files(name) if k.endswith(f"/{SETTINGS}") and "/checkpoint_" in f"/{k}")
+        return (f"{storage}/{found[-1]}", bucket.read_bytes(found[-1]) or b"{}") if found else None
+    run = Path(storage) / name
     found = sorted(run.glob(f"checkpoint_*/{SETTINGS}"), key=lambda p: p.stat().st_mtime) if run.is_dir() else []
-    if not found:
+    return (str(found[-1]), found[-1].read_bytes()) if found else None
+
+
+def check_stage_settings(cfg: Config, storage: Path | str, name: str) -> None:
+    """Refuse to continue a stage whose newest checkpoint was written with other ``dist`` settings."""
+    from raypd.distributed.guards import dist_settings, settings_mismatch
+
+    newest = _newest_settings(storage, name)
+    if newest is None:
         return
-    problem = settings_mismatch(json.loads(found[-1].read_text()), dist_settings(cfg, cfg.dist.workers))
+    run = f"{storage}/{name}"
+    problem = settings_mismatch(json.loads(newest[1]), dist_settings(cfg, cfg.dist.workers))
     if problem:
         raise StageError(f"stage {name} is in progress in {run}: {problem}", "settings")
 
 
-def check_stages_in_progress(cfg: Config, out: Path) -> None:
+def check_stages_in_progress(cfg: Config, out: Path, ray_storage: Path | str | None = None) -> None:
     """Before anything starts: every unfinished stage's Ray run checkpointed with other ``dist`` settings is
-    refused (finished stages, whose checkpoints are in the run directory, are never affected)."""
-    ray_dir = out / "ray"
-    if not ray_dir.is_dir():
-        return
-    for stage in sorted(p for p in ray_dir.iterdir() if p.is_dir()):
-        finished = (out / "teacher" / "meta.json").is_file() if stage.name == "teacher" else any(
-            (p / "meta.json").is_file() for p in out.glob(f"{stage.name}-*steps"))
+    refused (finished stages, whose checkpoints are in the run directory, are never affected).
+    ``ray_storage``: where the run's Ray Train runs are (default ``out/ray``; a bucket URI for a run in one)."""
+    from raypd.storage import Bucket, is_uri
+
+    ray_dir = ray_storage if ray_storage is not None else out / "ray"
+    if is_uri(str(ray_dir)):
+        names = sorted({k.split("/", 1)[0] for k in Bucket(str(ray_dir)).files() if "/" in k})
+    else:
+        names = sorted(p.name for p in Path(ray_dir).iterdir() if p.is_dir()) if Path(ray_dir).is_dir() else []
+    for name in names:
+        finished = (out / "teacher" / "meta.json").is_file() if name == "teacher" else any(
+            (p / "meta.json").is_file() for p in out.glob(f"{name}-*steps"))
         if not finished:
-            check_stage_settings(cfg, ray_dir, stage.name)
+            check_stage_settings(cfg, ray_dir, name)
 
 
 def _raise_failure(value) -> None:
@@ -62,16 +82,22 @@ class RayTrainRunner:
 
     mode = "ray-train"
 
-    def __init__(self, cfg: Config, storage: Path):
-        self.cfg, self.storage = cfg, Path(storage)
+    def __init__(self, cfg: Config, storage: Path | str, mirror=None):
+        """``storage``: where Ray Train keeps the runs (a directory every node shares, or a bucket URI);
+        ``mirror``: the run's bucket mirror, whose files the workers then read from the bucket."""
+        self.cfg, self.storage, self.mirror = cfg, storage, mirror
 
     def run(self, stage: Stage, output: Path) -> dict:
         """Train ``stage``, publish its model at ``output``; returns its metrics."""
+        if self.mirror is not None:  # the workers read the teacher and the shards from the bucket
+            self.mirror.sync()
+            stage = stage.with_(teacher=self.mirror.locate(stage.teacher) if stage.teacher else stage.teacher,
+                                shards=tuple(self.mirror.locate(s) for s in stage.shards))
         run_stage(self.cfg, stage, storage=self.storage, output=output)
         return dict(read_meta(output).metrics)
 
 
-def run_stage(cfg: Config, stage: Stage, *, storage: Path, output: Path, callbacks: list | None = None,
+def run_stage(cfg: Config, stage: Stage, *, storage: Path | str, output: Path, callbacks: list | None = None,
               metrics: dict | None = None) -> dict:
     """Fit the stage's TorchTrainer and publish its consolidated model at ``output`` (with ``metrics`` added to
     its own); returns the last reported metrics.
@@ -87,14 +113,17 @@ def run_stage(cfg: Config, stage: Stage, *, storage: Path, output: Path, callbac
     check_stage_settings(cfg, storage, name)
     # each rank stages its checkpoint files on its own node's disk before Ray persists them; the
     # folder is named after the run, so a restarted worker clears what a killed one left behind
-    key = hashlib.sha1(f"{storage.resolve()}/{name}".encode()).hexdigest()[:12]
+    from raypd.storage import is_uri
+
+    storage = str(storage) if is_uri(str(storage)) else str(Path(storage).resolve())
+    key = hashlib.sha1(f"{storage}/{name}".encode()).hexdigest()[:12]
     staging = Path(tempfile.gettempdir()) / "raypd-staging" / f"{name}-{key}"
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"stage": stage.to_dict(), "config": cfg.to_dict(), "staging": str(staging)},
         scaling_config=scaling_config(cfg),
         torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo", timeout_s=d.collective_timeout_s),
-        run_config=RunConfig(name=name, storage_path=str(storage.resolve()),
+        run_config=RunConfig(name=name, storage_path=storage,
                              checkpoint_config=CheckpointConfig(num_to_keep=d.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=d.max_failures), callbacks=callbacks),
     )

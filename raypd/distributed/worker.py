@@ -69,7 +69,13 @@ def train_loop(payload: dict) -> dict | None:
     from raypd.distributed.guards import StageFailure, agree, dist_settings
     from raypd.train.stage_loop import StageLoop
 
+    from raypd.storage import fetch
+
     cfg, stage = config_from_dict(payload["config"]), Stage.from_dict(payload["stage"])
+    # a run kept in a bucket: the teacher and the shards come from there, once per node
+    cache = Path(tempfile.gettempdir()) / "raypd-fetch"
+    stage = stage.with_(teacher=fetch(stage.teacher, cache) if stage.teacher else stage.teacher,
+                        shards=tuple(fetch(url, cache) for url in stage.shards))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()

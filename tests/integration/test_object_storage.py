@@ -112,3 +112,32 @@ def test_storage_uris_that_cannot_work_are_refused_up_front():
     with pytest.raises(ConfigError, match="names no bucket"):
         load_config(None, ["run.storage_path=s3:///runs"])
     assert load_config(None, ["run.storage_path=gs://bucket/runs"]).run.storage_path == "gs://bucket/runs"
+
+
+def test_ray_train_workers_read_and_write_the_run_in_the_bucket(s3, tmp_path):
+    """``dist.workers=1``: Ray Train keeps the stages' checkpoints in the bucket itself, and the workers fetch
+    the teacher and the shards from it (nothing of the run is on a shared disk)."""
+    import shutil
+    import tempfile
+
+    env, bucket = s3
+    ray_tmp = tempfile.mkdtemp(prefix="rayo", dir="/tmp")  # short: Ray's socket paths live under it
+    env = {**env, "RAY_TMPDIR": ray_tmp, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env.pop("RAY_ADDRESS", None)
+    run = ["data.resolution=8", "model.attn_resolutions=[4]", "teacher.updates=8", "teacher.sampling_steps=2",
+           "distill.start_steps=2", "distill.updates_per_round=4", "dist.checkpoint_every=4", "eval.num_samples=16",
+           "eval.grid_size=16", "eval.reference_samples=64", "eval.classifier_updates=20", "run.device=cpu",
+           "data.loader_workers=0", "dist.workers=1", "run.name=w"]
+    try:
+        out = subprocess.run([sys.executable, "-m", "raypd.distill", *run, "--storage", "s3://raypd-test/runs"],
+                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-4000:]
+    keys = _keys(bucket, "raypd-test/runs/w")
+    assert any(k.startswith("ray/teacher/checkpoint_") for k in keys)  # written by Ray Train to the bucket
+    assert any(k.startswith("ray/round-00/checkpoint_") for k in keys)
+    assert {"summary.json", "round-00-1steps/meta.json", "teacher/model.safetensors"} <= set(keys)
+    fetched = {p.name for p in (tmp_path / "tmp" / "raypd-fetch").glob("*/*")}
+    assert "teacher" in fetched and any(name.endswith(".tar") for name in fetched)  # the workers' copies

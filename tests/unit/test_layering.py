@@ -20,7 +20,7 @@ ALLOWED = {
     "runs": {"config", "storage"},
     "storage": {"config"},
     # the Ray/DeepSpeed layer: everything below the driver, nothing of it
-    "distributed": {"diffusion", "config", "models", "data", "train", "eval", "checkpoint", "distributed"},
+    "distributed": {"diffusion", "config", "models", "data", "train", "eval", "checkpoint", "distributed", "storage"},
     # the driver's modules and the command line, on top
     "plan": {"config", "train", "models", "data", "checkpoint", "hf", "runs", "distributed"},
     "sample": {"config", "data", "eval", "checkpoint"},

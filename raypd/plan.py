@@ -175,8 +175,19 @@ def describe_plan(cfg: Config) -> list[str]:
 
 
 def check_storage(cfg: Config, checks: Checks) -> None:
-    from raypd.runs import RunStateError, check_storage_path
+    from raypd.runs import RunStateError, check_storage_path, run_uri
 
+    uri = run_uri(cfg)
+    if uri is not None:
+        from raypd.storage import Bucket
+
+        try:
+            count = len(Bucket(uri).files())
+            checks.passed.append(f"storage: {uri} (reachable; {count} run file(s) there)")
+        except Exception as err:  # noqa: BLE001 - an unreachable bucket is reported, not raised
+            checks.warnings.append(f"storage: could not list {uri} ({type(err).__name__}: {err}); check the "
+                                   "credentials in the environment (AWS_*, GOOGLE_APPLICATION_CREDENTIALS)")
+        return
     try:
         check_storage_path(cfg.run.storage_path)
         checks.passed.append(f"storage: {Path(cfg.run.storage_path).absolute()}")
@@ -226,8 +237,13 @@ def dry_run(cfg: Config) -> int:
     plan_cfg = planned_config(cfg, checks)
     check_storage(cfg, checks)
     check_cluster(cfg, checks)
-    out = Path(cfg.run.storage_path).absolute() / cfg.run.name
-    print(f"run: {out}" + (" (exists: the run would continue there)" if (out / "config.json").is_file() else ""))
+    from raypd.runs import run_uri
+
+    if run_uri(cfg) is not None:
+        print(f"run: {run_uri(cfg)}")
+    else:
+        out = Path(cfg.run.storage_path).absolute() / cfg.run.name
+        print(f"run: {out}" + (" (exists: the run would continue there)" if (out / "config.json").is_file() else ""))
     if plan_cfg.teacher.source == "diffusers" and plan_cfg.model.backbone != "diffusers":
         print("(no plan: the diffusers teacher could not be read, see below)")
     else:

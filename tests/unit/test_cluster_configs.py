@@ -108,9 +108,9 @@ def test_launcher_installs_the_stack_and_enables_token_auth(path):
     assert "~/.ray/auth_token" in config["file_mounts"]
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         assert any("RAY_AUTH_MODE=token ray start" in c for c in config[key])
-    # The run files' shared file system: mounted on the host, passed into the container.
-    assert "/mnt/shared" in " ".join(config["initialization_commands"])
-    assert "-v /mnt/shared:/mnt/shared" in config["docker"]["run_options"]
+    # Runs keep their files in a bucket: no node depends on a shared file system being mounted.
+    assert not config["initialization_commands"]
+    assert not any("/mnt/shared" in option for option in config["docker"]["run_options"])
 
 
 @pytest.mark.parametrize("variant, base", VARIANTS.items())
@@ -197,8 +197,8 @@ def cluster_spec_problems(spec: dict) -> list[str]:
         for c in containers(group):
             if c["image"] != IMAGE:
                 problems.append(f"image {c['image']} is not {IMAGE}")
-            if "/mnt/shared" not in [m["mountPath"] for m in c.get("volumeMounts", [])]:
-                problems.append(f"{c['name']} does not mount the shared run storage")
+            if "/mnt/shared" in [m["mountPath"] for m in c.get("volumeMounts", [])]:
+                problems.append(f"{c['name']} mounts a shared file system (runs keep their files in a bucket)")
     return problems
 
 
@@ -231,16 +231,20 @@ def test_rayjob_manifest_runs_the_pipeline_on_a_valid_config():
     overrides = [a for a in argv[3:] if "=" in a and not a.startswith("-")]
     cfg = load_config(ROOT / config, overrides)  # the job's settings are valid as submitted
     assert cfg.data.shards.startswith("s3://") and "{" in cfg.data.shards
+    storage = argv[argv.index("--storage") + 1]
+    assert load_config(ROOT / config, [*overrides, f"run.storage_path={storage}"]).run.storage_path.startswith("s3://")
 
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert runtime_env["working_dir"] and any(p.startswith("raypd[") for p in runtime_env["pip"])
-    # The driver lands on the driver group, and the training GPUs the config needs exist at start.
+    # The driver lands on the driver group; every group starts at zero pods, and the training GPUs the
+    # config needs fit under the groups' maxima (the job asks the autoscaler for them)
     assert json.loads(spec["entrypointResources"]) == {DRIVER_RESOURCE: 1} and spec["entrypointNumGpus"] == 1
-    start_gpus = sum(g["replicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]
-                                         .get("nvidia.com/gpu", 0))
-                     for g in spec["rayClusterSpec"]["workerGroupSpecs"] if DRIVER_RESOURCE not in
-                     g["rayStartParams"].get("resources", ""))
-    assert start_gpus >= cfg.dist.workers
+    groups = spec["rayClusterSpec"]["workerGroupSpecs"]
+    assert all(g["replicas"] == 0 for g in groups)
+    most_gpus = sum(g["maxReplicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]
+                                           .get("nvidia.com/gpu", 0))
+                    for g in groups if DRIVER_RESOURCE not in g["rayStartParams"].get("resources", ""))
+    assert most_gpus >= cfg.dist.workers
 
 
 def test_readme_names_only_existing_files():

@@ -118,5 +118,5 @@ def test_the_two_lsun_configs_differ_only_in_data_and_name():
 
 
 @pytest.mark.parametrize("name", PAPER)
-def test_runs_go_to_the_clusters_shared_file_system(name):
-    assert paper(name).run.storage_path.startswith("/mnt/shared/")
+def test_runs_keep_their_files_in_a_bucket(name):
+    assert paper(name).run.storage_path.startswith("s3://")

@@ -130,6 +130,8 @@ def obtain_teacher(ctx: Context) -> tuple[Denoiser, Path]:
         return import_diffusers_teacher(ctx)
     given = ctx.cfg.teacher.checkpoint
     path = Path(given).resolve() if given else ctx.out / "teacher"  # workers do not share the driver's cwd
+    if given and ctx.mirror is not None:  # a run in a bucket: its workers read the teacher from there too
+        path = copy_given_teacher(path, ctx.out / "given-teacher")
     if not given and finished(path, "teacher") is None:
         t = ctx.cfg.teacher
         log(f"[teacher] training for {t.updates} updates")
@@ -137,6 +139,18 @@ def obtain_teacher(ctx: Context) -> tuple[Denoiser, Path]:
     check_compatible(read_meta(path), ctx.cfg, path)
     log(f"[teacher] loading {path}")
     return load_frozen(path, ctx.device), path
+
+
+def copy_given_teacher(source: Path, target: Path) -> Path:
+    """A given teacher checkpoint copied into the run (once; again if its weights changed)."""
+    import shutil
+
+    verify_weights(source)
+    if not (target / "meta.json").is_file() or weights_digest(target) != weights_digest(source):
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(source, target)
+        log(f"[teacher] copied the given teacher {source} into the run ({target.name}/)")
+    return target
 
 
 def run_pipeline(cfg: Config, *, mode: str = "auto") -> dict:

@@ -77,8 +77,8 @@ def check_storage_path(storage_path: str, cwd: str | None = None) -> None:
     cwd = cwd if cwd is not None else os.getcwd()
     if not Path(storage_path).is_absolute() and RAY_JOB_COPY in Path(cwd).as_posix():
         raise RunStateError(f"run.storage_path={storage_path!r} is relative, and this job runs in Ray's per-job copy "
-                            f"of its working directory ({cwd}): a resubmitted job would not find the run. Give an "
-                            "absolute path on storage every node shares (--storage /mnt/shared/raypd-runs)")
+                            f"of its working directory ({cwd}): a resubmitted job would not find the run. Give a "
+                            "bucket (--storage s3://bucket/raypd-runs) or an absolute path on storage every node shares")
 
 
 def run_uri(cfg: Config) -> str | None:

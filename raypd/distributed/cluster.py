@@ -137,6 +137,19 @@ def _fmt(bundle: dict[str, float]) -> str:
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in bundle.items()) + "}"
 
 
+def request_bundles(cfg: Config, trials: int = 1) -> list[dict[str, float]]:
+    """What the run asks the autoscaler for: one bundle per worker of ``trials`` concurrent stages, and, where
+    evaluation runs as Ray tasks whose shape (a CPU, and a GPU with use_gpu) no worker bundle holds, one such
+    bundle per evaluation task."""
+    d, bundle = cfg.dist, worker_bundle(cfg)
+    workers = max(1, d.workers) if cfg.sweep.enabled else d.workers
+    bundles = [bundle] * (workers * trials)
+    evaluation = {"CPU": 1.0, **({"GPU": 1.0} if d.use_gpu else {})}
+    if d.workers and cfg.eval.distributed and fits(bundle, evaluation) < 1:
+        bundles += [evaluation] * d.workers
+    return bundles
+
+
 class ClusterRequest:
     """The run's standing request to the autoscaler; ``clear()`` withdraws it (safe to call twice)."""
 
@@ -220,7 +233,7 @@ def ensure_ray(cfg: Config, *, wait: bool = True, log=None) -> Cluster:
     cluster.here = here
     if not autoscaled or not wait:
         return cluster
-    cluster.request = ClusterRequest([bundle] * (need * (cluster.concurrent_trials() if cfg.sweep.enabled else 1)))
+    cluster.request = ClusterRequest(request_bundles(cfg, cluster.concurrent_trials() if cfg.sweep.enabled else 1))
     try:
         _wait_for(cfg, bundle, need, log)
     except BaseException:

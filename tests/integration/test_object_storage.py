@@ -141,3 +141,33 @@ def test_ray_train_workers_read_and_write_the_run_in_the_bucket(s3, tmp_path):
     assert {"summary.json", "round-00-1steps/meta.json", "teacher/model.safetensors"} <= set(keys)
     fetched = {p.name for p in (tmp_path / "tmp" / "raypd-fetch").glob("*/*")}
     assert "teacher" in fetched and any(name.endswith(".tar") for name in fetched)  # the workers' copies
+
+
+def test_the_lease_keeps_a_second_driver_out_and_a_pull_skips_a_half_pushed_checkpoint(s3, tmp_path, monkeypatch):
+    from raypd.storage import Bucket, BucketLock, StorageError
+
+    env, _ = s3
+    for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"):
+        monkeypatch.setenv(key, env[key])
+    bucket = Bucket("s3://raypd-test/runs/lease")
+    first = BucketLock(bucket, settle_s=0.1).acquire()
+    with pytest.raises(StorageError, match="another driver is running on s3://raypd-test/runs/lease"):
+        BucketLock(Bucket("s3://raypd-test/runs/lease"), settle_s=0.1).acquire()
+    first.release()
+    BucketLock(bucket, settle_s=0.1).acquire().release()
+    # an expired lease (a driver on another host whose heartbeat stopped) is taken over
+    bucket.write_bytes("driver.lock", json.dumps({"owner": "gone", "host": "elsewhere", "pid": 1,
+                                                  "expires": time.time() - 1}).encode())
+    BucketLock(bucket, settle_s=0.1).acquire().release()
+
+    local = tmp_path / "mirror"
+    (local / "local" / "round-00" / "checkpoint_00000020").mkdir(parents=True)
+    (local / "local" / "round-00" / "checkpoint_00000020" / "engine.safetensors").write_bytes(b"weights")
+    (local / "local" / "round-00" / "checkpoint_00000020" / "metrics.json").write_text("{}")
+    (local / "config.json").write_text("{}")
+    assert bucket.push(local) == 3 and bucket.push(local) == 0  # only what changed goes up
+    bucket.write_bytes("local/round-00/checkpoint_00000040/engine.safetensors", b"cut off before its marker")
+    again = tmp_path / "again"
+    assert Bucket("s3://raypd-test/runs/lease").pull(again) == 3
+    assert not (again / "local" / "round-00" / "checkpoint_00000040").exists()
+    assert (again / "local" / "round-00" / "checkpoint_00000020" / "metrics.json").is_file()

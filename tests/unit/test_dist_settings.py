@@ -101,6 +101,19 @@ def test_an_autoscalers_published_maximum_bounds_the_workers_and_the_sweep():
     assert Cluster(capped, autoscaled=True, most=None, request=None).concurrent_trials() == 2
 
 
+def test_the_autoscaler_is_asked_for_every_worker_and_for_evaluation_tasks_no_worker_bundle_holds():
+    from raypd.distributed.cluster import request_bundles
+
+    gpu = load_config(None, ["dist.workers=8", "dist.use_gpu=true"])
+    assert request_bundles(gpu) == [{"CPU": 1.0, "GPU": 1.0}] * 8  # evaluation tasks fit the workers' bundles
+    assert request_bundles(gpu, trials=3) == [{"CPU": 1.0, "GPU": 1.0}] * 24
+    slots = load_config(None, ["dist.workers=2", "dist.resources_per_worker={raypd_slot: 1}"])
+    assert request_bundles(slots) == [{"raypd_slot": 1.0}] * 2 + [{"CPU": 1.0}] * 2
+    quiet = load_config(None, ["dist.workers=2", "dist.resources_per_worker={raypd_slot: 1}",
+                               "eval.distributed=false"])
+    assert request_bundles(quiet) == [{"raypd_slot": 1.0}] * 2
+
+
 def test_scale_timeout_must_be_positive():
     with pytest.raises(ConfigError, match=r"dist\.scale_timeout_s"):
         load_config(None, ["dist.scale_timeout_s=0"])

@@ -93,3 +93,20 @@ def test_every_paper_config_dry_runs_without_a_cluster(name, capsys):
     out = capsys.readouterr().out
     assert "round 0" in out and "->1" in out and "A100-hours" in out and "per worker" in out
     assert "warning  data.shards is still a placeholder" in out
+
+
+def test_a_given_teacher_is_copied_into_a_run_once_and_again_when_it_changes(tmp_path, capsys):
+    from raypd.checkpoint import meta_for, save_checkpoint, weights_digest
+    from raypd.pipeline import copy_given_teacher
+    from tests.teachers import perturbed_denoiser
+
+    cfg = load_config(None, ["data.resolution=8", "model.attn_resolutions=[4]"])
+    source = tmp_path / "given"
+    save_checkpoint(source, perturbed_denoiser(cfg), meta_for(cfg, kind="teacher", sampling_steps=2, round=None))
+    target = copy_given_teacher(source, tmp_path / "run" / "given-teacher")
+    assert weights_digest(target) == weights_digest(source) and "copied the given teacher" in capsys.readouterr().err
+    assert copy_given_teacher(source, target) == target and "copied" not in capsys.readouterr().err
+    save_checkpoint(source, perturbed_denoiser(cfg, scale=0.05), meta_for(cfg, kind="teacher", sampling_steps=2,
+                                                                         round=None))
+    copy_given_teacher(source, target)
+    assert weights_digest(target) == weights_digest(source) and "copied" in capsys.readouterr().err

@@ -229,3 +229,20 @@ def test_the_dry_run_asks_the_cluster_it_is_pointed_at(tmp_path, monkeypatch, ca
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert main(["--dry-run", "dist.workers=2", f"run.storage_path={tmp_path}"]) == 0
     assert "cluster: not asked (no RAY_ADDRESS)" in capsys.readouterr().out
+
+
+def test_lost_nodes_are_told_apart_by_rays_death_reason(monkeypatch):
+    import ray
+
+    from raypd.distributed.cluster import FAILED, PREEMPTED, describe_losses, node_losses
+
+    nodes = [{"NodeID": "a" * 20, "Alive": False, "DeathReason": 3, "DeathReasonMessage": "spot reclaimed"},
+             {"NodeID": "b" * 20, "Alive": False, "DeathReason": 2, "DeathReasonMessage": "health check failed"},
+             {"NodeID": "c" * 20, "Alive": False, "DeathReason": 4, "DeathReasonMessage": "idle"},
+             {"NodeID": "d" * 20, "Alive": True, "DeathReason": 0},
+             {"NodeID": "e" * 20, "Alive": False, "DeathReason": 2}]  # dead before the stage began
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    losses = node_losses({"a" * 20, "b" * 20, "c" * 20, "d" * 20})
+    assert [(node, kind) for node, kind, _ in losses] == [("a" * 20, PREEMPTED), ("b" * 20, FAILED)]
+    assert describe_losses(losses) == ("node aaaaaaaaaaaa preempted (spot reclaimed); "
+                                       "node bbbbbbbbbbbb lost (health check failed)")

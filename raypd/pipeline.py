@@ -205,7 +205,7 @@ def make_evaluator(ctx: Context, manifest: dict | None, teacher: Denoiser, teach
     if cfg.dist.workers and cfg.eval.distributed:
         from raypd.distributed.evaluate import RayEvaluation
 
-        remote = RayEvaluation(cfg, workers=cfg.dist.workers, use_gpu=cfg.dist.use_gpu)
+        remote = RayEvaluation(cfg, workers=cfg.dist.workers, use_gpu=cfg.dist.use_gpu, mirror=ctx.mirror)
     return Evaluator(cfg, ctx.out, device=ctx.device, logsnr_fn=ctx.logsnr_fn, urls=ctx.shards, manifest=manifest,
                      teacher=teacher, step_counts=[r.student_steps for r in rounds], remote=remote,
                      teacher_digest=weights_digest(teacher_path))
@@ -242,7 +242,8 @@ def _stages(ctx: Context, manifest: dict | None, cluster) -> dict:
     if cfg.sweep.enabled:
         from raypd.distributed.sweep import SweepRunner
 
-        runner = SweepRunner(cfg, out, runner, evaluator.spec, concurrency=cluster.concurrent_trials())
+        runner = SweepRunner(cfg, out, runner, evaluator.spec, concurrency=cluster.concurrent_trials(),
+                             mirror=ctx.mirror)
     summary = {"run": str(out), "teacher": {"full_steps": evaluator.full_steps}, "eval_seed": cfg.eval.seed,
                "rounds": [], "eval": list(evaluator.rows)}
     for rnd in rounds:

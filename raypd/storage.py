@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -34,8 +35,8 @@ from raypd.config.schema import uri_problem
 
 MARKERS = ("meta.json", "metrics.json", "record.json", "summary.json")
 """Files that say the rest of their folder (or the run) is complete: uploaded last."""
-NOT_MIRRORED = ("ray/", "sweeps/")
-"""Written to the bucket by Ray itself (Train checkpoints, Tune experiments), or under them."""
+NOT_MIRRORED = re.compile(r"^(ray/|sweeps/[^/]+/(tune|train|trials)/)")
+"""Written to the bucket by Ray (Train checkpoints, Tune experiments) and by sweep trials themselves."""
 PUSH_EVERY_S = 10.0
 
 
@@ -122,7 +123,7 @@ class Bucket:
         """Copy the run's files (all but Ray's own) into ``local``; returns how many."""
         from pyarrow import fs
 
-        found = {rel: size for rel, size in self.files().items() if not rel.startswith(NOT_MIRRORED)}
+        found = {rel: size for rel, size in self.files().items() if not NOT_MIRRORED.match(rel)}
         for rel in _incomplete_checkpoints(found):
             found.pop(rel)
         for rel in found:
@@ -142,7 +143,7 @@ class Bucket:
         for path in local.rglob("*"):
             rel = path.relative_to(local).as_posix()
             if path.is_file() and not any(part.startswith(".") for part in rel.split("/")) \
-                    and not rel.startswith(NOT_MIRRORED) and rel != "driver.lock":
+                    and not NOT_MIRRORED.match(rel) and rel != "driver.lock":
                 now[rel] = _stamp(path)
         changed = [rel for rel, stamp in now.items() if self._pushed.get(rel) != stamp]
         changed.sort(key=lambda rel: (rel.rsplit("/", 1)[-1] in MARKERS, rel))
@@ -180,6 +181,49 @@ def fetch(location: str, cache: Path) -> str:
     except OSError:  # another rank on this node got there first
         shutil.rmtree(staged, ignore_errors=True)
     return str(target)
+
+
+def child(location: str | Path, *parts: str) -> str:
+    """``location/part/...`` for a path or a bucket URI."""
+    return join(str(location), *parts) if is_uri(str(location)) else str(Path(location).joinpath(*parts))
+
+
+def read_text(location: str | Path) -> str | None:
+    """A file's text, in a bucket or on disk; None when it is not there."""
+    if not is_uri(str(location)):
+        path = Path(location)
+        return path.read_text() if path.is_file() else None
+    from pyarrow import fs
+
+    source, path = fs.FileSystem.from_uri(str(location))
+    if source.get_file_info(path).type != fs.FileType.File:
+        return None
+    with source.open_input_stream(path) as f:
+        return f.read().decode()
+
+
+def write_text(location: str | Path, text: str) -> None:
+    """Write a file in a bucket or on disk (whole: a bucket object is replaced at once)."""
+    if not is_uri(str(location)):
+        Path(location).parent.mkdir(parents=True, exist_ok=True)
+        Path(location).write_text(text)
+        return
+    from pyarrow import fs
+
+    target, path = fs.FileSystem.from_uri(str(location))
+    with target.open_output_stream(path) as f:
+        f.write(text.encode())
+
+
+def upload_dir(local: Path, location: str) -> None:
+    """Copy a local folder to a bucket prefix, its ``meta.json`` last (the marker that it is complete)."""
+    from pyarrow import fs
+
+    target, base = fs.FileSystem.from_uri(location)
+    files = sorted((p for p in Path(local).rglob("*") if p.is_file()), key=lambda p: (p.name in MARKERS, str(p)))
+    for path in files:
+        fs.copy_files(str(path), f"{base}/{path.relative_to(local).as_posix()}",
+                      source_filesystem=fs.LocalFileSystem(), destination_filesystem=target)
 
 
 def pid_alive(pid: int) -> bool:

@@ -484,9 +484,6 @@ class Config:
         _require(self.distill.start_steps <= self.teacher.sampling_steps, "distill.start_steps",
                  f"must not exceed teacher.sampling_steps ({self.teacher.sampling_steps}), got {self.distill.start_steps}")
 
-        _require(not (self.sweep.enabled and "://" in self.run.storage_path), "sweep.enabled",
-                 "sweeps need run.storage_path on a file system every node shares: Tune trials write their students, "
-                 "held-out sets and scores by path (a bucket holds the rounds of runs without sweeps)")
         w = max(1, self.dist.workers)
         for key, batch in (("teacher.batch_size", self.teacher.batch_size), ("distill.batch_size", self.distill.batch_size)):
             _require(batch % w == 0, key, f"{batch} does not split evenly over dist.workers={self.dist.workers}")

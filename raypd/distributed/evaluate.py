@@ -23,7 +23,14 @@ def _generate_and_extract(config: dict, state: dict, z: Tensor, y: Tensor | None
     from raypd.eval.samples import sample_ddim
     from raypd.models import build_denoiser
 
+    import tempfile
+    from pathlib import Path
+
+    from raypd.storage import fetch
+
     cfg = config_from_dict(config)
+    if extractor.get("weights"):  # a run kept in a bucket: the classifier's weights come from there
+        extractor = {**extractor, "weights": fetch(extractor["weights"], Path(tempfile.gettempdir()) / "raypd-fetch")}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_denoiser(cfg.model, cfg.data)
     model.load_state_dict(state)
@@ -36,10 +43,11 @@ def _generate_and_extract(config: dict, state: dict, z: Tensor, y: Tensor | None
 class RayEvaluation:
     """Generation and feature extraction as ``workers`` Ray tasks (one GPU each when ``use_gpu``)."""
 
-    def __init__(self, cfg: Config, *, workers: int, use_gpu: bool):
+    def __init__(self, cfg: Config, *, workers: int, use_gpu: bool, mirror=None):
+        """``mirror``: the run's bucket mirror, whose copy of the extractor's weights the tasks fetch."""
         import ray
 
-        self.cfg, self.workers = cfg, max(1, workers)
+        self.cfg, self.workers, self.mirror = cfg, max(1, workers), mirror
         self._task = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1, max_retries=2)(_generate_and_extract)
 
     def run(self, model: Denoiser, z: Tensor, y: Tensor | None, n_steps: int, extractor, *, kid: bool,
@@ -49,7 +57,11 @@ class RayEvaluation:
 
         state = ray.put({k: v.detach().cpu() for k, v in model.state_dict().items()})
         config = self.cfg.to_dict()
-        ext = {"kind": extractor.kind, "weights": extractor.weights, "tag": extractor.tag}
+        weights = extractor.weights
+        if self.mirror is not None and weights:
+            self.mirror.sync()
+            weights = self.mirror.locate(weights)
+        ext = {"kind": extractor.kind, "weights": weights, "tag": extractor.tag}
         chunks = torch.arange(z.shape[0]).tensor_split(self.workers)
         refs = [self._task.remote(config, state, z[idx], None if y is None else y[idx], n_steps, ext, kid, prc)
                 for idx in chunks if len(idx)]

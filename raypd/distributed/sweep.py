@@ -19,7 +19,9 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,20 +97,26 @@ def _trial(params: dict[str, Any], static: dict[str, Any]) -> None:
 
     from raypd.distributed.trainer import run_stage
 
+    from raypd.storage import child, is_uri, read_text, upload_dir, write_text
+
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(static["config"], params)
-    sweep_dir = Path(static["sweep_dir"])
-    trial_dir = sweep_dir / "trials" / trial_id
-    if (trial_dir / "final.json").is_file():  # finished before the sweep's driver died: report, never retrain
-        tune.report(json.loads((trial_dir / "final.json").read_text()))
+    sweep_dir = static["sweep_dir"]  # a directory every node shares, or the run's bucket
+    trial_dir = child(sweep_dir, "trials", trial_id)
+    done = read_text(child(trial_dir, "final.json"))
+    if done is not None:  # finished before the sweep's driver died: report, never retrain
+        tune.report(json.loads(done))
         return
-    trial_dir.mkdir(parents=True, exist_ok=True)
-    with open(trial_dir / "starts.log", "a") as f:  # one line per time this trial's driver started
-        f.write(f"{time.time():.0f}\n")
+    # one line per time this trial's driver started
+    write_text(child(trial_dir, "starts.log"), (read_text(child(trial_dir, "starts.log")) or "") + f"{time.time():.0f}\n")
     updates = int(params["updates"])
     stage = Stage.from_dict(static["stage"]).with_(name=f"trial-{trial_id}", updates=updates)
-    output = trial_dir / "student"
-    last = run_stage(cfg, stage, storage=sweep_dir / "train", output=output, callbacks=[TuneReportCallback()])
+    remote = is_uri(sweep_dir)
+    output = Path(tempfile.mkdtemp(prefix="raypd-trial-")) / "student" if remote else Path(trial_dir) / "student"
+    last = run_stage(cfg, stage, storage=child(sweep_dir, "train"), output=output, callbacks=[TuneReportCallback()])
+    if remote:
+        upload_dir(output, child(trial_dir, "student"))
+        shutil.rmtree(output.parent, ignore_errors=True)
     final = {"update": updates, "heldout_loss": float(last.get("heldout_loss", DIVERGED)), "finished": 1}
     if static.get("eval") and final["heldout_loss"] < DIVERGED:
         import ray
@@ -119,8 +127,8 @@ def _trial(params: dict[str, Any], static: dict[str, Any]) -> None:
         # outside the trial's own placement group (which holds memory only)
         score = ray.remote(_score).options(**task_options(worker_bundle(cfg)), max_retries=2,
                                            scheduling_strategy="DEFAULT")
-        final["fid"] = ray.get(score.remote(str(output), static["eval"]))
-    (trial_dir / "final.json").write_text(json.dumps(final))
+        final["fid"] = ray.get(score.remote(child(trial_dir, "student"), static["eval"]))
+    write_text(child(trial_dir, "final.json"), json.dumps(final))
     tune.report(final)
 
 
@@ -132,8 +140,11 @@ def _score(student_dir: str, spec: dict) -> float:
     from raypd.checkpoint import load_checkpoint
     from raypd.eval.samples import fixed_noise, sample_ddim
 
-    spec = EvalSpec.from_dict(spec)
-    model, meta = load_checkpoint(Path(student_dir))
+    from raypd.storage import fetch
+
+    cache = Path(tempfile.gettempdir()) / "raypd-fetch"
+    spec = EvalSpec.from_dict(spec).with_locations(lambda location: fetch(location, cache))
+    model, meta = load_checkpoint(Path(fetch(student_dir, cache)))
     d = meta.data
     z, y = fixed_noise(spec.num_samples, d.channels, d.resolution, seed=spec.seed, num_classes=d.num_classes)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -150,14 +161,17 @@ def _trial_id(result) -> str:
     return match.group(1) if match else "?"
 
 
-def _rows(grid, sweep_dir: Path) -> tuple[list[dict[str, Any]], dict[str, list[tuple[int, float]]]]:
-    """One row per trial (settings, outcome, metric, updates, wall time) and each trial's held-out curve."""
+def _rows(grid, store: str) -> tuple[list[dict[str, Any]], dict[str, list[tuple[int, float]]]]:
+    """One row per trial (settings, outcome, metric, updates, wall time) and each trial's held-out curve
+    (``store``: where the trials keep their files, a directory or the run's bucket)."""
+    from raypd.storage import child, read_text
+
     rows, curves = [], {}
     for result in grid:
         params = dict(result.config)
         trial_id = _trial_id(result)
-        trial_dir = sweep_dir / "trials" / trial_id
-        final = json.loads((trial_dir / "final.json").read_text()) if (trial_dir / "final.json").is_file() else {}
+        trial_dir = child(store, "trials", trial_id)
+        final = json.loads(read_text(child(trial_dir, "final.json")) or "{}")
         history = result.metrics_dataframe
         points: dict[int, float] = {}
         if history is not None and {"heldout_loss", "update"} <= set(history.columns):
@@ -171,7 +185,7 @@ def _rows(grid, sweep_dir: Path) -> tuple[list[dict[str, Any]], dict[str, list[t
             status = "diverged" if final["heldout_loss"] >= DIVERGED else "finished"
         else:
             status = "stopped early"
-        starts = (trial_dir / "starts.log").read_text().count("\n") if (trial_dir / "starts.log").is_file() else 0
+        starts = (read_text(child(trial_dir, "starts.log")) or "").count("\n")
         rows.append({
             "trial": trial_id, "lr": params.get("lr"), "updates": params.get("updates"),
             **{k: v for k, v in params.items() if k not in ("lr", "updates")},
@@ -198,9 +212,10 @@ def choose(rows: list[dict[str, Any]], by_fid: bool) -> tuple[dict[str, Any], st
 
 
 def sweep_round(cfg: Config, *, rnd: Round, stage: Stage, sweep_dir: Path, eval_spec: EvalSpec | None,
-                centre: dict[str, Any] | None, concurrency: int = 1) -> SweepOutcome:
+                centre: dict[str, Any] | None, concurrency: int = 1, store: str | None = None) -> SweepOutcome:
     """Sweep one round (``stage``: its trials' common description, ``concurrency`` trials at once); returns the
-    trials and the chosen one."""
+    trials and the chosen one. The reports go to ``sweep_dir``; Tune, the trials' Train runs and their files to
+    ``store`` (default: ``sweep_dir``; the run's bucket for a run kept in one)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -208,14 +223,17 @@ def sweep_round(cfg: Config, *, rnd: Round, stage: Stage, sweep_dir: Path, eval_
     from raypd.eval.sweep_report import write_round_report
 
     s = cfg.sweep
+    from raypd.storage import child
+
     sweep_dir = sweep_dir.resolve()
+    store = store or str(sweep_dir)
     space, first = search_space(cfg, rnd.updates, centre)
-    static = {"config": cfg.to_dict(), "stage": stage.to_dict(), "sweep_dir": str(sweep_dir),
+    static = {"config": cfg.to_dict(), "stage": stage.to_dict(), "sweep_dir": store,
               "eval": eval_spec.to_dict() if s.fid and eval_spec is not None else None}
     # a trial's own process only waits for its Train run: it asks for memory, no CPU or GPU, so the
     # workers get all of those (Tune refuses an empty request)
     trainable = tune.with_resources(tune.with_parameters(_trial, static=static), {"memory": 256 * 1024**2})
-    path = sweep_dir / "tune"
+    path = child(store, "tune")
     if tune.Tuner.can_restore(path):
         log(f"[round {rnd.index}] restoring the interrupted sweep in {path}")
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=False)
@@ -231,12 +249,12 @@ def sweep_round(cfg: Config, *, rnd: Round, stage: Stage, sweep_dir: Path, eval_
                                         search_alg=BasicVariantGenerator(points_to_evaluate=[first] if first else None,
                                                                          random_state=s.seed + rnd.index),
                                         max_concurrent_trials=concurrency),
-            run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=0))
+            run_config=tune.RunConfig(name="tune", storage_path=store, verbose=0))
         lrs = list(s.lrs) or f"[{space['lr'].lower:.2e}, {space['lr'].upper:.2e}]"
         log(f"[round {rnd.index}] Tune sweep: {len(s.lrs) or s.trials} trials, lr in {lrs}, updates in {budgets}, "
             f"ASHA grace {s.grace_updates} updates")
     grid = tuner.fit()
-    rows, curves = _rows(grid, sweep_dir)
+    rows, curves = _rows(grid, store)
     chosen, reason = choose(rows, by_fid=s.fid and eval_spec is not None)
     outcome = SweepOutcome(chosen, reason, rows, curves)
     outcome.report = write_round_report(sweep_dir, rnd=rnd, rows=rows, curves=curves, chosen=chosen, reason=reason)
@@ -253,9 +271,10 @@ class SweepRunner:
 
     mode = "tune"
 
-    def __init__(self, cfg: Config, out: Path, base, eval_spec: EvalSpec | None, concurrency: int = 1):
+    def __init__(self, cfg: Config, out: Path, base, eval_spec: EvalSpec | None, concurrency: int = 1, mirror=None):
+        """``mirror``: the run's bucket mirror; the trials then keep their files in the bucket."""
         self.cfg, self.out, self.base, self.eval_spec = cfg, Path(out), base, eval_spec
-        self.concurrency = concurrency
+        self.concurrency, self.mirror = concurrency, mirror
         self.centre: dict[str, Any] | None = None
         self.choices: list[dict[str, Any]] = []
 
@@ -280,12 +299,22 @@ class SweepRunner:
         sweep_dir = self.out / "sweeps" / f"round-{rnd.index:02d}"
         trials = stage.with_(kind="trial", heldout=str(self.heldout(stage, sweep_dir)),
                              report_every=self.cfg.sweep.report_every)
+        spec, store = self.eval_spec, str(sweep_dir.resolve())
+        if self.mirror is not None:  # trials elsewhere read the teacher, shards, held-out set and FID files there
+            self.mirror.sync()
+            locate = self.mirror.locate
+            trials = trials.with_(teacher=locate(trials.teacher), heldout=locate(trials.heldout),
+                                  shards=tuple(locate(u) for u in trials.shards))
+            spec, store = spec and spec.with_locations(locate), locate(str(sweep_dir))
         start = time.perf_counter()
-        outcome = sweep_round(self.cfg, rnd=rnd, stage=trials, sweep_dir=sweep_dir, eval_spec=self.eval_spec,
-                              centre=self.centre, concurrency=self.concurrency)
+        outcome = sweep_round(self.cfg, rnd=rnd, stage=trials, sweep_dir=sweep_dir, eval_spec=spec,
+                              centre=self.centre, concurrency=self.concurrency, store=store)
         chosen = outcome.chosen
         report = str(outcome.report.relative_to(self.out))
-        publish_checkpoint(sweep_dir / "trials" / chosen["trial"] / "student", output, {
+        from raypd.storage import child, fetch
+
+        student = fetch(child(store, "trials", chosen["trial"], "student"), Path(tempfile.gettempdir()) / "raypd-fetch")
+        publish_checkpoint(Path(student), output, {
             "wall_seconds": time.perf_counter() - start, "updates": chosen["updates"], "lr": chosen["lr"],
             "heldout_loss": chosen["heldout_loss"], "sweep_trials": len(outcome.rows),
             "sweep_reason": outcome.reason, "sweep_report": report})

@@ -50,6 +50,14 @@ class EvalSpec:
             return fidelity_from_features(features, reference, self.extractor, **where)
         return fidelity(samples, reference, self.extractor, **where)
 
+    def with_locations(self, where) -> "EvalSpec":
+        """The same set-up with its files (extractor weights, reference shards, statistics cache) passed through
+        ``where``: bucket URIs for a process elsewhere, local copies of them in that process."""
+        weights = where(self.extractor.weights) if self.extractor.weights else self.extractor.weights
+        return dataclasses.replace(self, extractor=dataclasses.replace(self.extractor, weights=weights),
+                                   reference_urls=tuple(where(u) for u in self.reference_urls),
+                                   cache_root=where(self.cache_root))
+
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["reference_urls"] = list(self.reference_urls)

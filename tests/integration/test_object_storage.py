@@ -114,27 +114,35 @@ def test_storage_uris_that_cannot_work_are_refused_up_front():
     assert load_config(None, ["run.storage_path=gs://bucket/runs"]).run.storage_path == "gs://bucket/runs"
 
 
-def test_ray_train_workers_read_and_write_the_run_in_the_bucket(s3, tmp_path):
-    """``dist.workers=1``: Ray Train keeps the stages' checkpoints in the bucket itself, and the workers fetch
-    the teacher and the shards from it (nothing of the run is on a shared disk)."""
+RAY_RUN = ["data.resolution=8", "model.attn_resolutions=[4]", "teacher.updates=8", "teacher.sampling_steps=2",
+           "distill.start_steps=2", "distill.updates_per_round=4", "dist.checkpoint_every=4", "eval.num_samples=16",
+           "eval.grid_size=16", "eval.reference_samples=64", "eval.classifier_updates=20", "run.device=cpu",
+           "data.loader_workers=0", "dist.workers=1", "dist.collective_timeout_s=120"]
+
+
+def _ray_run(env: dict, args: list[str], cwd: Path) -> str:
+    """The pipeline with its own local Ray (short temp dir: Ray's socket paths live under it); its log."""
     import shutil
     import tempfile
 
-    env, bucket = s3
-    ray_tmp = tempfile.mkdtemp(prefix="rayo", dir="/tmp")  # short: Ray's socket paths live under it
+    ray_tmp = tempfile.mkdtemp(prefix="rayo", dir="/tmp")
     env = {**env, "RAY_TMPDIR": ray_tmp, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
-    run = ["data.resolution=8", "model.attn_resolutions=[4]", "teacher.updates=8", "teacher.sampling_steps=2",
-           "distill.start_steps=2", "distill.updates_per_round=4", "dist.checkpoint_every=4", "eval.num_samples=16",
-           "eval.grid_size=16", "eval.reference_samples=64", "eval.classifier_updates=20", "run.device=cpu",
-           "data.loader_workers=0", "dist.workers=1", "run.name=w"]
     try:
-        out = subprocess.run([sys.executable, "-m", "raypd.distill", *run, "--storage", "s3://raypd-test/runs"],
-                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+        out = subprocess.run([sys.executable, "-m", "raypd.distill", *args, "--storage", "s3://raypd-test/runs"],
+                             env=env, cwd=cwd, capture_output=True, text=True, timeout=900)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-4000:]
+    return text
+
+
+def test_ray_train_workers_read_and_write_the_run_in_the_bucket(s3, tmp_path):
+    """``dist.workers=1``: Ray Train keeps the stages' checkpoints in the bucket itself, and the workers fetch
+    the teacher and the shards from it (nothing of the run is on a shared disk)."""
+    env, bucket = s3
+    _ray_run(env, [*RAY_RUN, "run.name=w"], tmp_path)
     keys = _keys(bucket, "raypd-test/runs/w")
     assert any(k.startswith("ray/teacher/checkpoint_") for k in keys)  # written by Ray Train to the bucket
     assert any(k.startswith("ray/round-00/checkpoint_") for k in keys)
@@ -171,3 +179,19 @@ def test_the_lease_keeps_a_second_driver_out_and_a_pull_skips_a_half_pushed_chec
     assert Bucket("s3://raypd-test/runs/lease").pull(again) == 3
     assert not (again / "local" / "round-00" / "checkpoint_00000040").exists()
     assert (again / "local" / "round-00" / "checkpoint_00000020" / "metrics.json").is_file()
+
+
+def test_a_sweep_keeps_its_trials_in_the_bucket(s3, tmp_path):
+    """Tune's experiment, the trials' Train runs, students, scores and start logs in the bucket; the round's
+    report and tables in the run's mirror, pushed; the chosen trial's student promoted bit for bit."""
+    env, bucket = s3
+    _ray_run(env, [*RAY_RUN, "sweep.enabled=true", "sweep.lrs=[0.001,0.0003]", "sweep.grace_updates=4",
+                   "sweep.report_every=2", "sweep.max_concurrent=1", "sweep.heldout_samples=16", "run.name=sw"],
+             tmp_path)
+    files = _objects(bucket, "raypd-test/runs/sw")
+    table = json.loads(files["sweeps/round-00/trials.json"])
+    assert {"sweeps/round-00/report.md", "sweeps/round-00/heldout.safetensors", "round-00-1steps/meta.json"} <= set(files)
+    assert any(k.startswith("sweeps/round-00/tune/") for k in files)
+    chosen = table["chosen"]
+    assert json.loads(files[f"sweeps/round-00/trials/{chosen}/final.json"])["fid"] is not None
+    assert files["round-00-1steps/model.safetensors"] == files[f"sweeps/round-00/trials/{chosen}/student/model.safetensors"]

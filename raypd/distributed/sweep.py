@@ -246,9 +246,11 @@ def sweep_round(cfg: Config, *, rnd: Round, stage: Stage, sweep_dir: Path, eval_
         tuner = tune.Tuner(
             trainable, param_space=space,
             tune_config=tune.TuneConfig(num_samples=1 if s.lrs else s.trials, scheduler=scheduler,
+                                        # the limit goes to the generator itself: Tune ignores max_concurrent_trials
+                                        # (with a warning) when given a generator rather than a Searcher
                                         search_alg=BasicVariantGenerator(points_to_evaluate=[first] if first else None,
-                                                                         random_state=s.seed + rnd.index),
-                                        max_concurrent_trials=concurrency),
+                                                                         random_state=s.seed + rnd.index,
+                                                                         max_concurrent=concurrency)),
             run_config=tune.RunConfig(name="tune", storage_path=store, verbose=0))
         lrs = list(s.lrs) or f"[{space['lr'].lower:.2e}, {space['lr'].upper:.2e}]"
         log(f"[round {rnd.index}] Tune sweep: {len(s.lrs) or s.trials} trials, lr in {lrs}, updates in {budgets}, "

@@ -74,8 +74,8 @@ def test_more_gpus_than_exist_fail_before_training(tmp_path):
     out = subprocess.run([sys.executable, "-m", "raypd.distill", *TINY, "dist.use_gpu=true", "dist.workers=2",
                           f"run.storage_path={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2
-    assert "cluster error: dist.workers=2 workers of {'CPU': 1.0, 'GPU': 1.0} each do not fit: the cluster's nodes " \
-           "can host 0; short of GPU (the cluster has 0)" in out.stderr
+    assert "cluster error: dist.workers=2 workers of {CPU: 1, GPU: 1} each do not fit: the cluster's nodes " \
+           "can host 0; short of GPU (needs 2, the cluster has 0)" in out.stderr
     assert not (tmp_path / "local" / "teacher").exists()
 
 

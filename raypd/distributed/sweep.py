@@ -305,8 +305,7 @@ class SweepRunner:
         if self.mirror is not None:  # trials elsewhere read the teacher, shards, held-out set and FID files there
             self.mirror.sync()
             locate = self.mirror.locate
-            trials = trials.with_(teacher=locate(trials.teacher), heldout=locate(trials.heldout),
-                                  shards=tuple(locate(u) for u in trials.shards))
+            trials = trials.with_locations(locate)
             spec, store = spec and spec.with_locations(locate), locate(str(sweep_dir))
         start = time.perf_counter()
         outcome = sweep_round(self.cfg, rnd=rnd, stage=trials, sweep_dir=sweep_dir, eval_spec=spec,

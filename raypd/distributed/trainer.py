@@ -91,8 +91,7 @@ class RayTrainRunner:
         """Train ``stage``, publish its model at ``output``; returns its metrics."""
         if self.mirror is not None:  # the workers read the teacher and the shards from the bucket
             self.mirror.sync()
-            stage = stage.with_(teacher=self.mirror.locate(stage.teacher) if stage.teacher else stage.teacher,
-                                shards=tuple(self.mirror.locate(s) for s in stage.shards))
+            stage = stage.with_locations(self.mirror.locate)
         run_stage(self.cfg, stage, storage=self.storage, output=output)
         return dict(read_meta(output).metrics)
 

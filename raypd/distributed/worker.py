@@ -74,9 +74,7 @@ def train_loop(payload: dict) -> dict | None:
     cfg, stage = config_from_dict(payload["config"]), Stage.from_dict(payload["stage"])
     # a run kept in a bucket: the teacher and the shards come from there, once per node
     cache = Path(tempfile.gettempdir()) / "raypd-fetch"
-    stage = stage.with_(teacher=fetch(stage.teacher, cache) if stage.teacher else stage.teacher,
-                        heldout=fetch(stage.heldout, cache) if stage.heldout else stage.heldout,
-                        shards=tuple(fetch(url, cache) for url in stage.shards))
+    stage = stage.with_locations(lambda location: fetch(location, cache))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()

@@ -56,6 +56,13 @@ class Stage:
     def with_(self, **changes: Any) -> "Stage":
         return dataclasses.replace(self, **changes)
 
+    def with_locations(self, where) -> "Stage":
+        """The same stage with its files (teacher, held-out set, shards) passed through ``where``: bucket URIs
+        for workers elsewhere, their local copies inside a worker."""
+        return self.with_(teacher=where(self.teacher) if self.teacher else self.teacher,
+                          heldout=where(self.heldout) if self.heldout else self.heldout,
+                          shards=tuple(where(url) for url in self.shards))
+
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["shards"] = list(self.shards)

@@ -25,8 +25,8 @@ __all__ = ["ClusterError", "NumericalError", "RayTrainRunner", "StageError", "en
            "run_stage", "scaling_config", "worker_bundle"]
 
 
-def _newest_settings(storage: Path | str, name: str) -> tuple[str, bytes] | None:
-    """Where the newest checkpoint of Ray run ``name`` keeps its ``dist`` settings, and their bytes."""
+def _newest_settings(storage: Path | str, name: str) -> bytes | None:
+    """The ``dist`` settings file of Ray run ``name``'s newest checkpoint (None before its first)."""
     from raypd.distributed.guards import SETTINGS
     from raypd.storage import Bucket, is_uri
 
@@ -34,10 +34,10 @@ def _newest_settings(storage: Path | str, name: str) -> tuple[str, bytes] | None
         bucket = Bucket(str(storage))
         # Ray names checkpoints after the time they were taken: the newest sorts last
         found = sorted(k for k in bucket.files(name) if k.endswith(f"/{SETTINGS}") and "/checkpoint_" in f"/{k}")
-        return (f"{storage}/{found[-1]}", bucket.read_bytes(found[-1]) or b"{}") if found else None
+        return (bucket.read_bytes(found[-1]) or b"{}") if found else None
     run = Path(storage) / name
     found = sorted(run.glob(f"checkpoint_*/{SETTINGS}"), key=lambda p: p.stat().st_mtime) if run.is_dir() else []
-    return (str(found[-1]), found[-1].read_bytes()) if found else None
+    return found[-1].read_bytes() if found else None
 
 
 def check_stage_settings(cfg: Config, storage: Path | str, name: str) -> None:
@@ -48,7 +48,7 @@ def check_stage_settings(cfg: Config, storage: Path | str, name: str) -> None:
     if newest is None:
         return
     run = f"{storage}/{name}"
-    problem = settings_mismatch(json.loads(newest[1]), dist_settings(cfg, cfg.dist.workers))
+    problem = settings_mismatch(json.loads(newest), dist_settings(cfg, cfg.dist.workers))
     if problem:
         raise StageError(f"stage {name} is in progress in {run}: {problem}", "settings")
 

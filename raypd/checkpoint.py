@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from raypd.config import Config, ConfigError, DataConfig, ModelConfig, _build, _plain, redact
 from raypd.diffusion import make_logsnr_fn
 from raypd.models import Denoiser, build_denoiser
+from raypd.models.convert import convert_state, is_legacy
 
 FORMAT = "raypd-checkpoint"
 VERSION = 1
@@ -182,6 +183,11 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
         state = load_file(str(Path(path) / WEIGHTS), device=str(map_location))
     except Exception as err:  # noqa: BLE001 - safetensors reports any malformed file as its own error type
         raise CheckpointError(f"{path}: {WEIGHTS} is not a readable safetensors file ({err})") from None
+    if meta.model.backbone == "unet" and is_legacy(state):  # written by raypd's former hand-written UNet
+        try:
+            state = convert_state(state, meta.model, meta.data)
+        except KeyError as err:
+            raise CheckpointError(f"{path}: weights do not match the model in its metadata ({err.args[0]})") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not match the model in its metadata "

@@ -4,7 +4,7 @@
     raypd shards KIND PATH --out DIR [...]                  write WebDataset shards from a data set
     raypd sample --checkpoint C --steps N --n 64 --out P    a sample grid from a checkpoint
     raypd fid --checkpoint C --steps N --n 10000            FID/KID of a checkpoint's samples
-    raypd export --checkpoint C --out DIR                   a student as a diffusers DDIMPipeline directory
+    raypd export --checkpoint C --out DIR                   a student as a diffusers pipeline directory
 """
 
 from __future__ import annotations

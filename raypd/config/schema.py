@@ -36,6 +36,48 @@ def _power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+UNET_GROUPS = 32
+"""GroupNorm groups throughout raypd's UNet (diffusers' ``norm_num_groups``)."""
+
+
+def unet_head_size(model: "ModelConfig", resolution: int) -> int | None:
+    """The UNet2DModel's ``attention_head_dim``: ``head_channels``, or None for one head per attention block.
+
+    diffusers takes one head size for every attention block (heads = channels // head size); the
+    paper's rule, heads = max(1, channels // head_channels), fits it when ``head_channels`` divides
+    every attended level's channels, or is at least all of them.
+    """
+    levels = [resolution // 2**i for i in range(len(model.ch_mult))]
+    widths = [model.ch * m for m, r in zip(model.ch_mult, levels) if r in model.attn_resolutions]
+    widths.append(model.ch * model.ch_mult[-1])  # the middle block attends too
+    if all(w % model.head_channels == 0 for w in widths):
+        return model.head_channels
+    _require(all(model.head_channels >= w for w in widths), "model.head_channels",
+             f"{model.head_channels} neither divides nor covers the channels of every level with attention "
+             f"{sorted(set(widths))}; choose a head size that divides them all")
+    return None
+
+
+def check_unet_shape(model: "ModelConfig", resolution: int) -> None:
+    """Refuse, naming the key, settings raypd's UNet (a diffusers UNet2DModel) cannot be built with."""
+    levels = len(model.ch_mult)
+    _require(model.ch_mult[0] == 1, "model.ch_mult",
+             f"must start with 1, got {list(model.ch_mult)}: the first level works at model.ch channels, the "
+             "width the input conv and the time embedding are sized by")
+    widths = [model.ch * m for m in model.ch_mult]
+    _require(all(w % UNET_GROUPS == 0 for w in widths), "model.ch",
+             f"every level needs a multiple of {UNET_GROUPS} channels (GroupNorm with {UNET_GROUPS} groups), but "
+             f"ch={model.ch} with ch_mult={list(model.ch_mult)} gives {widths}")
+    _require(resolution % 2 ** (levels - 1) == 0, "model.ch_mult",
+             f"{levels} levels halve the resolution {levels - 1} times, but data.resolution={resolution} "
+             f"is not divisible by {2 ** (levels - 1)}")
+    reached = {resolution // 2**k for k in range(levels)}
+    for r in model.attn_resolutions:
+        _require(r in reached, "model.attn_resolutions",
+                 f"{r} is never reached; the UNet's resolutions are {sorted(reached, reverse=True)}")
+    unet_head_size(model, resolution)
+
+
 def _check_optimizer(batch_size: int, lr: float, adam_betas: tuple[float, ...], grad_clip: float) -> None:
     """The checks teacher training and distillation rounds share."""
     _require(batch_size >= 1, "batch_size", f"must be >= 1, got {batch_size}")
@@ -109,7 +151,8 @@ class ModelConfig:
     parameterization: Parameterization = "both"
     """Network output: ``eps``, ``x``, ``v`` or ``both`` (the paper's combined x/eps output)."""
     backbone: Literal["unet", "diffusers"] = "unet"
-    """``unet``: raypd's own UNet (the settings above). ``diffusers``: a diffusers UNet2DModel built from
+    """``unet``: raypd's UNet, a diffusers UNet2DModel in the paper's configuration built from the settings
+    above and conditioned on logsnr. ``diffusers``: an imported UNet2DModel built from
     ``diffusers_unet``; set by importing a diffusers teacher (``teacher.source: diffusers``), not by hand."""
     diffusers_unet: dict[str, Any] = field(default_factory=dict)
     """The UNet2DModel config of a ``diffusers`` backbone (written by the teacher import)."""
@@ -173,7 +216,7 @@ class TeacherConfig:
     source: Literal["raypd", "diffusers"] = "raypd"
     """``raypd``: the teacher is ``checkpoint`` or trained now. ``diffusers``: a diffusers UNet2DModel and its
     scheduler at ``diffusers_path`` are imported into the run's ``teacher`` checkpoint (no training); the run
-    then uses its network and its own discrete noise schedule (needs ``pip install 'raypd[hf]'``)."""
+    then uses its network and its own discrete noise schedule."""
     diffusers_path: str = ""
     """The diffusers model to import: a local pipeline or UNet directory, or a Hugging Face hub id."""
     diffusers_local_only: bool = False
@@ -489,14 +532,7 @@ class Config:
             _require(batch % w == 0, key, f"{batch} does not split evenly over dist.workers={self.dist.workers}")
 
     def _validate_native_unet(self) -> None:
-        res, levels = self.data.resolution, len(self.model.ch_mult)
-        _require(res % 2 ** (levels - 1) == 0, "model.ch_mult",
-                 f"{levels} levels halve the resolution {levels - 1} times, but data.resolution={res} "
-                 f"is not divisible by {2 ** (levels - 1)}")
-        reached = {res // 2**k for k in range(levels)}
-        for r in self.model.attn_resolutions:
-            _require(r in reached, "model.attn_resolutions",
-                     f"{r} is never reached; the UNet's resolutions are {sorted(reached, reverse=True)}")
+        check_unet_shape(self.model, self.data.resolution)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))

@@ -1,7 +1,7 @@
-"""diffusers in and out: import a diffusers UNet2DModel as a raypd teacher, export a student as a DDIMPipeline.
+"""diffusers in and out: import a diffusers UNet2DModel as a raypd teacher, export any student as a pipeline.
 
 ``raypd.hf.teacher`` reads a diffusers model (local directory or hub id) and writes a normal raypd
-checkpoint; ``raypd.hf.export`` writes a distilled student as a diffusers pipeline directory whose
-scheduler reproduces raypd's N-step DDIM sampler. Both need the ``hf`` extra
-(``pip install 'raypd[hf]'``); the network adapter itself is :mod:`raypd.models.hf`.
+checkpoint; ``raypd.hf.export`` writes a distilled student as a diffusers pipeline directory that
+samples exactly as raypd's N-step DDIM sampler does. The networks themselves are
+:mod:`raypd.models.unet` (raypd's own) and :mod:`raypd.models.imported` (an imported model's).
 """

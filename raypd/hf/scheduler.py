@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from raypd.diffusion.discrete import discrete_logsnr_table
-from raypd.models.hf import UnsupportedModelError, require_diffusers
+from raypd.models.imported import UnsupportedModelError
 
 PARAMETERIZATION_OF = {"epsilon": "eps", "v_prediction": "v", "sample": "x"}
 """diffusers prediction_type -> raypd parameterization."""
@@ -60,7 +60,7 @@ def read_scheduler(config: dict[str, Any]) -> DiscreteChain:
     if trained is not None and len(trained) != steps:
         raise UnsupportedModelError(f"{name} lists {len(trained)} trained_betas for {steps} timesteps")
     kwargs = {k: config[k] for k in ("beta_start", "beta_end") if k in config}
-    diffusers = require_diffusers()
+    import diffusers
     made = diffusers.DDPMScheduler(num_train_timesteps=steps, beta_schedule=schedule, trained_betas=trained, **kwargs)
     betas = tuple(float(b) for b in made.betas.tolist())
     try:

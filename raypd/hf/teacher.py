@@ -21,7 +21,7 @@ from raypd.checkpoint import CheckpointError, CheckpointMeta, meta_for, save_che
 from raypd.config import Config, ConfigError, config_from_dict
 from raypd.hf.scheduler import DiscreteChain, read_scheduler
 from raypd.models import Denoiser
-from raypd.models.hf import DiffusersUNet, UnsupportedModelError, check_unet_config, require_diffusers
+from raypd.models.imported import DiffusersUNet, UnsupportedModelError, check_unet_config
 
 _LATENT = ("vae", "vqvae", "movq")
 _CONDITIONING = ("text_encoder", "text_encoder_2", "tokenizer", "image_encoder", "prior", "bert")
@@ -65,7 +65,7 @@ def _check_pipeline_index(index: dict[str, Any]) -> None:
 
 def locate(path: str, *, local_only: bool) -> Source:
     """Find the UNet and scheduler configs of a pipeline directory, a UNet directory, or a hub id."""
-    diffusers = require_diffusers()
+    import diffusers
     looks_local = os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path)
     if looks_local and not os.path.isdir(os.path.expanduser(path)):
         raise CheckpointError(f"teacher.diffusers_path: {path} is not a directory")
@@ -120,7 +120,7 @@ def read_teacher(cfg: Config) -> tuple[DiffusersUNet, DiscreteChain, dict[str, A
     """(backbone with loaded weights, its discrete chain, its plain UNet config), after every check."""
     t = cfg.teacher
     source, chain = check_source(cfg)
-    diffusers = require_diffusers()
+    import diffusers
     try:
         unet = diffusers.UNet2DModel.from_pretrained(source.path, subfolder=source.unet_subfolder,
                                                      local_files_only=t.diffusers_local_only, use_safetensors=True)

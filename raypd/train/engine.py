@@ -14,7 +14,9 @@ from typing import Protocol
 import torch
 from safetensors.torch import load_file, save_file
 
+from raypd.checkpoint import CheckpointError
 from raypd.models import Denoiser
+from raypd.models.convert import is_legacy
 from raypd.train.ema import EMA
 from raypd.train.lr import LrSchedule
 
@@ -102,6 +104,10 @@ class PlainEngine:
     def load(self, directory: Path) -> dict:
         directory = Path(directory)
         tensors = load_file(str(directory / "engine.safetensors"))
+        if is_legacy(tensors, prefix="model.backbone."):
+            raise CheckpointError(f"{directory} is a stage checkpoint of raypd's former hand-written UNet, whose "
+                                  "optimizer state does not carry over: finish the stage with the version that wrote "
+                                  "it, or move the stage's checkpoints aside to restart it (finished stages load as is)")
         info = json.loads((directory / "engine.json").read_text())
         self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         if self.ema is not None:

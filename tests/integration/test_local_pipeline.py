@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from raypd.distill import main
 
@@ -70,6 +71,26 @@ def test_pipeline_runs_resumes_and_reports(tmp_path, capsys):
     assert scored["steps"] == 1 and scored["extractor"] == ours["extractor"]
     assert scored["fid"] == pytest.approx(ours["fid"], rel=1e-4)  # same noise seed, same reference
     assert cli(["fid", "--checkpoint", str(tmp_path)]) == 2
+
+    # every student of the run exports as a diffusers pipeline that samples as raypd does, with the run's FID
+    assert cli(["export", "--checkpoint", str(final), "--out", str(tmp_path / "one")]) == 0
+    assert cli(["export", "--checkpoint", str(run / "round-00-2steps"), "--out", str(tmp_path / "two")]) == 0
+    assert capsys.readouterr().err.count("checked: the pipeline's samples are within") == 2
+    assert json.loads((tmp_path / "one" / "model_index.json").read_text())["_class_name"] == "DDIMPipeline"
+    assert "raypd_pipeline.py" in {p.name for p in (tmp_path / "two").iterdir()}  # 'both' at 2 steps
+    assert f"{ours['fid']:.3f}" in (tmp_path / "one" / "README.md").read_text()
+    from diffusers import DDIMPipeline
+
+    from raypd.checkpoint import load_checkpoint
+    from raypd.diffusion import ddim_sample
+
+    pipe = DDIMPipeline.from_pretrained(str(tmp_path / "one"), local_files_only=True)
+    student, meta = load_checkpoint(final)
+    images = pipe(batch_size=4, generator=torch.Generator().manual_seed(5), num_inference_steps=1,
+                  output_type="np").images
+    z = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    x = ddim_sample(student.eval().bind(None), z, 1, logsnr_fn=meta.logsnr_fn()).detach()
+    assert abs(images.transpose(0, 3, 1, 2) - (x.numpy() / 2 + 0.5)).max() <= 1e-4
 
     # a given teacher checkpoint that does not fit the config is refused before any training
     assert main(TINY + [f"run.storage_path={tmp_path}", "run.name=u", f"teacher.checkpoint={run / 'teacher'}",

@@ -258,7 +258,7 @@ def test_readme_runtime_env_pip_list_covers_the_dependencies():
     """The README's pip list for clusters without the stack: every dependency of raypd but Ray itself."""
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     (raw,) = re.findall(r"--runtime-env-json '(\{.*?\})'", (CLUSTER / "README.md").read_text())
-    listed = set(json.loads(raw)["pip"])
+    listed = {re.split(r"[\[<>=!~ ]", d)[0].lower() for d in json.loads(raw)["pip"]}
     needed = {re.split(r"[\[<>=!~ ]", d)[0].lower() for d in
               tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
     assert needed - {"ray"} <= listed

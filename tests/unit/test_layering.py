@@ -16,7 +16,7 @@ ALLOWED = {
     "train": {"diffusion", "config", "models", "data", "checkpoint", "train"},
     "eval": {"diffusion", "config", "models", "data", "eval"},
     "checkpoint": {"diffusion", "config", "models"},
-    "hf": {"diffusion", "config", "models", "checkpoint", "hf"},
+    "hf": {"diffusion", "config", "models", "checkpoint", "eval", "hf"},
     "runs": {"config", "storage"},
     "storage": {"config"},
     # the Ray/DeepSpeed layer: everything below the driver, nothing of it
@@ -31,7 +31,7 @@ ALLOWED = {
     "__init__": set(),
 }
 HEAVY_ONLY_IN = {"ray": {"distributed"}, "deepspeed": {"distributed"}, "torch_fidelity": {"eval"},
-                 "diffusers": {"models", "tools"}}
+                 "diffusers": {"models", "hf", "tools"}}
 
 
 def _imports(path: Path):

@@ -34,7 +34,7 @@ def test_denoiser_returns_x_hat_and_eps_hat_for_every_parameterization(param):
 def test_built_denoiser_sizes_and_class_conditioning():
     cfg = load_config(None, ["data.num_classes=10", "model.parameterization=both"])
     model = build_denoiser(cfg.model, cfg.data)
-    assert model.backbone.conv_out.out_channels == 2  # 'both' doubles the image channels
+    assert model.backbone.unet.conv_out.out_channels == 2  # 'both' doubles the image channels
     out = model(torch.randn(2, 1, 16, 16), torch.zeros(2), torch.tensor([1, 2]))
     assert out.shape == (2, 1, 16, 16)
     assert count_parameters(cfg.model, cfg.data) == sum(p.numel() for p in model.parameters())

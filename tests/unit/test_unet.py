@@ -1,36 +1,31 @@
-"""Unit tests for raypd.models.unet.UNet."""
+"""raypd's UNet: a diffusers UNet2DModel in the paper's configuration, driven by logsnr."""
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from raypd.models.unet import UNet
+from raypd.checkpoint import load_checkpoint
+from raypd.config import ConfigError, DataConfig, ModelConfig, load_config
+from raypd.models import build_denoiser, count_parameters
+from raypd.models.convert import convert_state
+from raypd.models.unet import build_unet, unet_config
 
-TINY = dict(in_channels=1, out_channels=2, resolution=16, ch=32, ch_mult=(1, 2),
-            num_res_blocks=1, attn_resolutions=(8,), dropout=0.1)
-
-CIFAR10 = dict(in_channels=3, out_channels=3, resolution=32, ch=256, ch_mult=(1, 1, 1),
-               num_res_blocks=3, attn_resolutions=(8, 16))
-
-IMAGENET64 = dict(in_channels=3, out_channels=6, resolution=64, ch=192, ch_mult=(1, 2, 3, 4),
-                  num_res_blocks=3, attn_resolutions=(8, 16, 32), num_classes=1000)
+GOLDEN = __import__("pathlib").Path(__file__).resolve().parents[1] / "golden"
+DATA = DataConfig(resolution=16, channels=1)
 
 
-def _tiny(**overrides) -> UNet:
+def _tiny(data: DataConfig = DATA, **overrides):
     torch.manual_seed(0)
-    return UNet(**{**TINY, **overrides})
+    return build_unet(ModelConfig(**{"parameterization": "both", **overrides}), data)
 
 
-def _unzero(model: UNet) -> None:
-    """Perturb every zero-initialised conv (output layer, res-block conv2, attention proj).
-
-    The output layer alone is not enough: conditioning enters only through the res
-    blocks, whose zero-init conv2 blocks it, so a fresh net ignores logsnr and y.
-    """
+def _unzero(model) -> None:
+    """Perturb every zero-initialised layer: conditioning enters through the residual blocks, whose zeroed last
+    conv would otherwise block it."""
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Conv2d) and not module.weight.any():
-                module.weight.normal_(0.0, 0.05)
-                module.bias.normal_(0.0, 0.05)
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.05)
 
 
 def _inputs(batch: int = 2):
@@ -60,7 +55,7 @@ def test_fresh_network_outputs_exact_zeros():
 
 
 def test_class_conditioning_changes_output_and_label_checks():
-    model = _tiny(num_classes=10).eval()
+    model = _tiny(DataConfig(resolution=16, channels=1, num_classes=10)).eval()
     _unzero(model)
     z, logsnr = _inputs()
     z, logsnr = z[:1].expand(2, -1, -1, -1), logsnr[:1].expand(2)
@@ -84,17 +79,28 @@ def test_logsnr_conditioning_changes_output():
     torch.testing.assert_close(clamped[0], clamped[1])
 
 
-@pytest.mark.parametrize("config, low, high", [(CIFAR10, 50e6, 70e6),
-                                               (IMAGENET64, 270e6, 320e6)])
-def test_paper_parameter_counts(config, low, high):
-    with torch.device("meta"):
-        model = UNet(**config)
-    count = sum(p.numel() for p in model.parameters())
-    assert low <= count <= high, count
+def test_the_network_is_a_stock_unet2dmodel_with_the_papers_blocks():
+    from diffusers import UNet2DModel
+
+    cfg = unet_config(ModelConfig(ch_mult=(1, 2, 2), attn_resolutions=(16,)), DataConfig(resolution=32, channels=3))
+    assert cfg["down_block_types"] == ["ResnetDownsampleBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D"]
+    assert cfg["up_block_types"] == ["ResnetUpsampleBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D"]
+    assert cfg["resnet_time_scale_shift"] == "scale_shift" and cfg["out_channels"] == 6
+    strided = unet_config(ModelConfig(resblock_updown=False), DATA)
+    assert strided["down_block_types"] == ["DownBlock2D", "AttnDownBlock2D"] and strided["downsample_type"] == "conv"
+    assert type(_tiny().unet) is UNet2DModel  # noqa: E721 - exactly the stock class, nothing derived
+
+
+# the paper's networks, counted before raypd built them with diffusers: the same function, the same size
+@pytest.mark.parametrize("name, count", [("cifar10.yaml", 60_004_099), ("imagenet64.yaml", 295_904_454),
+                                         ("lsun_church128.yaml", 126_175_366), ("lsun_bedroom128.yaml", 126_175_366)])
+def test_paper_parameter_counts_are_unchanged(name, count):
+    cfg = load_config(GOLDEN.parents[1] / "configs" / name)
+    assert count_parameters(cfg.model, cfg.data) == count
 
 
 def test_set_dropout_zero_makes_train_forward_deterministic():
-    model = _tiny(dropout=0.5).train()
+    model = build_denoiser(ModelConfig(dropout=0.5), DATA).train()
     _unzero(model)
     z, logsnr = _inputs()
     assert not torch.allclose(model(z, logsnr), model(z, logsnr))
@@ -102,12 +108,41 @@ def test_set_dropout_zero_makes_train_forward_deterministic():
     torch.testing.assert_close(model(z, logsnr), model(z, logsnr), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("overrides, match", [
-    (dict(resolution=15), "divisible"),
-    (dict(attn_resolutions=(4,)), "never reached"),
-    (dict(ch=48), "GroupNorm"),
-    (dict(ch_mult=()), "ch_mult"),
+@pytest.mark.parametrize("overrides, key", [
+    (["data.resolution=15"], "model.ch_mult"),
+    (["model.attn_resolutions=[4]"], "model.attn_resolutions"),
+    (["model.ch=48"], "model.ch"),
+    (["model.ch=16"], "model.ch"),
+    (["model.ch_mult=[2,2]"], "model.ch_mult"),
+    (["model.ch_mult=[1,2,4]", "model.attn_resolutions=[16,4]", "model.head_channels=64"], "model.head_channels"),
 ])
-def test_constructor_validation(overrides, match):
-    with pytest.raises(ValueError, match=match):
-        _tiny(**overrides)
+def test_settings_the_network_cannot_express_are_refused_by_key(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert err.value.key == key
+
+
+def test_one_head_per_block_when_head_channels_covers_every_level():
+    model = ModelConfig(ch=32, ch_mult=(1, 2), attn_resolutions=(8,), head_channels=128)
+    assert unet_config(model, DATA)["attention_head_dim"] is None  # 64 channels at 8 px and in the middle: one head each
+    assert unet_config(ModelConfig(head_channels=16), DATA)["attention_head_dim"] == 16
+
+
+@pytest.mark.parametrize("name", ["updown", "strided"])
+def test_checkpoints_of_the_former_unet_load_and_compute_the_same(name):
+    """Checkpoints written by raypd's former hand-written UNet (class-conditional 'both' with BigGAN resampling;
+    'eps' with strided resampling; two heads), with its outputs on fixed inputs, saved by that version."""
+    model, meta = load_checkpoint(GOLDEN / f"legacy-unet-{name}")
+    want = load_file(str(GOLDEN / f"legacy-unet-{name}.safetensors"))
+    with torch.no_grad():
+        got = model.eval()(want["z"], want["logsnr"], want.get("y"))
+    scale = want["x_hat"].abs().max()
+    assert (got - want["x_hat"]).abs().max() <= 1e-5 * scale  # float32 rounding (eps divides by alpha ~ 0.0025)
+
+
+def test_a_former_checkpoint_that_does_not_fit_its_settings_is_refused():
+    model, meta = load_checkpoint(GOLDEN / "legacy-unet-updown")
+    state = load_file(str(GOLDEN / "legacy-unet-updown" / "model.safetensors"))
+    state["backbone.down.9.0.conv1.weight"] = state["backbone.conv_in.weight"]
+    with pytest.raises(KeyError, match="down.9"):
+        convert_state(state, meta.model, meta.data)

@@ -1,11 +1,10 @@
-"""A diffusers ``UNet2DModel`` as a raypd backbone; the one module that imports diffusers.
+"""The UNet2DModel of an imported diffusers model, driven through the discrete timesteps it was trained on.
 
-raypd conditions networks on continuous logsnr; a diffusers UNet2DModel takes the integer timestep
+raypd conditions networks on continuous logsnr; an imported UNet2DModel takes the integer timestep
 of the discrete chain it was trained on. The adapter turns logsnr into that timestep through the
 chain's own logsnr table (log(alphas_cumprod / (1 - alphas_cumprod)), monotone in the timestep),
 interpolating between timesteps and clamping outside the table, so the rest of raypd drives the
-network exactly as it drives its own UNet. diffusers is imported lazily: raypd works without the
-``hf`` extra until a diffusers model is actually used.
+network exactly as it drives its own.
 """
 
 from __future__ import annotations
@@ -13,26 +12,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from raypd.config import DataConfig, ModelConfig
 from raypd.diffusion.discrete import discrete_logsnr_table, timestep_from_logsnr
-
-INSTALL_HINT = "pip install 'raypd[hf]'"
+from raypd.models.unet import UNetBackbone
 
 
 class UnsupportedModelError(ValueError):
     """A diffusers model raypd cannot drive (latent, text-conditioned, learned variance, ...)."""
-
-
-def require_diffusers():
-    """The diffusers module, or an ImportError that says how to get it."""
-    try:
-        import diffusers
-    except ImportError as err:
-        raise ImportError(f"diffusers models need the 'hf' extra, which is not installed: {INSTALL_HINT} "
-                          f"({err})") from None
-    return diffusers
 
 
 def check_unet_config(config: dict[str, Any], *, channels: int, resolution: int, num_classes: int) -> None:
@@ -70,48 +58,36 @@ def check_unet_config(config: dict[str, Any], *, channels: int, resolution: int,
                                     f"is {num_classes}")
 
 
-class DiffusersUNet(nn.Module):
-    """Backbone(z, logsnr, y) -> raw output of a UNet2DModel, fed the timestep that has this logsnr.
+class DiffusersUNet(UNetBackbone):
+    """An imported UNet2DModel fed the (fractional) timestep that has this logsnr.
 
     The timestep table is a plain attribute, not a buffer: it must stay float64 when the module is
     cast to bf16, and it is rebuilt from the config rather than stored with the weights.
     """
 
-    def __init__(self, unet: nn.Module, betas) -> None:
-        super().__init__()
-        self.unet = unet
+    def __init__(self, unet, betas) -> None:
+        super().__init__(unet)
         self.betas = tuple(float(b) for b in betas)
         self.table = discrete_logsnr_table(self.betas)
-        self.num_classes = int(unet.config.get("num_class_embeds") or 0)
         self._on: dict[torch.device, Tensor] = {}
 
     @property
     def num_timesteps(self) -> int:
         return self.table.numel()
 
-    def timestep(self, logsnr: Tensor) -> Tensor:
+    def time_input(self, logsnr: Tensor) -> Tensor:
         """The network's (fractional) timestep input for each logsnr, as float32."""
         if logsnr.device not in self._on:
             self._on[logsnr.device] = self.table.to(logsnr.device)
         return timestep_from_logsnr(logsnr, self._on[logsnr.device]).float()
 
-    def forward(self, z: Tensor, logsnr: Tensor, y: Tensor | None = None) -> Tensor:
-        if logsnr.ndim == 0:
-            logsnr = logsnr.expand(z.shape[0])
-        if logsnr.shape != (z.shape[0],):
-            raise ValueError(f"logsnr must have shape [{z.shape[0]}], got {list(logsnr.shape)}")
-        if self.num_classes and y is None:
-            raise ValueError("this diffusers UNet is class-conditional (num_class_embeds > 0): a class label y is required")
-        if not self.num_classes and y is not None:
-            raise ValueError("this diffusers UNet is unconditional but y was given")
-        return self.unet(z, self.timestep(logsnr), class_labels=y).sample
-
 
 def build_diffusers_backbone(model: ModelConfig, data: DataConfig) -> DiffusersUNet:
     """A freshly initialised UNet2DModel from ``model.diffusers_unet`` (weights are loaded afterwards)."""
-    diffusers = require_diffusers()
+    from diffusers import UNet2DModel
+
     check_unet_config(model.diffusers_unet, channels=data.channels, resolution=data.resolution,
                       num_classes=data.num_classes)
     kwargs = {k: v for k, v in model.diffusers_unet.items() if not k.startswith("_")}
-    unet = diffusers.UNet2DModel.from_config(kwargs)
+    unet = UNet2DModel.from_config(kwargs)
     return DiffusersUNet(unet, model.diffusers_betas)

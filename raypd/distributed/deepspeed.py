@@ -35,8 +35,12 @@ TAG = "state"
 
 
 def ds_config(*, global_batch: int, world_size: int, zero_stage: int, precision: Precision, grad_clip: float,
-              offload_optimizer: bool = False, offload_params: bool = False) -> dict:
+              offload_optimizer: bool = False, offload_params: bool = False, bucket_elements: int = 50_000_000,
+              overlap_comm: bool = True) -> dict:
     """The DeepSpeed config for a global batch split evenly over ``world_size`` ranks (no accumulation).
+
+    ``bucket_elements`` sizes ZeRO's gradient-reduce and parameter all-gather buckets, ``overlap_comm``
+    lets the reduction of one bucket run while backward fills the next (ZeRO stages 1-3).
 
     With offload it carries DeepSpeed's switch that allows a torch optimizer on the offloaded state
     (its own CPU Adam needs a compiled op); ``build_deepspeed_engine`` drops it where that op is built.
@@ -49,7 +53,12 @@ def ds_config(*, global_batch: int, world_size: int, zero_stage: int, precision:
         raise ValueError("parameter offload needs ZeRO stage 3")
     if offload_optimizer and zero_stage == 0:
         raise ValueError("optimizer offload needs ZeRO stage 1, 2 or 3")
+    if bucket_elements < 1:
+        raise ValueError(f"bucket_elements must be positive, got {bucket_elements}")
     zero: dict = {"stage": zero_stage}
+    if zero_stage >= 1:
+        zero.update(reduce_bucket_size=bucket_elements, allgather_bucket_size=bucket_elements,
+                    overlap_comm=overlap_comm)
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     if offload_params:
@@ -284,7 +293,8 @@ def stage_engine(cfg, world: int):
     def build(setup) -> DeepSpeedEngine:
         config = ds_config(global_batch=setup.batch_size, world_size=world, zero_stage=d.zero_stage,
                            precision=d.precision, grad_clip=setup.grad_clip, offload_optimizer=d.offload_optimizer,
-                           offload_params=d.offload_params)
+                           offload_params=d.offload_params, bucket_elements=d.bucket_elements,
+                           overlap_comm=d.overlap_comm)
         return build_deepspeed_engine(setup.model, lr=setup.lr, betas=setup.betas, schedule=setup.schedule,
                                       config=config, ema_decay=setup.ema_decay)
 

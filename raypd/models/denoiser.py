@@ -44,6 +44,10 @@ class Denoiser(nn.Module):
         """A ``denoise(z, logsnr) -> x_hat`` callable with the class labels fixed, for the samplers."""
         return lambda z, logsnr: self(z, logsnr, y)
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the network's block activations in backward instead of keeping them (diffusers' checkpointing)."""
+        self.backbone.unet.enable_gradient_checkpointing()
+
     def set_dropout(self, p: float) -> None:
         """Set every dropout probability (students train with dropout 0)."""
         for module in self.modules():

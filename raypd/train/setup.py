@@ -35,11 +35,15 @@ def prepare_stage(cfg: Config, stage: Stage, device: torch.device) -> StageSetup
     if not stage.distills:
         t = cfg.teacher
         model = build_denoiser(cfg.model, cfg.data).to(device).train()
+        if cfg.dist.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
         return StageSetup(model, None, t.lr, t.adam_betas, warmup(t.warmup_updates), t.ema_decay, t.batch_size,
                           t.grad_clip)
     teacher = freeze(load_checkpoint(stage.teacher, map_location=device)[0])
     s = cfg.distill
     model = make_student(teacher, cfg.model.parameterization)
+    if cfg.dist.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
     return StageSetup(model, teacher, s.lr, s.adam_betas, linear_decay(stage.updates), None, s.batch_size,
                       s.grad_clip)
 

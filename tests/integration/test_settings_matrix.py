@@ -32,7 +32,13 @@ COMBOS = [(f"z{stage}-{precision}-{offload}", [f"dist.zero_stage={stage}", f"dis
                                                 f"dist.offload_params={str(offload == 'params').lower()}",
                                                 f"dist.teacher_dtype={precision}"])
           for stage in (0, 1, 2, 3) for precision in ("fp32", "bf16")
-          for offload in (("none",) if stage == 0 else ("none", "opt") if stage < 3 else ("none", "opt", "params"))]
+          for offload in (("none",) if stage == 0 else ("none", "opt") if stage < 3 else ("none", "opt", "params"))] + [
+    # communication and memory settings (the combos above run the defaults: overlapped 50M-element buckets)
+    ("z2-fp32-serial-comm", ["dist.zero_stage=2", "dist.precision=fp32", "dist.overlap_comm=false",
+                             "dist.bucket_elements=1000000"]),
+    ("z3-bf16-grad-ckpt", ["dist.zero_stage=3", "dist.precision=bf16", "dist.teacher_dtype=bf16",
+                           "dist.gradient_checkpointing=true"]),
+]
 BASE = ["data.resolution=8", "model.attn_resolutions=[4]", "model.ch=32", "data.loader_workers=0",
         "distill.batch_size=8", "teacher.batch_size=8", "teacher.warmup_updates=1", f"distill.lr={LR}", f"dist.checkpoint_every={EVERY}", "dist.nonfinite_patience=2",
         "dist.max_rollbacks=1", "data.shuffle_buffer=16", "dist.workers=2"]  # the worker count is the Ray run's

@@ -119,6 +119,11 @@ def test_scale_timeout_must_be_positive():
         load_config(None, ["dist.scale_timeout_s=0"])
 
 
+def test_tiny_zero_buckets_are_refused():
+    with pytest.raises(ConfigError, match=r"dist\.bucket_elements: must be >= 1000000"):
+        load_config(None, ["dist.bucket_elements=1000"])
+
+
 def test_relative_storage_inside_a_ray_job_copy_is_refused():
     job_copy = f"/tmp/ray/session_x/{RAY_JOB_COPY}/_ray_pkg_0123abcd"
     with pytest.raises(RunStateError, match="is relative, and this job runs in Ray's per-job copy"):

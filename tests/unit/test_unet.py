@@ -146,3 +146,46 @@ def test_a_former_checkpoint_that_does_not_fit_its_settings_is_refused():
     state["backbone.down.9.0.conv1.weight"] = state["backbone.conv_in.weight"]
     with pytest.raises(KeyError, match="down.9"):
         convert_state(state, meta.model, meta.data)
+
+
+def test_gradient_checkpointing_keeps_losses_and_gradients():
+    """dist.gradient_checkpointing recomputes activations in backward: same loss, same gradients, same dropout."""
+    from raypd.config import load_config as load
+    from raypd.train.setup import prepare_stage
+    from raypd.train.stage import Stage
+
+    z, logsnr = _inputs(4)
+    grads = []
+    for on in (False, True):
+        cfg = load(None, ["model.dropout=0.3", f"dist.gradient_checkpointing={str(on).lower()}"])
+        model = prepare_stage(cfg, Stage("teacher", "teacher", updates=1, stream=0, sampling_steps=4), torch.device("cpu")).model
+        _unzero(model)
+        torch.manual_seed(5)
+        loss = model(z, logsnr).square().mean()
+        loss.backward()
+        assert model.backbone.unet.is_gradient_checkpointing == on
+        grads.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_attention_runs_through_sdpa_with_contiguous_heads(monkeypatch):
+    """q, k, v reach PyTorch's scaled_dot_product_attention as [B, heads, tokens, head_dim] with unit stride in
+    head_dim, the layout its fused (flash / memory-efficient) kernels need on GPUs."""
+    import torch.nn.functional as F
+
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append((q.shape, q.stride(-1), k.stride(-1), v.stride(-1)))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    model = _tiny(head_channels=16)
+    z, logsnr = _inputs()
+    model(z, logsnr)
+    assert len(seen) == 4  # at 8 px: one down block, two up blocks; and the middle block
+    for shape, *strides in seen:
+        assert shape[0] == 2 and shape[-1] == 16 and strides == [1, 1, 1]

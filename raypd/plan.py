@@ -20,8 +20,17 @@ from raypd.train.rounds import plan_rounds
 
 PEAK_FLOPS = 312e12
 """Dense bf16 peak of an A100 (the estimate's reference GPU)."""
-UTILISATION = 0.35
-"""Fraction of peak a diffusion UNet typically sustains in training (an assumption, stated in the output)."""
+UTILISATION = 2.5e9 * 3 * 219.4e9 / (32 * 13 * 86400 * PEAK_FLOPS)
+"""Fraction of the A100's peak sustained in training, from a published run of the same network: EDM (Karras et
+al., NeurIPS 2022, training details in its appendix) trained the 296M-parameter ADM UNet at ImageNet 64, the
+network of ``configs/imagenet64.yaml`` (219.4 GFLOP per image forward), on 2,500 Mimg with 32 A100s in about
+13 days: 3 forwards per image over 32 x 13 GPU-days is about 14.7% of peak. Sampling is costed the same way."""
+UTILISATION_SOURCE = "EDM's ImageNet-64 training, 2,500 Mimg on 32 A100s in ~13 days"
+CHECKPOINT_BYTES_PER_PARAM = 16
+"""A stage checkpoint: fp32 weights, Adam's two moments and the EMA or bf16 copies (about 16 bytes per parameter)."""
+CHECKPOINT_GBPS_PER_NODE = 1.0
+"""Write rate of a node's local disk for checkpoints, GB/s (an assumption); training waits for the write."""
+GPUS_PER_NODE = 8
 REMOTE_CHECK_S = 20.0
 
 
@@ -139,8 +148,18 @@ def _fmt_flops(flops: float) -> str:
     return f"{flops:,.0f} FLOP"
 
 
-def describe_plan(cfg: Config) -> list[str]:
-    """The plan as printable lines."""
+def eval_forwards(cfg: Config) -> float:
+    """Image forwards of the run's evaluation: the teacher's full sampler and its DDIM at every step count the
+    rounds reach, once, and every student at its own steps (samples only; feature extraction is small)."""
+    rounds = plan_rounds(cfg.distill)
+    full = cfg.eval.reference_steps or cfg.teacher.sampling_steps
+    teacher = sum({full} | {r.teacher_steps for r in rounds} | {r.student_steps for r in rounds})
+    students = sum(r.student_steps for r in rounds)
+    return float(cfg.eval.num_samples * (teacher + students))
+
+
+def describe_plan(cfg: Config, checks: Checks | None = None) -> list[str]:
+    """The plan as printable lines (with a GPU run's memory warnings added to ``checks``)."""
     params, fwd = forward_flops(cfg)
     d, t, s = cfg.dist, cfg.teacher, cfg.distill
     workers = max(1, d.workers)
@@ -166,11 +185,27 @@ def describe_plan(cfg: Config) -> list[str]:
                      str(s.batch_size), str(s.batch_size // workers), f"{s.lr:g}", _fmt_flops(flops)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
-    gpu_hours = total / (PEAK_FLOPS * UTILISATION) / 3600
-    lines += ["", f"estimated compute: {_fmt_flops(total)} in all, about {gpu_hours:,.3g} A100-hours "
-              f"(assuming {UTILISATION:.0%} of the {PEAK_FLOPS / 1e12:.0f} TFLOP/s bf16 peak; "
-              f"{gpu_hours / workers:,.3g} h of wall time on {workers} such GPUs)",
+    evals = eval_forwards(cfg)
+    nodes = max(1, -(-workers // GPUS_PER_NODE))
+    checkpoints = sum(max(1, u // d.checkpoint_every) for u in
+                      ([] if t.checkpoint or t.source == "diffusers" else [t.updates]) + [r.updates for r in plan_rounds(s)])
+    write_s = checkpoints * params * CHECKPOINT_BYTES_PER_PARAM / (nodes * CHECKPOINT_GBPS_PER_NODE * 1e9)
+    rate = PEAK_FLOPS * UTILISATION
+    train_h, eval_h, ckpt_h = total / rate / 3600, evals * fwd / rate / 3600, write_s * workers / 3600
+    gpu_hours = train_h + eval_h + ckpt_h
+    lines += ["", f"estimated compute: {_fmt_flops(total)} of training and {_fmt_flops(evals * fwd)} of evaluation "
+              f"({evals:,.0f} image forwards), about {gpu_hours:,.3g} A100-hours: training {train_h:,.3g}, evaluation "
+              f"{eval_h:,.3g}, {checkpoints} checkpoint writes {ckpt_h:,.3g} (at {UTILISATION:.1%} of the "
+              f"{PEAK_FLOPS / 1e12:.0f} TFLOP/s bf16 peak, from {UTILISATION_SOURCE}; {gpu_hours / workers:,.3g} h of "
+              f"wall time on {workers} such GPUs)",
               f"evaluation: {cfg.eval.num_samples} samples per point, {cfg.eval.extractor} features, seed {cfg.eval.seed}"]
+    if d.use_gpu:
+        from raypd.memory import describe_memory
+
+        memory, warnings = describe_memory(cfg, params, trains_teacher=not t.checkpoint and t.source != "diffusers")
+        lines += memory
+        if checks is not None:
+            checks.warnings.extend(warnings)
     return lines
 
 
@@ -247,7 +282,7 @@ def dry_run(cfg: Config) -> int:
     if plan_cfg.teacher.source == "diffusers" and plan_cfg.model.backbone != "diffusers":
         print("(no plan: the diffusers teacher could not be read, see below)")
     else:
-        for line in describe_plan(plan_cfg):
+        for line in describe_plan(plan_cfg, checks):
             print(line)
     print()
     for line in checks.passed:

@@ -22,7 +22,8 @@ ALLOWED = {
     # the Ray/DeepSpeed layer: everything below the driver, nothing of it
     "distributed": {"diffusion", "config", "models", "data", "train", "eval", "checkpoint", "distributed", "storage"},
     # the driver's modules and the command line, on top
-    "plan": {"config", "train", "models", "data", "checkpoint", "hf", "runs", "distributed", "storage"},
+    "plan": {"config", "train", "models", "data", "checkpoint", "hf", "runs", "distributed", "storage", "memory"},
+    "memory": {"config", "models"},
     "sample": {"config", "data", "eval", "checkpoint"},
     "score": {"config", "data", "eval", "checkpoint", "sample"},
     "pipeline": {"diffusion", "config", "models", "data", "train", "eval", "checkpoint", "hf", "runs", "distributed"},

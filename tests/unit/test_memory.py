@@ -1,0 +1,62 @@
+"""The dry run's per-GPU memory estimate and its cost model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from raypd.config import load_config
+from raypd.memory import GIB, activation_gib, describe_memory, stage_memory
+from raypd.models import count_parameters
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def _paper(name: str, *overrides: str):
+    cfg = load_config(CONFIGS / name, list(overrides))
+    return cfg, count_parameters(cfg.model, cfg.data)
+
+
+def test_the_paper_configs_fit_the_cluster_files_40_gb_a100s():
+    for name in ("cifar10.yaml", "imagenet64.yaml", "lsun_bedroom128.yaml", "lsun_church128.yaml"):
+        cfg, params = _paper(name)
+        lines, warnings = describe_memory(cfg, params, trains_teacher=True)
+        assert not warnings, (name, lines)
+        assert "A100-40G, 40 GiB" in lines[0]
+
+
+def test_the_parts_follow_zero_precision_and_the_stage():
+    cfg, params = _paper("imagenet64.yaml")
+    p = params / GIB
+    teacher, round_ = stage_memory(cfg, params, distills=False), stage_memory(cfg, params, distills=True)
+    assert teacher.micro_batch == round_.micro_batch == 2048 // 32
+    assert teacher.parts["weights"] == pytest.approx(2 * p)  # bf16 weights, whole on every rank under ZeRO-2
+    assert teacher.parts["optimizer"] == pytest.approx(12 * p / 32)  # Adam moments + fp32 master, sharded
+    assert teacher.parts["EMA"] == pytest.approx(4 * p) and "teacher" not in teacher.parts
+    assert cfg.dist.use_gpu and round_.parts["teacher"] == pytest.approx(2 * p)  # teacher_dtype auto on GPUs: bf16
+    zero3 = stage_memory(load_config(CONFIGS / "imagenet64.yaml", ["dist.zero_stage=3"]), params, distills=True)
+    assert zero3.parts["weights"] == pytest.approx(2 * p / 32)
+    offloaded = stage_memory(load_config(CONFIGS / "imagenet64.yaml", ["dist.offload_optimizer=true"]), params,
+                             distills=True)
+    assert offloaded.parts["optimizer"] == 0
+
+
+def test_activations_are_measured_and_checkpointing_cuts_them():
+    cfg = load_config(None, ["data.resolution=16", "dist.workers=2"])
+    one, four = activation_gib(cfg, 1), activation_gib(cfg, 4)
+    assert four == pytest.approx(4 * one, rel=0.01) and one > 0  # linear in the micro-batch
+    checkpointed = activation_gib(load_config(None, ["data.resolution=16", "dist.gradient_checkpointing=true"]), 4)
+    assert checkpointed < 0.7 * four
+
+
+def test_a_run_that_does_not_fit_is_warned_about_in_the_dry_run(capsys):
+    from raypd.distill import main
+
+    args = ["--dry-run", "--config", str(CONFIGS / "imagenet64.yaml"), "dist.accelerator_type=T4"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "GPU memory per rank, estimated (against T4, 16 GiB)" in out
+    assert "warning  memory: a teacher stage needs about" in out and "dist.gradient_checkpointing=true" in out
+    assert "14.7% of the 312 TFLOP/s bf16 peak, from EDM's ImageNet-64 training" in out
+    assert "of evaluation" in out and "checkpoint writes" in out

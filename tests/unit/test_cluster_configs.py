@@ -22,7 +22,9 @@ ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
 LAUNCHERS = sorted(CLUSTER.glob("*.yaml"))
 SCHEMA = json.loads((Path(os.path.dirname(ray.__file__)) / "autoscaler" / "ray-schema.json").read_text())
-IMAGE = f"rayproject/ray:{ray.__version__}-py311-gpu"
+IMAGE = f"rayproject/ray:{ray.__version__}-py311-cu128"
+KUBE_IMAGE = "YOUR-REGISTRY/raypd:0.1.0-cu128"  # built from cluster/Dockerfile
+STACK = CLUSTER / "requirements-gpu.txt"
 DRIVER_RESOURCE = "raypd_driver"
 # Spot / preemptible variants and the on-demand file they must otherwise equal.
 VARIANTS = {"aws-spot.yaml": "aws.yaml", "gcp-preemptible.yaml": "gcp.yaml"}
@@ -99,11 +101,10 @@ def test_launcher_node_types(path):
 def test_launcher_installs_the_stack_and_enables_token_auth(path):
     config = load(path)
     extra = "s3" if config["provider"]["type"] == "aws" else "gcs"
-    setup = "\n".join(config["setup_commands"])
-    assert f'raypd-src[{extra}]' in setup
-    assert "DS_BUILD_FUSED_ADAM=1" in setup and "deepspeed" in setup
-    # torch is installed before DeepSpeed is built against it.
-    assert setup.index("torch torchvision") < setup.index("DS_BUILD_FUSED_ADAM")
+    # exactly the pinned stack, then raypd without letting pip pick other versions; no op is compiled
+    assert config["setup_commands"] == ['pip install --no-cache-dir -r "$HOME/raypd-src/cluster/requirements-gpu.txt"',
+                                        'pip install --no-cache-dir --no-deps "$HOME/raypd-src"']
+    assert f"{'s3fs' if extra == 's3' else 'gcsfs'}==" in STACK.read_text()
     assert config["file_mounts"]["~/raypd-src"] == "."
     assert "~/.ray/auth_token" in config["file_mounts"]
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
@@ -195,8 +196,8 @@ def cluster_spec_problems(spec: dict) -> list[str]:
         problems.append("no 1-GPU driver group offering the raypd_driver resource")
     for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
         for c in containers(group):
-            if c["image"] != IMAGE:
-                problems.append(f"image {c['image']} is not {IMAGE}")
+            if c["image"] != KUBE_IMAGE:
+                problems.append(f"image {c['image']} is not {KUBE_IMAGE}")
             if "/mnt/shared" in [m["mountPath"] for m in c.get("volumeMounts", [])]:
                 problems.append(f"{c['name']} mounts a shared file system (runs keep their files in a bucket)")
     return problems
@@ -235,7 +236,7 @@ def test_rayjob_manifest_runs_the_pipeline_on_a_valid_config():
     assert load_config(ROOT / config, [*overrides, f"run.storage_path={storage}"]).run.storage_path.startswith("s3://")
 
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
-    assert runtime_env["working_dir"] and any(p.startswith("raypd[") for p in runtime_env["pip"])
+    assert "pip" not in runtime_env and "uv" not in runtime_env  # the image has the pinned stack and raypd
     # The driver lands on the driver group; every group starts at zero pods, and the training GPUs the
     # config needs fit under the groups' maxima (the job asks the autoscaler for them)
     assert json.loads(spec["entrypointResources"]) == {DRIVER_RESOURCE: 1} and spec["entrypointNumGpus"] == 1
@@ -262,3 +263,37 @@ def test_readme_runtime_env_pip_list_covers_the_dependencies():
     needed = {re.split(r"[\[<>=!~ ]", d)[0].lower() for d in
               tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
     assert needed - {"ray"} <= listed
+
+
+def _pins() -> dict[str, str]:
+    pins = {}
+    for line in STACK.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line and not line.startswith("-"):
+            name, version = line.split("==")
+            pins[re.split(r"\[", name)[0].lower()] = version
+    return pins
+
+
+def test_the_gpu_stack_is_pinned_once_and_everything_agrees_on_it():
+    """cluster/requirements-gpu.txt pins every dependency of raypd within pyproject.toml's ranges; the Dockerfile,
+    the launcher files and the manifests run that stack on Ray's CUDA 12.8 image, whose Ray is the pinned one."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    from packaging.requirements import Requirement
+
+    pins = _pins()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for dep in map(Requirement, project["dependencies"]):
+        assert dep.name.lower() in pins, f"{dep.name} is not pinned in {STACK.name}"
+        assert dep.specifier.contains(pins[dep.name.lower()], prereleases=True), (dep, pins[dep.name.lower()])
+    cuda = "cu128"
+    assert pins["torch"].endswith(f"+{cuda}") and pins["torchvision"].endswith(f"+{cuda}")
+    assert f"--extra-index-url https://download.pytorch.org/whl/{cuda}" in STACK.read_text()
+    assert pins["ray"] == ray.__version__  # the Ray the tests validate the files against
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    assert re.findall(r"^FROM (\S+)", dockerfile, flags=re.M) == [IMAGE]
+    assert "pip install --no-cache-dir -r /tmp/requirements-gpu.txt" in dockerfile and "--no-deps" in dockerfile
+    assert "DS_BUILD" not in dockerfile
+    for path in LAUNCHERS:
+        assert load(path)["docker"]["image"] == IMAGE, path.name
+    assert KUBE_IMAGE.endswith(f"{project['version']}-{cuda}") and f"-t {KUBE_IMAGE}" in dockerfile

@@ -31,6 +31,9 @@ CHECKPOINT_BYTES_PER_PARAM = 16
 CHECKPOINT_GBPS_PER_NODE = 1.0
 """Write rate of a node's local disk for checkpoints, GB/s (an assumption); training waits for the write."""
 GPUS_PER_NODE = 8
+LOSS_BUDGET_MIN = 15
+"""Minutes of work a checkpoint interval may hold before the dry run warns (a spot preemption loses up to that)."""
+
 REMOTE_CHECK_S = 20.0
 
 
@@ -199,6 +202,15 @@ def describe_plan(cfg: Config, checks: Checks | None = None) -> list[str]:
               f"{PEAK_FLOPS / 1e12:.0f} TFLOP/s bf16 peak, from {UTILISATION_SOURCE}; {gpu_hours / workers:,.3g} h of "
               f"wall time on {workers} such GPUs)",
               f"evaluation: {cfg.eval.num_samples} samples per point, {cfg.eval.extractor} features, seed {cfg.eval.seed}"]
+    if d.workers and plan_rounds(s):
+        per_update = s.batch_size * 5 * fwd / (workers * rate)
+        lost = d.checkpoint_every * per_update / 60
+        lines.append(f"checkpoints: every {d.checkpoint_every:,} updates, about {lost:,.1f} min of a round's work at the "
+                     "rate above (what a lost node costs at most)")
+        if checks is not None and lost > LOSS_BUDGET_MIN:
+            checks.warnings.append(f"dist.checkpoint_every: {d.checkpoint_every:,} updates are about {lost:,.0f} min of "
+                                   f"work, more than {LOSS_BUDGET_MIN} min to lose to a preemption; about "
+                                   f"{max(1, int(LOSS_BUDGET_MIN * 60 / per_update)):,} keeps it under")
     if d.use_gpu:
         from raypd.memory import describe_memory
 

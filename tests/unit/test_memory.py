@@ -60,3 +60,13 @@ def test_a_run_that_does_not_fit_is_warned_about_in_the_dry_run(capsys):
     assert "warning  memory: a teacher stage needs about" in out and "dist.gradient_checkpointing=true" in out
     assert "14.7% of the 312 TFLOP/s bf16 peak, from EDM's ImageNet-64 training" in out
     assert "of evaluation" in out and "checkpoint writes" in out
+
+
+def test_the_dry_run_says_what_a_checkpoint_interval_holds(capsys):
+    from raypd.distill import main
+
+    assert main(["--dry-run", "--config", str(CONFIGS / "imagenet64.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "checkpoints: every 500 updates, about 12.8 min" in out and "dist.checkpoint_every:" not in out
+    assert main(["--dry-run", "--config", str(CONFIGS / "imagenet64.yaml"), "dist.checkpoint_every=5000"]) == 0
+    assert "warning  dist.checkpoint_every: 5,000 updates are about 128 min of work" in capsys.readouterr().out

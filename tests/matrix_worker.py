@@ -122,13 +122,13 @@ def _combo(cfg, spec: dict, root: Path, rank: int, world: int) -> dict:
     # teacher training: the EMA of whole weights (gathered under ZeRO-3) is what the stage hands on
     t_stage = Stage("teacher", "teacher", updates=EVERY, sampling_steps=4, stream=0, shards=stage.shards)
     taught = _loop(cfg, t_stage, rank, world, SharedFolderStore(root / "teacher"), root / f"staging{rank}")
-    initial = {k: v.clone() for k, v in taught.engine.ema.state_dict().items()}
+    out["teacher"] = {"has_ema": taught.engine.ema is not None}  # rank 0 alone keeps the EMA
+    initial = {k: v.clone() for k, v in taught.engine.ema.state_dict().items()} if rank == 0 else {}
     taught.run(0)
-    ema = taught.engine.ema.state_dict()
-    out["teacher"] = {"losses": taught.losses, "skipped": taught.engine.skipped_updates,
-                      "ema_moved": max(float((ema[k] - initial[k]).abs().max()) for k in ema),
-                      "ema_sum": float(sum(v.double().sum() for v in ema.values()))}
+    out["teacher"].update(losses=taught.losses, skipped=taught.engine.skipped_updates)
     if rank == 0:
+        ema = taught.engine.ema.state_dict()
+        out["teacher"]["ema_moved"] = max(float((ema[k] - initial[k]).abs().max()) for k in ema)
         saved = load_file(str(taught.store.reported[-1] / "consolidated" / "model.safetensors"))
         out["teacher"]["saved_is_ema"] = all(torch.equal(saved[k], ema[k]) for k in ema)
     out["seconds"] = time.perf_counter() - began

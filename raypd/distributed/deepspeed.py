@@ -104,8 +104,10 @@ class DeepSpeedEngine:
     """The Engine interface (model, backward, step) over a deepspeed engine."""
 
     def __init__(self, engine, schedule: LrSchedule, base_lr: float, ema: EMA | None = None,
-                 precision: Precision = "fp32"):
+                 precision: Precision = "fp32", keeps_ema: bool | None = None):
         self.engine, self.schedule, self.base_lr, self.ema = engine, schedule, base_lr, ema
+        # the EMA lives on rank 0 only (it saves and hands it on); every rank still joins its ZeRO-3 gather
+        self.keeps_ema = ema is not None if keeps_ema is None else keeps_ema
         self.precision = precision
         # calling the engine runs the wrapped Denoiser's forward with ZeRO's hooks
         self.model = MixedPrecisionForward(engine, DTYPES[precision]) if precision in DTYPES else engine
@@ -140,14 +142,15 @@ class DeepSpeedEngine:
         grad_norm = float(norm)
         if not math.isfinite(grad_norm):
             self.skipped_updates += 1
-        elif self.ema is not None:
+        elif self.keeps_ema:
             with self.gathered():
-                self.ema.update(self.engine.module)
+                if self.ema is not None:
+                    self.ema.update(self.engine.module)
         self.updates += 1
         self.set_lr()
         return grad_norm, lr
 
-    # -- state: DeepSpeed's own checkpoint (each rank its shard) plus the EMA, identical on every rank ---------
+    # -- state: DeepSpeed's own checkpoint (each rank its shard) plus the EMA, which rank 0 keeps --------------
     def save(self, directory: Path, client: dict) -> None:
         self.engine.save_checkpoint(str(directory), tag=TAG, client_state=client)
         if self.ema is not None and self.engine.global_rank == 0:
@@ -163,8 +166,11 @@ class DeepSpeedEngine:
         return client
 
     def export_state(self) -> dict[str, Tensor]:
-        """The EMA, or the fp32 master weights (collective under ZeRO-3: every rank calls it)."""
-        return self.ema.state_dict() if self.ema is not None else self.master_state_dict()
+        """The EMA (rank 0; other ranks get nothing), or the fp32 master weights (collective under ZeRO-3: every
+        rank calls it)."""
+        if self.keeps_ema:
+            return self.ema.state_dict() if self.ema is not None else {}
+        return self.master_state_dict()
 
     def gathered(self):
         """Whole parameters on every rank for the duration (ZeRO-3 partitions them; a no-op otherwise)."""
@@ -261,7 +267,8 @@ def build_deepspeed_engine(model: Denoiser, *, lr: float, betas: tuple[float, fl
     else:
         optimizer = torch.optim.Adam(params, lr=lr, betas=betas)
     # an EMA copy, and the exact fp32 weights, are taken before DeepSpeed partitions (ZeRO-3) or casts them
-    ema = EMA(model, ema_decay) if ema_decay is not None else None
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    ema = EMA(model, ema_decay) if ema_decay is not None and rank == 0 else None
     low_precision = config["bf16"]["enabled"] or config["fp16"]["enabled"]
     exact = {n: p.detach().float().cpu().clone() for n, p in model.named_parameters()} if low_precision else None
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
@@ -269,7 +276,7 @@ def build_deepspeed_engine(model: Denoiser, *, lr: float, betas: tuple[float, fl
     if engine.zero_optimization_stage() != want:
         raise RuntimeError(f"DeepSpeed runs ZeRO stage {engine.zero_optimization_stage()}, the config asked for {want}")
     precision: Precision = "bf16" if config["bf16"]["enabled"] else "fp16" if config["fp16"]["enabled"] else "fp32"
-    wrapped = DeepSpeedEngine(engine, schedule, lr, ema, precision)
+    wrapped = DeepSpeedEngine(engine, schedule, lr, ema, precision, keeps_ema=ema_decay is not None)
     if exact is not None:
         wrapped.set_master(exact)
     return wrapped

@@ -17,6 +17,9 @@ class EMA:
     Buffers (none in the UNet) are copied, not averaged.
     """
 
+    CHUNK = 1 << 24
+    """Elements converted per averaging chunk (64 MB in fp32)."""
+
     def __init__(self, model: nn.Module, decay: float):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must lie in [0, 1), got {decay}")
@@ -25,9 +28,18 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        ema_params = list(self.shadow.parameters())
-        params = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params)]
-        torch._foreach_lerp_(ema_params, params, 1.0 - self.decay)
+        """One averaging step. Weights of another dtype (bf16) are converted a chunk at a time, so the fp32
+        temporary stays under CHUNK elements instead of a second full copy of the model."""
+        pairs = list(zip(self.shadow.parameters(), model.parameters()))
+        start = 0
+        while start < len(pairs):
+            end, size = start, 0
+            while end < len(pairs) and (end == start or size + pairs[end][0].numel() <= self.CHUNK):
+                size += pairs[end][0].numel()
+                end += 1
+            shadow = [e for e, _ in pairs[start:end]]
+            torch._foreach_lerp_(shadow, [p.detach().to(e.dtype) for e, p in pairs[start:end]], 1.0 - self.decay)
+            start = end
         for eb, b in zip(self.shadow.buffers(), model.buffers()):
             eb.copy_(b)
 

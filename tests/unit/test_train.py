@@ -109,3 +109,20 @@ def test_ema_of_a_bf16_model_averages_in_fp32():
     moved = (ema.shadow.weight - start).mean().item()
     assert ema.shadow.weight.dtype == torch.float32
     assert moved == pytest.approx(0.01 * (1 - 0.9999**100), rel=0.05)  # bf16 arithmetic would move ~3x less
+
+
+def test_ema_converts_a_chunk_at_a_time_and_averages_the_same():
+    from raypd.train.ema import EMA
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(5)]).to(torch.bfloat16)
+    whole, chunked = EMA(model, decay=0.9), EMA(model, decay=0.9)
+    chunked.CHUNK = 100  # smaller than one weight matrix plus its bias: several chunks per update
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    for _ in range(3):
+        whole.update(model)
+        chunked.update(model)
+    for a, b in zip(whole.shadow.parameters(), chunked.shadow.parameters()):
+        assert torch.equal(a, b)

@@ -178,7 +178,10 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
     """Build the denoiser the metadata describes and load its weights (safetensors: no code runs)."""
     meta = read_meta(path)
     verify_weights(path)
-    model = build_denoiser(meta.model, meta.data)
+    try:
+        model = build_denoiser(meta.model, meta.data)
+    except ConfigError as err:  # e.g. a former network's settings that a UNet2DModel cannot express
+        raise CheckpointError(f"{path}: its model settings cannot be built ({err})") from None
     try:
         state = load_file(str(Path(path) / WEIGHTS), device=str(map_location))
     except Exception as err:  # noqa: BLE001 - safetensors reports any malformed file as its own error type

@@ -6,8 +6,8 @@ forward of the network at the micro-batch runs on PyTorch's meta device (no memo
 with a hook that adds up every tensor autograd keeps for the backward pass. Attention is counted
 as a fused kernel keeps it (q, k, v, the output and a logsumexp per query), since raypd's
 attention reaches PyTorch's fused SDPA kernels on GPUs. With ``dist.gradient_checkpointing`` the
-same measurement sees only what checkpointing keeps; the recompute of one block at a time during
-backward is not counted.
+same measurement counts what checkpointing keeps (each block's inputs); the recompute of one block at
+a time during backward is not counted.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ GPU_MEMORY_GIB = {"A100": 40, "A100-40G": 40, "A100-80G": 80, "H100": 80, "H200"
 """Memory of Ray's accelerator types (``dist.accelerator_type``); "A100" is taken as the 40 GB part."""
 DEFAULT_GPU = "A100-40G"
 """The GPU assumed when ``dist.accelerator_type`` is empty: the 40 GB A100 of the cluster files' 8-GPU nodes."""
+OVERLAP_FACTOR = 4.5
+"""Bucket memory multiplier with ``overlap_comm`` (DeepSpeed's documentation of ZeRO-2)."""
 OVERHEAD_GIB = 1.5
 """CUDA context, cuBLAS/cuDNN workspaces and allocator slack per process (an assumption)."""
 
@@ -42,11 +44,21 @@ class StageMemory:
         return sum(self.parts.values())
 
 
+def _keeping_inputs(recompute, keep):
+    def run(block, *args):
+        for arg in args:
+            if isinstance(arg, torch.Tensor):
+                keep(arg)
+        return recompute(block, *args)
+
+    return run
+
+
 def activation_gib(cfg: Config, micro_batch: int) -> float:
     """GiB autograd keeps for the backward of one training forward at ``micro_batch`` (measured on meta)."""
     d = cfg.data
     dtype = torch.float32 if cfg.dist.precision == "fp32" else torch.bfloat16
-    kept: dict[int, int] = {}
+    kept: dict[int, tuple[torch.Tensor, int]] = {}  # holding the (meta) tensors keeps their ids unique
     fused = [0]
     sdpa = F.scaled_dot_product_attention
 
@@ -58,13 +70,17 @@ def activation_gib(cfg: Config, micro_batch: int) -> float:
 
     def keep(tensor):
         if id(tensor) not in weights and id(tensor._base) not in weights:  # layers keep weights (or views): counted apart
-            kept[id(tensor)] = tensor.numel() * tensor.element_size()
+            kept[id(tensor)] = (tensor, tensor.numel() * tensor.element_size())
         return tensor
 
     with torch.device("meta"):
         model = build_denoiser(cfg.model, d).to(dtype).train()
         if cfg.dist.gradient_checkpointing:
             model.enable_gradient_checkpointing()
+            for module in model.modules():  # a checkpointed block keeps its inputs, outside autograd's hooks
+                recompute = getattr(module, "_gradient_checkpointing_func", None)
+                if recompute is not None:
+                    module._gradient_checkpointing_func = _keeping_inputs(recompute, keep)
         weights.update(id(p) for p in model.parameters())
         z = torch.zeros(micro_batch, d.channels, d.resolution, d.resolution, dtype=dtype)
         y = torch.zeros(micro_batch, dtype=torch.long) if d.num_classes else None
@@ -74,7 +90,7 @@ def activation_gib(cfg: Config, micro_batch: int) -> float:
                 model(z, torch.zeros(micro_batch, dtype=dtype), y)
         finally:
             F.scaled_dot_product_attention = sdpa
-    return (sum(kept.values()) + fused[0]) / GIB
+    return (sum(size for _, size in kept.values()) + fused[0]) / GIB
 
 
 def stage_memory(cfg: Config, params: int, *, distills: bool) -> StageMemory:
@@ -98,8 +114,8 @@ def stage_memory(cfg: Config, params: int, *, distills: bool) -> StageMemory:
     else:
         parts["EMA"] = 4 * p
     parts["activations"] = activation_gib(cfg, micro)
-    if d.zero_stage >= 1:
-        parts["ZeRO buckets"] = 2 * d.bucket_elements * width / GIB
+    if d.zero_stage >= 1:  # reduce + all-gather buckets; overlapping keeps about 4.5 times them (DeepSpeed's docs)
+        parts["ZeRO buckets"] = 2 * d.bucket_elements * width * (OVERLAP_FACTOR if d.overlap_comm else 1) / GIB
     parts["CUDA overhead"] = OVERHEAD_GIB
     return StageMemory("round" if distills else "teacher", micro, parts)
 

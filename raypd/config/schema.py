@@ -45,16 +45,16 @@ def unet_head_size(model: "ModelConfig", resolution: int) -> int | None:
 
     diffusers takes one head size for every attention block (heads = channels // head size); the
     paper's rule, heads = max(1, channels // head_channels), fits it when ``head_channels`` divides
-    every attended level's channels, or is at least all of them.
+    every attended level's channels, or gives every one of them a single head (channels < 2 x head_channels).
     """
     levels = [resolution // 2**i for i in range(len(model.ch_mult))]
     widths = [model.ch * m for m, r in zip(model.ch_mult, levels) if r in model.attn_resolutions]
     widths.append(model.ch * model.ch_mult[-1])  # the middle block attends too
     if all(w % model.head_channels == 0 for w in widths):
         return model.head_channels
-    _require(all(model.head_channels >= w for w in widths), "model.head_channels",
-             f"{model.head_channels} neither divides nor covers the channels of every level with attention "
-             f"{sorted(set(widths))}; choose a head size that divides them all")
+    _require(all(w < 2 * model.head_channels for w in widths), "model.head_channels",
+             f"{model.head_channels} neither divides the channels of every level with attention "
+             f"{sorted(set(widths))} nor gives each of them one head; choose a head size that divides them all")
     return None
 
 
@@ -352,12 +352,13 @@ class DistConfig:
     offload_params: bool = False
     """Keep the parameters in CPU memory (needs ZeRO stage 3)."""
     gradient_checkpointing: bool = False
-    """Recompute each network block's activations in the backward pass instead of keeping them: activation
-    memory drops to about one block's, for about one more student forward per update. Training is otherwise
-    unchanged (same losses and gradients)."""
+    """Recompute each residual block's activations in the backward pass instead of keeping them (only the
+    blocks' inputs are kept): less activation memory (``--dry-run`` estimates it) for about one more student
+    forward per update. Training is otherwise unchanged (same losses and gradients)."""
     bucket_elements: int = 50_000_000
-    """Elements per ZeRO gradient-reduce and parameter all-gather bucket (ZeRO stages 1-3). DeepSpeed's own
-    default, 500M, holds 1 GB of bf16 gradients per bucket on every GPU."""
+    """Elements per ZeRO gradient-reduce bucket (ZeRO stages 1-3) and parameter all-gather bucket (stages 1-2).
+    DeepSpeed's own default, 500M, holds 1 GB of bf16 gradients per bucket on every GPU, and overlap_comm
+    keeps about 4.5 times the buckets' size."""
     overlap_comm: bool = True
     """Reduce one bucket of gradients while the backward pass fills the next (ZeRO stages 1-3), instead of
     all of them after backward."""

@@ -228,7 +228,9 @@ def test_rayjob_manifest_runs_the_pipeline_on_a_valid_config():
     argv = shlex.split(spec["entrypoint"])
     assert argv[:3] == ["python", "-m", "raypd.distill"]
     config = argv[argv.index("--config") + 1]
-    assert (ROOT / config).is_file()
+    assert config.startswith("/home/ray/raypd-src/")  # the image's copy of the repository (cluster/Dockerfile)
+    config = config.removeprefix("/home/ray/raypd-src/")
+    assert (ROOT / config).is_file() and "COPY --chown=ray:users . /home/ray/raypd-src" in (CLUSTER / "Dockerfile").read_text()
     overrides = [a for a in argv[3:] if "=" in a and not a.startswith("-")]
     cfg = load_config(ROOT / config, overrides)  # the job's settings are valid as submitted
     assert cfg.data.shards.startswith("s3://") and "{" in cfg.data.shards

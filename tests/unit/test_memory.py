@@ -35,6 +35,9 @@ def test_the_parts_follow_zero_precision_and_the_stage():
     assert teacher.parts["optimizer"] == pytest.approx(12 * p / 32)  # Adam moments + fp32 master, sharded
     assert teacher.parts["EMA"] == pytest.approx(4 * p) and "teacher" not in teacher.parts
     assert cfg.dist.use_gpu and round_.parts["teacher"] == pytest.approx(2 * p)  # teacher_dtype auto on GPUs: bf16
+    assert teacher.parts["ZeRO buckets"] == pytest.approx(2 * 50_000_000 * 2 * 4.5 / GIB)  # overlapped buckets
+    serial = stage_memory(load_config(CONFIGS / "imagenet64.yaml", ["dist.overlap_comm=false"]), params, distills=True)
+    assert serial.parts["ZeRO buckets"] == pytest.approx(2 * 50_000_000 * 2 / GIB)
     zero3 = stage_memory(load_config(CONFIGS / "imagenet64.yaml", ["dist.zero_stage=3"]), params, distills=True)
     assert zero3.parts["weights"] == pytest.approx(2 * p / 32)
     offloaded = stage_memory(load_config(CONFIGS / "imagenet64.yaml", ["dist.offload_optimizer=true"]), params,
@@ -47,7 +50,7 @@ def test_activations_are_measured_and_checkpointing_cuts_them():
     one, four = activation_gib(cfg, 1), activation_gib(cfg, 4)
     assert four == pytest.approx(4 * one, rel=0.01) and one > 0  # linear in the micro-batch
     checkpointed = activation_gib(load_config(None, ["data.resolution=16", "dist.gradient_checkpointing=true"]), 4)
-    assert checkpointed < 0.7 * four
+    assert 0.2 * four < checkpointed < 0.7 * four  # the blocks' inputs stay, their insides are recomputed
 
 
 def test_a_run_that_does_not_fit_is_warned_about_in_the_dry_run(capsys):

@@ -126,6 +126,24 @@ def test_one_head_per_block_when_head_channels_covers_every_level():
     model = ModelConfig(ch=32, ch_mult=(1, 2), attn_resolutions=(8,), head_channels=128)
     assert unet_config(model, DATA)["attention_head_dim"] is None  # 64 channels at 8 px and in the middle: one head each
     assert unet_config(ModelConfig(head_channels=16), DATA)["attention_head_dim"] == 16
+    # 48 divides neither 32 nor 64, but gives each one head (the paper's max(1, channels // 48))
+    wide = ModelConfig(ch=32, ch_mult=(1, 2), attn_resolutions=(16, 8), head_channels=48)
+    assert unet_config(wide, DATA)["attention_head_dim"] is None
+
+
+def test_a_checkpoint_whose_settings_cannot_be_built_is_a_checkpoint_error(tmp_path):
+    import json
+    import shutil
+
+    from raypd.checkpoint import CheckpointError
+
+    path = tmp_path / "former"
+    shutil.copytree(GOLDEN / "legacy-unet-updown", path)
+    meta = json.loads((path / "meta.json").read_text())
+    meta["model"]["ch_mult"] = [2, 2]
+    (path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"cannot be built \(model.ch_mult: must start with 1"):
+        load_checkpoint(path)
 
 
 @pytest.mark.parametrize("name", ["updown", "strided"])

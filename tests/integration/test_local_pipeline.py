@@ -170,9 +170,9 @@ def test_run_directory_guards(tmp_path, capsys):
     run = tmp_path / "g"
     capsys.readouterr()
     # settings that change what was trained cannot continue the run; evaluation settings can change
-    assert main([*args, "model.ch=16", "model.head_channels=16"]) == 2
+    assert main([*args, "model.ch=64", "model.head_channels=64"]) == 2
     err = capsys.readouterr().err
-    assert "model.ch (32 -> 16)" in err and "--restart" in err
+    assert "model.ch (32 -> 64)" in err and "--restart" in err
     assert main(["--resume", *args, "eval.grid_size=4"]) == 0
     assert "has finished already" in capsys.readouterr().err
     # --restart moves the finished run aside and starts a new one in its place

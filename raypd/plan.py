@@ -176,7 +176,8 @@ def describe_plan(cfg: Config, checks: Checks | None = None) -> list[str]:
     # a training update is forward + backward (~3 forwards); distillation adds two teacher forwards
     rows = [("stage", "steps", "updates", "batch", "per worker", "lr", "compute")]
     total = 0.0
-    if not t.checkpoint and t.source != "diffusers":
+    trains_teacher = not t.checkpoint and t.source != "diffusers"
+    if trains_teacher:
         flops = t.updates * t.batch_size * 3 * fwd
         total += flops
         rows.append(("teacher", str(t.sampling_steps), f"{t.updates:,}", str(t.batch_size),
@@ -191,7 +192,7 @@ def describe_plan(cfg: Config, checks: Checks | None = None) -> list[str]:
     evals = eval_forwards(cfg)
     nodes = max(1, -(-workers // GPUS_PER_NODE))
     checkpoints = sum(max(1, u // d.checkpoint_every) for u in
-                      ([] if t.checkpoint or t.source == "diffusers" else [t.updates]) + [r.updates for r in plan_rounds(s)])
+                      ([t.updates] if trains_teacher else []) + [r.updates for r in plan_rounds(s)])
     write_s = checkpoints * params * CHECKPOINT_BYTES_PER_PARAM / (nodes * CHECKPOINT_GBPS_PER_NODE * 1e9)
     rate = PEAK_FLOPS * UTILISATION
     train_h, eval_h, ckpt_h = total / rate / 3600, evals * fwd / rate / 3600, write_s * workers / 3600
@@ -214,7 +215,7 @@ def describe_plan(cfg: Config, checks: Checks | None = None) -> list[str]:
     if d.use_gpu:
         from raypd.memory import describe_memory
 
-        memory, warnings = describe_memory(cfg, params, trains_teacher=not t.checkpoint and t.source != "diffusers")
+        memory, warnings = describe_memory(cfg, params, trains_teacher=trains_teacher)
         lines += memory
         if checks is not None:
             checks.warnings.extend(warnings)

@@ -40,6 +40,11 @@ UNET_GROUPS = 32
 """GroupNorm groups throughout raypd's UNet (diffusers' ``norm_num_groups``)."""
 
 
+def level_resolutions(model: "ModelConfig", resolution: int) -> list[int]:
+    """The resolution of each UNet level: every level after the first halves it."""
+    return [resolution // 2**i for i in range(len(model.ch_mult))]
+
+
 def unet_head_size(model: "ModelConfig", resolution: int) -> int | None:
     """The UNet2DModel's ``attention_head_dim``: ``head_channels``, or None for one head per attention block.
 
@@ -47,8 +52,8 @@ def unet_head_size(model: "ModelConfig", resolution: int) -> int | None:
     paper's rule, heads = max(1, channels // head_channels), fits it when ``head_channels`` divides
     every attended level's channels, or gives every one of them a single head (channels < 2 x head_channels).
     """
-    levels = [resolution // 2**i for i in range(len(model.ch_mult))]
-    widths = [model.ch * m for m, r in zip(model.ch_mult, levels) if r in model.attn_resolutions]
+    widths = [model.ch * m for m, r in zip(model.ch_mult, level_resolutions(model, resolution))
+              if r in model.attn_resolutions]
     widths.append(model.ch * model.ch_mult[-1])  # the middle block attends too
     if all(w % model.head_channels == 0 for w in widths):
         return model.head_channels
@@ -71,7 +76,7 @@ def check_unet_shape(model: "ModelConfig", resolution: int) -> None:
     _require(resolution % 2 ** (levels - 1) == 0, "model.ch_mult",
              f"{levels} levels halve the resolution {levels - 1} times, but data.resolution={resolution} "
              f"is not divisible by {2 ** (levels - 1)}")
-    reached = {resolution // 2**k for k in range(levels)}
+    reached = set(level_resolutions(model, resolution))
     for r in model.attn_resolutions:
         _require(r in reached, "model.attn_resolutions",
                  f"{r} is never reached; the UNet's resolutions are {sorted(reached, reverse=True)}")

@@ -15,7 +15,7 @@ from typing import Mapping
 from torch import Tensor
 
 from raypd.config import DataConfig, ModelConfig
-from raypd.models.unet import level_resolutions
+from raypd.config.schema import level_resolutions
 
 LEGACY_MARK = "time_embed.0.weight"
 """A key only the former network has (diffusers calls it ``time_embedding.linear_1.weight``)."""

@@ -30,15 +30,11 @@ import torch
 from torch import Tensor, nn
 
 from raypd.config import DataConfig, ModelConfig
-from raypd.config.schema import UNET_GROUPS, check_unet_shape, unet_head_size
+from raypd.config.schema import UNET_GROUPS, check_unet_shape, level_resolutions, unet_head_size
 from raypd.diffusion.params import output_channels
 
 TIME_SCALE = 1000.0
 """The network sees 1000 * t_in as its timestep, t_in in [0, 1] (the paper's scaling)."""
-
-
-def level_resolutions(model: ModelConfig, resolution: int) -> list[int]:
-    return [resolution // 2**i for i in range(len(model.ch_mult))]
 
 
 def unet_config(model: ModelConfig, data: DataConfig) -> dict[str, Any]:

@@ -13,7 +13,31 @@ import json
 import sys
 from pathlib import Path
 
-from raypd.sample import checkpoint_args, generate
+from raypd.sample import checkpoint_args
+
+
+def sample_features(args: argparse.Namespace, spec) -> tuple[dict, int]:
+    """The features of ``args.n`` samples, sampled and extracted a chunk at a time (memory bounded by
+    ``args.batch`` x 8 images, not by ``args.n``), with a progress bar."""
+    import torch
+    from tqdm import tqdm
+
+    from raypd.checkpoint import load_checkpoint
+    from raypd.eval.chunks import chunks_for, collect, run_here
+    from raypd.eval.samples import NOISE_BLOCK
+
+    model, meta = load_checkpoint(args.checkpoint, map_location=args.device)
+    steps = args.steps or meta.sampling_steps
+    d = meta.data
+    size = max(NOISE_BLOCK, -(-8 * args.batch // NOISE_BLOCK) * NOISE_BLOCK)
+    chunks = chunks_for(args.n, "ddim", steps, data=d, seed=args.seed, precision="auto", extractor=spec.extractor,
+                        kid=spec.kid, prc=spec.prc, chunk_size=size)
+    bar = tqdm(total=args.n, desc=f"sampling {steps} steps", unit="img", file=sys.stderr)
+    point = collect(run_here(model, chunks, logsnr_fn=meta.logsnr_fn(), device=torch.device(args.device)), n=args.n,
+                    shape=(d.channels, d.resolution, d.resolution), grid_size=0, full=None,
+                    progress=lambda done, n: bar.update(done - bar.n))
+    bar.close()
+    return point.features, steps
 
 
 def fid_main(argv: list[str] | None = None) -> int:
@@ -42,10 +66,10 @@ def fid_main(argv: list[str] | None = None) -> int:
         manifest = check_shards(urls, resolution=d.resolution, channels=d.channels, num_classes=d.num_classes,
                                 world_size=1, num_workers=0)
         spec = fid_setup(cfg, urls, manifest, run)
-        samples, meta, steps = generate(args, args.n)
+        features, steps = sample_features(args, spec)
     except (CheckpointError, DataError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    result = spec.score(samples)
+    result = spec.score(features=features)
     print(json.dumps({"checkpoint": str(args.checkpoint), "steps": steps, "seed": args.seed, **result}))
     return 0

@@ -138,7 +138,7 @@ def _score(student_dir: str, spec: dict) -> float:
     import torch
 
     from raypd.checkpoint import load_checkpoint
-    from raypd.eval.samples import fixed_noise, sample_ddim
+    from raypd.eval.chunks import chunks_for, collect, run_here
 
     from raypd.storage import fetch
 
@@ -146,10 +146,13 @@ def _score(student_dir: str, spec: dict) -> float:
     spec = EvalSpec.from_dict(spec).with_locations(lambda location: fetch(location, cache))
     model, meta = load_checkpoint(Path(fetch(student_dir, cache)))
     d = meta.data
-    z, y = fixed_noise(spec.num_samples, d.channels, d.resolution, seed=spec.seed, num_classes=d.num_classes)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    samples = sample_ddim(model.to(device), z, y, meta.sampling_steps, logsnr_fn=meta.logsnr_fn(), device=device)
-    return spec.score(samples, kid=False, prc=False)["fid"]
+    chunks = chunks_for(spec.num_samples, "ddim", meta.sampling_steps, data=d, seed=spec.seed,
+                        precision=meta.config.get("eval", {}).get("precision", "auto"), extractor=spec.extractor,
+                        kid=False, prc=False, chunk_size=meta.config.get("eval", {}).get("chunk_size", 2048))
+    point = collect(run_here(model.to(device), chunks, logsnr_fn=meta.logsnr_fn(), device=device),
+                    n=spec.num_samples, shape=(d.channels, d.resolution, d.resolution), grid_size=0, full=None)
+    return spec.score(features=point.features, kid=False, prc=False)["fid"]
 
 
 def _trial_id(result) -> str:

@@ -18,8 +18,9 @@ from raypd.data.shards import ShardLoader
 from raypd.diffusion.ddim import LogsnrFn
 from raypd.eval.classifier import save_classifier, train_classifier
 from raypd.eval.fid import Extractor, ImageSet, data_key, reference_name, to_uint8
+from raypd.eval.chunks import FullSamples, Point, chunks_of, collect, run_here
 from raypd.eval.record import EvalRecord, fingerprint
-from raypd.eval.samples import fixed_noise, rmse, sample_ddim, sample_stochastic, save_grid
+from raypd.eval.samples import NOISE_BLOCK, save_grid
 from raypd.models import Denoiser
 
 
@@ -69,17 +70,21 @@ def reference_set(cfg: Config, urls: list[str], manifest: dict | None, extractor
     return images, reference_name(data_key(manifest, urls), d.resolution, extractor, count)
 
 
+NOISE_SCHEME = f"blocks-{NOISE_BLOCK}"
+"""How the evaluation noise is drawn; part of the record's fingerprint, so records drawn otherwise are set aside."""
+
+
 class Evaluator:
     def __init__(self, cfg: Config, out: Path, *, device: torch.device, logsnr_fn: LogsnrFn, urls: list[str],
                  manifest: dict | None, teacher: Denoiser, step_counts: list[int], remote=None,
                  teacher_digest: str = ""):
-        """``remote``: an object whose ``run(model, z, y, n_steps, extractor, kid=, prc=)`` returns (samples,
-        features) computed elsewhere (the Ray workers); None generates and extracts here. ``teacher_digest``
-        (the teacher's weights digest) keeps an evaluation record in ``out/eval``: points scored before under
-        the same set-up are reused, not sampled again."""
+        """``remote``: an object whose ``run(model, chunks)`` yields each chunk's (chunk, uint8 images, features)
+        computed elsewhere (the Ray tasks); None computes them here, a chunk at a time. ``teacher_digest`` (the
+        teacher's weights digest) keeps an evaluation record in ``out/eval``: points scored before under the
+        same set-up are reused, not sampled again."""
         e, d = cfg.eval, cfg.data
         self.cfg, self.out, self.device, self.logsnr_fn, self.urls = cfg, out, device, logsnr_fn, list(urls)
-        self.z, self.y = fixed_noise(e.num_samples, d.channels, d.resolution, seed=e.seed, num_classes=d.num_classes)
+        self.shape = (d.channels, d.resolution, d.resolution)
         from raypd.eval.setup import fid_setup
 
         self.spec = fid_setup(cfg, urls, manifest, out)
@@ -89,25 +94,24 @@ class Evaluator:
         self.record = None
         if teacher_digest:
             plain = cfg.to_dict()
+            settings = {k: v for k, v in plain["eval"].items() if k != "chunk_size"}  # same samples at any size
             self.record = EvalRecord(out / "eval", fingerprint(
-                eval=plain["eval"], diffusion=plain["diffusion"], spec=self.spec.to_dict(),
-                teacher=teacher_digest, full_steps=self.full_steps))
-        self.full = self.record.full_samples() if self.record else None
-        if self.full is None or self.record.get(f"teacher_ddim-{self.full_steps}") is None:
-            samples, features = self.generate(teacher, self.full_steps)
-            self.full = self.record.keep_full(samples) if self.record else samples
-            self.rows = [self.point(f"teacher_ddim-{self.full_steps}",
-                                    lambda: self.score("teacher_ddim", self.full_steps, self.full, features),
-                                    fresh=True)]
+                eval=settings, diffusion=plain["diffusion"], spec=self.spec.to_dict(), teacher=teacher_digest,
+                full_steps=self.full_steps, noise=NOISE_SCHEME))
+        name = f"teacher-full-{self.record.fingerprint}.npy" if self.record else "teacher-full-unrecorded.npy"
+        self.full = FullSamples(out / "eval" / name)
+        key = f"teacher_ddim-{self.full_steps}"
+        if self.record is None or self.record.get(key) is None or not self.full.exists((e.num_samples, *self.shape)):
+            point = self.generate(teacher, self.full_steps, write_full=True)
+            self.rows = [self.point(key, lambda: self.score("teacher_ddim", self.full_steps, point), fresh=True)]
         else:
-            self.rows = [self.point(f"teacher_ddim-{self.full_steps}", None)]
+            self.rows = [self.point(key, None)]
         for n in sorted(set(step_counts), reverse=True):
             self.rows.append(self.point(f"teacher_ddim-{n}",
-                                        lambda n=n: self.score("teacher_ddim", n, *self.generate(teacher, n))))
+                                        lambda n=n: self.score("teacher_ddim", n, self.generate(teacher, n))))
             if e.stochastic:
                 self.rows.append(self.point(f"teacher_stochastic-{n}", lambda n=n: self.score(
-                    "teacher_stochastic", n, sample_stochastic(teacher, self.z, self.y, n, logsnr_fn=logsnr_fn,
-                                                               seed=e.seed, device=device))))
+                    "teacher_stochastic", n, self.generate(teacher, n, sampler="stochastic"))))
 
     def point(self, key: str, make, fresh: bool = False) -> dict:
         """The row of one point: from the record when it was scored before (and ``fresh`` is false), else made
@@ -122,32 +126,39 @@ class Evaluator:
             self.record.put(key, row)
         return row
 
-    def sample(self, model: Denoiser, n_steps: int) -> Tensor:
-        return sample_ddim(model, self.z, self.y, n_steps, logsnr_fn=self.logsnr_fn, device=self.device)
-
-    def generate(self, model: Denoiser, n_steps: int) -> tuple[Tensor, dict[str, Tensor] | None]:
-        """N-step DDIM samples of the fixed noise, with their features when the workers computed them."""
-        if self.remote is None:
-            return self.sample(model, n_steps), None
+    def generate(self, model: Denoiser, n_steps: int, *, sampler: str = "ddim", write_full: bool = False) -> Point:
+        """A point's chunks (here, or on the Ray tasks), folded in as they come."""
         e = self.cfg.eval
-        return self.remote.run(model, self.z, self.y, n_steps, self.extractor, kid=e.kid, prc=e.precision_recall)
+        chunks = chunks_of(self.cfg, sampler, n_steps, self.extractor)
+        if self.remote is not None:
+            results = self.remote.run(model, chunks)
+        else:
+            results = run_here(model, chunks, logsnr_fn=self.logsnr_fn, device=self.device)
+        every = max(1, len(chunks) // 10)
+        step = every * e.chunk_size
 
-    def score(self, sampler: str, steps: int, samples: Tensor, features: dict[str, Tensor] | None = None,
-              **extra) -> dict:
+        def progress(done: int, n: int) -> None:
+            if len(chunks) > 1 and (done % step == 0 or done == n):
+                log(f"[eval] {sampler} at {n_steps} steps: {done}/{n} samples")
+
+        return collect(results, n=e.num_samples, shape=self.shape, grid_size=e.grid_size, full=self.full,
+                       write_full=write_full, progress=progress)
+
+    def score(self, sampler: str, steps: int, point: Point, **extra) -> dict:
         """Metrics, distance to the full sampler and a grid for one (sampler, steps) point."""
         e = self.cfg.eval
-        metrics = self.spec.score(samples, features=features, reference=self.reference)
-        save_grid(samples[: e.grid_size], self.out / "grids" / f"{sampler}-{steps:04d}steps.png",
+        metrics = self.spec.score(features=point.features, reference=self.reference)
+        save_grid(point.grid, self.out / "grids" / f"{sampler}-{steps:04d}steps.png",
                   title=f"{sampler.replace('_', ' ')}, {steps} steps")
         row = {"sampler": sampler, "steps": steps, **extra, **metrics, "seed": e.seed,
-               "rmse_to_full": rmse(samples, self.full)}
+               "rmse_to_full": point.rmse_to_full}
         log(f"[eval] {sampler} at {steps} steps: FID {row['fid']:.2f} ({row['extractor']}, "
             f"{row['n_samples']} samples), RMSE to the full sampler {row['rmse_to_full']:.4f}")
         return row
 
     def student(self, model: Denoiser, n_steps: int, round_index: int, digest: str = "") -> dict:
         """The round's student at its steps (``digest``: its weights' digest, the key it is recorded under)."""
-        make = lambda: self.score("distilled", n_steps, *self.generate(model, n_steps), round=round_index)  # noqa: E731
+        make = lambda: self.score("distilled", n_steps, self.generate(model, n_steps), round=round_index)  # noqa: E731
         if not digest:
             return make()
         return self.point(f"distilled-{n_steps}-round{round_index}-{digest[:16]}", make)

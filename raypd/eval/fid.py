@@ -136,10 +136,13 @@ def _layers(kwargs: dict) -> dict[str, str]:
 
 
 def extract_features(generated: Tensor, extractor: Extractor, *, kid: bool = True, prc: bool = False) -> dict[str, Tensor]:
-    """The features torch-fidelity's metrics need, for images in [-1, 1] (one worker's share of a set)."""
+    """The features torch-fidelity's metrics need, for images in [-1, 1] or uint8 (one chunk of a set).
+
+    The extractor runs in fp32: FID's protocol is defined on fp32 Inception features, and its numbers are
+    compared across runs and papers."""
     from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset, resolve_feature_extractor
 
-    gen = to_uint8(generated)
+    gen = generated if generated.dtype == torch.uint8 else to_uint8(generated)
     kwargs = _fidelity_kwargs(extractor, kid=kid, prc=prc, n=gen.shape[0])
     net = create_feature_extractor(resolve_feature_extractor(**kwargs), sorted(set(_layers(kwargs).values())), **kwargs)
     data = ImageSet(gen.shape[0], lambda: gen, extractor.kind == "inception")

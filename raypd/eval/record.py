@@ -4,7 +4,8 @@ teacher's baselines and the finished rounds' scores instead of sampling and scor
 A record belongs to one evaluation set-up (its fingerprint: the eval settings, the reference set and
 extractor, the teacher's weights); a record made under another set-up is set aside, never mixed in. A
 student's score is keyed by its weights' digest, so a round trained again is scored again. The teacher's
-full-sampler images (what every later point's distance is measured to) are kept in float16.
+full-sampler images (what every later point's distance is measured to) are kept beside it as uint8, named by
+the same fingerprint (``raypd.eval.chunks.FullSamples``).
 """
 
 from __future__ import annotations
@@ -14,11 +15,8 @@ import json
 import os
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
-from torch import Tensor
 
-RECORD, FULL = "record.json", "teacher-full.safetensors"
+RECORD = "record.json"
 
 
 def fingerprint(**parts) -> str:
@@ -53,24 +51,3 @@ class EvalRecord:
         self.directory.mkdir(parents=True, exist_ok=True)
         _write_atomic(self.directory / RECORD, json.dumps({"fingerprint": self.fingerprint, "rows": self.rows},
                                                           indent=1).encode())
-
-    def full_samples(self) -> Tensor | None:
-        """The full sampler's images kept under this fingerprint; None when there are none."""
-        from safetensors import safe_open
-
-        path = self.directory / FULL
-        if not path.is_file():
-            return None
-        with safe_open(str(path), framework="pt") as f:
-            if (f.metadata() or {}).get("fingerprint") != self.fingerprint:
-                return None
-        return load_file(str(path))["samples"].float()
-
-    def keep_full(self, samples: Tensor) -> Tensor:
-        """Store the full sampler's images (float16) and return them as every distance will see them."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        half = samples.detach().cpu().to(torch.float16).contiguous()
-        tmp = self.directory / f".{FULL}.tmp{os.getpid()}"
-        save_file({"samples": half}, str(tmp), metadata={"fingerprint": self.fingerprint})
-        os.replace(tmp, self.directory / FULL)
-        return half.float()

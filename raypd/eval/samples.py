@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
 from pathlib import Path
 from typing import Callable
@@ -14,18 +16,50 @@ from raypd.diffusion.ddim import LogsnrFn
 from raypd.models import Denoiser
 
 
+NOISE_BLOCK = 256
+"""The evaluation noise is drawn in blocks of this many samples, each from its own seed: any slice of it
+(one chunk of a 50,000-sample evaluation on one Ray task) is drawn without drawing the rest, and the noise
+does not depend on how the work is split."""
+
+
+def block_seed(seed: int, block: int, stream: str = "noise") -> int:
+    """A 63-bit seed per (evaluation seed, block, stream), with no collisions between blocks or streams."""
+    digest = hashlib.sha256(f"{seed}:{block}:{stream}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def noise_slice(start: int, stop: int, channels: int, resolution: int, *, seed: int, num_classes: int = 0
+                ) -> tuple[Tensor, Tensor | None]:
+    """Samples ``start:stop`` of the fixed evaluation noise z_1 (and class labels)."""
+    zs, ys = [], []
+    for block in range(start // NOISE_BLOCK, -(-stop // NOISE_BLOCK)):
+        g = torch.Generator().manual_seed(block_seed(seed, block))
+        z = torch.randn(NOISE_BLOCK, channels, resolution, resolution, generator=g)
+        y = torch.randint(0, num_classes, (NOISE_BLOCK,), generator=g) if num_classes > 0 else None
+        lo, hi = max(start - block * NOISE_BLOCK, 0), min(stop - block * NOISE_BLOCK, NOISE_BLOCK)
+        zs.append(z[lo:hi])
+        ys.append(None if y is None else y[lo:hi])
+    z = torch.cat(zs) if zs else torch.empty(0, channels, resolution, resolution)
+    return z, (torch.cat(ys) if num_classes > 0 and ys else None)
+
+
 def fixed_noise(n: int, channels: int, resolution: int, *, seed: int, num_classes: int = 0
                 ) -> tuple[Tensor, Tensor | None]:
     """The same z_1 (and class labels) for every sampler and round, from one seed."""
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, channels, resolution, resolution, generator=g)
-    y = torch.randint(0, num_classes, (n,), generator=g) if num_classes > 0 else None
-    return z, y
+    return noise_slice(0, n, channels, resolution, seed=seed, num_classes=num_classes)
+
+
+def autocast(dtype: torch.dtype | None, device: torch.device | str):
+    """Autocast of the network's forward to ``dtype`` (None: none). The Denoiser turns the network's output
+    into x_hat in the dtype of z, so the parameterization arithmetic and the sampler's steps stay fp32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 @torch.inference_mode()
 def _in_batches(model: Denoiser, z_1: Tensor, y: Tensor | None, batch_size: int, device: torch.device | str,
-                sampler: Callable[[Callable, Tensor], Tensor]) -> Tensor:
+                sampler: Callable[[Callable, Tensor], Tensor], dtype: torch.dtype | None = None) -> Tensor:
     """Run ``sampler(denoise, z)`` over z_1 in batches, in eval mode, and return the samples on the CPU."""
     was_training = model.training
     model.eval()
@@ -33,24 +67,29 @@ def _in_batches(model: Denoiser, z_1: Tensor, y: Tensor | None, batch_size: int,
     for start in range(0, z_1.shape[0], batch_size):
         z = z_1[start:start + batch_size].to(device)
         yb = None if y is None else y[start:start + batch_size].to(device)
-        out.append(sampler(model.bind(yb), z).cpu())
+        with autocast(dtype, device):
+            out.append(sampler(model.bind(yb), z).float().cpu())
     model.train(was_training)
     return torch.cat(out)
 
 
 def sample_ddim(model: Denoiser, z_1: Tensor, y: Tensor | None, n_steps: int, *, logsnr_fn: LogsnrFn,
-                batch_size: int = 256, device: torch.device | str = "cpu") -> Tensor:
-    """N-step DDIM samples (clipped, as for display and metrics), returned on the CPU."""
+                batch_size: int = NOISE_BLOCK, device: torch.device | str = "cpu",
+                dtype: torch.dtype | None = None) -> Tensor:
+    """N-step DDIM samples (clipped, as for display and metrics), returned on the CPU in fp32; ``dtype``: the
+    network's autocast dtype (bf16 on GPUs), with the sampler's arithmetic in fp32."""
     return _in_batches(model, z_1, y, batch_size, device,
-                       lambda denoise, z: ddim_sample(denoise, z, n_steps, logsnr_fn=logsnr_fn))
+                       lambda denoise, z: ddim_sample(denoise, z, n_steps, logsnr_fn=logsnr_fn), dtype)
 
 
 def sample_stochastic(model: Denoiser, z_1: Tensor, y: Tensor | None, n_steps: int, *, logsnr_fn: LogsnrFn,
-                      seed: int, batch_size: int = 256, device: torch.device | str = "cpu") -> Tensor:
+                      seed: int, batch_size: int = NOISE_BLOCK, device: torch.device | str = "cpu",
+                      dtype: torch.dtype | None = None) -> Tensor:
     """N-step ancestral samples, with the step noise drawn from ``seed`` (so reruns agree)."""
     gen = torch.Generator(device).manual_seed(seed)
     return _in_batches(model, z_1, y, batch_size, device,
-                       lambda denoise, z: stochastic_sample(denoise, z, n_steps, logsnr_fn=logsnr_fn, generator=gen))
+                       lambda denoise, z: stochastic_sample(denoise, z, n_steps, logsnr_fn=logsnr_fn, generator=gen),
+                       dtype)
 
 
 def rmse(a: Tensor, b: Tensor) -> float:

@@ -191,12 +191,19 @@ def pipeline_samples(pipe, n: int, *, seed: int, labels: torch.Tensor | None, st
     return torch.from_numpy(out).permute(0, 3, 1, 2) * 2 - 1  # DDIMPipeline returns (x + 1) / 2 clamped to [0, 1]
 
 
+def pipeline_noise(n: int, channels: int, resolution: int, *, seed: int, num_classes: int = 0):
+    """(z, labels): the noise a diffusers pipeline draws from ``torch.Generator().manual_seed(seed)`` (one
+    ``randn`` of the whole batch), and class labels drawn after it from the same generator."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, channels, resolution, resolution, generator=g)
+    return z, (torch.randint(0, num_classes, (n,), generator=g) if num_classes > 0 else None)
+
+
 def raypd_samples(model: Denoiser, meta: CheckpointMeta, n: int, *, seed: int, steps: int, clip: bool):
     """(samples, labels) of raypd's own DDIM sampler from the same noise the pipeline draws."""
     from raypd.diffusion import ddim_sample
-    from raypd.eval.samples import fixed_noise
 
-    z, y = fixed_noise(n, meta.data.channels, meta.data.resolution, seed=seed, num_classes=meta.data.num_classes)
+    z, y = pipeline_noise(n, meta.data.channels, meta.data.resolution, seed=seed, num_classes=meta.data.num_classes)
     with torch.no_grad():
         x = ddim_sample(model.eval().bind(y), z, steps, clip=clip, logsnr_fn=meta.logsnr_fn())
     return x, y

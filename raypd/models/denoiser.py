@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import torch
 from torch import Tensor, nn
 
 from raypd.diffusion import Parameterization, eps_from_x, x_from_output
@@ -53,3 +54,11 @@ class Denoiser(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Dropout):
                 module.p = p
+
+
+def forward_dtype(choice: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a network's forward for a ``auto``/``fp32``/``bf16`` setting (None: fp32): ``auto``
+    is bf16 on GPUs that have it."""
+    if choice == "bf16" or (choice == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return None

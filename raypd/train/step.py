@@ -18,6 +18,7 @@ from raypd.diffusion.ddim import LogsnrFn
 from raypd.diffusion.loss import Weighting
 from raypd.data.batch import Batch
 from raypd.models import Denoiser
+from raypd.models.denoiser import forward_dtype
 from raypd.train.engine import Engine
 
 
@@ -67,9 +68,7 @@ def teacher_autocast_dtype(choice: str, device: torch.device) -> torch.dtype | N
 
     Only the network runs in it: the Denoiser returns x_hat in the dtype of z (fp32), so the DDIM
     steps and the inversion to the target, which divides by small differences, stay fp32."""
-    if choice == "bf16" or (choice == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    return None
+    return forward_dtype(choice, device)
 
 
 def _teacher_target(teacher: Denoiser, z_t: Tensor, t: Tensor, n_steps: int, y: Tensor | None,

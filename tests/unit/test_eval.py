@@ -120,51 +120,158 @@ def test_metrics_from_gathered_features_equal_the_direct_path(digits, tmp_path):
     assert spread["n_samples"] == 120 and spread["extractor"] == direct["extractor"]
 
 
-def test_ray_tasks_generate_and_extract_what_one_process_would(digits, tmp_path):
-    import ray
-
-    from raypd.config import load_config
-    from raypd.diffusion import logsnr_schedule
-    from raypd.distributed.evaluate import RayEvaluation
-    from raypd.eval.fid import extract_features
-    from raypd.eval.samples import fixed_noise, sample_ddim
+def _noisy_model(cfg, scale=0.02):
     from raypd.models import build_denoiser
 
-    _, extractor, _, _ = digits
-    cfg = load_config(None, ["data.resolution=8", "model.attn_resolutions=[4]"])
     torch.manual_seed(0)
     model = build_denoiser(cfg.model, cfg.data).eval()
     for p in model.parameters():  # zero-initialised outputs would make every sample alike
-        p.data.add_(0.02 * torch.randn_like(p))
-    z, y = fixed_noise(40, 1, 8, seed=5)
+        p.data.add_(scale * torch.randn_like(p))
+    return model
+
+
+def test_the_noise_is_the_same_however_it_is_sliced():
+    from raypd.eval.samples import NOISE_BLOCK, fixed_noise, noise_slice
+
+    z, y = fixed_noise(2 * NOISE_BLOCK + 40, 1, 4, seed=3, num_classes=10)
+    for start, stop in ((0, 7), (250, 270), (NOISE_BLOCK, 2 * NOISE_BLOCK + 40), (511, 512)):
+        zs, ys = noise_slice(start, stop, 1, 4, seed=3, num_classes=10)
+        assert torch.equal(zs, z[start:stop]) and torch.equal(ys, y[start:stop])
+    # blocks are independent draws, and another seed draws other noise
+    assert not torch.allclose(z[:NOISE_BLOCK], z[NOISE_BLOCK:2 * NOISE_BLOCK])
+    assert not torch.allclose(fixed_noise(8, 1, 4, seed=4)[0], z[:8])
+
+
+def test_ray_tasks_give_the_chunks_one_process_would(digits, tmp_path):
+    import ray
+
+    from raypd.config import load_config
+    from raypd.distributed.evaluate import RayEvaluation
+    from raypd.eval.chunks import FullSamples, chunks_of, collect, run_here
+
+    _, extractor, _, _ = digits
+    cfg = load_config(None, ["data.resolution=8", "model.attn_resolutions=[4]", "eval.num_samples=600",
+                             "eval.chunk_size=256", "eval.grid_size=300"])
+    model = _noisy_model(cfg)
+    logsnr_fn = cfg.diffusion.logsnr_fn()
+    chunks = chunks_of(cfg, "ddim", 2, extractor)
+    assert [(c.start, c.stop) for c in chunks] == [(0, 256), (256, 512), (512, 600)]
+    full = FullSamples(tmp_path / "full.npy")
+    here = collect(run_here(model, chunks, logsnr_fn=logsnr_fn, device=torch.device("cpu")), n=600,
+                   shape=(1, 8, 8), grid_size=300, full=full, write_full=True)
+    assert full.exists((600, 1, 8, 8)) and here.rmse_to_full == 0.0 and here.grid.shape == (300, 1, 8, 8)
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
     try:
-        samples, features = RayEvaluation(cfg, workers=2, use_gpu=False).run(model, z, y, 2, extractor, kid=True,
-                                                                              prc=False)
+        remote = RayEvaluation(cfg, workers=1, use_gpu=False)
+        seen = []
+        results = ((c, i, f) for c, i, f in remote.run(model, chunks) if not seen.append(c.start))
+        there = collect(results, n=600, shape=(1, 8, 8), grid_size=300, full=full)
     finally:
         ray.shutdown()
-    local = sample_ddim(model, z, y, 2, logsnr_fn=logsnr_schedule)
-    assert (samples - local).abs().max().item() <= 1 / 127.5 + 1e-6  # uint8 round trip
-    mine = extract_features(local, extractor)
-    for key, value in mine.items():
-        torch.testing.assert_close(features[key], value, rtol=1e-4, atol=1e-4)
+    assert sorted(seen) == [0, 256, 512]
+    assert there.rmse_to_full <= 1 / 127.5  # the same images, up to the uint8 rounding of float sums
+    assert (there.grid - here.grid).abs().max().item() <= 1 / 127.5 + 1e-6
+    for key, value in here.features.items():
+        torch.testing.assert_close(there.features[key], value, rtol=1e-4, atol=1e-4)
+    # the uint8 images are those of one pass over the whole noise
+    from raypd.eval.fid import to_uint8
+    from raypd.eval.samples import fixed_noise, sample_ddim
+
+    z, y = fixed_noise(600, 1, 8, seed=cfg.eval.seed)
+    whole = to_uint8(sample_ddim(model, z, y, 2, logsnr_fn=logsnr_fn))
+    assert (full.read(0, 600).int() - whole.int()).abs().max().item() <= 1
 
 
-def test_the_evaluation_record_is_kept_per_set_up_and_its_full_samples_round_trip(tmp_path):
-    import torch
+def test_bf16_sampling_keeps_the_parameterization_and_the_sampler_in_fp32():
+    from raypd.config import load_config
+    from raypd.eval.chunks import sampling_dtype
+    from raypd.eval.samples import fixed_noise, sample_ddim
 
+    cpu = torch.device("cpu")  # eval.precision: auto is fp32 off GPUs, bf16 is asked for, fp32 is none
+    assert [sampling_dtype(p, cpu) for p in ("auto", "bf16", "fp32")] == [None, torch.bfloat16, None]
+
+    for parameterization in ("eps", "v", "both"):
+        cfg = load_config(None, ["data.resolution=8", "model.attn_resolutions=[4]",
+                                 f"model.parameterization={parameterization}"])
+        model = _noisy_model(cfg, 0.005)
+        z, _ = fixed_noise(8, 1, 8, seed=1)
+        logsnr = torch.full((8,), -18.0)  # alpha = 1.2e-4: eps's division by alpha, where bf16 would lose it
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            x_hat = model(z, logsnr)
+            raw = model.backbone(z, logsnr)
+        assert raw.dtype == torch.bfloat16 and x_hat.dtype == torch.float32
+        from raypd.diffusion import x_from_output
+
+        torch.testing.assert_close(x_hat, x_from_output(raw.float(), z, logsnr, parameterization))
+        if parameterization == "eps":
+            continue  # a random eps network's samples all clip to +-1 whatever the precision
+        logsnr_fn = cfg.diffusion.logsnr_fn()
+        fp32 = sample_ddim(model, z, None, 4, logsnr_fn=logsnr_fn)
+        bf16 = sample_ddim(model, z, None, 4, logsnr_fn=logsnr_fn, dtype=torch.bfloat16)
+        diff = (bf16 - fp32).abs()
+        assert bf16.dtype == torch.float32 and 0 < diff.mean().item() < 0.02, (parameterization, diff.mean())
+
+
+def _hwm_mib() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"), reason="needs Linux's peak-RSS reset")
+def test_the_driver_holds_a_chunk_not_the_sample_set(tmp_path):
+    """65,536 samples of 3x32x32 (805 MB as float32, 201 MB as uint8) folded in with a 100 MiB ceiling over what
+    the process held before: the driver keeps a chunk of images, the features, the grid and the distance."""
+    import gc
+
+    from raypd.eval.chunks import Chunk, FullSamples, collect
+
+    n, size, shape = 65536, 2048, (3, 32, 32)
+
+    def results(offset):
+        for start in range(0, n, size):
+            chunk = Chunk("ddim", 1, start, start + size, 0, *shape[:2], 0, "fp32", {}, False, False)
+            g = torch.Generator().manual_seed(start)
+            images = torch.randint(0, 255, (size, *shape), dtype=torch.uint8, generator=g)
+            yield chunk, images.add_(offset), {"f": torch.randn(size, 16)}
+
+    full = FullSamples(tmp_path / "full.npy")
+    gc.collect()
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak to what the process holds now
+    before = _hwm_mib()
+    first = collect(results(0), n=n, shape=shape, grid_size=64, full=full, write_full=True)
+    other = collect(results(1), n=n, shape=shape, grid_size=64, full=full)
+    grown = _hwm_mib() - before
+    assert full.exists((n, *shape)) and first.rmse_to_full == 0.0
+    assert first.features["f"].shape == (n, 16) and first.grid.shape == (64, *shape)
+    assert other.rmse_to_full == pytest.approx(1 / 127.5, rel=1e-9)  # every pixel one level up
+    assert grown < 100, f"the driver's peak memory grew by {grown:.0f} MiB"
+
+
+def test_the_full_samples_round_trip_and_the_record_is_kept_per_set_up(tmp_path):
+    from raypd.eval.chunks import FullSamples
     from raypd.eval.record import EvalRecord, fingerprint
+
+    full = FullSamples(tmp_path / "full.npy")
+    assert not full.exists((3, 1, 4, 4))
+    images = torch.arange(48, dtype=torch.uint8).reshape(3, 1, 4, 4)
+    writer = full.writer((3, 1, 4, 4))
+    writer.write(2, images[2:])
+    writer.write(0, images[:2])
+    assert not full.exists((3, 1, 4, 4))  # not there until it is whole
+    writer.close()
+    assert full.exists((3, 1, 4, 4)) and not full.exists((4, 1, 4, 4))
+    assert torch.equal(full.read(1, 3), images[1:3])
+    assert np.load(full.path, allow_pickle=False).shape == (3, 1, 4, 4)  # plain NumPy, no pickle
 
     key = fingerprint(eval={"num_samples": 16}, teacher="abc")
     assert key == fingerprint(teacher="abc", eval={"num_samples": 16}) != fingerprint(eval={"num_samples": 32},
                                                                                        teacher="abc")
     record = EvalRecord(tmp_path, key)
-    assert record.get("teacher_ddim-4") is None and record.full_samples() is None
-    full = record.keep_full(torch.linspace(-1, 1, 48).reshape(3, 1, 4, 4) / 3)
+    assert record.get("teacher_ddim-4") is None
     record.put("teacher_ddim-4", {"fid": 12.5})
-    again = EvalRecord(tmp_path, key)
-    assert again.get("teacher_ddim-4") == {"fid": 12.5}
-    assert torch.equal(again.full_samples(), full) and full.dtype == torch.float32
+    assert EvalRecord(tmp_path, key).get("teacher_ddim-4") == {"fid": 12.5}
     other = EvalRecord(tmp_path, fingerprint(eval={"num_samples": 32}, teacher="abc"))
-    assert other.get("teacher_ddim-4") is None and other.full_samples() is None  # another set-up: set aside
+    assert other.get("teacher_ddim-4") is None  # another set-up: set aside
     assert (tmp_path / f"record-{key}.json").is_file()

@@ -15,8 +15,7 @@ import torch
 from raypd.checkpoint import load_checkpoint, meta_for, save_checkpoint
 from raypd.config import load_config
 from raypd.diffusion import ddim_sample
-from raypd.eval.samples import fixed_noise
-from raypd.hf.export import ExportError, export_student, load_pipeline, plan_export
+from raypd.hf.export import ExportError, export_student, load_pipeline, pipeline_noise, plan_export
 from raypd.models import build_denoiser
 
 N = 3  # samples per comparison
@@ -38,7 +37,7 @@ def _student(tmp_path, parameterization: str, steps: int, classes: int = 0, **ex
 
 def _raypd(path, clip: bool, seed: int = 11):
     model, meta = load_checkpoint(path)
-    z, y = fixed_noise(N, meta.data.channels, meta.data.resolution, seed=seed, num_classes=meta.data.num_classes)
+    z, y = pipeline_noise(N, meta.data.channels, meta.data.resolution, seed=seed, num_classes=meta.data.num_classes)
     with torch.no_grad():
         x = ddim_sample(model.eval().bind(y), z, meta.sampling_steps, clip=clip, logsnr_fn=meta.logsnr_fn())
     return z, y, x, meta.sampling_steps

@@ -114,6 +114,60 @@ def test_launcher_installs_the_stack_and_enables_token_auth(path):
     assert not any("/mnt/shared" in option for option in config["docker"]["run_options"])
 
 
+EFA_CARDS = {"p4d.24xlarge": 4, "p5.48xlarge": 32}  # network cards, one EFA interface each
+
+
+@pytest.mark.parametrize("path", [p for p in LAUNCHERS if load(p)["provider"]["type"] == "aws"], ids=lambda p: p.name)
+def test_aws_training_nodes_get_efa_and_a_cluster_placement_group(path):
+    from ray.autoscaler._private.aws.config import _configure_from_network_interfaces
+
+    config = load(path)
+    readme = (CLUSTER / "README.md").read_text()
+    assert config["provider"]["use_internal_ips"] is True  # several interfaces: no public IP
+    assert "-v /opt/amazon:/opt/amazon:ro" in config["docker"]["run_options"]
+    assert any("/opt/amazon/ofi-nccl/lib" in c and "ray start" in c for c in config["worker_start_ray_commands"])
+    subnets, groups = set(), set()
+    for name, t in config["available_node_types"].items():
+        node = t["node_config"]
+        if gpus(t) != 8:
+            subnets.update(node["SubnetIds"])
+            groups.update(node["SecurityGroupIds"])
+            continue
+        cards = node["NetworkInterfaces"]
+        assert len(cards) == EFA_CARDS[node["InstanceType"]], name
+        assert [c["NetworkCardIndex"] for c in cards] == list(range(len(cards)))
+        assert [c["DeviceIndex"] for c in cards] == [0] + [1] * (len(cards) - 1)
+        assert all(c["InterfaceType"] == "efa" and c["DeleteOnTermination"] for c in cards)
+        subnets.update(c["SubnetId"] for c in cards)
+        groups.update(g for c in cards for g in c["Groups"])
+        group = node["Placement"]["GroupName"]
+        assert f"--group-name {group} --strategy cluster" in readme, group
+        options = t["docker"]["worker_run_options"]
+        assert {"--device=/dev/infiniband", "--env FI_PROVIDER=efa", "--env FI_EFA_USE_DEVICE_RDMA=1"} <= set(options)
+    assert subnets == {"YOUR-SUBNET-ID"} and groups == {"YOUR-SECURITY-GROUP-ID"}, "one subnet, one security group"
+    # Ray's own AWS bootstrap step for NetworkInterfaces (no cloud call) accepts them
+    prepared = _configure_from_network_interfaces(prepare_config(copy.deepcopy(config)))
+    for t in prepared["available_node_types"].values():
+        assert set(t["node_config"]["SubnetIds"]) == {"YOUR-SUBNET-ID"}
+
+
+@pytest.mark.parametrize("path", [p for p in LAUNCHERS if load(p)["provider"]["type"] == "gcp"], ids=lambda p: p.name)
+def test_gcp_training_nodes_get_gvnic_and_compact_placement(path):
+    config = load(path)
+    readme = (CLUSTER / "README.md").read_text()
+    region, project = config["provider"]["region"], config["provider"]["project_id"]
+    for name, t in config["available_node_types"].items():
+        if gpus(t) != 8:
+            continue
+        node = t["node_config"]
+        (nic,) = node["networkInterfaces"]
+        assert nic["nicType"] == "GVNIC" and nic["network"] == f"projects/{project}/global/networks/default"
+        (policy,) = node["resourcePolicies"]
+        prefix = f"projects/{project}/regions/{region}/resourcePolicies/"
+        assert policy.startswith(prefix), name
+        assert f"group-placement {policy[len(prefix):]} " in readme and f"--region={region}" in readme
+
+
 @pytest.mark.parametrize("variant, base", VARIANTS.items())
 def test_spot_variants_differ_only_in_the_training_nodes_market(variant, base):
     spot, on_demand = load(CLUSTER / variant), load(CLUSTER / base)

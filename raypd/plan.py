@@ -205,13 +205,16 @@ def describe_plan(cfg: Config, checks: Checks | None = None) -> list[str]:
               f"evaluation: {cfg.eval.num_samples} samples per point, {cfg.eval.extractor} features, seed {cfg.eval.seed}"]
     if d.workers and plan_rounds(s):
         per_update = s.batch_size * 5 * fwd / (workers * rate)
-        lost = d.checkpoint_every * per_update / 60
-        lines.append(f"checkpoints: every {d.checkpoint_every:,} updates, about {lost:,.1f} min of a round's work at the "
-                     "rate above (what a lost node costs at most)")
+        # with background uploads, a node lost while a checkpoint is uploading falls back to the one before
+        intervals = 2 if d.checkpoint_upload == "async" else 1
+        lost = intervals * d.checkpoint_every * per_update / 60
+        lines.append(f"checkpoints: every {d.checkpoint_every:,} updates ({d.checkpoint_upload} upload), a lost node "
+                     f"costs at most about {lost:,.1f} min of a round's work at the rate above")
         if checks is not None and lost > LOSS_BUDGET_MIN:
-            checks.warnings.append(f"dist.checkpoint_every: {d.checkpoint_every:,} updates are about {lost:,.0f} min of "
-                                   f"work, more than {LOSS_BUDGET_MIN} min to lose to a preemption; about "
-                                   f"{max(1, int(LOSS_BUDGET_MIN * 60 / per_update)):,} keeps it under")
+            keeps = max(1, int(LOSS_BUDGET_MIN * 60 / (intervals * per_update)))
+            checks.warnings.append(f"dist.checkpoint_every: {d.checkpoint_every:,} updates ({d.checkpoint_upload} "
+                                   f"upload) risk about {lost:,.0f} min of work, more than {LOSS_BUDGET_MIN} min to "
+                                   f"lose to a preemption; about {keeps:,} keeps it under")
     if d.use_gpu:
         from raypd.memory import describe_memory
 

@@ -28,7 +28,7 @@ class SharedFolderStore:
     def __init__(self, root: Path):
         self.root, self.reported = root, []
 
-    def report(self, metrics: dict, path: str) -> None:
+    def report(self, metrics: dict, path: str, final: bool = False) -> None:
         dest = self.root / f"checkpoint_{metrics['update']:06d}"
         shutil.copytree(path, dest, dirs_exist_ok=True)
         shutil.rmtree(path, ignore_errors=True)

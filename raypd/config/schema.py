@@ -319,6 +319,13 @@ class EvalConfig:
     """Images in each saved sample grid."""
     reference_steps: int = 0
     """Teacher DDIM steps of its full-quality sampler (the baseline); 0 uses teacher.sampling_steps."""
+    chunk_size: int = 2048
+    """Samples per evaluation chunk (a multiple of 256): each chunk is sampled and its features extracted as one
+    unit of work (one Ray task with dist.workers > 0), and the driver holds about one chunk of images at a time,
+    whatever num_samples is. The samples do not depend on it."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """The network's forward when sampling for evaluation: auto is bf16 on GPUs that have it and fp32 otherwise.
+    The parameterization arithmetic and the sampler's steps stay fp32; the feature extractor runs in fp32."""
 
     def validate(self) -> None:
         _require(self.num_samples >= 2, "num_samples", f"must be >= 2, got {self.num_samples}")
@@ -326,6 +333,8 @@ class EvalConfig:
         _require(self.classifier_updates >= 1, "classifier_updates", f"must be >= 1, got {self.classifier_updates}")
         _require(self.grid_size >= 1, "grid_size", f"must be >= 1, got {self.grid_size}")
         _require(self.reference_steps >= 0, "reference_steps", f"must be >= 0, got {self.reference_steps}")
+        _require(self.chunk_size >= 256 and self.chunk_size % 256 == 0, "chunk_size",
+                 f"must be a positive multiple of 256 (the noise is drawn in blocks of 256), got {self.chunk_size}")
 
 
 @dataclass(frozen=True)
@@ -372,6 +381,15 @@ class DistConfig:
     loses at most this many."""
     keep_checkpoints: int = 2
     """Checkpoints kept per run (the newest ones)."""
+    checkpoint_upload: Literal["async", "sync"] = "async"
+    """How Ray Train workers hand a checkpoint to the run's storage. async: each rank writes its files to
+    dist.staging_dir and training goes on while Ray uploads them (a worker lost during an upload resumes from
+    the checkpoint before it, so up to two intervals are redone); sync: training waits until the checkpoint is
+    committed. A stage's final checkpoint is always waited for. Local mode (dist.workers=0) renames its
+    checkpoints into place and has nothing to upload."""
+    staging_dir: str = ""
+    """A folder on each worker node's own fast disk (an NVMe mount, say) where ranks write a checkpoint before
+    Ray uploads it; empty: the node's temporary folder."""
     max_failures: int = 2
     """Worker-group restarts a run may use before it fails."""
     scale_timeout_s: float = 1800.0

@@ -10,7 +10,6 @@ import hashlib
 import json
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -106,7 +105,7 @@ def run_stage(cfg: Config, stage: Stage, *, storage: Path | str, output: Path, c
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from raypd.distributed.worker import train_loop
+    from raypd.distributed.worker import staging_root, train_loop
 
     d, name, began = cfg.dist, stage.name, time.perf_counter()
     check_stage_settings(cfg, storage, name)
@@ -116,10 +115,10 @@ def run_stage(cfg: Config, stage: Stage, *, storage: Path | str, output: Path, c
 
     storage = str(storage) if is_uri(str(storage)) else str(Path(storage).resolve())
     key = hashlib.sha1(f"{storage}/{name}".encode()).hexdigest()[:12]
-    staging = Path(tempfile.gettempdir()) / "raypd-staging" / f"{name}-{key}"
+    staging = staging_root(cfg, f"{name}-{key}")  # on this node; each worker resolves the name on its own
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"stage": stage.to_dict(), "config": cfg.to_dict(), "staging": str(staging)},
+        train_loop_config={"stage": stage.to_dict(), "config": cfg.to_dict(), "staging": staging.name},
         scaling_config=scaling_config(cfg),
         torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo", timeout_s=d.collective_timeout_s),
         run_config=RunConfig(name=name, storage_path=storage,

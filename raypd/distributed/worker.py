@@ -1,8 +1,10 @@
 """The function every Ray Train worker runs: one stage through the training loop, on DeepSpeed.
 
-Every rank saves its own ZeRO shard and reports it (Ray merges the ranks' files); each report is
-awaited until committed, so a worker killed right after it resumes from it. A restarted worker
-group reloads the newest checkpoint and continues at the same update, learning rate and data.
+Every rank saves its own ZeRO shard to a node-local staging folder and reports it (Ray merges the
+ranks' files). With ``dist.checkpoint_upload=async`` Ray uploads it while training goes on and
+deletes the staged copy when done; with ``sync`` each report is awaited until committed, so a worker
+killed right after it resumes from it. A stage's final report is always awaited. A restarted worker
+group reloads the newest committed checkpoint and continues at the same update, learning rate and data.
 """
 
 from __future__ import annotations
@@ -18,15 +20,23 @@ from raypd.train.stage import Stage
 
 
 class RayStore:
-    """Checkpoints through Ray Train: report (awaited until committed), and the newest one back."""
+    """Checkpoints through Ray Train: report (uploaded in the background, or awaited until committed), and the
+    newest committed one back."""
 
-    def __init__(self):
+    def __init__(self, upload: str = "sync"):
+        self.upload = upload
         self.last_local: str | None = None
 
-    def report(self, metrics: dict, path: str) -> None:
+    def report(self, metrics: dict, path: str, final: bool = False) -> None:
         import ray.train
+        from ray.train.v2.api.report_config import CheckpointUploadMode
 
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(path))
+        checkpoint = ray.train.Checkpoint.from_directory(path)
+        if self.upload == "async" and not final:
+            # Ray copies the staged folder to storage in the background and then deletes it
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
+            return
+        ray.train.report(metrics, checkpoint=checkpoint)
         ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
         # persisted by Ray now: this rank's staged copy is no longer needed
         if self.last_local is not None:
@@ -46,6 +56,11 @@ class RayStore:
             return
         with checkpoint.as_directory() as directory:
             yield directory
+
+
+def staging_root(cfg, name: str) -> Path:
+    """This node's staging folder for the run's stage ``name``: under ``dist.staging_dir``, or the temporary folder."""
+    return Path(cfg.dist.staging_dir or tempfile.gettempdir()) / "raypd-staging" / name
 
 
 def clear_staging(root: Path) -> Path:
@@ -79,9 +94,10 @@ def train_loop(payload: dict) -> dict | None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     deepspeed.init_distributed(dist_backend="nccl" if cfg.dist.use_gpu else "gloo")
-    staging = clear_staging(Path(payload.get("staging") or tempfile.gettempdir()) / f"rank{rank}")
+    staging = clear_staging(staging_root(cfg, payload["staging"]) / f"rank{rank}")
     try:
-        loop = StageLoop(cfg, stage, build_engine=stage_engine(cfg, world), store=RayStore(), staging=staging,
+        loop = StageLoop(cfg, stage, build_engine=stage_engine(cfg, world), store=RayStore(cfg.dist.checkpoint_upload),
+                         staging=staging,
                          device=device, rank=rank, world=world, settings=dist_settings(cfg, world),
                          agree=lambda error: agree(error, world=world, label=stage.label, device=device))
         loop.run(loop.resume())

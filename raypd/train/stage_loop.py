@@ -216,7 +216,7 @@ class StageLoop:
                     final = {"final_loss": metrics["loss"], "skipped_samples": self.skipped_samples,
                              "skipped_updates": self.engine.skipped_updates, "updates": updates,
                              "lr": self.engine.base_lr, "seconds": self.seconds}
-                self.store.report(metrics, self.save(k, final))
+                self.store.report(metrics, self.save(k, final), final=final is not None)
                 window, tick = [], time.perf_counter()
         return metrics
 

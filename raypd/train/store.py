@@ -21,7 +21,9 @@ CHECKPOINT = re.compile(r"checkpoint_(\d{8})$")
 class Store(Protocol):
     """Reporting a checkpoint (a folder of this rank's files) and reading the newest merged one back."""
 
-    def report(self, metrics: dict, path: str) -> None: ...
+    def report(self, metrics: dict, path: str, final: bool = False) -> None:
+        """``final``: the stage's last checkpoint, which must be in place when the call returns."""
+        ...
 
     def latest(self) -> ContextManager[str | None]: ...
 
@@ -43,7 +45,7 @@ class DirectoryStore:
         found = [p for p in self.root.iterdir() if p.is_dir() and CHECKPOINT.match(p.name)]
         return sorted(found, key=lambda p: int(CHECKPOINT.match(p.name).group(1)))
 
-    def report(self, metrics: dict, path: str) -> None:
+    def report(self, metrics: dict, path: str, final: bool = False) -> None:
         source = Path(path)
         (source / "metrics.json").write_text(json.dumps(metrics))
         target = self.root / f"checkpoint_{int(metrics['update']):08d}"

@@ -94,7 +94,9 @@ def test_persistent_non_finite_updates_roll_back_then_stop_the_round(tmp_path):
     save_checkpoint(tmp_path / "nan-teacher", teacher, meta)
     out = subprocess.run([sys.executable, "-m", "raypd.distill", *base, "dist.workers=1", "run.name=n",
                           f"teacher.checkpoint={tmp_path / 'nan-teacher'}", "dist.checkpoint_every=2",
-                          "dist.nonfinite_patience=3", "dist.max_rollbacks=1"],
+                          "dist.nonfinite_patience=3", "dist.max_rollbacks=1",
+                          # the other tests here upload in the background, from the temporary folder
+                          "dist.checkpoint_upload=sync", f"dist.staging_dir={tmp_path / 'fast-disk'}"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     log = out.stdout + out.stderr
     (tmp_path / "log.txt").write_text(log)
@@ -102,3 +104,4 @@ def test_persistent_non_finite_updates_roll_back_then_stop_the_round(tmp_path):
     assert "3 non-finite updates in a row: rolled back to update 2, learning rate x0.5" in log
     assert "training error: round 0: the loss or gradients stayed non-finite (3 updates in a row) after 1 roll-backs" in log
     assert not (tmp_path / "n" / "round-00-1steps").exists()
+    assert (tmp_path / "fast-disk" / "raypd-staging").is_dir()  # the checkpoints were staged there

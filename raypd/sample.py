@@ -14,9 +14,14 @@ import torch
 def checkpoint_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a raypd checkpoint directory")
     parser.add_argument("--steps", type=int, help="DDIM steps (default: the checkpoint's own)")
-    parser.add_argument("--seed", type=int, default=1234, help="noise seed")
+    parser.add_argument("--seed", type=int, help="noise seed (default: the run's eval.seed, so its samples are the run's)")
     parser.add_argument("--batch", type=int, default=256, help="samples per forward pass")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def noise_seed(args: argparse.Namespace, meta) -> int:
+    """``--seed``, else the seed the checkpoint's run evaluated with."""
+    return args.seed if args.seed is not None else int(meta.config.get("eval", {}).get("seed", 1234))
 
 
 def generate(args: argparse.Namespace, n: int):
@@ -28,7 +33,8 @@ def generate(args: argparse.Namespace, n: int):
 
     model, meta = load_checkpoint(args.checkpoint, map_location=args.device)
     steps = args.steps or meta.sampling_steps
-    z, y = fixed_noise(n, meta.data.channels, meta.data.resolution, seed=args.seed, num_classes=meta.data.num_classes)
+    z, y = fixed_noise(n, meta.data.channels, meta.data.resolution, seed=noise_seed(args, meta),
+                       num_classes=meta.data.num_classes)
     logsnr_fn = meta.logsnr_fn()
     out = []
     for start in tqdm(range(0, n, args.batch), desc=f"sampling {steps} steps", unit="batch", file=sys.stderr):

@@ -9,11 +9,12 @@ through the run's FID set-up: the same extractor and cached reference statistics
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
-from raypd.sample import checkpoint_args
+from raypd.sample import checkpoint_args, noise_seed
 
 
 def sample_features(args: argparse.Namespace, spec) -> tuple[dict, int]:
@@ -30,7 +31,8 @@ def sample_features(args: argparse.Namespace, spec) -> tuple[dict, int]:
     steps = args.steps or meta.sampling_steps
     d = meta.data
     size = max(NOISE_BLOCK, -(-8 * args.batch // NOISE_BLOCK) * NOISE_BLOCK)
-    chunks = chunks_for(args.n, "ddim", steps, data=d, seed=args.seed, precision="auto", extractor=spec.extractor,
+    precision = meta.config.get("eval", {}).get("precision", "auto")  # the run's, so its numbers come out again
+    chunks = chunks_for(args.n, "ddim", steps, data=d, seed=spec.seed, precision=precision, extractor=spec.extractor,
                         kid=spec.kid, prc=spec.prc, chunk_size=size)
     bar = tqdm(total=args.n, desc=f"sampling {steps} steps", unit="img", file=sys.stderr)
     point = collect(run_here(model, chunks, logsnr_fn=meta.logsnr_fn(), device=torch.device(args.device)), n=args.n,
@@ -65,11 +67,11 @@ def fid_main(argv: list[str] | None = None) -> int:
         urls = training_shards(d, run / "data", seed=cfg.run.seed)
         manifest = check_shards(urls, resolution=d.resolution, channels=d.channels, num_classes=d.num_classes,
                                 world_size=1, num_workers=0)
-        spec = fid_setup(cfg, urls, manifest, run)
+        spec = dataclasses.replace(fid_setup(cfg, urls, manifest, run), seed=noise_seed(args, meta), num_samples=args.n)
         features, steps = sample_features(args, spec)
     except (CheckpointError, DataError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     result = spec.score(features=features)
-    print(json.dumps({"checkpoint": str(args.checkpoint), "steps": steps, "seed": args.seed, **result}))
+    print(json.dumps({"checkpoint": str(args.checkpoint), "steps": steps, **result}))
     return 0

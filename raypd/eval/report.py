@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from raypd.eval.protocol import describe
+
 STYLES = {"teacher_ddim": ("o--", "teacher DDIM"), "teacher_stochastic": ("^:", "teacher stochastic"),
           "distilled": ("s-", "distilled")}
 
@@ -53,6 +55,9 @@ def write_report(out: Path, summary: dict) -> Path:
              f"Run `{summary['run']}`, {summary['seconds']:.0f} s. Metrics: {extractor} features, {n} samples per "
              f"point, noise seed {summary['eval_seed']}; RMSE is the distance to the teacher's {full_steps}-step "
              "samples from the same noise.", "",
+             *([f"FID protocol: {describe(rows[0]['protocol'])}. The full record is in `summary.json` (each "
+                "row's `protocol`); `raypd fid --checkpoint C --steps N --n "
+                f"{rows[0]['n_samples']}` computes a row again.", ""] if rows and "protocol" in rows[0] else []),
              "![FID vs steps](fid_vs_steps.png)", "",
              "| steps | distilled FID | teacher DDIM FID | distilled KID | teacher DDIM KID | distilled RMSE | teacher DDIM RMSE |",
              "|---|---|---|---|---|---|---|"]

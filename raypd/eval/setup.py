@@ -31,14 +31,33 @@ class EvalSpec:
     seed: int
     kid: bool = True
     prc: bool = False
+    reference_source: str = ""
+    """What the reference images are (the data set's kind and path, from its manifest), for the FID protocol."""
 
-    def reference(self) -> ImageSet:
-        """The reference images (read only when the cached statistics are missing)."""
+    def reference_images(self) -> Tensor:
+        """The reference images, uint8 [N, C, H, W]: the first ``reference_count`` of the training shards."""
         from raypd.eval.evaluate import read_images
 
-        return ImageSet(self.reference_count, lambda: read_images(list(self.reference_urls), self.reference_count,
-                                                                  channels=self.channels, resolution=self.resolution),
-                        rgb=self.extractor.kind == "inception")
+        return read_images(list(self.reference_urls), self.reference_count, channels=self.channels,
+                           resolution=self.resolution)
+
+    def reference(self) -> ImageSet:
+        """The reference images (read only when the cached statistics are missing; reading them records their
+        digest beside the statistics)."""
+        from raypd.eval.protocol import record_reference
+
+        def load() -> Tensor:
+            images = self.reference_images()
+            record_reference(self.cache_root, self.cache_name, images, self.reference_source)
+            return images
+
+        return ImageSet(self.reference_count, load, rgb=self.extractor.kind == "inception")
+
+    def protocol(self, n_samples: int | None = None) -> dict:
+        """The FID protocol of numbers scored through this set-up (``raypd.eval.protocol``)."""
+        from raypd.eval.protocol import protocol
+
+        return protocol(self, n_samples)
 
     def score(self, samples: Tensor | None = None, *, features: dict[str, Tensor] | None = None,
               reference: ImageSet | None = None, kid: bool | None = None, prc: bool | None = None) -> dict:
@@ -47,8 +66,10 @@ class EvalSpec:
                      kid=self.kid if kid is None else kid, prc=self.prc if prc is None else prc)
         reference = reference or self.reference()
         if features is not None:
-            return fidelity_from_features(features, reference, self.extractor, **where)
-        return fidelity(samples, reference, self.extractor, **where)
+            result = fidelity_from_features(features, reference, self.extractor, **where)
+        else:
+            result = fidelity(samples, reference, self.extractor, **where)
+        return {**result, "protocol": self.protocol(result["n_samples"])}
 
     def with_locations(self, where) -> "EvalSpec":
         """The same set-up with its files (extractor weights, reference shards, statistics cache) passed through
@@ -78,4 +99,13 @@ def fid_setup(cfg: Config, urls: list[str], manifest: dict | None, run: Path) ->
     e, d = cfg.eval, cfg.data
     return EvalSpec(extractor, tuple(urls), len(images), d.channels, d.resolution,
                     str((run / "eval" / "fid-cache").resolve()), cache_name, e.num_samples, e.seed, e.kid,
-                    e.precision_recall)
+                    e.precision_recall, reference_source=source_name(manifest, urls))
+
+
+def source_name(manifest: dict | None, urls: list[str]) -> str:
+    """The data set behind the shards: its manifest's source (kind and path), else the shards themselves."""
+    source = (manifest or {}).get("source")
+    if isinstance(source, dict):
+        where = source.get("path") or ""
+        return f"{source.get('kind', 'unknown')}{' ' + where if where else ''} (shards {urls[0]}, ...)"
+    return f"shards {urls[0]}" + (f" ... {urls[-1]}" if len(urls) > 1 else "")

@@ -70,6 +70,13 @@ def test_pipeline_runs_resumes_and_reports(tmp_path, capsys):
     ours = next(r for r in summary["eval"] if r["sampler"] == "distilled" and r["steps"] == 1)
     assert scored["steps"] == 1 and scored["extractor"] == ours["extractor"]
     assert scored["fid"] == pytest.approx(ours["fid"], rel=1e-4)  # same noise seed, same reference
+    assert scored["protocol"] == ours["protocol"]  # and it says so: the same pinned protocol
+    protocol = ours["protocol"]
+    assert protocol["samples"] == 16 and protocol["noise"] == {"seed": 1234, "scheme": "blocks-256"}
+    assert protocol["reference"]["count"] == 64 and protocol["reference"]["split"] == "train"
+    assert protocol["reference"]["source"].startswith("digits") and len(protocol["reference"]["sha256"]) == 64
+    assert len(protocol["extractor"]["weights_sha256"]) == 64
+    assert "FID protocol: classifier-" in report
     assert cli(["fid", "--checkpoint", str(tmp_path)]) == 2
 
     # every student of the run exports as a diffusers pipeline that samples as raypd does, with the run's FID

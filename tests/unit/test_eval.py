@@ -275,3 +275,41 @@ def test_the_full_samples_round_trip_and_the_record_is_kept_per_set_up(tmp_path)
     other = EvalRecord(tmp_path, fingerprint(eval={"num_samples": 32}, teacher="abc"))
     assert other.get("teacher_ddim-4") is None  # another set-up: set aside
     assert (tmp_path / f"record-{key}.json").is_file()
+
+
+def test_every_fid_names_its_protocol_and_the_reference_digest_survives_the_cache(digits, tmp_path):
+    import hashlib
+
+    from raypd.config import DataConfig
+    from raypd.eval.protocol import images_sha256, reference_sidecar
+    from raypd.eval.setup import EvalSpec
+
+    root, extractor, images, _ = digits
+    urls = training_shards(DataConfig(resolution=8, num_classes=10, loader_workers=0), root)
+    spec = EvalSpec(extractor, tuple(urls), 100, 1, 8, str(tmp_path / "cache"), "ref-p", 64, 7,
+                    reference_source="digits")
+    first = spec.score(images[200:264])
+    p = first["protocol"]
+    weights = (root / "clf" / "model.safetensors").read_bytes()
+    assert p["extractor"]["weights_sha256"] == hashlib.sha256(weights).hexdigest()
+    reference = read_images(urls, 100, channels=1, resolution=8)
+    assert p["reference"] == {"source": "digits", "split": "train", "count": 100, "sha256": images_sha256(reference),
+                              "order": p["reference"]["order"]}
+    assert p["samples"] == 64 and p["noise"] == {"seed": 7, "scheme": "blocks-256"}
+    assert p["extractor"]["resize"].startswith("none")
+    # a cache hit reads no image, and still names the same reference
+    def unreadable():
+        raise AssertionError("the reference was read again")
+
+    hit = fidelity(images[200:264], ImageSet(100, unreadable, rgb=False), extractor,
+                   cache_root=tmp_path / "cache", cache_name="ref-p")
+    assert hit["fid"] == pytest.approx(first["fid"], rel=1e-6)
+    assert spec.protocol(64) == p
+    # statistics cached before their record existed: the images are read once to describe them
+    reference_sidecar(spec.cache_root, spec.cache_name).unlink()
+    assert spec.protocol(64)["reference"]["sha256"] == p["reference"]["sha256"]
+    # another reference set is another digest
+    other = EvalSpec(extractor, tuple(urls), 90, 1, 8, str(tmp_path / "cache"), "ref-q", 64, 7,
+                     reference_source="digits")
+    assert other.score(images[200:264])["protocol"]["reference"]["sha256"] != p["reference"]["sha256"]
+

@@ -6,6 +6,7 @@ writer and the same reader a cluster uses, so local mode exercises the productio
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import tempfile
@@ -48,7 +49,9 @@ def training_shards(cfg: DataConfig, data_root: Path, *, seed: int = 0, readers:
     if not (out / "manifest.json").is_file():
         with tempfile.TemporaryDirectory() as tmp:
             if cfg.source == "digits":
-                source = open_source("npz", digits_npz(Path(tmp) / "digits.npz"))
+                # the temporary .npz is how it is read, not what it is: the manifest names the data set
+                source = dataclasses.replace(open_source("npz", digits_npz(Path(tmp) / "digits.npz")), kind="digits",
+                                             path="scikit-learn's load_digits (1,797 handwritten digits, 8x8)")
             else:
                 source = open_source(cfg.source, cfg.path, cfg.labels_path or None)
             if len(source) < count:

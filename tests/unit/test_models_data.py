@@ -45,7 +45,7 @@ def test_local_digits_go_through_the_shard_writer_and_reader(tmp_path):
     urls = training_shards(cfg, tmp_path)
     assert len(urls) >= 16
     manifest = check_shards(urls, resolution=16, channels=3, num_classes=10, world_size=2, num_workers=2)
-    assert manifest["splits"]["train"]["count"] == 1797 and manifest["source"]["kind"] == "npz"
+    assert manifest["splits"]["train"]["count"] == 1797 and manifest["source"]["kind"] == "digits"
     batch = next(iter(ShardLoader(urls, batch_size=64, channels=3, num_classes=10, resolution=16)))
     assert batch.x.shape == (64, 3, 16, 16) and batch.x.dtype == torch.float32
     assert batch.x.min() == -1.0 and batch.x.max() == 1.0 and batch.y.dtype == torch.int64

@@ -15,7 +15,8 @@ def checkpoint_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a raypd checkpoint directory")
     parser.add_argument("--steps", type=int, help="DDIM steps (default: the checkpoint's own)")
     parser.add_argument("--seed", type=int, help="noise seed (default: the run's eval.seed, so its samples are the run's)")
-    parser.add_argument("--batch", type=int, default=256, help="samples per forward pass")
+    parser.add_argument("--batch", type=int, default=256,
+                        help="samples per forward pass (raypd fid samples 256 at a time and holds about 8 x this)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 

@@ -17,14 +17,14 @@ from pathlib import Path
 from raypd.sample import checkpoint_args, noise_seed
 
 
-def sample_features(args: argparse.Namespace, spec) -> tuple[dict, int]:
+def sample_features(args: argparse.Namespace, spec) -> tuple[dict, int, str]:
     """The features of ``args.n`` samples, sampled and extracted a chunk at a time (memory bounded by
     ``args.batch`` x 8 images, not by ``args.n``), with a progress bar."""
     import torch
     from tqdm import tqdm
 
     from raypd.checkpoint import load_checkpoint
-    from raypd.eval.chunks import chunks_for, collect, run_here
+    from raypd.eval.chunks import chunks_for, collect, run_here, sampling_name
     from raypd.eval.samples import NOISE_BLOCK
 
     model, meta = load_checkpoint(args.checkpoint, map_location=args.device)
@@ -39,7 +39,7 @@ def sample_features(args: argparse.Namespace, spec) -> tuple[dict, int]:
                     shape=(d.channels, d.resolution, d.resolution), grid_size=0, full=None,
                     progress=lambda done, n: bar.update(done - bar.n))
     bar.close()
-    return point.features, steps
+    return point.features, steps, sampling_name(precision, gpu=False, device=torch.device(args.device))
 
 
 def fid_main(argv: list[str] | None = None) -> int:
@@ -68,10 +68,10 @@ def fid_main(argv: list[str] | None = None) -> int:
         manifest = check_shards(urls, resolution=d.resolution, channels=d.channels, num_classes=d.num_classes,
                                 world_size=1, num_workers=0)
         spec = dataclasses.replace(fid_setup(cfg, urls, manifest, run), seed=noise_seed(args, meta), num_samples=args.n)
-        features, steps = sample_features(args, spec)
+        features, steps, sampling = sample_features(args, spec)
     except (CheckpointError, DataError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    result = spec.score(features=features)
+    result = spec.score(features=features, sampling=sampling)
     print(json.dumps({"checkpoint": str(args.checkpoint), "steps": steps, **result}))
     return 0

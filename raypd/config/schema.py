@@ -429,6 +429,8 @@ class DistConfig:
                  f"must be >= 1000000 (smaller buckets only add collectives), got {self.bucket_elements}")
         _require(self.checkpoint_every >= 1, "checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
         _require(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
+        _require(not self.staging_dir or (self.staging_dir.startswith("/") and "://" not in self.staging_dir),
+                 "staging_dir", f"must be an absolute path on each worker node's own disk, got {self.staging_dir!r}")
         _require(self.max_failures >= 0, "max_failures", f"must be >= 0, got {self.max_failures}")
         _require(self.scale_timeout_s > 0, "scale_timeout_s", f"must be > 0, got {self.scale_timeout_s}")
         _require(self.collective_timeout_s >= 10, "collective_timeout_s", f"must be >= 10, got {self.collective_timeout_s}")

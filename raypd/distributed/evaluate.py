@@ -5,8 +5,9 @@ The model travels as a state dict in Ray's object store (put once per point); a 
 settings, and each task draws its own slice of the fixed noise, so nothing is pickled but tensors
 and plain data. At most two chunks per worker are in flight, so finished chunks wait in the object
 store only briefly. On GPUs each task holds one GPU, which is what makes 50k samples per point
-practical; a worker process keeps the last network it built, so its next chunk of the same point
-does not build it again.
+practical, and runs in a fresh process (Ray's default for GPU tasks, which hands the GPU's memory
+back to the training workers afterwards); on CPUs a worker process keeps the last network it built,
+so its next chunk of the same point does not build it again.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class RayEvaluation:
         """``mirror``: the run's bucket mirror, whose copy of the extractor's weights the tasks fetch."""
         import ray
 
-        self.cfg, self.workers, self.mirror = cfg, max(1, workers), mirror
+        self.cfg, self.workers, self.mirror, self.use_gpu = cfg, max(1, workers), mirror, use_gpu
         self._task = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1, max_retries=2)(_generate_and_extract)
 
     def run(self, model: Denoiser, chunks: Iterable[Chunk]) -> Iterator[Result]:
@@ -73,10 +74,14 @@ class RayEvaluation:
             located = self.mirror.locate(weights)
             pending = [Chunk(**{**c.to_dict(), "extractor": {**c.extractor, "weights": located}}) for c in pending]
         pending.reverse()
-        while pending or in_flight:
-            while pending and len(in_flight) < 2 * self.workers:
-                chunk = pending.pop()
-                in_flight[self._task.remote(config, state.hex(), state, chunk.to_dict())] = chunk
-            (ready,), _ = ray.wait(list(in_flight), num_returns=1)
-            images, features = ray.get(ready)
-            yield in_flight.pop(ready), images, features
+        try:
+            while pending or in_flight:
+                while pending and len(in_flight) < 2 * self.workers:
+                    chunk = pending.pop()
+                    in_flight[self._task.remote(config, state.hex(), state, chunk.to_dict())] = chunk
+                (ready,), _ = ray.wait(list(in_flight), num_returns=1)
+                images, features = ray.get(ready)
+                yield in_flight.pop(ready), images, features
+        finally:  # the point was abandoned (an error while folding it in): free the GPUs its tasks hold
+            for ref in in_flight:
+                ray.cancel(ref, force=True)

@@ -95,14 +95,19 @@ def train_loop(payload: dict) -> dict | None:
     device = ray.train.torch.get_device()
     deepspeed.init_distributed(dist_backend="nccl" if cfg.dist.use_gpu else "gloo")
     staging = clear_staging(staging_root(cfg, payload["staging"]) / f"rank{rank}")
+    finished = False
     try:
         loop = StageLoop(cfg, stage, build_engine=stage_engine(cfg, world), store=RayStore(cfg.dist.checkpoint_upload),
                          staging=staging,
                          device=device, rank=rank, world=world, settings=dist_settings(cfg, world),
                          agree=lambda error: agree(error, world=world, label=stage.label, device=device))
         loop.run(loop.resume())
+        finished = True  # the final report was awaited: nothing staged is still being uploaded
     except StageFailure as failure:
         return {"error": failure.message, "category": failure.category}
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        # after a failure a background upload may still be reading the staged files: Ray deletes what it
+        # uploads, and the next start of this stage clears the rest
+        if finished or cfg.dist.checkpoint_upload == "sync":
+            shutil.rmtree(staging, ignore_errors=True)
     return None

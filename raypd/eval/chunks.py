@@ -74,6 +74,14 @@ def sampling_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return forward_dtype(precision, device)
 
 
+def sampling_name(precision: str, *, gpu: bool, device: torch.device | None = None) -> str:
+    """``bf16`` or ``fp32``: what ``eval.precision`` comes to where the chunks run (``device`` when they run here;
+    Ray's GPU tasks are taken to support bf16, as every GPU type the cluster files offer does)."""
+    if device is not None:
+        return "bf16" if sampling_dtype(precision, device) is not None else "fp32"
+    return "bf16" if precision == "bf16" or (precision == "auto" and gpu) else "fp32"
+
+
 def generate_chunk(model: Denoiser, chunk: Chunk, *, logsnr_fn: LogsnrFn, device: torch.device,
                    extractor: Extractor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """One chunk's uint8 images and their features (``extractor``: the chunk's own, with local weights)."""

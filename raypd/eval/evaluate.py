@@ -18,7 +18,7 @@ from raypd.data.shards import ShardLoader
 from raypd.diffusion.ddim import LogsnrFn
 from raypd.eval.classifier import save_classifier, train_classifier
 from raypd.eval.fid import Extractor, ImageSet, data_key, reference_name, to_uint8
-from raypd.eval.chunks import FullSamples, Point, chunks_of, collect, run_here
+from raypd.eval.chunks import FullSamples, Point, chunks_of, collect, run_here, sampling_name
 from raypd.eval.record import EvalRecord, fingerprint
 from raypd.eval.samples import NOISE_BLOCK, save_grid
 from raypd.models import Denoiser
@@ -91,17 +91,21 @@ class Evaluator:
         self.extractor, self.reference = self.spec.extractor, self.spec.reference()
         self.full_steps = e.reference_steps or cfg.teacher.sampling_steps
         self.remote = remote
+        self.sampling = (sampling_name(e.precision, gpu=bool(getattr(remote, "use_gpu", False))) if remote is not None
+                         else sampling_name(e.precision, gpu=device.type == "cuda", device=device))
         self.record = None
         if teacher_digest:
             plain = cfg.to_dict()
             settings = {k: v for k, v in plain["eval"].items() if k != "chunk_size"}  # same samples at any size
             self.record = EvalRecord(out / "eval", fingerprint(
                 eval=settings, diffusion=plain["diffusion"], spec=self.spec.to_dict(), teacher=teacher_digest,
-                full_steps=self.full_steps, noise=NOISE_SCHEME))
+                full_steps=self.full_steps, noise=NOISE_SCHEME, sampling=self.sampling))
         name = f"teacher-full-{self.record.fingerprint}.npy" if self.record else "teacher-full-unrecorded.npy"
         self.full = FullSamples(out / "eval" / name)
         key = f"teacher_ddim-{self.full_steps}"
         if self.record is None or self.record.get(key) is None or not self.full.exists((e.num_samples, *self.shape)):
+            for stale in (out / "eval").glob("teacher-full-*.npy"):  # another set-up's: never read again
+                stale.unlink()
             point = self.generate(teacher, self.full_steps, write_full=True)
             self.rows = [self.point(key, lambda: self.score("teacher_ddim", self.full_steps, point), fresh=True)]
         else:
@@ -134,11 +138,11 @@ class Evaluator:
             results = self.remote.run(model, chunks)
         else:
             results = run_here(model, chunks, logsnr_fn=self.logsnr_fn, device=self.device)
-        every = max(1, len(chunks) // 10)
-        step = every * e.chunk_size
+        every, folded = max(1, len(chunks) // 10), []
 
         def progress(done: int, n: int) -> None:
-            if len(chunks) > 1 and (done % step == 0 or done == n):
+            folded.append(done)
+            if len(chunks) > 1 and (len(folded) % every == 0 or done == n):
                 log(f"[eval] {sampler} at {n_steps} steps: {done}/{n} samples")
 
         return collect(results, n=e.num_samples, shape=self.shape, grid_size=e.grid_size, full=self.full,
@@ -147,7 +151,7 @@ class Evaluator:
     def score(self, sampler: str, steps: int, point: Point, **extra) -> dict:
         """Metrics, distance to the full sampler and a grid for one (sampler, steps) point."""
         e = self.cfg.eval
-        metrics = self.spec.score(features=point.features, reference=self.reference)
+        metrics = self.spec.score(features=point.features, reference=self.reference, sampling=self.sampling)
         save_grid(point.grid, self.out / "grids" / f"{sampler}-{steps:04d}steps.png",
                   title=f"{sampler.replace('_', ' ')}, {steps} steps")
         row = {"sampler": sampler, "steps": steps, **extra, **metrics, "seed": e.seed,

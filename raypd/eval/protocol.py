@@ -78,18 +78,22 @@ def record_reference(cache_root: str | Path, cache_name: str, images: Tensor, so
     return info
 
 
-def protocol(spec, n_samples: int | None = None) -> dict:
-    """The full protocol of FIDs scored through ``spec`` (an ``EvalSpec``), with ``n_samples`` generated images."""
+def protocol(spec, n_samples: int | None = None, sampling: str | None = None) -> dict:
+    """The full protocol of FIDs scored through ``spec`` (an ``EvalSpec``), with ``n_samples`` generated images
+    sampled with the network's forward in ``sampling`` (``bf16`` or ``fp32``; the samplers' arithmetic is fp32)."""
     sidecar = reference_sidecar(spec.cache_root, spec.cache_name)
     if sidecar.is_file():
         reference = json.loads(sidecar.read_text())
     else:  # statistics cached before their record was kept: read the images once to describe them
         reference = record_reference(spec.cache_root, spec.cache_name, spec.reference_images(), spec.reference_source)
-    return {"extractor": extractor_identity(spec.extractor), "reference": reference,
-            "samples": spec.num_samples if n_samples is None else n_samples,
-            "noise": {"seed": spec.seed, "scheme": NOISE_SCHEME}, "pixels": PIXELS,
-            "statistics": "torch-fidelity 2048-d pool features (the classifier: its embedding); FID from their mean "
-                          "and covariance; KID unbiased, subsets of min(1000, n)"}
+    out = {"extractor": extractor_identity(spec.extractor), "reference": reference,
+           "samples": spec.num_samples if n_samples is None else n_samples,
+           "noise": {"seed": spec.seed, "scheme": NOISE_SCHEME}, "pixels": PIXELS,
+           "statistics": "torch-fidelity 2048-d pool features (the classifier: its embedding); FID from their mean "
+                         "and covariance; KID unbiased, subsets of min(1000, n)"}
+    if sampling is not None:
+        out["sampling"] = f"network forward in {sampling}, sampler arithmetic in fp32"
+    return out
 
 
 def describe(p: dict) -> str:
@@ -97,4 +101,4 @@ def describe(p: dict) -> str:
     e, r = p["extractor"], p["reference"]
     return (f"{e['name']} (weights sha256 {e['weights_sha256'][:12]}), {p['samples']} samples (noise seed "
             f"{p['noise']['seed']}, {p['noise']['scheme']}) against {r['count']} {r['split']} images of {r['source']} "
-            f"(sha256 {r['sha256'][:12]}); {e['resize']}")
+            f"(sha256 {r['sha256'][:12]}); {e['resize']}" + (f"; {p['sampling']}" if "sampling" in p else ""))

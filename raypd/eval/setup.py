@@ -53,15 +53,17 @@ class EvalSpec:
 
         return ImageSet(self.reference_count, load, rgb=self.extractor.kind == "inception")
 
-    def protocol(self, n_samples: int | None = None) -> dict:
+    def protocol(self, n_samples: int | None = None, sampling: str | None = None) -> dict:
         """The FID protocol of numbers scored through this set-up (``raypd.eval.protocol``)."""
         from raypd.eval.protocol import protocol
 
-        return protocol(self, n_samples)
+        return protocol(self, n_samples, sampling)
 
     def score(self, samples: Tensor | None = None, *, features: dict[str, Tensor] | None = None,
-              reference: ImageSet | None = None, kid: bool | None = None, prc: bool | None = None) -> dict:
-        """Metrics of generated images ([-1, 1]), or of their features computed elsewhere."""
+              reference: ImageSet | None = None, kid: bool | None = None, prc: bool | None = None,
+              sampling: str | None = None) -> dict:
+        """Metrics of generated images ([-1, 1]), or of their features computed elsewhere (``sampling``: the
+        precision the network sampled them in, for the protocol record)."""
         where = dict(cache_root=Path(self.cache_root), cache_name=self.cache_name,
                      kid=self.kid if kid is None else kid, prc=self.prc if prc is None else prc)
         reference = reference or self.reference()
@@ -69,7 +71,7 @@ class EvalSpec:
             result = fidelity_from_features(features, reference, self.extractor, **where)
         else:
             result = fidelity(samples, reference, self.extractor, **where)
-        return {**result, "protocol": self.protocol(result["n_samples"])}
+        return {**result, "protocol": self.protocol(result["n_samples"], sampling)}
 
     def with_locations(self, where) -> "EvalSpec":
         """The same set-up with its files (extractor weights, reference shards, statistics cache) passed through

@@ -157,11 +157,13 @@ def test_gcp_training_nodes_get_gvnic_and_compact_placement(path):
     readme = (CLUSTER / "README.md").read_text()
     region, project = config["provider"]["region"], config["provider"]["project_id"]
     for name, t in config["available_node_types"].items():
+        node = t["node_config"]
+        (nic,) = node["networkInterfaces"]  # every node type names its network: Ray fills in none of them
+        assert nic["network"] == f"projects/{project}/global/networks/default", name
+        assert nic["subnetwork"] == f"projects/{project}/regions/{region}/subnetworks/default", name
         if gpus(t) != 8:
             continue
-        node = t["node_config"]
-        (nic,) = node["networkInterfaces"]
-        assert nic["nicType"] == "GVNIC" and nic["network"] == f"projects/{project}/global/networks/default"
+        assert nic["nicType"] == "GVNIC"
         (policy,) = node["resourcePolicies"]
         prefix = f"projects/{project}/regions/{region}/resourcePolicies/"
         assert policy.startswith(prefix), name

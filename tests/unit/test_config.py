@@ -31,6 +31,12 @@ def test_config_is_frozen():
 
 @pytest.mark.parametrize("overrides, key, reason", [
     (["distill.lrr=1"], "distill.lrr", "unknown key; valid keys here: start_steps"),
+    (["eval.chunk_size=100"], "eval.chunk_size", "multiple of 256"),
+    (["eval.chunk_size=0"], "eval.chunk_size", "multiple of 256"),
+    (["eval.precision=fp16"], "eval.precision", "must be one of"),
+    (["dist.checkpoint_upload=later"], "dist.checkpoint_upload", "must be one of"),
+    (["dist.staging_dir=scratch"], "dist.staging_dir", "absolute path"),
+    (["dist.staging_dir=s3://b/x"], "dist.staging_dir", "absolute path"),
     (["optim.lr=1"], "optim", "unknown key"),
     (["distill.lr=fast"], "distill.lr", "must be a number"),
     (["distill.lr=-1"], "distill.lr", "must be positive"),

@@ -212,6 +212,27 @@ def test_bf16_sampling_keeps_the_parameterization_and_the_sampler_in_fp32():
         assert bf16.dtype == torch.float32 and 0 < diff.mean().item() < 0.02, (parameterization, diff.mean())
 
 
+def test_the_chunk_path_follows_eval_precision_and_draws_stochastic_steps_per_noise_block(digits):
+    from raypd.config import load_config
+    from raypd.eval.chunks import chunks_of, collect, run_here
+
+    _, extractor, _, _ = digits
+
+    def point(sampler, *overrides):
+        cfg = load_config(None, ["data.resolution=8", "model.attn_resolutions=[4]", "eval.num_samples=300",
+                                 "eval.grid_size=300", *overrides])
+        model = _noisy_model(cfg, 0.005)
+        return collect(run_here(model, chunks_of(cfg, sampler, 2, extractor), logsnr_fn=cfg.diffusion.logsnr_fn(),
+                                device=torch.device("cpu")), n=300, shape=(1, 8, 8), grid_size=300, full=None).grid
+
+    fp32, bf16 = point("ddim", "eval.precision=fp32"), point("ddim", "eval.precision=bf16")
+    assert torch.equal(point("ddim"), fp32)  # auto is fp32 off GPUs
+    assert 0 < (bf16 - fp32).abs().mean().item() < 0.02
+    # the ancestral sampler's step noise comes from (seed, block): the same however the point is chunked
+    small, large = point("stochastic", "eval.chunk_size=256"), point("stochastic", "eval.chunk_size=512")
+    assert torch.equal(small, large) and (small - fp32).abs().mean().item() > 0.01
+
+
 def _hwm_mib() -> float:
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM"):

@@ -70,6 +70,12 @@ def test_the_dry_run_says_what_a_checkpoint_interval_holds(capsys):
 
     assert main(["--dry-run", "--config", str(CONFIGS / "imagenet64.yaml")]) == 0
     out = capsys.readouterr().out
-    assert "checkpoints: every 500 updates, about 12.8 min" in out and "dist.checkpoint_every:" not in out
+    # background uploads: a node lost mid-upload falls back one more interval
+    assert ("checkpoints: every 250 updates (async upload), a lost node costs at most about 12.8 min" in out
+            and "dist.checkpoint_every:" not in out)
+    assert main(["--dry-run", "--config", str(CONFIGS / "imagenet64.yaml"), "dist.checkpoint_upload=sync"]) == 0
+    assert "checkpoints: every 250 updates (sync upload), a lost node costs at most about 6.4 min" in \
+        capsys.readouterr().out
     assert main(["--dry-run", "--config", str(CONFIGS / "imagenet64.yaml"), "dist.checkpoint_every=5000"]) == 0
-    assert "warning  dist.checkpoint_every: 5,000 updates are about 128 min of work" in capsys.readouterr().out
+    assert ("warning  dist.checkpoint_every: 5,000 updates (async upload) risk about 256 min of work, more than 15 min"
+            in capsys.readouterr().out)

@@ -25,6 +25,7 @@ class RayStore:
 
     def __init__(self, upload: str = "sync"):
         self.upload = upload
+        self.pending = False
         self.last_local: str | None = None
 
     def report(self, metrics: dict, path: str, final: bool = False) -> None:
@@ -33,8 +34,14 @@ class RayStore:
 
         checkpoint = ray.train.Checkpoint.from_directory(path)
         if self.upload == "async" and not final:
+            # The previous checkpoint's upload overlapped the interval since; it must be committed (uploaded and
+            # registered with the run) before this one starts, so that a worker lost now resumes from it. A
+            # checkpoint that was reported but not yet registered is lost with the worker.
+            if self.pending:
+                ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
             # Ray copies the staged folder to storage in the background and then deletes it
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
+            self.pending = True
             return
         ray.train.report(metrics, checkpoint=checkpoint)
         ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)

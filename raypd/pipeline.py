@@ -29,6 +29,7 @@ from raypd.eval.report import write_report
 from raypd.models import Denoiser
 from raypd.runs import check_and_save_config, finished_summary, open_run, run_uri
 from raypd.train import freeze, plan_rounds
+from raypd.train.rounds import DISTILL_FORWARDS, TRAIN_FORWARDS
 from raypd.train.runner import InProcessRunner
 from raypd.train.stage import round_stage, teacher_stage
 
@@ -211,9 +212,25 @@ def make_evaluator(ctx: Context, manifest: dict | None, teacher: Denoiser, teach
                      teacher_digest=weights_digest(teacher_path))
 
 
-def round_row(rnd, stats: dict, path: Path, default_lr: float) -> dict:
+def teacher_compute(path: Path) -> dict:
+    """What training the teacher cost, from its checkpoint: examples seen and forward-equivalents (unknown, None,
+    for an imported teacher or one whose checkpoint does not say)."""
+    meta = read_meta(path)
+    updates, batch = meta.metrics.get("updates"), meta.config.get("teacher", {}).get("batch_size")
+    if meta.kind != "teacher" or updates is None or batch is None:
+        return {"examples": None, "compute": None}
+    examples = int(updates) * int(batch)
+    return {"examples": examples, "compute": float(TRAIN_FORWARDS * examples)}
+
+
+def round_row(rnd, stats: dict, path: Path, cfg: Config, spent: float) -> dict:
+    """A round's summary row; ``spent``: the distillation's compute before this round (forward-equivalents)."""
+    updates = int(stats.get("updates", rnd.updates))
+    # a swept round reports every trial's examples; a plain one trained on updates x batch
+    examples = int(stats.get("examples", updates * cfg.distill.batch_size))
     return {"round": rnd.index, "teacher_steps": rnd.teacher_steps, "student_steps": rnd.student_steps,
-            "updates": int(stats.get("updates", rnd.updates)), "lr": stats.get("lr", default_lr),
+            "updates": updates, "lr": stats.get("lr", cfg.distill.lr), "examples": examples,
+            "compute": spent + DISTILL_FORWARDS * examples,
             "wall_seconds": stats.get("wall_seconds", stats["seconds"]), "final_loss": stats["final_loss"],
             "skipped_samples": stats.get("skipped_samples", 0), "checkpoint": path.name,
             "driver_rss_mib": round(rss_mib(), 1)}
@@ -244,8 +261,9 @@ def _stages(ctx: Context, manifest: dict | None, cluster) -> dict:
 
         runner = SweepRunner(cfg, out, runner, evaluator.spec, concurrency=cluster.concurrent_trials(),
                              mirror=ctx.mirror)
-    summary = {"run": str(out), "teacher": {"full_steps": evaluator.full_steps}, "eval_seed": cfg.eval.seed,
-               "rounds": [], "eval": list(evaluator.rows)}
+    summary = {"run": str(out), "teacher": {"full_steps": evaluator.full_steps, **teacher_compute(teacher_path)},
+               "eval_seed": cfg.eval.seed, "rounds": [], "eval": list(evaluator.rows)}
+    spent = 0.0
     for rnd in rounds:
         path = out / f"round-{rnd.index:02d}-{rnd.student_steps}steps"
         stats = finished(path, f"round {rnd.index}")
@@ -255,7 +273,8 @@ def _stages(ctx: Context, manifest: dict | None, cluster) -> dict:
             log(f"[round {rnd.index}] already done, loading {path}")
         student = load_frozen(path, ctx.device)
         summary["eval"].append(evaluator.student(student, rnd.student_steps, rnd.index, weights_digest(path)))
-        summary["rounds"].append(round_row(rnd, stats, path, cfg.distill.lr))
+        summary["rounds"].append(round_row(rnd, stats, path, cfg, spent))
+        spent = summary["rounds"][-1]["compute"]
         if hasattr(runner, "chose"):
             runner.chose(rnd.index, rnd.teacher_steps, rnd.student_steps, stats)
         teacher_path = path  # promotion: the student is the next round's teacher

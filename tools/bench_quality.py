@@ -1,82 +1,207 @@
-"""The claim, measured: distilled students against the teacher's own DDIM, by FID, per extractor.
+"""The paper's claim, measured with stated uncertainty: how much of the teacher's few-step gap the student
+closes, at what FID, for what compute.
 
-Runs the local pipeline (real data: scikit-learn's digits, CPU) with the cheap classifier
-extractor, then scores the same checkpoints, from the same noise, with Inception-v3. Prints, per
-extractor, FID and KID at each step count for the teacher's DDIM and the distilled student, and
-at 4, 2 and 1 steps the share of the DDIM-to-full-sampler gap the student closes
-((FID_ddim - FID_distilled) / (FID_ddim - FID_full)) and its FID over the teacher's full-step FID.
+Runs the local pipeline (the README's run, or any config and overrides) on the digits or on MNIST's test
+digits, then samples the teacher's full sampler, its DDIM at N steps and the distilled student at N steps
+from the same noise with ``--samples`` samples each (the run's own evaluation noise, extended), and scores
+them with each extractor. Every FID, the share of the gap the student closes,
+``(FID_ddim - FID_distilled) / (FID_ddim - FID_full)``, and the student's FID over the teacher's full-step
+FID come with a 95% paired-bootstrap interval over the samples (``raypd.eval.bootstrap``). The cost line
+is the paper's other claim: the distillation's compute down to N steps against the teacher's training
+compute, in forward-equivalents of the network (a distillation example costs two teacher forwards and the
+student's forward and backward, 5; a training example 3).
 
-    python tools/bench_quality.py [--out runs/bench-quality] [--samples 500] [--inception-weights PATH]
-                                  [section.key=value ...]
+    python tools/bench_quality.py [--data digits|mnist] [--samples 2000] [--replicates 200]
+        [--extractors classifier,inception] [--inception-steps 4] [--inception-weights PATH]
+        [--out runs/bench-quality-DATA] [section.key=value ...]
+
+MNIST comes from the IDX files in ``--assets`` (default ``../shared/assets`` beside the repository); on a
+machine with internet, any copy of ``t10k-images-idx3-ubyte.gz`` and its labels works. Inception costs about
+0.15 s per image on a CPU, so by default it scores only the teacher's full sampler and the 4-step points.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import sys
+import time
 from pathlib import Path
+
+import torch
 
 from raypd.checkpoint import load_checkpoint
 from raypd.config import config_from_dict, load_config
 from raypd.data.prepare import training_shards
 from raypd.data.shards import read_manifest
 from raypd.diffusion import logsnr_schedule
-from raypd.eval.evaluate import Evaluator
+from raypd.eval.bootstrap import Reference, paired_bootstrap
+from raypd.eval.fid import Extractor, fid_features, reference_fid_features, to_uint8
+from raypd.eval.samples import NOISE_BLOCK, fixed_noise, sample_ddim
+from raypd.eval.setup import fid_setup
 from raypd.pipeline import pick_device, run_pipeline
 from raypd.train import freeze
 
+REPO = Path(__file__).resolve().parents[1]
+MNIST = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 
-def inception_rows(cfg, run: Path, summary: dict, weights: str | None) -> list[dict]:
-    """Re-score the run's teacher and students with Inception, from the same noise."""
-    cfg = config_from_dict(cfg.to_dict(), ["eval.extractor=inception"] + ([f"eval.inception_weights={weights}"] if weights else []))
-    device = pick_device(cfg.run.device)
-    urls = training_shards(cfg.data, run / "data", seed=cfg.run.seed)
-    logsnr_fn = functools.partial(logsnr_schedule, logsnr_min=cfg.diffusion.logsnr_min, logsnr_max=cfg.diffusion.logsnr_max)
-    teacher, _ = load_checkpoint(run / "teacher", map_location=device)
-    steps = [r["student_steps"] for r in summary["rounds"] if r["student_steps"] <= 4]
-    ev = Evaluator(cfg, run, device=device, logsnr_fn=logsnr_fn, urls=urls, manifest=read_manifest(urls),
-                   teacher=freeze(teacher), step_counts=steps)
-    rows = list(ev.rows)
+
+def log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def data_overrides(data: str, assets: Path) -> list[str]:
+    if data == "digits":
+        return []
+    images, labels = (assets / name for name in MNIST)
+    for path in (images, labels):
+        if not path.is_file():
+            raise SystemExit(f"--data mnist: {path} is missing (MNIST's test files; --assets names their folder)")
+    return ["data.source=mnist", f"data.path={images}", f"data.labels_path={labels}", "data.num_classes=0"]
+
+
+def generate(model, n: int, steps: int, *, cfg, logsnr_fn, device) -> torch.Tensor:
+    """uint8 DDIM samples from the run's evaluation noise (the first ``n`` of it), a noise block at a time."""
+    d, parts = cfg.data, []
+    z, y = fixed_noise(n, d.channels, d.resolution, seed=cfg.eval.seed, num_classes=d.num_classes)
+    for lo in range(0, n, NOISE_BLOCK):
+        hi = min(n, lo + NOISE_BLOCK)
+        parts.append(to_uint8(sample_ddim(model, z[lo:hi], None if y is None else y[lo:hi], steps,
+                                          logsnr_fn=logsnr_fn, device=device)))
+    return torch.cat(parts)
+
+
+def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Root-mean-square distance of two uint8 image sets, in [-1, 1] units."""
+    return float((a.double() - b.double()).square().mean().sqrt() / 127.5)
+
+
+def where_the_gap_comes_from(summary, run, teacher, point, full, n, *, cfg, logsnr_fn, device) -> list[str]:
+    """Each round's own fit (its student's N steps against its teacher's 2N steps, what the round was trained to
+    match) next to the distance to the full sampler it ends at: does the error come from one round, or build up
+    round after round?"""
+    lines = ["## Where the gap comes from", "",
+             f"RMSE in [-1, 1] pixel units over the first {n} samples (same noise). A round's fit is its student at N "
+             "steps against its own teacher at 2N steps; the chain's distance is the student against the teacher's "
+             "full sampler.", "",
+             "| round | steps | round's fit | student to full | teacher DDIM at N to full | final loss |",
+             "|---|---|---|---|---|---|"]
+    previous = teacher
     for r in summary["rounds"]:
-        if r["student_steps"] in steps:
-            student, _ = load_checkpoint(run / r["checkpoint"], map_location=device)
-            rows.append(ev.student(freeze(student), r["student_steps"], r["round"]))
-    return rows
+        student = freeze(load_checkpoint(run / r["checkpoint"], map_location=device)[0])
+        mine = point("distilled", r["student_steps"])[:n]
+        theirs = generate(previous, n, r["teacher_steps"], cfg=cfg, logsnr_fn=logsnr_fn, device=device)
+        reference = point("teacher_ddim", full)[:n]
+        lines.append(f"| {r['round']} | {r['teacher_steps']} -> {r['student_steps']} | {rmse(mine, theirs):.4f} | "
+                     f"{rmse(mine, reference):.4f} | {rmse(point('teacher_ddim', r['student_steps'])[:n], reference):.4f} "
+                     f"| {r['final_loss']:.5f} |")
+        previous = student
+    return lines + [""]
 
 
-def table(rows: list[dict], full_steps: int) -> list[str]:
-    by = {(r["sampler"], r["steps"]): r for r in rows}
-    full = by[("teacher_ddim", full_steps)]["fid"]
-    head = f"{rows[0]['extractor']}, {rows[0]['n_samples']} samples; teacher at {full_steps} steps: FID {full:.2f}"
-    lines = [head, "| steps | teacher DDIM FID | distilled FID | teacher DDIM KID | distilled KID | gap closed | distilled / full |",
-             "|---|---|---|---|---|---|---|"]
-    for n in sorted({r["steps"] for r in rows if r["sampler"] == "distilled"}, reverse=True):
-        d, t = by[("distilled", n)], by[("teacher_ddim", n)]
-        gap = (t["fid"] - d["fid"]) / (t["fid"] - full) if t["fid"] != full else float("nan")
-        lines.append(f"| {n} | {t['fid']:.2f} | {d['fid']:.2f} | {t.get('kid', float('nan')):.4f} | "
-                     f"{d.get('kid', float('nan')):.4f} | {100 * gap:.0f}% | {d['fid'] / full:.2f}x |")
-    return lines
+def fmt(interval) -> str:
+    return f"{interval.value:.2f} [{interval.low:.2f}, {interval.high:.2f}]"
+
+
+def pct(interval) -> str:
+    return f"{100 * interval.value:.1f}% [{100 * interval.low:.1f}, {100 * interval.high:.1f}]"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/bench-quality")
-    parser.add_argument("--samples", type=int, default=500)
+    parser.add_argument("--data", choices=("digits", "mnist"), default="digits")
+    parser.add_argument("--assets", default=str(REPO.parent / "shared" / "assets"))
+    parser.add_argument("--out", help="the run's directory (default runs/bench-quality-DATA)")
+    parser.add_argument("--samples", type=int, default=2000, help="samples per point (>= 2000 for a tight interval)")
+    parser.add_argument("--replicates", type=int, default=200, help="bootstrap replicates")
+    parser.add_argument("--extractors", default="classifier,inception")
+    parser.add_argument("--inception-steps", default="4",
+                        help="step counts Inception scores besides the full sampler ('all' for every round's)")
     parser.add_argument("--inception-weights", help="torch-fidelity-format Inception weights (offline machines)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    out = Path(args.out)
+    out = Path(args.out or f"runs/bench-quality-{args.data}")
+    extractors = [e.strip() for e in args.extractors.split(",") if e.strip()]
+    for e in extractors:
+        if e not in ("classifier", "inception"):
+            raise SystemExit(f"--extractors: unknown extractor {e!r} (classifier, inception)")
+    if args.samples < 2 or args.replicates < 2:
+        raise SystemExit(f"--samples and --replicates must be >= 2, got {args.samples} and {args.replicates}")
     cfg = load_config(None, [f"run.storage_path={out.parent}", f"run.name={out.name}",
-                             f"eval.num_samples={args.samples}", *args.overrides])
+                             *data_overrides(args.data, Path(args.assets)), *args.overrides])
+    started = time.perf_counter()
     summary = run_pipeline(cfg)
-    classifier_rows = summary["eval"]
-    inception = inception_rows(cfg, out, summary, args.inception_weights)
-    full_steps = summary["teacher"]["full_steps"]
-    report = ["# Quality benchmark", "", f"run `{out}`, pipeline {summary['seconds']:.0f} s", ""]
-    for rows in (classifier_rows, inception):
-        report += table(rows, full_steps) + [""]
+    run = Path(summary["run"])
+    device = pick_device(cfg.run.device)
+    logsnr_fn = functools.partial(logsnr_schedule, logsnr_min=cfg.diffusion.logsnr_min, logsnr_max=cfg.diffusion.logsnr_max)
+    urls = training_shards(cfg.data, run / "data", seed=cfg.run.seed)
+    manifest = read_manifest(urls)
+    full = summary["teacher"]["full_steps"]
+    steps = sorted({r["student_steps"] for r in summary["rounds"]}, reverse=True)
+    teacher = freeze(load_checkpoint(run / "teacher", map_location=device)[0])
+
+    images: dict[tuple[str, int], torch.Tensor] = {}
+
+    def point(sampler: str, n: int) -> torch.Tensor:
+        if (sampler, n) not in images:
+            began = time.perf_counter()
+            if sampler == "teacher_ddim":
+                model = teacher
+            else:
+                checkpoint = next(r["checkpoint"] for r in summary["rounds"] if r["student_steps"] == n)
+                model = freeze(load_checkpoint(run / checkpoint, map_location=device)[0])
+            images[sampler, n] = generate(model, args.samples, n, cfg=cfg, logsnr_fn=logsnr_fn, device=device)
+            log(f"[bench] {sampler} at {n} steps: {args.samples} samples in {time.perf_counter() - began:.0f} s")
+        return images[sampler, n]
+
+    report = [f"# Quality benchmark: {args.data}", "",
+              f"run `{run}` (pipeline {summary['seconds']:.0f} s); {args.samples} samples per point from the run's "
+              f"noise (seed {cfg.eval.seed}); 95% paired-bootstrap intervals over {args.replicates} resamplings of "
+              "the samples, the reference statistics fixed", ""]
+    for kind in extractors:
+        ecfg = config_from_dict(cfg.to_dict(), [f"eval.extractor={kind}", f"eval.num_samples={args.samples}"]
+                                + ([f"eval.inception_weights={args.inception_weights}"] if args.inception_weights else []))
+        spec = fid_setup(ecfg, urls, manifest, run)
+        extractor: Extractor = spec.extractor
+        scored = steps if kind == "classifier" or args.inception_steps == "all" else \
+            [n for n in steps if str(n) in args.inception_steps.split(",")]
+        began = time.perf_counter()
+        reference = Reference.of(reference_fid_features(spec.reference(), extractor, cache_root=Path(spec.cache_root),
+                                                        cache_name=spec.cache_name))
+        keys = [("teacher_ddim", full)] + [(s, n) for n in scored for s in ("teacher_ddim", "distilled")]
+        features = {f"{s}@{n}": fid_features(point(s, n), extractor) for s, n in keys}
+        stats = {}
+        for n in scored:
+            ddim, dist, base = f"teacher_ddim@{n}", f"distilled@{n}", f"teacher_ddim@{full}"
+            stats[f"gap@{n}"] = lambda f, ddim=ddim, dist=dist, base=base: (f[ddim] - f[dist]) / (f[ddim] - f[base])
+            stats[f"ratio@{n}"] = lambda f, dist=dist, base=base: f[dist] / f[base]
+        result = paired_bootstrap(features, reference, replicates=args.replicates, seed=cfg.eval.seed, statistics=stats)
+        report += [f"## {extractor.name}", "",
+                   f"{len(reference.mean)}-d features, reference {spec.reference_count} training images; teacher at "
+                   f"{full} steps: FID {fmt(result[f'teacher_ddim@{full}'])}; scored in "
+                   f"{time.perf_counter() - began:.0f} s", "",
+                   "| steps | teacher DDIM FID | distilled FID | gap closed | distilled / full |", "|---|---|---|---|---|"]
+        for n in scored:
+            report.append(f"| {n} | {fmt(result[f'teacher_ddim@{n}'])} | {fmt(result[f'distilled@{n}'])} | "
+                          f"{pct(result[f'gap@{n}'])} | {result[f'ratio@{n}'].value:.3f}x "
+                          f"[{result[f'ratio@{n}'].low:.3f}, {result[f'ratio@{n}'].high:.3f}] |")
+        report.append("")
+    report += where_the_gap_comes_from(summary, run, teacher, point, full, min(args.samples, 1024), cfg=cfg,
+                                       logsnr_fn=logsnr_fn, device=device)
+    teacher_cost = summary["teacher"].get("compute")
+    report += ["## Compute", "", "| distilled down to | distillation (forward-equivalents) | x the teacher's training |",
+               "|---|---|---|"]
+    for r in summary["rounds"]:
+        if "compute" not in r:  # a summary written before raypd counted compute
+            report.append(f"| {r['student_steps']} steps | - | - |")
+            continue
+        ratio = f"{r['compute'] / teacher_cost:.3f}" if teacher_cost else "-"
+        report.append(f"| {r['student_steps']} steps | {r['compute']:,.0f} | {ratio} |")
+    report += ["", f"The teacher's training: {teacher_cost:,.0f} forward-equivalents." if teacher_cost else
+               "The teacher's training cost is unknown (a given or imported teacher).",
+               "", f"benchmark wall time {time.perf_counter() - started:.0f} s"]
     text = "\n".join(report)
-    (out / "bench_quality.md").write_text(text)
+    (run / "bench_quality.md").write_text(text + "\n")
     print(text)
 
 

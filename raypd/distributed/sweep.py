@@ -321,6 +321,8 @@ class SweepRunner:
         publish_checkpoint(Path(student), output, {
             "wall_seconds": time.perf_counter() - start, "updates": chosen["updates"], "lr": chosen["lr"],
             "heldout_loss": chosen["heldout_loss"], "sweep_trials": len(outcome.rows),
+            "examples": sum(int(r["updates_done"]) * int(r.get("distill.batch_size") or self.cfg.distill.batch_size)
+                            for r in outcome.rows),
             "sweep_reason": outcome.reason, "sweep_report": report})
         return dict(read_meta(output).metrics)
 

@@ -149,22 +149,40 @@ def extract_features(generated: Tensor, extractor: Extractor, *, kid: bool = Tru
     return get_featuresdict_from_dataset(data, net, kwargs["batch_size"], kwargs["cuda"], True, False)
 
 
+def _reference_features(reference: ImageSet, kwargs: dict, cache_root: Path, cache_name: str) -> dict[str, Tensor]:
+    """The reference set's features (torch-fidelity's cache, filled on first use)."""
+    from torch_fidelity.utils import (create_feature_extractor, extract_featuresdict_from_input_id_cached,
+                                      resolve_feature_extractor)
+
+    net = create_feature_extractor(resolve_feature_extractor(**kwargs), sorted(set(_layers(kwargs).values())), **kwargs)
+    cache_root.mkdir(parents=True, exist_ok=True)
+    return extract_featuresdict_from_input_id_cached(2, net, input2=reference, cache=True, cache_root=str(cache_root),
+                                                     input2_cache_name=cache_name, **kwargs)
+
+
+def fid_features(images: Tensor, extractor: Extractor) -> Tensor:
+    """The features FID is computed on, [N, D], for images in [-1, 1] or uint8."""
+    kwargs = _fidelity_kwargs(extractor, kid=False, prc=False, n=images.shape[0])
+    return extract_features(images, extractor, kid=False)[_layers(kwargs)["fid"]]
+
+
+def reference_fid_features(reference: ImageSet, extractor: Extractor, *, cache_root: Path, cache_name: str) -> Tensor:
+    """The reference set's FID features, [M, D], through the same cache the run's scores use."""
+    kwargs = _fidelity_kwargs(extractor, kid=False, prc=False, n=len(reference))
+    return _reference_features(reference, kwargs, cache_root, cache_name)[_layers(kwargs)["fid"]]
+
+
 def fidelity_from_features(features: dict[str, Tensor], reference: ImageSet, extractor: Extractor, *,
                            cache_root: Path, cache_name: str, kid: bool = True, prc: bool = False) -> dict:
     """The same metrics as :func:`fidelity`, from the generated set's features gathered from workers."""
     from torch_fidelity.metric_fid import fid_featuresdict_to_statistics, fid_statistics_to_metric
     from torch_fidelity.metric_kid import kid_featuresdict_to_metric
     from torch_fidelity.metric_prc import prc_featuresdict_to_metric
-    from torch_fidelity.utils import (create_feature_extractor, extract_featuresdict_from_input_id_cached,
-                                      resolve_feature_extractor)
 
     n = next(iter(features.values())).shape[0]
     kwargs = _fidelity_kwargs(extractor, kid=kid, prc=prc, n=min(n, len(reference)))
     layers = _layers(kwargs)
-    net = create_feature_extractor(resolve_feature_extractor(**kwargs), sorted(set(layers.values())), **kwargs)
-    cache_root.mkdir(parents=True, exist_ok=True)
-    ref = extract_featuresdict_from_input_id_cached(2, net, input2=reference, cache=True, cache_root=str(cache_root),
-                                                    input2_cache_name=cache_name, **kwargs)
+    ref = _reference_features(reference, kwargs, cache_root, cache_name)
     out = fid_statistics_to_metric(fid_featuresdict_to_statistics(features, layers["fid"]),
                                    fid_featuresdict_to_statistics(ref, layers["fid"]), False)
     result = {"fid": float(out["frechet_inception_distance"])}

@@ -68,12 +68,19 @@ def write_report(out: Path, summary: dict) -> Path:
         d, t = by.get(("distilled", s), {}), by.get(("teacher_ddim", s), {})
         lines.append(f"| {s} | {_fmt(d.get('fid'), '.2f')} | {_fmt(t.get('fid'), '.2f')} | {_fmt(d.get('kid'), '.4f')} | "
                      f"{_fmt(t.get('kid'), '.4f')} | {_fmt(d.get('rmse_to_full'), '.4f')} | {_fmt(t.get('rmse_to_full'), '.4f')} |")
-    lines += ["", "## Rounds", "", "| round | steps | updates | lr | final loss | skipped samples | seconds | grid |",
-              "|---|---|---|---|---|---|---|---|"]
+    teacher_cost = summary["teacher"].get("compute")
+    lines += ["", "## Rounds", "", "Compute is counted in forward-equivalents of the network per training example: 5 "
+              "per distillation example (two teacher forwards, the student's forward and backward), 3 per teacher "
+              "training example" + (f"; training the teacher cost {teacher_cost:,.0f}." if teacher_cost else
+                                    " (the teacher's own training cost is not known: it was given or imported)."), "",
+              "| round | steps | updates | lr | final loss | skipped samples | seconds | compute so far | x teacher | grid |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary["rounds"]:
         grid = f"grids/distilled-{r['student_steps']:04d}steps.png"
+        ratio = _fmt(r["compute"] / teacher_cost if teacher_cost and "compute" in r else None, ".2f")
         lines.append(f"| {r['round']} | {r['teacher_steps']} -> {r['student_steps']} | {r['updates']} | {r['lr']:.2e} | "
-                     f"{r['final_loss']:.4f} | {r.get('skipped_samples', 0)} | {r['wall_seconds']:.0f} | [grid]({grid}) |")
+                     f"{r['final_loss']:.4f} | {r.get('skipped_samples', 0)} | {r['wall_seconds']:.0f} | "
+                     f"{_fmt(r.get('compute'), ',.0f')} | {ratio} | [grid]({grid}) |")
     lines += ["", f"Final student: `{summary['final_checkpoint']}`.", ""]
     if summary.get("sweeps"):
         lines += ["## Tune sweeps", "", f"Every round was a Ray Tune sweep; the chosen settings per round and "

@@ -57,3 +57,11 @@ def make_student(teacher: Denoiser, parameterization: Parameterization | None = 
 def freeze(model: Denoiser) -> Denoiser:
     """Eval mode, no gradients: how a teacher is used."""
     return model.eval().requires_grad_(False)
+
+
+TRAIN_FORWARDS = 3
+"""Forward-equivalents per example of a training update: a forward, and a backward costing about two."""
+DISTILL_FORWARDS = 5
+"""Forward-equivalents per example of a distillation update: two teacher forwards, the student's forward and
+backward (the paper's "about 5/3 of a plain training update")."""
+

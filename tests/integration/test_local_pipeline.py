@@ -28,12 +28,16 @@ def test_pipeline_runs_resumes_and_reports(tmp_path, capsys):
         assert row["fid"] > 0 and row["n_samples"] == 16 and row["extractor"].startswith("classifier-")
     for r in summary["rounds"]:
         assert set(r) >= {"student_steps", "updates", "lr", "wall_seconds", "final_loss"}
+    # compute in forward-equivalents: 3 per teacher training example, 5 per distillation example, cumulative
+    assert summary["teacher"]["compute"] == 3 * 30 * 64
+    assert [r["compute"] for r in summary["rounds"]] == [5 * 10 * 32, 2 * 5 * 10 * 32]
     assert summary["final_checkpoint"] == "round-01-1steps"
     assert (run / summary["final_checkpoint"] / "model.safetensors").is_file()
     png = (run / "fid_vs_steps.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     report = (run / "report.md").read_text()
     assert "![FID vs steps](fid_vs_steps.png)" in report and "| 1 |" in report
+    assert f"training the teacher cost {3 * 30 * 64:,}" in report and "| 3,200 | 0.56 |" in report
     for name in ("report.md", "config.json", "teacher/model.safetensors",
                  "round-00-2steps/meta.json", "round-01-1steps/model.safetensors",
                  "grids/distilled-0001steps.png", "grids/teacher_ddim-0004steps.png"):

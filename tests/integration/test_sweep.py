@@ -64,6 +64,9 @@ def test_sweep_stops_the_bad_lr_promotes_the_best_and_reports(tmp_path, teacher)
     assert f"Chosen: **{best['trial']}**" in report and report.count("\n| ") == 4
     summary = json.loads((run / "summary.json").read_text())
     assert summary["sweeps"] == "sweeps/summary.md" and summary["rounds"][0]["lr"] == best["lr"]
+    # the round's compute counts every trial's updates, the stopped ones' too, not only the chosen trial's
+    spent = sum(r["updates_done"] for r in table["trials"]) * 32
+    assert summary["rounds"][0]["examples"] == spent and summary["rounds"][0]["compute"] == 5 * spent
     assert "Tune sweeps" in (run / "report.md").read_text()
     # Tune's own results stay readable the Ray way
     from ray.tune import Tuner

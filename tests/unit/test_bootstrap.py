@@ -1,0 +1,49 @@
+"""FID from features and its paired-bootstrap intervals."""
+
+import numpy as np
+import pytest
+import torch
+from torch_fidelity.metric_fid import fid_statistics_to_metric
+
+from raypd.eval.bootstrap import Reference, fid, paired_bootstrap
+
+
+def _stats(x: torch.Tensor) -> dict:
+    x = x.double().numpy()
+    return {"mu": x.mean(axis=0), "sigma": np.cov(x, rowvar=False)}
+
+
+def test_fid_is_torch_fidelitys_number():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(600, 32, generator=g) @ torch.randn(32, 32, generator=g)
+    gen = torch.randn(500, 32, generator=g) @ torch.randn(32, 32, generator=g) + 0.3
+    expected = fid_statistics_to_metric(_stats(gen), _stats(ref), False)["frechet_inception_distance"]
+    assert fid(gen, Reference.of(ref)) == pytest.approx(expected, rel=1e-6)
+    assert fid(ref, Reference.of(ref)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_paired_intervals_cover_their_value_and_pairing_narrows_a_shared_statistic():
+    g = torch.Generator().manual_seed(1)
+    ref = Reference.of(torch.randn(2000, 8, generator=g))
+    base = torch.randn(400, 8, generator=g)
+    # two points that share their samples' noise, as samplers started from the same z do
+    features = {"near": base + 0.2, "far": base * 1.5 + 0.6}
+    ratio = {"ratio": lambda f: f["near"] / f["far"]}
+    result = paired_bootstrap(features, ref, replicates=100, seed=0, statistics=ratio)
+    for name, interval in result.items():
+        assert interval.low <= interval.value <= interval.high, (name, interval)
+        assert interval.low < interval.high
+    assert result["ratio"].value == pytest.approx(result["near"].value / result["far"].value)
+    # the same statistic from independently resampled points is much wider: the pairing is what is measured
+    near = paired_bootstrap({"near": features["near"]}, ref, replicates=100, seed=0)["near"]
+    far = paired_bootstrap({"far": features["far"]}, ref, replicates=100, seed=1)["far"]
+    unpaired = (near.high / far.low) - (near.low / far.high)
+    assert result["ratio"].high - result["ratio"].low < 0.5 * unpaired
+
+
+def test_paired_bootstrap_refuses_unpaired_sets():
+    ref = Reference.of(torch.randn(100, 4))
+    with pytest.raises(ValueError, match="same samples"):
+        paired_bootstrap({"a": torch.randn(50, 4), "b": torch.randn(60, 4)}, ref, replicates=10)
+    with pytest.raises(ValueError, match="replicates"):
+        paired_bootstrap({"a": torch.randn(50, 4)}, ref, replicates=1)

@@ -11,9 +11,11 @@ is the paper's other claim: the distillation's compute down to N steps against t
 compute, in forward-equivalents of the network (a distillation example costs two teacher forwards and the
 student's forward and backward, 5; a training example 3).
 
-    python tools/bench_quality.py [--data digits|mnist] [--samples 2000] [--replicates 200]
-        [--extractors classifier,inception] [--inception-steps 4] [--inception-weights PATH]
+    python tools/bench_quality.py [--data digits|mnist] [--samples 2048] [--replicates 200]
+        [--extractors classifier,inception] [--inception-steps 4] [--inception-weights PATH] [--no-fits]
         [--out runs/bench-quality-DATA] [section.key=value ...]
+
+``--out`` naming a finished run (the README's ``raypd_runs/local``, say) rescores it without training again.
 
 MNIST comes from the IDX files in ``--assets`` (default ``../shared/assets`` beside the repository); on a
 machine with internet, any copy of ``t10k-images-idx3-ubyte.gz`` and its labels works. Inception costs about
@@ -112,12 +114,13 @@ def main() -> None:
     parser.add_argument("--data", choices=("digits", "mnist"), default="digits")
     parser.add_argument("--assets", default=str(REPO.parent / "shared" / "assets"))
     parser.add_argument("--out", help="the run's directory (default runs/bench-quality-DATA)")
-    parser.add_argument("--samples", type=int, default=2000, help="samples per point (>= 2000 for a tight interval)")
+    parser.add_argument("--samples", type=int, default=2048, help="samples per point (>= 2000 for a tight interval)")
     parser.add_argument("--replicates", type=int, default=200, help="bootstrap replicates")
     parser.add_argument("--extractors", default="classifier,inception")
     parser.add_argument("--inception-steps", default="4",
                         help="step counts Inception scores besides the full sampler ('all' for every round's)")
     parser.add_argument("--inception-weights", help="torch-fidelity-format Inception weights (offline machines)")
+    parser.add_argument("--no-fits", action="store_true", help="skip each round's own fit (its teacher's samples)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     out = Path(args.out or f"runs/bench-quality-{args.data}")
@@ -186,7 +189,7 @@ def main() -> None:
                           f"{pct(result[f'gap@{n}'])} | {result[f'ratio@{n}'].value:.3f}x "
                           f"[{result[f'ratio@{n}'].low:.3f}, {result[f'ratio@{n}'].high:.3f}] |")
         report.append("")
-    report += where_the_gap_comes_from(summary, run, teacher, point, full, min(args.samples, 1024), cfg=cfg,
+    report += [] if args.no_fits else where_the_gap_comes_from(summary, run, teacher, point, full, min(args.samples, 1024), cfg=cfg,
                                        logsnr_fn=logsnr_fn, device=device)
     teacher_cost = summary["teacher"].get("compute")
     report += ["## Compute", "", "| distilled down to | distillation (forward-equivalents) | x the teacher's training |",

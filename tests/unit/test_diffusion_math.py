@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from raypd.diffusion import (
-    alpha_sigma, ddim_sample, ddim_step, diffuse, distill_target, eps_from_x, logsnr_schedule,
+    alpha_sigma, ddim_sample, ddim_step, diffuse, distill_target, eps_from_x, logsnr_schedule, tract_target,
     loss_weight, stochastic_sample, student_times, weighted_mse, x_from_output,
 )
 from raypd.diffusion.ddim import ancestral_step
@@ -244,3 +244,56 @@ def test_stochastic_sample_seeded_and_exact_on_a_point_mass():
     torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="interp must lie in"):
         stochastic_sample(gmm.denoise, z_1, 4, interp=1.5)
+
+
+def _ddim(denoise, z, t_from, t_to):
+    lf, lt = logsnr_schedule(t_from), logsnr_schedule(t_to)
+    return ddim_step(z, denoise(z, lf), lf, lt)
+
+
+@pytest.mark.parametrize("teacher_steps,student_steps", [(8, 2), (8, 1), (6, 3), (4, 4)])
+def test_one_student_step_onto_the_tract_target_lands_where_teacher_then_self_teacher_land(teacher_steps,
+                                                                                             student_steps):
+    teacher = GaussianMixture.random(k=5, shape=(2, 3, 3), seed=1)
+    self_teacher = GaussianMixture.random(k=5, shape=(2, 3, 3), seed=2)  # an EMA of the student: another model
+    g = torch.Generator().manual_seed(3)
+    k = torch.arange(1, teacher_steps + 1).repeat_interleave(3)
+    t = k.to(F64) / teacher_steps
+    x, eps = teacher.sample(t.shape[0], g), torch.randn(t.shape[0], 2, 3, 3, generator=g, dtype=F64)
+    z_t = diffuse(x, eps, logsnr_schedule(t))
+    target = tract_target(teacher.denoise, self_teacher.denoise, z_t, t, teacher_steps, student_steps)
+    span = teacher_steps // student_steps
+    for row in range(t.shape[0]):
+        kk = int(k[row])
+        s = (kk - 1) // span * span / teacher_steps
+        z, tt = z_t[row:row + 1], t[row:row + 1]
+        t_next = torch.full_like(tt, (kk - 1) / teacher_steps)
+        point, x_hat = _ddim(teacher.denoise, z, tt, t_next), teacher.denoise(z, logsnr_schedule(tt))  # one step
+        if (kk - 1) / teacher_steps > s:  # then the self-teacher's jump to the segment's end
+            x_hat = self_teacher.denoise(point, logsnr_schedule(t_next))
+            point = _ddim(self_teacher.denoise, point, t_next, torch.full_like(tt, s))
+        if s == 0:  # the last segment: a DDIM step to t = 0 returns x_hat, which is the target (as in PD)
+            torch.testing.assert_close(target[row:row + 1], x_hat, rtol=0, atol=1e-9)
+            continue
+        landed = ddim_step(z, target[row:row + 1], logsnr_schedule(tt), logsnr_schedule(torch.full_like(tt, s)))
+        assert (landed - point).abs().max().item() < 1e-6, (kk, s)
+
+
+def test_tract_with_two_step_segments_and_no_self_teacher_is_progressive_distillation():
+    gmm = GaussianMixture.random(k=4, shape=(1, 4, 4), seed=7)
+    g = torch.Generator().manual_seed(0)
+    n = 4  # the student's steps; the teacher's are 2n
+    t = torch.arange(1, n + 1).repeat_interleave(4).to(F64) / n  # the student's grid
+    z_t = diffuse(gmm.sample(t.shape[0], g), torch.randn(t.shape[0], 1, 4, 4, generator=g, dtype=F64),
+                  logsnr_schedule(t))
+    torch.testing.assert_close(tract_target(gmm.denoise, gmm.denoise, z_t, t, 2 * n, n),
+                               distill_target(gmm.denoise, z_t, t, n), rtol=0, atol=1e-9)
+
+
+def test_tract_target_refuses_segments_that_do_not_divide_the_teacher():
+    z = torch.zeros(1, 1, 2, 2, dtype=F64)
+    zero = lambda z, lam: torch.zeros_like(z)  # noqa: E731
+    with pytest.raises(ValueError, match="must divide teacher_steps"):
+        tract_target(zero, zero, z, torch.ones(1, dtype=F64), 8, 3)
+    with pytest.raises(ValueError, match="not on the 8-step student grid"):
+        tract_target(zero, zero, z, torch.full((1,), 0.3, dtype=F64), 8, 2)

@@ -152,11 +152,13 @@ def _fmt_flops(flops: float) -> str:
 
 
 def eval_forwards(cfg: Config) -> float:
-    """Image forwards of the run's evaluation: the teacher's full sampler and its DDIM at every step count the
-    rounds reach, once, and every student at its own steps (samples only; feature extraction is small)."""
+    """Image forwards of the run's evaluation: the teacher's full sampler and its DDIM (and, with eval.stochastic,
+    its stochastic sampler) at every step count the students reach, once, and every student at its own steps
+    (samples only; feature extraction is small)."""
     rounds = plan_rounds(cfg.distill)
     full = cfg.eval.reference_steps or cfg.teacher.sampling_steps
-    teacher = sum({full} | {r.teacher_steps for r in rounds} | {r.student_steps for r in rounds})
+    counts = {r.student_steps for r in rounds}
+    teacher = full + sum(counts - {full}) + (sum(counts) if cfg.eval.stochastic else 0)
     students = sum(r.student_steps for r in rounds)
     return float(cfg.eval.num_samples * (teacher + students))
 

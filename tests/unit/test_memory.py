@@ -79,3 +79,12 @@ def test_the_dry_run_says_what_a_checkpoint_interval_holds(capsys):
     assert main(["--dry-run", "--config", str(CONFIGS / "imagenet64.yaml"), "dist.checkpoint_every=5000"]) == 0
     assert ("warning  dist.checkpoint_every: 5,000 updates (async upload) risk about 256 min of work, more than 15 min"
             in capsys.readouterr().out)
+
+
+def test_the_plan_counts_the_image_forwards_the_evaluator_runs():
+    from raypd.plan import eval_forwards
+
+    # the teacher's 64-step sampler, its DDIM at 16, 8, 4, 2 and 1 steps, and each student at its own steps
+    assert eval_forwards(load_config(None)) == 1024 * (64 + 31 + 31)
+    assert eval_forwards(load_config(None, ["eval.stochastic=true", "eval.num_samples=10"])) == 10 * (64 + 3 * 31)
+    assert eval_forwards(load_config(None, ["eval.reference_steps=16", "eval.num_samples=10"])) == 10 * (16 + 15 + 31)

@@ -5,6 +5,7 @@
     raypd sample --checkpoint C --steps N --n 64 --out P    a sample grid from a checkpoint
     raypd fid --checkpoint C --steps N --n 10000            FID/KID of a checkpoint's samples
     raypd export --checkpoint C --out DIR                   a student as a diffusers pipeline directory
+    raypd compare RUN RUN... [--out DIR]                    distillation methods' runs on one table and plot
 """
 
 from __future__ import annotations
@@ -42,9 +43,16 @@ def _export(argv: list[str]) -> int:
     return export_main(argv)
 
 
+def _compare(argv: list[str]) -> int:
+    from raypd.compare import compare_main
+
+    return compare_main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"distill": _distill, "shards": _shards, "sample": _sample, "fid": _fid, "export": _export}
+    commands = {"distill": _distill, "shards": _shards, "sample": _sample, "fid": _fid, "export": _export,
+                "compare": _compare}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(__doc__.strip(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         if argv and argv[0] not in ("-h", "--help"):

@@ -261,7 +261,9 @@ def _stages(ctx: Context, manifest: dict | None, cluster) -> dict:
 
         runner = SweepRunner(cfg, out, runner, evaluator.spec, concurrency=cluster.concurrent_trials(),
                              mirror=ctx.mirror)
-    summary = {"run": str(out), "teacher": {"full_steps": evaluator.full_steps, **teacher_compute(teacher_path)},
+    summary = {"run": str(out), "method": cfg.distill.method,
+               "teacher": {"full_steps": evaluator.full_steps, "digest": weights_digest(teacher_path),
+                           **teacher_compute(teacher_path)},
                "eval_seed": cfg.eval.seed, "rounds": [], "eval": list(evaluator.rows)}
     spent = 0.0
     for rnd in rounds:

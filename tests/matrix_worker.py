@@ -79,6 +79,8 @@ def _combo(cfg, spec: dict, root: Path, rank: int, world: int) -> dict:
     from raypd.train.stage import Stage
 
     stage = Stage.from_dict(spec)
+    if cfg.distill.method == "tract":  # one phase of 4 teacher steps into 1: the self-teacher takes 3 of them
+        stage = stage.with_(student_steps=1, sampling_steps=1, teacher_steps=4)
     began = time.perf_counter()
     store = SharedFolderStore(root / "through")
     run = _loop(cfg, stage, rank, world, store, root / f"staging{rank}")
@@ -89,6 +91,11 @@ def _combo(cfg, spec: dict, root: Path, rank: int, world: int) -> dict:
     out = {"losses": run.losses, "skipped": run.engine.skipped_updates, "lr_after": run.engine.base_lr,
            "start_max_diff": out_start}
     final = store.reported[-1]
+    if run.self_teacher is not None:  # every rank keeps the same self-teacher, and it moved off the start
+        average = run.self_teacher.state_dict()
+        out["self_teacher"] = {"sum": float(sum(v.double().sum() for v in average.values())),
+                               "moved": max(float((average[k] - teacher[k].float()).abs().max()) for k in teacher),
+                               "updates": run.self_teacher.count}
     if rank == 0:
         mine = load_file(str(final / "consolidated" / "model.safetensors"))
         out["consolidated_dtypes"] = sorted({str(v.dtype) for v in mine.values()})

@@ -259,14 +259,28 @@ class TeacherConfig:
         _check_optimizer(self.batch_size, self.lr, self.adam_betas, self.grad_clip)
 
 
+DISTILL_METHODS = ("progressive", "tract")
+
+
 @dataclass(frozen=True)
 class DistillConfig:
     start_steps: int = 32
     """Teacher sampling steps of the first round; round k's student samples in start_steps / 2^k."""
     end_steps: int = 1
     """The last round's student step count."""
+    method: Literal["progressive", "tract"] = "progressive"
+    """``progressive``: halving rounds (Salimans & Ho), each student samples in half its teacher's steps.
+    ``tract``: transitive-closure phases (Berthelot et al. 2023), each distilling its teacher's T steps into the
+    next count of ``phases``, with a self-teacher (a bias-corrected EMA of the student) jumping to the end of
+    each step's segment."""
+    phases: tuple[int, ...] = ()
+    """``tract`` only: the student step count of each phase, from start_steps down to end_steps, each dividing the
+    one before (e.g. [8, 1] from 32 steps: 32 -> 8 -> 1, two phases instead of five halving rounds)."""
+    self_teacher_ema: float = 0.5
+    """``tract`` only: decay of the self-teacher, a bias-corrected EMA of the student's weights (0: the student
+    as it is now). It is never trained, and it is saved with every checkpoint."""
     updates_per_round: int = 200
-    """Optimizer updates per round (the paper: 50,000)."""
+    """Optimizer updates per round or TRACT phase (the paper: 50,000)."""
     late_rounds_factor: float = 2.0
     """Update-budget multiplier for the hardest rounds (the paper doubles the rounds to 2 and to 1 step)."""
     late_rounds_max_steps: int = 2
@@ -288,6 +302,22 @@ class DistillConfig:
         _require(self.updates_per_round >= 1, "updates_per_round", f"must be >= 1, got {self.updates_per_round}")
         _require(self.late_rounds_factor > 0, "late_rounds_factor", f"must be positive, got {self.late_rounds_factor}")
         _check_optimizer(self.batch_size, self.lr, self.adam_betas, self.grad_clip)
+        _require(self.method in DISTILL_METHODS, "method", f"must be one of {DISTILL_METHODS}, got {self.method!r}")
+        if self.method != "tract":
+            _require(not self.phases, "phases", f"only distill.method=tract has phases; {self.method} halves the "
+                     "steps every round (set distill.method=tract, or drop distill.phases)")
+            return
+        _require(0.0 <= self.self_teacher_ema < 1.0, "self_teacher_ema",
+                 f"must lie in [0, 1), got {self.self_teacher_ema}")
+        _require(bool(self.phases), "phases", "distill.method=tract needs its phases' student step counts, e.g. "
+                 f"[{max(1, self.start_steps // 4)}, {self.end_steps}]")
+        before = self.start_steps
+        for i, steps in enumerate(self.phases):
+            _require(steps >= 1 and steps < before and before % steps == 0, f"phases[{i}]",
+                     f"must be below and divide the step count before it ({before}), got {steps}")
+            before = steps
+        _require(self.phases[-1] == self.end_steps, "phases",
+                 f"the last phase must end at end_steps ({self.end_steps}), got {list(self.phases)}")
 
 
 @dataclass(frozen=True)

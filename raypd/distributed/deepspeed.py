@@ -172,6 +172,11 @@ class DeepSpeedEngine:
             return self.ema.state_dict() if self.ema is not None else {}
         return self.master_state_dict()
 
+    def update_average(self, average: EMA) -> None:
+        """Every rank averages the whole weights (gathered under ZeRO-3, a collective)."""
+        with self.gathered():
+            average.update(self.engine.module)
+
     def gathered(self):
         """Whole parameters on every rank for the duration (ZeRO-3 partitions them; a no-op otherwise)."""
         if self.zero_stage != 3:

@@ -294,13 +294,14 @@ class SweepRunner:
             loader = training_loader(list(stage.shards), cfg.data, batch_size=cfg.sweep.heldout_samples,
                                      seed=cfg.run.seed, stream=10_000 + stage.round)
             batch = next(iter(loader))
-            save_heldout(make_heldout(batch.x, batch.y, stage.student_steps, seed=cfg.sweep.seed + stage.round), path)
+            grid = stage.steps_of_teacher if cfg.distill.method == "tract" else stage.student_steps
+            save_heldout(make_heldout(batch.x, batch.y, grid, seed=cfg.sweep.seed + stage.round), path)
         return path.resolve()
 
     def run(self, stage: Stage, output: Path) -> dict:
         if not stage.distills:
             return self.base.run(stage, output)
-        rnd = Round(stage.round, 2 * stage.student_steps, stage.student_steps, stage.updates)
+        rnd = Round(stage.round, stage.steps_of_teacher, stage.student_steps, stage.updates)
         sweep_dir = self.out / "sweeps" / f"round-{rnd.index:02d}"
         trials = stage.with_(kind="trial", heldout=str(self.heldout(stage, sweep_dir)),
                              report_every=self.cfg.sweep.report_every)

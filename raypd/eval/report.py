@@ -39,8 +39,12 @@ def plot_fid_vs_steps(rows: list[dict], full_steps: int, path: Path) -> Path:
     return path
 
 
-def _fmt(value, spec: str) -> str:
+def fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
+
+
+_METHOD = {"tract": ["Distilled with TRACT: each phase's student jumps to the end of a segment of its teacher's "
+                     "steps, its targets completed by a self-teacher (a bias-corrected EMA of the student).", ""]}
 
 
 def write_report(out: Path, summary: dict) -> Path:
@@ -62,14 +66,16 @@ def write_report(out: Path, summary: dict) -> Path:
              "| steps | distilled FID | teacher DDIM FID | distilled KID | teacher DDIM KID | distilled RMSE | teacher DDIM RMSE |",
              "|---|---|---|---|---|---|---|"]
     full = by.get(("teacher_ddim", full_steps), {})
-    lines.append(f"| {full_steps} (teacher) | - | {_fmt(full.get('fid'), '.2f')} | - | {_fmt(full.get('kid'), '.4f')} | - | 0 |")
+    lines.append(f"| {full_steps} (teacher) | - | {fmt(full.get('fid'), '.2f')} | - | {fmt(full.get('kid'), '.4f')} | - | 0 |")
     for r in summary["rounds"]:
         s = r["student_steps"]
         d, t = by.get(("distilled", s), {}), by.get(("teacher_ddim", s), {})
-        lines.append(f"| {s} | {_fmt(d.get('fid'), '.2f')} | {_fmt(t.get('fid'), '.2f')} | {_fmt(d.get('kid'), '.4f')} | "
-                     f"{_fmt(t.get('kid'), '.4f')} | {_fmt(d.get('rmse_to_full'), '.4f')} | {_fmt(t.get('rmse_to_full'), '.4f')} |")
+        lines.append(f"| {s} | {fmt(d.get('fid'), '.2f')} | {fmt(t.get('fid'), '.2f')} | {fmt(d.get('kid'), '.4f')} | "
+                     f"{fmt(t.get('kid'), '.4f')} | {fmt(d.get('rmse_to_full'), '.4f')} | {fmt(t.get('rmse_to_full'), '.4f')} |")
     teacher_cost = summary["teacher"].get("compute")
-    lines += ["", "## Rounds", "", "Compute is counted in forward-equivalents of the network per training example: 5 "
+    method = summary.get("method", "progressive")
+    lines += ["", "## Rounds", "", *_METHOD.get(method, []),
+              "Compute is counted in forward-equivalents of the network per training example: 5 "
               "per distillation example (two teacher forwards, the student's forward and backward), 3 per teacher "
               "training example" + (f"; training the teacher cost {teacher_cost:,.0f}." if teacher_cost else
                                     " (the teacher's own training cost is not known: it was given or imported)."), "",
@@ -77,10 +83,10 @@ def write_report(out: Path, summary: dict) -> Path:
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary["rounds"]:
         grid = f"grids/distilled-{r['student_steps']:04d}steps.png"
-        ratio = _fmt(r["compute"] / teacher_cost if teacher_cost and "compute" in r else None, ".2f")
+        ratio = fmt(r["compute"] / teacher_cost if teacher_cost and "compute" in r else None, ".2f")
         lines.append(f"| {r['round']} | {r['teacher_steps']} -> {r['student_steps']} | {r['updates']} | {r['lr']:.2e} | "
                      f"{r['final_loss']:.4f} | {r.get('skipped_samples', 0)} | {r['wall_seconds']:.0f} | "
-                     f"{_fmt(r.get('compute'), ',.0f')} | {ratio} | [grid]({grid}) |")
+                     f"{fmt(r.get('compute'), ',.0f')} | {ratio} | [grid]({grid}) |")
     lines += ["", f"Final student: `{summary['final_checkpoint']}`.", ""]
     if summary.get("sweeps"):
         lines += ["## Tune sweeps", "", f"Every round was a Ray Tune sweep; the chosen settings per round and "

@@ -52,6 +52,10 @@ class Engine(Protocol):
         """The model to keep, in fp32 on CPU: the EMA when there is one, else the weights (every rank calls it)."""
         ...
 
+    def update_average(self, average: EMA) -> None:
+        """One update of another average of the weights kept outside the engine (every rank calls it)."""
+        ...
+
 
 class PlainEngine:
     """Adam + grad-norm clipping + LR schedule + optional EMA, in bare PyTorch."""
@@ -122,6 +126,9 @@ class PlainEngine:
         self.updates = int(info["updates"])
         self.set_lr()
         return info["client"]
+
+    def update_average(self, average: EMA) -> None:
+        average.update(self.model)
 
     def export_state(self) -> dict[str, torch.Tensor]:
         source = self.ema.shadow if self.ema is not None else self.model

@@ -20,7 +20,8 @@ from raypd.train.step import loss_at
 
 
 def make_heldout(x: Tensor, y: Tensor | None, n_steps: int, *, seed: int) -> dict[str, Tensor]:
-    """Noise and student-grid times for the images ``x`` (and labels ``y``), drawn once from ``seed``."""
+    """Noise and times on the ``n_steps`` grid (the student's; a TRACT phase's teacher's) for the images ``x``
+    (and labels ``y``), drawn once from ``seed``."""
     g = torch.Generator().manual_seed(seed)
     out = {"x": x.float().contiguous(), "eps": torch.randn(x.shape, generator=g),
            "t": student_times(x.shape[0], n_steps, generator=g)}
@@ -42,8 +43,10 @@ def load_heldout(path: str | Path, device: torch.device | str = "cpu") -> dict[s
 
 @torch.no_grad()
 def heldout_loss(student: Denoiser, teacher: Denoiser, heldout: dict[str, Tensor], *, n_steps: int,
-                 weighting: Weighting, logsnr_fn: LogsnrFn, batch_size: int = 256) -> float:
-    """The student's mean weighted distillation loss on the held-out set (student in eval mode)."""
+                 weighting: Weighting, logsnr_fn: LogsnrFn, batch_size: int = 256,
+                 self_teacher: Denoiser | None = None, teacher_steps: int | None = None) -> float:
+    """The student's mean weighted distillation loss on the held-out set (student in eval mode); under TRACT
+    against the targets of its current self-teacher."""
     was_training = student.training
     student.eval()
     total, count = 0.0, 0
@@ -52,7 +55,7 @@ def heldout_loss(student: Denoiser, teacher: Denoiser, heldout: dict[str, Tensor
         sl = slice(start, start + batch_size)
         y = None if y_all is None else y_all[sl]
         losses = loss_at(student, x_all[sl], eps_all[sl], t_all[sl], y, weighting=weighting, logsnr_fn=logsnr_fn,
-                         teacher=teacher, n_steps=n_steps)
+                         teacher=teacher, n_steps=n_steps, self_teacher=self_teacher, teacher_steps=teacher_steps)
         total += losses.sum().item()
         count += losses.shape[0]
     student.train(was_training)

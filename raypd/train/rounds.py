@@ -18,21 +18,28 @@ class Round:
     teacher_steps: int
     """Sampling steps of this round's teacher."""
     student_steps: int
-    """Sampling steps of this round's student: teacher_steps / 2."""
+    """Sampling steps of this round's student: teacher_steps / 2 (a TRACT phase: the phase's count)."""
     updates: int
     """Optimizer updates of this round."""
 
 
 def plan_rounds(cfg: DistillConfig) -> list[Round]:
-    """start_steps -> start_steps/2 -> ... -> end_steps, with the late rounds' budget scaled."""
-    rounds, steps = [], cfg.start_steps
-    while steps > cfg.end_steps:
-        student = steps // 2
+    """start_steps -> start_steps/2 -> ... -> end_steps (TRACT: start_steps -> each of ``phases``), with the late
+    rounds' budget scaled."""
+    if cfg.method == "tract":
+        counts = list(cfg.phases)
+    else:
+        counts, steps = [], cfg.start_steps
+        while steps > cfg.end_steps:
+            steps //= 2
+            counts.append(steps)
+    rounds, teacher = [], cfg.start_steps
+    for student in counts:
         updates = cfg.updates_per_round
         if student <= cfg.late_rounds_max_steps:
             updates = max(1, round(updates * cfg.late_rounds_factor))
-        rounds.append(Round(len(rounds), steps, student, updates))
-        steps = student
+        rounds.append(Round(len(rounds), teacher, student, updates))
+        teacher = student
     return rounds
 
 

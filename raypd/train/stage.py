@@ -31,6 +31,8 @@ class Stage:
     teacher: str | None = None
     """The round's teacher checkpoint directory (rounds and trials)."""
     student_steps: int | None = None
+    teacher_steps: int | None = None
+    """The teacher's sampling steps in the round (None: twice student_steps, a halving round)."""
     heldout: str | None = None
     """A fixed held-out set (trials): its distillation loss is reported at every checkpoint."""
     report_every: int | None = None
@@ -48,6 +50,13 @@ class Stage:
     @property
     def distills(self) -> bool:
         return self.kind != "teacher"
+
+    @property
+    def steps_of_teacher(self) -> int | None:
+        """The round's teacher step count: ``teacher_steps``, or twice the student's in a halving round."""
+        if self.student_steps is None:
+            return None
+        return self.teacher_steps if self.teacher_steps is not None else 2 * self.student_steps
 
     @property
     def label(self) -> str:
@@ -85,4 +94,4 @@ def round_stage(rnd, teacher: str, shards) -> Stage:
     """The stage of a planned round (``raypd.train.rounds.Round``) distilling ``teacher``."""
     return Stage("round", f"round-{rnd.index:02d}", updates=rnd.updates, stream=1 + rnd.index,
                  sampling_steps=rnd.student_steps, shards=shards, round=rnd.index, teacher=str(teacher),
-                 student_steps=rnd.student_steps)
+                 student_steps=rnd.student_steps, teacher_steps=rnd.teacher_steps)

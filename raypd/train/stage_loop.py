@@ -6,8 +6,10 @@ and dropout as one that ran through. Checkpoints: every rank saves its engine st
 ``store`` (Ray Train in a cluster, a folder in one process), which merges the ranks' files; the final
 one adds the consolidated fp32 model. A streak of non-finite updates (on any rank: the gradients are
 all-reduced, so every rank sees it) rolls back to the newest checkpoint with a lower learning rate,
-kept in the checkpoints that follow. Errors that would repeat on a retry (data, configuration,
-checkpoints) are agreed on by every rank (``agree``) and raised as one ``StageFailure``.
+kept in the checkpoints that follow. A TRACT phase also keeps its self-teacher, a bias-corrected EMA of the
+student, on every rank (every rank computes targets with it) and in every checkpoint. Errors that would
+repeat on a retry (data, configuration, checkpoints) are agreed on by every rank (``agree``) and raised as
+one ``StageFailure``.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from raypd.checkpoint import meta_for, save_checkpoint
 from raypd.config import Config
 from raypd.data.batch import Batch
 from raypd.data.shards import ShardLoader, training_loader
+from raypd.train.ema import EMA
 from raypd.train.engine import Engine
 from raypd.train.failures import DETERMINISTIC, SETTINGS, StageFailure, raise_alone, settings_mismatch
 from raypd.train.heldout import heldout_loss, load_heldout
@@ -36,6 +40,7 @@ from raypd.train.step import StepStats, teacher_autocast_dtype, train_step
 from raypd.train.store import Store
 
 DIVERGED = 1e30
+SELF_TEACHER = "self_teacher.safetensors"
 Agree = Callable[[BaseException | None], None]
 
 
@@ -64,19 +69,23 @@ class StageLoop:
         self.window, self.skipped_before, self.seconds = -1, 0, 0.0
         self.losses: dict[int, float] = {}
         """This rank's loss at every update it ran (skipped ones included)."""
-        self.engine, self.teacher, self.micro = self._build()
+        self.engine, self.teacher, self.micro, self.self_teacher = self._build()
         self.heldout = load_heldout(stage.heldout, device) if stage.heldout else None
 
-    def _build(self) -> tuple[Engine, torch.nn.Module | None, int]:
+    def _build(self) -> tuple[Engine, torch.nn.Module | None, int, EMA | None]:
         """The model is made locally first, and every rank agrees it could be before the engine's collectives
-        start (a rank that cannot read the teacher would otherwise leave the others waiting)."""
+        start (a rank that cannot read the teacher would otherwise leave the others waiting). A TRACT self-teacher
+        is copied from the student before the engine partitions or casts it."""
         error, setup = None, None
         try:
             setup = prepare_stage(self.cfg, self.stage, self.device)
         except DETERMINISTIC as err:
             error = err
         self.agree(error)
-        return self.build_engine(setup), setup.teacher, setup.batch_size // self.world
+        self_teacher = None
+        if self.stage.distills and self.cfg.distill.method == "tract":
+            self_teacher = EMA(setup.model, self.cfg.distill.self_teacher_ema, bias_corrected=True)
+        return self.build_engine(setup), setup.teacher, setup.batch_size // self.world, self_teacher
 
     def batches(self, start: int) -> Iterator[Batch]:
         """The data stream of the checkpoint window that begins after update ``start``.
@@ -109,6 +118,9 @@ class StageLoop:
             if problem:
                 raise StageFailure("settings", f"{self.stage.label} is in progress: {problem}")
         client = self.engine.load(Path(directory))
+        if self.self_teacher is not None:
+            self.self_teacher.load_state_dict(load_file(str(Path(directory) / SELF_TEACHER), device=str(self.device)))
+            self.self_teacher.count = int(client["self_teacher_updates"])
         self.engine.updates = int(client["updates"])
         self.engine.base_lr = float(client.get("base_lr", self.engine.base_lr))
         self.engine.set_lr()
@@ -137,6 +149,11 @@ class StageLoop:
         path = tempfile.mkdtemp(prefix=f"update{k:08d}-", dir=self.staging)
         client = {"updates": k, "base_lr": self.engine.base_lr, "rollbacks": self.rollbacks, "seconds": self.seconds,
                   "skipped_updates": self.engine.skipped_updates}
+        if self.self_teacher is not None:
+            client["self_teacher_updates"] = self.self_teacher.count
+            if self.rank == 0:
+                save_file({k: v.detach().cpu().contiguous() for k, v in self.self_teacher.state_dict().items()},
+                          str(Path(path) / SELF_TEACHER))
         self.engine.save(Path(path), client)
         if self.rank == 0 and self.settings is not None:
             (Path(path) / SETTINGS).write_text(json.dumps(self.settings))
@@ -154,7 +171,7 @@ class StageLoop:
         lower = self.engine.base_lr * self.cfg.dist.rollback_lr_factor
         with self.store.latest() as directory:
             if directory is None:
-                self.engine, self.teacher, self.micro = self._build()
+                self.engine, self.teacher, self.micro, self.self_teacher = self._build()
                 k = 0
             else:
                 k = int(self.restore(directory)["updates"])
@@ -180,11 +197,20 @@ class StageLoop:
         torch.manual_seed(seed)  # dropout masks
         self.generator.manual_seed(seed)  # noise and times
         batch = self._next_batch(batches)
+        skipped = self.engine.skipped_updates
         stats = train_step(self.engine, batch, weighting=self.cfg.diffusion.weighting, logsnr_fn=self.logsnr_fn,
                            teacher=self.teacher, n_steps=self.stage.student_steps, generator=self.generator,
-                           teacher_dtype=self.teacher_dtype)
+                           teacher_dtype=self.teacher_dtype, **self._tract())
+        if self.self_teacher is not None and self.engine.skipped_updates == skipped:
+            self.engine.update_average(self.self_teacher)
         self.losses[k] = stats.loss
         return stats
+
+    def _tract(self) -> dict:
+        """The self-teacher and the phase's teacher step count, when this stage is a TRACT phase."""
+        if self.self_teacher is None:
+            return {}
+        return {"self_teacher": self.self_teacher.shadow, "teacher_steps": self.stage.steps_of_teacher}
 
     def run(self, start: int = 0) -> dict:
         """Updates ``start + 1 .. stage.updates``; returns the last window's metrics."""
@@ -248,5 +274,5 @@ class StageLoop:
         A diverged student reports a huge finite number rather than NaN, so schedulers rank it last.
         """
         value = heldout_loss(self.engine.model, self.teacher, self.heldout, n_steps=self.stage.student_steps,
-                             weighting=self.cfg.diffusion.weighting, logsnr_fn=self.logsnr_fn)
+                             weighting=self.cfg.diffusion.weighting, logsnr_fn=self.logsnr_fn, **self._tract())
         return value if math.isfinite(value) and value < DIVERGED else DIVERGED

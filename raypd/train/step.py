@@ -1,8 +1,9 @@
 """ONE training step for teacher training and for distillation.
 
 Without a teacher: t ~ U(0, 1) and the target is the data (Algorithm 1).
-With a teacher: t on the student's N-step grid and the target is x_tilde (Algorithm 2).
-Everything else, the forward process, the student's x_hat and the weighted loss, is shared.
+With a teacher: t on the student's N-step grid and the target is x_tilde (Algorithm 2); with a
+self-teacher too, TRACT: t on the teacher's T-step grid and the target is the inverted jump to the end of
+t's segment. Everything else, the forward process, the student's x_hat and the weighted loss, is shared.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from raypd.diffusion import diffuse, distill_target, student_times, weighted_mse
+from raypd.diffusion import diffuse, distill_target, student_times, tract_target, weighted_mse
 from raypd.diffusion.ddim import LogsnrFn
 from raypd.diffusion.loss import Weighting
 from raypd.data.batch import Batch
@@ -33,6 +34,7 @@ def diffusion_loss(
     student: Denoiser, batch: Batch, *, weighting: Weighting, logsnr_fn: LogsnrFn,
     teacher: Denoiser | None = None, n_steps: int | None = None,
     generator: torch.Generator | None = None, teacher_dtype: torch.dtype | None = None,
+    self_teacher: Denoiser | None = None, teacher_steps: int | None = None,
 ) -> Tensor:
     """Mean weighted x-space loss of the student on one batch, at freshly drawn noise and times."""
     x = batch.x
@@ -43,22 +45,33 @@ def diffusion_loss(
     else:
         if n_steps is None:
             raise ValueError("distillation needs n_steps, the student's sampling step count")
-        t = student_times(b, n_steps, generator=generator, dtype=x.dtype, device=x.device)
+        grid = n_steps if self_teacher is None else _teacher_grid(teacher_steps)
+        t = student_times(b, grid, generator=generator, dtype=x.dtype, device=x.device)
     return loss_at(student, x, eps, t, batch.y, weighting=weighting, logsnr_fn=logsnr_fn, teacher=teacher,
-                   n_steps=n_steps, teacher_dtype=teacher_dtype).mean()
+                   n_steps=n_steps, teacher_dtype=teacher_dtype, self_teacher=self_teacher,
+                   teacher_steps=teacher_steps).mean()
+
+
+def _teacher_grid(teacher_steps: int | None) -> int:
+    if teacher_steps is None:
+        raise ValueError("TRACT needs teacher_steps, the phase's teacher sampling step count")
+    return teacher_steps
 
 
 def loss_at(student: Denoiser, x: Tensor, eps: Tensor, t: Tensor, y: Tensor | None, *, weighting: Weighting,
             logsnr_fn: LogsnrFn, teacher: Denoiser | None = None, n_steps: int | None = None,
-            teacher_dtype: torch.dtype | None = None) -> Tensor:
+            teacher_dtype: torch.dtype | None = None, self_teacher: Denoiser | None = None,
+            teacher_steps: int | None = None) -> Tensor:
     """Per-example weighted x-space loss at given noise ``eps`` and times ``t``: the data as target without a
-    teacher (Algorithm 1), the teacher's two-step target x_tilde with one (Algorithm 2)."""
+    teacher (Algorithm 1), the teacher's two-step target x_tilde with one (Algorithm 2), TRACT's target with a
+    self-teacher as well (``t`` then on the ``teacher_steps`` grid)."""
     logsnr_t = logsnr_fn(t)
     z_t = diffuse(x, eps, logsnr_t)
     if teacher is None:
         target = x
     else:
-        target = _teacher_target(teacher, z_t, t, n_steps, y, logsnr_fn, teacher_dtype)
+        target = _teacher_target(teacher, z_t, t, n_steps, y, logsnr_fn, teacher_dtype, self_teacher,
+                                 teacher_steps)
     x_hat = student(z_t, logsnr_t, y)
     return weighted_mse(x_hat.float(), target.float(), logsnr_t, weighting)
 
@@ -72,11 +85,16 @@ def teacher_autocast_dtype(choice: str, device: torch.device) -> torch.dtype | N
 
 
 def _teacher_target(teacher: Denoiser, z_t: Tensor, t: Tensor, n_steps: int, y: Tensor | None,
-                    logsnr_fn: LogsnrFn, teacher_dtype: torch.dtype | None) -> Tensor:
+                    logsnr_fn: LogsnrFn, teacher_dtype: torch.dtype | None, self_teacher: Denoiser | None = None,
+                    teacher_steps: int | None = None) -> Tensor:
     autocast = (torch.autocast(z_t.device.type, dtype=teacher_dtype) if teacher_dtype is not None
                 else contextlib.nullcontext())
     with torch.inference_mode(), autocast:
-        target = distill_target(teacher.bind(y), z_t, t, n_steps, logsnr_fn=logsnr_fn)
+        if self_teacher is None:
+            target = distill_target(teacher.bind(y), z_t, t, n_steps, logsnr_fn=logsnr_fn)
+        else:
+            target = tract_target(teacher.bind(y), self_teacher.bind(y), z_t, t, _teacher_grid(teacher_steps),
+                                  n_steps, logsnr_fn=logsnr_fn)
     # an inference tensor cannot enter autograd; a copy made outside inference mode can
     return target.to(z_t.dtype).clone()
 
@@ -85,10 +103,12 @@ def train_step(
     engine: Engine, batch: Batch, *, weighting: Weighting, logsnr_fn: LogsnrFn,
     teacher: Denoiser | None = None, n_steps: int | None = None,
     generator: torch.Generator | None = None, teacher_dtype: torch.dtype | None = None,
+    self_teacher: Denoiser | None = None, teacher_steps: int | None = None,
 ) -> StepStats:
     """Loss, backward and one optimizer update through the engine."""
     loss = diffusion_loss(engine.model, batch, weighting=weighting, logsnr_fn=logsnr_fn, teacher=teacher,
-                          n_steps=n_steps, generator=generator, teacher_dtype=teacher_dtype)
+                          n_steps=n_steps, generator=generator, teacher_dtype=teacher_dtype,
+                          self_teacher=self_teacher, teacher_steps=teacher_steps)
     engine.backward(loss)
     grad_norm, lr = engine.step()
     return StepStats(loss=loss.item(), grad_norm=grad_norm, lr=lr)

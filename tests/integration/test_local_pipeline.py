@@ -103,6 +103,35 @@ def test_pipeline_runs_resumes_and_reports(tmp_path, capsys):
     x = ddim_sample(student.eval().bind(None), z, 1, logsnr_fn=meta.logsnr_fn()).detach()
     assert abs(images.transpose(0, 3, 1, 2) - (x.numpy() / 2 + 0.5)).max() <= 1e-4
 
+    # TRACT from the same teacher: one phase, 4 teacher steps into 1, evaluated and reported the same way
+    assert main(TINY + [f"run.storage_path={tmp_path}", "run.name=tract", f"teacher.checkpoint={run / 'teacher'}",
+                        "distill.method=tract", "distill.phases=[1]"]) == 0
+    tract = json.loads((tmp_path / "tract" / "summary.json").read_text())
+    assert tract["method"] == "tract" and summary["method"] == "progressive"
+    assert [(r["teacher_steps"], r["student_steps"], r["updates"]) for r in tract["rounds"]] == [(4, 1, 10)]
+    assert [(r["sampler"], r["steps"]) for r in tract["eval"]] == [
+        ("teacher_ddim", 4), ("teacher_ddim", 1), ("distilled", 1)]
+    ddim_1 = next(r["fid"] for r in tract["eval"] if r["sampler"] == "teacher_ddim" and r["steps"] == 1)
+    assert "Distilled with TRACT" in (tmp_path / "tract" / "report.md").read_text()
+    assert (tmp_path / "tract" / "round-00-1steps" / "model.safetensors").is_file()
+
+    # the two methods on one table and one plot
+    from raypd.cli import main as raypd_main
+
+    assert raypd_main(["compare", str(run), str(tmp_path / "tract"), "--out", str(tmp_path / "cmp")]) == 0
+    table = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "| steps | teacher DDIM FID | progressive distillation (t) | TRACT (tract) |" in table
+    pd_1 = next(r["fid"] for r in summary["eval"] if r["sampler"] == "distilled" and r["steps"] == 1)
+    tract_1 = next(r["fid"] for r in tract["eval"] if r["sampler"] == "distilled" and r["steps"] == 1)
+    assert f"| 1 | {ddim_1:.2f} | {pd_1:.2f} at 3,200 (0.56x) | {tract_1:.2f} at 1,600 (0.28x) |" in table
+    assert (tmp_path / "cmp" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "summary.json").write_text(json.dumps({**tract, "teacher": {**tract["teacher"], "digest": "0" * 64}}))
+    assert raypd_main(["compare", str(run), str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be compared" in err and "teacher weights" in err
+
     # a given teacher checkpoint that does not fit the config is refused before any training
     assert main(TINY + [f"run.storage_path={tmp_path}", "run.name=u", f"teacher.checkpoint={run / 'teacher'}",
                         "model.parameterization=v"]) == 2

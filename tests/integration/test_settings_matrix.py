@@ -7,7 +7,8 @@ counted as skipped; teacher training moves one EMA, kept on rank 0 alone, and ha
 student a round hands on equals
 DeepSpeed's own zero-to-fp32 consolidation of the same checkpoint and is fp32; a fresh engine resumed
 from the mid-stage checkpoint runs the next updates with the same losses; NaN data on rank 1 alone
-rolls every rank back to the last checkpoint with half the learning rate, and the stage then finishes.
+rolls every rank back to the last checkpoint with half the learning rate, and the stage then finishes. TRACT
+phases keep the same self-teacher on every rank, averaged from whole weights, and resume it from the checkpoint.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from tests.matrix_worker import EVERY, UPDATES  # noqa: E402
 from tests.teachers import perturbed_denoiser  # noqa: E402
 
 LR = 1e-3
+TRACT = ["distill.method=tract", "distill.phases=[8,1]"]
 COMBOS = [(f"z{stage}-{precision}-{offload}", [f"dist.zero_stage={stage}", f"dist.precision={precision}",
                                                 f"dist.offload_optimizer={str(offload in ('opt', 'params')).lower()}",
                                                 f"dist.offload_params={str(offload == 'params').lower()}",
@@ -38,6 +40,9 @@ COMBOS = [(f"z{stage}-{precision}-{offload}", [f"dist.zero_stage={stage}", f"dis
                              "dist.bucket_elements=1000000"]),
     ("z3-bf16-grad-ckpt", ["dist.zero_stage=3", "dist.precision=bf16", "dist.teacher_dtype=bf16",
                            "dist.gradient_checkpointing=true"]),
+    # TRACT: the self-teacher is averaged from whole weights on every rank and checkpointed
+    ("z3-bf16-tract", ["dist.zero_stage=3", "dist.precision=bf16", "dist.teacher_dtype=bf16", *TRACT]),
+    ("z1-fp32-tract", ["dist.zero_stage=1", "dist.precision=fp32", *TRACT]),
 ]
 BASE = ["data.resolution=8", "model.attn_resolutions=[4]", "model.ch=32", "data.loader_workers=0",
         "distill.batch_size=8", "teacher.batch_size=8", "teacher.warmup_updates=1", f"distill.lr={LR}", f"dist.checkpoint_every={EVERY}", "dist.nonfinite_patience=2",
@@ -118,6 +123,12 @@ def _check(results: list[dict], workers: int, numel: int) -> list[str]:
         assert ranks[0]["teacher"]["saved_is_ema"], name
         if workers > 1:  # the ranks read different data: their losses differ
             assert ranks[0]["losses"][1] != ranks[1]["losses"][1], name
+        if "tract" in name:  # the resumed losses above also need the self-teacher back from the checkpoint
+            averages = [r["self_teacher"] for r in ranks]
+            assert all(a == averages[0] for a in averages), (name, averages)
+            assert averages[0]["updates"] == UPDATES and averages[0]["moved"] > 0, (name, averages[0])
+        else:
+            assert all("self_teacher" not in r for r in ranks), name
         r0 = ranks[0]
         assert r0["consolidated_keys"] and r0["consolidated_numel"] == numel, name
         assert r0["consolidated_dtypes"] == ["torch.float32"], name

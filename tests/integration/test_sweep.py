@@ -103,3 +103,25 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, teac
         assert (trials / trial / "final.json").stat().st_mtime == mtime
     table = json.loads((tmp_path / "k" / "sweeps" / "round-00" / "trials.json").read_text())
     assert len(table["trials"]) == 3 and table["chosen"]
+
+
+def test_a_tract_phase_sweeps_like_a_round(tmp_path, teacher):
+    """A TRACT phase (2 teacher steps into 1: the self-teacher completes every target from t = 1) as a sweep:
+    the trials report their held-out loss against their own self-teacher, and the best is promoted."""
+    args = [*BASE, "sweep.lrs=[0.001,0.0003]", "distill.updates_per_round=6", "distill.method=tract",
+            "distill.phases=[1]", f"teacher.checkpoint={teacher}", f"run.storage_path={tmp_path}", "run.name=tr"]
+    proc = _run(args)
+    log, _ = proc.communicate(timeout=900)
+    (tmp_path / "log.txt").write_text(log)
+    assert proc.returncode == 0, log[-4000:]
+    run = tmp_path / "tr"
+    table = json.loads((run / "sweeps" / "round-00" / "trials.json").read_text())
+    assert table["teacher_steps"] == 2 and table["student_steps"] == 1
+    assert {r["status"] for r in table["trials"]} <= {"finished", "stopped early"}, table["trials"]
+    assert all(0 < r["heldout_loss"] < 1e29 for r in table["trials"])
+    best = min((r for r in table["trials"] if r["status"] == "finished"), key=lambda r: r["fid"])
+    assert table["chosen"] == best["trial"]
+    promoted = (run / "round-00-1steps" / "model.safetensors").read_bytes()
+    assert promoted == (run / "sweeps" / "round-00" / "trials" / best["trial"] / "student" / "model.safetensors").read_bytes()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["method"] == "tract" and summary["rounds"][0]["lr"] == best["lr"]

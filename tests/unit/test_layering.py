@@ -28,7 +28,8 @@ ALLOWED = {
     "score": {"config", "data", "eval", "checkpoint", "sample"},
     "pipeline": {"diffusion", "config", "models", "data", "train", "eval", "checkpoint", "hf", "runs", "distributed"},
     "distill": {"config", "data", "checkpoint", "runs", "plan", "pipeline", "distributed", "storage"},
-    "cli": {"distill", "data", "sample", "score", "hf"},
+    "compare": {"eval", "checkpoint"},
+    "cli": {"distill", "data", "sample", "score", "hf", "compare"},
     "__init__": set(),
 }
 HEAVY_ONLY_IN = {"ray": {"distributed"}, "deepspeed": {"distributed"}, "torch_fidelity": {"eval"},

@@ -32,25 +32,30 @@ def _run(cfg, root, stage: Stage):
     return load_file(str(root / "out" / "model.safetensors")), json.loads((root / "out" / "meta.json").read_text())
 
 
+def interrupted_at(monkeypatch, update: int, run) -> None:
+    """``run()`` with the stage loop interrupted as it reaches ``update``, the loop restored after."""
+    original = StageLoop._update
+
+    def killed(self, k, batches):
+        if k == update:
+            raise KeyboardInterrupt("interrupted")
+        return original(self, k, batches)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(StageLoop, "_update", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run()
+
+
 def test_an_interrupted_stage_resumes_at_its_checkpoint_and_ends_where_an_uninterrupted_one_does(
         setup, tmp_path, monkeypatch, capsys):
     cfg, shards = setup
     stage = teacher_stage(8, 4, shards)
     through, _ = _run(cfg, tmp_path / "through", stage)
 
-    original = StageLoop._update
-
-    def killed_at_update_6(self, k, batches):
-        if k == 6:
-            raise KeyboardInterrupt("interrupted")
-        return original(self, k, batches)
-
-    monkeypatch.setattr(StageLoop, "_update", killed_at_update_6)
-    with pytest.raises(KeyboardInterrupt):
-        _run(cfg, tmp_path / "again", stage)
+    interrupted_at(monkeypatch, 6, lambda: _run(cfg, tmp_path / "again", stage))
     assert sorted(p.name for p in (tmp_path / "again" / "local" / "teacher").glob("checkpoint_*")) == \
         ["checkpoint_00000004"]
-    monkeypatch.setattr(StageLoop, "_update", original)
     resumed, meta = _run(cfg, tmp_path / "again", stage)
     assert "resumed from the checkpoint at update 4 of 8" in capsys.readouterr().err
     assert sorted(resumed) == sorted(through)

@@ -1,0 +1,139 @@
+"""TRACT as a stage: its settings, its phases, its self-teacher (a bias-corrected EMA of the student), the
+distillation working from an exact teacher, and a phase resumed from its checkpoint ending bit for bit where an
+uninterrupted one does. The target itself is checked against the analytic teacher in test_diffusion_math."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from raypd.checkpoint import meta_for, save_checkpoint
+from raypd.config import ConfigError, DistillConfig, load_config
+from raypd.data import Batch
+from raypd.data.prepare import training_shards
+from raypd.diffusion import ddim_sample, logsnr_schedule
+from raypd.models import Denoiser
+from raypd.train import build_plain_engine, freeze, linear_decay, make_student, plan_rounds, train_step
+from raypd.train.ema import EMA
+from raypd.train.runner import InProcessRunner
+from raypd.train.stage import Stage
+from raypd.train.stage_loop import SELF_TEACHER
+from tests.gmm import GaussianMixture
+from tests.teachers import perturbed_denoiser
+from tests.unit.test_distill_end_to_end import MLP, AnalyticTeacher
+from tests.unit.test_stage_loop import interrupted_at
+
+
+def test_tract_settings_are_checked_up_front():
+    ok = DistillConfig(method="tract", start_steps=64, phases=(8, 1))
+    assert [(r.teacher_steps, r.student_steps) for r in plan_rounds(ok)] == [(64, 8), (8, 1)]
+    bad = [
+        (["distill.phases=[8,1]"], "distill.phases: only distill.method=tract has phases"),
+        (["distill.method=tract"], "distill.phases: distill.method=tract needs"),
+        (["distill.method=tract", "distill.phases=[12,1]"], r"distill.phases\[0\]: must be below and divide"),
+        (["distill.method=tract", "distill.phases=[8,3]"], r"distill.phases\[1\]: must be below and divide .*\(8\)"),
+        (["distill.method=tract", "distill.phases=[8,2]"], "distill.phases: the last phase must end at end_steps"),
+        (["distill.method=tract", "distill.phases=[8,1]", "distill.self_teacher_ema=1.0"],
+         r"distill.self_teacher_ema: must lie in \[0, 1\)"),
+        (["distill.method=consistency"], "distill.method: must be one of"),
+    ]
+    for overrides, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, overrides)
+
+
+def test_the_bias_corrected_average_weights_every_update_seen_by_decay_to_its_age():
+    decay = 0.7
+    model = nn.Linear(3, 2)
+    ema = EMA(model, decay, bias_corrected=True)
+    seen = []
+    for _ in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        seen.append([p.detach().clone() for p in model.parameters()])
+        ema.update(model)
+    k = len(seen)
+    weights = [decay ** (k - 1 - i) for i in range(k)]
+    for j, p in enumerate(ema.shadow.parameters()):
+        expected = sum(w * s[j] for w, s in zip(weights, seen)) / sum(weights)
+        torch.testing.assert_close(p, expected, rtol=1e-5, atol=1e-6)
+    assert ema.count == 5
+    plain = EMA(nn.Linear(3, 2), decay)
+    assert plain.rate() == pytest.approx(1 - decay)  # the teacher's EMA is unchanged: no correction
+
+
+def test_tract_two_phases_from_an_exact_teacher_beat_its_ddim_at_one_step():
+    """8 -> 2 -> 1 (segments of 4 teacher steps, then 2), the self-teacher a bias-corrected EMA of each student."""
+    torch.manual_seed(0)
+    gmm = GaussianMixture.random(k=4, shape=(2, 1, 1), std=0.05, seed=3, dtype=torch.float32)
+    logsnr_fn = functools.partial(logsnr_schedule)
+    phases = plan_rounds(DistillConfig(method="tract", start_steps=8, end_steps=1, phases=(2, 1),
+                                       updates_per_round=400, late_rounds_factor=1.0))
+    teacher: nn.Module = AnalyticTeacher(gmm)
+    data_gen, noise_gen = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    students = {}
+    for phase in phases:
+        student = make_student(teacher) if isinstance(teacher, Denoiser) else Denoiser(MLP(2), "x").train()
+        updates = 1200 if phase.index == 0 else phase.updates
+        engine = build_plain_engine(student, lr=2e-3, betas=(0.9, 0.999), grad_clip=1.0,
+                                    schedule=linear_decay(updates))
+        self_teacher = EMA(student, 0.5, bias_corrected=True)
+        losses = []
+        for _ in range(updates):
+            stats = train_step(engine, Batch(gmm.sample(256, data_gen)), weighting="snr_trunc", logsnr_fn=logsnr_fn,
+                               teacher=teacher, n_steps=phase.student_steps, generator=noise_gen,
+                               self_teacher=self_teacher.shadow, teacher_steps=phase.teacher_steps)
+            engine.update_average(self_teacher)
+            losses.append(stats.loss)
+        assert sum(losses[-50:]) < sum(losses[:50]), f"phase {phase.index} did not learn"
+        teacher = students[phase.student_steps] = freeze(student)
+
+    z_1 = torch.randn(1024, 2, 1, 1, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        reference = ddim_sample(gmm.denoise, z_1, 256)
+        for n, max_ratio in ((1, 0.4), (2, 0.6)):
+            ddim_err = (ddim_sample(gmm.denoise, z_1, n) - reference).square().mean().sqrt().item()
+            student_err = (ddim_sample(students[n].bind(None), z_1, n) - reference).square().mean().sqrt().item()
+            assert student_err < max_ratio * ddim_err, (n, student_err, ddim_err)
+
+
+TINY = ["data.resolution=8", "model.attn_resolutions=[4]", "model.ch=32", "model.ch_mult=[1,2]",
+        "distill.batch_size=8", "data.loader_workers=0", "run.device=cpu", "dist.checkpoint_every=4",
+        "distill.method=tract", "distill.phases=[8,1]"]
+
+
+def _run(cfg, root, stage: Stage):
+    InProcessRunner(cfg, root / "local", torch.device("cpu")).run(stage, root / "out")
+    return load_file(str(root / "out" / "model.safetensors")), json.loads((root / "out" / "meta.json").read_text())
+
+
+def test_a_tract_phase_checkpoints_its_self_teacher_and_resumes_bit_for_bit(tmp_path, monkeypatch, capsys):
+    cfg = load_config(None, TINY)
+    teacher = tmp_path / "teacher"
+    save_checkpoint(teacher, perturbed_denoiser(cfg), meta_for(cfg, kind="teacher", sampling_steps=4, round=None))
+    shards = training_shards(cfg.data, tmp_path / "data", seed=cfg.run.seed)
+    stage = Stage("round", "round-00", updates=8, stream=1, sampling_steps=1, shards=shards, round=0,
+                  teacher=str(teacher), student_steps=1, teacher_steps=4)
+    through, meta = _run(cfg, tmp_path / "through", stage)
+    assert meta["kind"] == "student" and meta["sampling_steps"] == 1
+    last = tmp_path / "through" / "local" / "round-00" / "checkpoint_00000008"
+    state = json.loads((last / "engine.json").read_text())["client"]
+    assert state["self_teacher_updates"] == 8
+    self_teacher = load_file(str(last / SELF_TEACHER))
+    assert sorted(self_teacher) == sorted(through)
+    # an average of the student's recent weights: neither the student nor the teacher it started from
+    start = load_file(str(teacher / "model.safetensors"))
+    assert any(not torch.equal(self_teacher[k], through[k]) for k in through)
+    assert any(not torch.equal(self_teacher[k], start[k]) for k in through)
+
+    interrupted_at(monkeypatch, 6, lambda: _run(cfg, tmp_path / "again", stage))
+    resumed, _ = _run(cfg, tmp_path / "again", stage)
+    assert "resumed from the checkpoint at update 4 of 8" in capsys.readouterr().err
+    # the self-teacher came back with the weights: a fresh one would give other targets from update 5 on
+    assert all(torch.equal(resumed[k], through[k]) for k in through)

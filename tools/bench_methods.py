@@ -1,0 +1,81 @@
+"""Distillation methods from one teacher, at equal distillation compute, on one table.
+
+Runs (or reuses, with ``--pd RUN``) the local pipeline with progressive distillation, then distils the same
+teacher with TRACT under the same data, eval and optimizer settings, its phases sharing the progressive run's
+total update budget equally (so its compute is at most the progressive run's), and compares the two with
+``raypd compare``: FID at each step count against the distillation compute spent to reach it.
+
+    python tools/bench_methods.py [--data digits|mnist] [--pd RUN] [--tract-phases 8,2,1]
+        [--out runs/bench-methods-DATA] [section.key=value ...]
+
+``--pd`` names a finished progressive run (the README's ``raypd_runs/local``, say): its teacher and its
+config are reused, and nothing of it is trained again. The published order, for reference: TRACT's 1- and
+2-step FID below progressive distillation's at equal or lower compute (Berthelot et al. 2023).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+
+from bench_quality import data_overrides  # noqa: E402
+
+from raypd.compare import load_run, write_comparison  # noqa: E402
+from raypd.config import config_from_dict, load_config  # noqa: E402
+from raypd.pipeline import run_pipeline  # noqa: E402
+from raypd.runs import CONFIG  # noqa: E402
+
+
+def log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", choices=("digits", "mnist"), default="digits")
+    parser.add_argument("--assets", default=str(REPO.parent / "shared" / "assets"))
+    parser.add_argument("--pd", help="a finished progressive run to reuse (its teacher and config)")
+    parser.add_argument("--tract-phases", default="8,2,1", help="TRACT's student step counts, comma-separated")
+    parser.add_argument("--out", help="where the runs and the comparison go (default runs/bench-methods-DATA)")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    out = Path(args.out or f"runs/bench-methods-{args.data}")
+    phases = [int(p) for p in args.tract_phases.split(",") if p.strip()]
+    began = time.perf_counter()
+    if args.pd:
+        pd_dir = Path(args.pd)
+        if not (pd_dir / CONFIG).is_file():
+            raise SystemExit(f"--pd {pd_dir}: not a run directory (no {CONFIG})")
+        base = json.loads((pd_dir / CONFIG).read_text())
+        method = base["distill"].get("method", "progressive")
+        if method != "progressive":
+            raise SystemExit(f"--pd {pd_dir}: its distill.method is {method}, not progressive")
+        pd = run_pipeline(config_from_dict(base, []))  # finished: returns its summary untouched
+    else:
+        cfg = load_config(None, [f"run.storage_path={out}", "run.name=progressive",
+                                 *data_overrides(args.data, Path(args.assets)), *args.overrides])
+        pd = run_pipeline(cfg)
+        pd_dir, base = Path(pd["run"]), cfg.to_dict()
+    budget = sum(r["updates"] for r in pd["rounds"])
+    per_phase = budget // len(phases)
+    log(f"[bench] progressive: {len(pd['rounds'])} rounds, {budget} updates; TRACT {base['distill']['start_steps']}"
+        f" -> {' -> '.join(map(str, phases))}: {per_phase} updates per phase")
+    tract_cfg = config_from_dict(base, [
+        f"run.storage_path={out}", "run.name=tract", f"teacher.checkpoint={(pd_dir / 'teacher').resolve()}",
+        "distill.method=tract", f"distill.phases=[{','.join(map(str, phases))}]",
+        f"distill.updates_per_round={per_phase}", "distill.late_rounds_factor=1.0"])
+    tract = run_pipeline(tract_cfg)
+    path = write_comparison([load_run(pd_dir), load_run(Path(tract["run"]))], out / "comparison")
+    print(path.read_text())
+    print(f"distillation updates: progressive {budget}, TRACT {sum(r['updates'] for r in tract['rounds'])}; "
+          f"bench {time.perf_counter() - began:.0f} s; written {path} and {path.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -53,11 +53,13 @@ def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def changed_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Dotted keys whose values differ and that a continued run must keep."""
+    """Dotted keys whose values differ and that a continued run must keep. A setting the saved config does not
+    have (added to raypd after the run started) counts as changed only when it is off its default."""
     a, b = _flat(saved), _flat(current)
+    defaults = _flat(Config().to_dict())
     keys = sorted(set(a) | set(b))
     return [k for k in keys if a.get(k) != b.get(k) and k.split(".")[0] not in MUTABLE_SECTIONS
-            and k not in MUTABLE_KEYS]
+            and k not in MUTABLE_KEYS and not (k not in a and k in defaults and b.get(k) == defaults[k])]
 
 
 def has_state(out: Path) -> bool:

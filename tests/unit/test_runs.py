@@ -58,6 +58,15 @@ def test_config_guard_names_what_changed(tmp_path):
     with pytest.raises(RunStateError, match=r"distill.lr \(0.0003 -> 0.001\)"):
         check_and_save_config(load_config(None, [f"run.storage_path={tmp_path}", "distill.lr=1e-3"]), tmp_path / "local")
     assert changed_keys({"a": {"b": 1}}, {"a": {"b": 1, "c": 2}}) == ["a.c"]
+    # a run saved before a setting existed continues at that setting's default, and only there
+    older = json.loads((tmp_path / "local" / "config.json").read_text())
+    del older["distill"]["method"]
+    (tmp_path / "local" / "config.json").write_text(json.dumps(older))
+    check_and_save_config(cfg, tmp_path / "local")
+    (tmp_path / "local" / "config.json").write_text(json.dumps(older))
+    with pytest.raises(RunStateError, match=r"distill.method \(None -> 'tract'\)"):
+        check_and_save_config(load_config(None, [f"run.storage_path={tmp_path}", "distill.method=tract",
+                                                 "distill.phases=[8,1]"]), tmp_path / "local")
 
 
 def test_restart_moves_the_run_aside(tmp_path):

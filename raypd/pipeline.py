@@ -29,7 +29,7 @@ from raypd.eval.report import write_report
 from raypd.models import Denoiser
 from raypd.runs import check_and_save_config, finished_summary, open_run, run_uri
 from raypd.train import freeze, plan_rounds
-from raypd.train.rounds import DISTILL_FORWARDS, TRAIN_FORWARDS
+from raypd.train.rounds import TRAIN_FORWARDS, forwards_per_example, upfront_forwards
 from raypd.train.runner import InProcessRunner
 from raypd.train.stage import round_stage, teacher_stage
 
@@ -212,6 +212,22 @@ def make_evaluator(ctx: Context, manifest: dict | None, teacher: Denoiser, teach
                      teacher_digest=weights_digest(teacher_path))
 
 
+def make_pairs(ctx: Context, teacher: Denoiser, teacher_path: Path) -> list[str]:
+    """The Denoising Student's pair shards: the run's own when it made them before, else sampled (by Ray tasks when
+    the run has workers) and written into it."""
+    from raypd.pairs import ensure_pairs
+
+    cfg, remote = ctx.cfg, None
+    if cfg.dist.workers:
+        from raypd.distributed.evaluate import RayPairs
+
+        remote = RayPairs(cfg, workers=cfg.dist.workers, use_gpu=cfg.dist.use_gpu)
+    shards = ensure_pairs(cfg, ctx.out, teacher, weights_digest(teacher_path), device=ctx.device, remote=remote,
+                          log=log)
+    ctx.sync()
+    return shards
+
+
 def teacher_compute(path: Path) -> dict:
     """What training the teacher cost, from its checkpoint: examples seen and forward-equivalents (unknown, None,
     for an imported teacher or one whose checkpoint does not say)."""
@@ -230,7 +246,7 @@ def round_row(rnd, stats: dict, path: Path, cfg: Config, spent: float) -> dict:
     examples = int(stats.get("examples", updates * cfg.distill.batch_size))
     return {"round": rnd.index, "teacher_steps": rnd.teacher_steps, "student_steps": rnd.student_steps,
             "updates": updates, "lr": stats.get("lr", cfg.distill.lr), "examples": examples,
-            "compute": spent + DISTILL_FORWARDS * examples,
+            "compute": spent + forwards_per_example(cfg.distill) * examples,
             "wall_seconds": stats.get("wall_seconds", stats["seconds"]), "final_loss": stats["final_loss"],
             "skipped_samples": stats.get("skipped_samples", 0), "checkpoint": path.name,
             "driver_rss_mib": round(rss_mib(), 1)}
@@ -265,12 +281,17 @@ def _stages(ctx: Context, manifest: dict | None, cluster) -> dict:
                "teacher": {"full_steps": evaluator.full_steps, "digest": weights_digest(teacher_path),
                            **teacher_compute(teacher_path)},
                "eval_seed": cfg.eval.seed, "rounds": [], "eval": list(evaluator.rows)}
-    spent = 0.0
+    spent, shards = 0.0, ctx.shards
+    if cfg.distill.method == "denoising_student":
+        shards = make_pairs(ctx, teacher, teacher_path)
+        spent = float(upfront_forwards(cfg.distill))
+        summary["pairs"] = {"count": cfg.distill.pairs, "steps": cfg.distill.start_steps, "compute": spent,
+                            "shards": str(Path(shards[0]).parent.relative_to(out))}
     for rnd in rounds:
         path = out / f"round-{rnd.index:02d}-{rnd.student_steps}steps"
         stats = finished(path, f"round {rnd.index}")
         if stats is None:
-            stats = runner.run(round_stage(rnd, teacher_path, ctx.shards), path)
+            stats = runner.run(round_stage(rnd, teacher_path, shards), path)
         else:
             log(f"[round {rnd.index}] already done, loading {path}")
         student = load_frozen(path, ctx.device)

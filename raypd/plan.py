@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from raypd.config import Config
-from raypd.train.rounds import DISTILL_FORWARDS, TRAIN_FORWARDS, plan_rounds
+from raypd.train.rounds import TRAIN_FORWARDS, forwards_per_example, plan_rounds, upfront_forwards
 
 PEAK_FLOPS = 312e12
 """Dense bf16 peak of an A100 (the estimate's reference GPU)."""
@@ -183,8 +183,12 @@ def describe_plan(cfg: Config, checks: Checks | None = None) -> list[str]:
         total += flops
         rows.append(("teacher", str(t.sampling_steps), f"{t.updates:,}", str(t.batch_size),
                      str(t.batch_size // workers), f"{t.lr:g}", _fmt_flops(flops)))
+    if upfront_forwards(s):
+        flops = upfront_forwards(s) * fwd
+        total += flops
+        rows.append(("pairs", f"{s.start_steps}", f"{s.pairs:,} samples", "-", "-", "-", _fmt_flops(flops)))
     for rnd in plan_rounds(s):
-        flops = rnd.updates * s.batch_size * DISTILL_FORWARDS * fwd
+        flops = rnd.updates * s.batch_size * forwards_per_example(s) * fwd
         total += flops
         rows.append((f"round {rnd.index}", f"{rnd.teacher_steps}->{rnd.student_steps}", f"{rnd.updates:,}",
                      str(s.batch_size), str(s.batch_size // workers), f"{s.lr:g}", _fmt_flops(flops)))
@@ -205,7 +209,7 @@ def describe_plan(cfg: Config, checks: Checks | None = None) -> list[str]:
               f"wall time on {workers} such GPUs)",
               f"evaluation: {cfg.eval.num_samples} samples per point, {cfg.eval.extractor} features, seed {cfg.eval.seed}"]
     if d.workers and plan_rounds(s):
-        per_update = s.batch_size * DISTILL_FORWARDS * fwd / (workers * rate)
+        per_update = s.batch_size * forwards_per_example(s) * fwd / (workers * rate)
         # with background uploads, a node lost while a checkpoint is uploading falls back to the one before
         intervals = 2 if d.checkpoint_upload == "async" else 1
         lost = intervals * d.checkpoint_every * per_update / 60

@@ -53,7 +53,7 @@ def _poison_last_rank(run, rank: int, world: int) -> None:
 
         def poisoned():
             for i, b in enumerate(stream):
-                yield Batch(torch.full_like(b.x, float("nan")), b.y) if i < 2 else b
+                yield Batch(torch.full_like(b.x, float("nan")), b.y, b.z) if i < 2 else b
         return poisoned()
 
     run.batches = batches
@@ -71,7 +71,7 @@ def _loop(cfg, stage, rank: int, world: int, store, staging: Path):
                      agree=lambda error: agree(error, world=world, label=stage.label, device=device))
 
 
-def _combo(cfg, spec: dict, root: Path, rank: int, world: int) -> dict:
+def _combo(cfg, spec: dict, root: Path, rank: int, world: int, pairs: list[str]) -> dict:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import load_file
 
@@ -81,6 +81,8 @@ def _combo(cfg, spec: dict, root: Path, rank: int, world: int) -> dict:
     stage = Stage.from_dict(spec)
     if cfg.distill.method == "tract":  # one phase of 4 teacher steps into 1: the self-teacher takes 3 of them
         stage = stage.with_(student_steps=1, sampling_steps=1, teacher_steps=4)
+    elif cfg.distill.method == "denoising_student":  # one step, trained on the teacher's pairs
+        stage = stage.with_(student_steps=1, sampling_steps=1, teacher_steps=4, shards=tuple(pairs))
     began = time.perf_counter()
     store = SharedFolderStore(root / "through")
     run = _loop(cfg, stage, rank, world, store, root / f"staging{rank}")
@@ -156,7 +158,7 @@ def matrix_worker(config: dict) -> list | None:
         cfg = config_from_dict(config["base"], overrides)
         root = Path(config["root"]) / f"{world}w-{name}"
         try:
-            out = _combo(cfg, config["spec"], root, rank, world)
+            out = _combo(cfg, config["spec"], root, rank, world, config["pairs"])
         except Exception as err:  # noqa: BLE001 - reported to the test, which names the combination
             import traceback
 

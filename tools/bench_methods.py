@@ -1,16 +1,18 @@
 """Distillation methods from one teacher, at equal distillation compute, on one table.
 
 Runs (or reuses, with ``--pd RUN``) the local pipeline with progressive distillation, then distils the same
-teacher with TRACT under the same data, eval and optimizer settings, its phases sharing the progressive run's
-total update budget equally (so its compute is at most the progressive run's), and compares the two with
-``raypd compare``: FID at each step count against the distillation compute spent to reach it.
+teacher under the same data, eval and optimizer settings with TRACT, its phases sharing the progressive run's
+total update budget equally (so its compute is at most the progressive run's), and with the Denoising Student,
+``--ds-pairs`` pairs of the teacher's DDIM and as many updates as the rest of the same compute buys. It compares
+the three with ``raypd compare``: FID at each step count against the distillation compute spent to reach it.
 
-    python tools/bench_methods.py [--data digits|mnist] [--pd RUN] [--tract-phases 8,2,1]
+    python tools/bench_methods.py [--data digits|mnist] [--pd RUN] [--tract-phases 8,2,1] [--ds-pairs 4096]
         [--out runs/bench-methods-DATA] [section.key=value ...]
 
 ``--pd`` names a finished progressive run (the README's ``raypd_runs/local``, say): its teacher and its
 config are reused, and nothing of it is trained again. The published order, for reference: TRACT's 1- and
-2-step FID below progressive distillation's at equal or lower compute (Berthelot et al. 2023).
+2-step FID below progressive distillation's at equal or lower compute (Berthelot et al. 2023), the Denoising
+Student's one step above progressive distillation's (Salimans & Ho 2022, Table 2).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from raypd.compare import load_run, write_comparison  # noqa: E402
 from raypd.config import config_from_dict, load_config  # noqa: E402
 from raypd.pipeline import run_pipeline  # noqa: E402
 from raypd.runs import CONFIG  # noqa: E402
+from raypd.train.rounds import TRAIN_FORWARDS  # noqa: E402
 
 
 def log(line: str) -> None:
@@ -42,6 +45,7 @@ def main() -> None:
     parser.add_argument("--assets", default=str(REPO.parent / "shared" / "assets"))
     parser.add_argument("--pd", help="a finished progressive run to reuse (its teacher and config)")
     parser.add_argument("--tract-phases", default="8,2,1", help="TRACT's student step counts, comma-separated")
+    parser.add_argument("--ds-pairs", type=int, default=4096, help="the Denoising Student's pairs (0: no run)")
     parser.add_argument("--out", help="where the runs and the comparison go (default runs/bench-methods-DATA)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
@@ -71,7 +75,22 @@ def main() -> None:
         "distill.method=tract", f"distill.phases=[{','.join(map(str, phases))}]",
         f"distill.updates_per_round={per_phase}", "distill.late_rounds_factor=1.0"])
     tract = run_pipeline(tract_cfg)
-    path = write_comparison([load_run(pd_dir), load_run(Path(tract["run"]))], out / "comparison")
+    runs = [pd_dir, Path(tract["run"])]
+    if args.ds_pairs:
+        batch, steps = base["distill"]["batch_size"], base["distill"]["start_steps"]
+        left = pd["rounds"][-1]["compute"] - args.ds_pairs * steps
+        updates = int(left // (batch * TRAIN_FORWARDS))
+        if updates < 1:
+            raise SystemExit(f"--ds-pairs {args.ds_pairs}: sampling them ({args.ds_pairs * steps:,} forwards) costs "
+                             f"all of the progressive run's {pd['rounds'][-1]['compute']:,.0f}; use fewer")
+        log(f"[bench] Denoising Student: {args.ds_pairs} pairs of the {steps}-step DDIM, {updates} updates")
+        ds = run_pipeline(config_from_dict(base, [
+            f"run.storage_path={out}", "run.name=denoising-student",
+            f"teacher.checkpoint={(pd_dir / 'teacher').resolve()}", "distill.method=denoising_student",
+            f"distill.pairs={args.ds_pairs}", f"distill.updates_per_round={updates}",
+            "distill.late_rounds_factor=1.0"]))
+        runs.append(Path(ds["run"]))
+    path = write_comparison([load_run(p) for p in runs], out / "comparison")
     print(path.read_text())
     print(f"distillation updates: progressive {budget}, TRACT {sum(r['updates'] for r in tract['rounds'])}; "
           f"bench {time.perf_counter() - began:.0f} s; written {path} and {path.with_suffix('.png')}")

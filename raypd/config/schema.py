@@ -259,7 +259,7 @@ class TeacherConfig:
         _check_optimizer(self.batch_size, self.lr, self.adam_betas, self.grad_clip)
 
 
-DISTILL_METHODS = ("progressive", "tract")
+DISTILL_METHODS = ("progressive", "tract", "denoising_student")
 
 
 @dataclass(frozen=True)
@@ -268,17 +268,21 @@ class DistillConfig:
     """Teacher sampling steps of the first round; round k's student samples in start_steps / 2^k."""
     end_steps: int = 1
     """The last round's student step count."""
-    method: Literal["progressive", "tract"] = "progressive"
+    method: Literal["progressive", "tract", "denoising_student"] = "progressive"
     """``progressive``: halving rounds (Salimans & Ho), each student samples in half its teacher's steps.
     ``tract``: transitive-closure phases (Berthelot et al. 2023), each distilling its teacher's T steps into the
     next count of ``phases``, with a self-teacher (a bias-corrected EMA of the student) jumping to the end of
-    each step's segment."""
+    each step's segment. ``denoising_student`` (Luhman & Luhman 2021): ``pairs`` noises are sampled once by the
+    teacher's start_steps-step DDIM, and a one-step student learns to map each noise to its sample."""
     phases: tuple[int, ...] = ()
     """``tract`` only: the student step count of each phase, from start_steps down to end_steps, each dividing the
     one before (e.g. [8, 1] from 32 steps: 32 -> 8 -> 1, two phases instead of five halving rounds)."""
     self_teacher_ema: float = 0.5
     """``tract`` only: decay of the self-teacher, a bias-corrected EMA of the student's weights (0: the student
     as it is now). It is never trained, and it is saved with every checkpoint."""
+    pairs: int = 8192
+    """``denoising_student`` only: (noise, teacher sample) pairs, generated once (Ray tasks with dist.workers, on
+    GPUs with dist.use_gpu), kept as shards in the run and reused when it resumes."""
     updates_per_round: int = 200
     """Optimizer updates per round or TRACT phase (the paper: 50,000)."""
     late_rounds_factor: float = 2.0
@@ -303,9 +307,14 @@ class DistillConfig:
         _require(self.late_rounds_factor > 0, "late_rounds_factor", f"must be positive, got {self.late_rounds_factor}")
         _check_optimizer(self.batch_size, self.lr, self.adam_betas, self.grad_clip)
         _require(self.method in DISTILL_METHODS, "method", f"must be one of {DISTILL_METHODS}, got {self.method!r}")
+        if self.method == "denoising_student":
+            _require(self.end_steps == 1, "end_steps", f"the Denoising Student samples in one step: end_steps must be "
+                     f"1, got {self.end_steps}")
+            _require(self.pairs >= self.batch_size, "pairs",
+                     f"must be at least distill.batch_size ({self.batch_size}), got {self.pairs}")
         if self.method != "tract":
-            _require(not self.phases, "phases", f"only distill.method=tract has phases; {self.method} halves the "
-                     "steps every round (set distill.method=tract, or drop distill.phases)")
+            _require(not self.phases, "phases", f"only distill.method=tract has phases; {self.method} sets its own "
+                     "step counts (set distill.method=tract, or drop distill.phases)")
             return
         _require(0.0 <= self.self_teacher_ema < 1.0, "self_teacher_ema",
                  f"must lie in [0, 1), got {self.self_teacher_ema}")

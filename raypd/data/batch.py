@@ -13,7 +13,10 @@ class Batch:
     """Images in [-1, 1], [B, C, H, W]."""
     y: Tensor | None = None
     """Class labels [B], for class-conditional models."""
+    z: Tensor | None = None
+    """The noise each image was sampled from, [B, C, H, W] (a Denoising Student's pairs: x is the teacher's sample)."""
 
     def to(self, device) -> "Batch":
         return Batch(self.x.to(device, non_blocking=True),
-                     None if self.y is None else self.y.to(device, non_blocking=True))
+                     None if self.y is None else self.y.to(device, non_blocking=True),
+                     None if self.z is None else self.z.to(device, non_blocking=True))

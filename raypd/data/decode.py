@@ -24,6 +24,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("png", "jpg", "jpeg")
+NOISE_KEY = "z.npy"
+"""A pair shard's noise beside its image: float32 [C, H, W], NumPy's format (read without pickles)."""
 _PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 _LOUD_WARNINGS = 20  # per worker; later skips go to DEBUG plus a periodic summary, so logs stay readable
 
@@ -83,17 +85,21 @@ def read_shards(sources: Iterable[dict], counter: SkipCounter, expected: dict[st
 
 
 class SampleDecoder:
-    """Raw sample -> (uint8 HWC image, label); raises ValueError for anything unusable."""
+    """Raw sample -> (uint8 HWC image, label, noise or None); raises ValueError for anything unusable.
+
+    ``pairs``: every sample must carry its noise (``z.npy``), as a Denoising Student's pair shards do."""
 
     def __init__(self, channels: int, num_classes: int, resolution: int | None,
-                 flip_rng: random.Random | None):
+                 flip_rng: random.Random | None, pairs: bool = False):
         if channels not in _PIL_MODES:
             raise ValueError(f"channels must be one of {sorted(_PIL_MODES)}, got {channels}")
-        self.mode, self.num_classes = _PIL_MODES[channels], num_classes
+        if pairs and flip_rng is not None:
+            raise ValueError("a pair's image cannot be flipped: its noise would no longer map to it")
+        self.mode, self.num_classes, self.channels, self.pairs = _PIL_MODES[channels], num_classes, channels, pairs
         self.shape = None if resolution is None else (resolution, resolution)
         self.flip_rng = flip_rng
 
-    def __call__(self, sample: dict) -> tuple[np.ndarray, int]:
+    def __call__(self, sample: dict) -> tuple[np.ndarray, int, np.ndarray | None]:
         data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
         if data is None:
             raise ValueError(f"no image (expected one of {IMAGE_KEYS}; has {sorted(sample)})")
@@ -111,7 +117,16 @@ class SampleDecoder:
                              f"expected {self.shape[1]}x{self.shape[0]}")
         if self.flip_rng is not None and self.flip_rng.random() < 0.5:
             arr = arr[:, ::-1]
-        return np.ascontiguousarray(arr), label
+        return np.ascontiguousarray(arr), label, self._noise(sample, arr.shape) if self.pairs else None
+
+    def _noise(self, sample: dict, shape: tuple[int, ...]) -> np.ndarray:
+        if NOISE_KEY not in sample:
+            raise ValueError(f"no '{NOISE_KEY}' noise beside the image: not a pair shard")
+        z = np.load(io.BytesIO(sample[NOISE_KEY]), allow_pickle=False)
+        want = (self.channels, shape[0], shape[1])
+        if z.shape != want or z.dtype != np.float32 or not np.isfinite(z).all():
+            raise ValueError(f"noise is {z.dtype} {tuple(z.shape)}, expected finite float32 {want}")
+        return z
 
     def _label(self, sample: dict) -> int:
         if self.num_classes <= 0:
@@ -127,8 +142,8 @@ class SampleDecoder:
         return label
 
 
-def decode_samples(samples: Iterable[dict], decoder: Callable[[dict], tuple[np.ndarray, int]],
-                   counter: SkipCounter) -> Iterator[tuple[np.ndarray, int]]:
+def decode_samples(samples: Iterable[dict], decoder: Callable[[dict], tuple],
+                   counter: SkipCounter) -> Iterator[tuple]:
     """Decode each sample, skipping (and counting) the ones that fail, whatever the reason."""
     for sample in samples:
         try:
@@ -137,20 +152,22 @@ def decode_samples(samples: Iterable[dict], decoder: Callable[[dict], tuple[np.n
             counter.skip(sample.get("__url__"), sample.get("__key__"), f"{type(exn).__name__}: {exn}")
 
 
-def collate(samples: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """List of (HWC uint8, label) -> (x float32 [B, C, H, W] in [-1, 1], y int64 [B] or None)."""
-    images = torch.from_numpy(np.stack([img for img, _ in samples]))
+def collate(samples: list[tuple]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """List of (HWC uint8, label, noise or None) -> (x float32 [B, C, H, W] in [-1, 1], y int64 [B] or None,
+    z float32 [B, C, H, W] or None)."""
+    images = torch.from_numpy(np.stack([s[0] for s in samples]))
     x = images.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
-    labels = [label for _, label in samples]
+    labels = [s[1] for s in samples]
     y = None if labels[0] < 0 else torch.tensor(labels, dtype=torch.int64)
-    return x, y
+    z = None if samples[0][2] is None else torch.from_numpy(np.stack([s[2] for s in samples]))
+    return x, y, z
 
 
 class ShardStream(IterableDataset):
     """One reader's batches; built in the DataLoader worker (or the main process with 0 workers).
 
-    Yields ``(x, y, worker_id, skipped_so_far)`` tuples and, when a pass ends, a final
-    ``(None, None, worker_id, skipped)`` so that skips after the last full batch are reported too.
+    Yields ``(x, y, z, worker_id, skipped_so_far)`` tuples and, when a pass ends, a final
+    ``(None, None, None, worker_id, skipped)`` so that skips after the last full batch are reported too.
     """
 
     def __init__(self, urls: list[str], opts: dict[str, Any], expected: dict[str, int]):
@@ -175,12 +192,12 @@ class ShardStream(IterableDataset):
         if o["shuffle_buffer"] > 0:
             size = o["shuffle_buffer"]
             stages.append(wds.shuffle(size, size, rng=random.Random(rng.random())))
-        decoder = SampleDecoder(o["channels"], o["num_classes"], o["resolution"], flip_rng)
+        decoder = SampleDecoder(o["channels"], o["num_classes"], o["resolution"], flip_rng, o.get("pairs", False))
         stages += [lambda src: decode_samples(src, decoder, self.counter),
                    wds.batched(o["batch_size"], collation_fn=collate, partial=False)]
-        for x, y in wds.DataPipeline(*stages):
-            yield x, y, wid, self.counter.skipped
-        yield None, None, wid, self.counter.skipped
+        for x, y, z in wds.DataPipeline(*stages):
+            yield x, y, z, wid, self.counter.skipped
+        yield None, None, None, wid, self.counter.skipped
 
 
 class ShardOrder(IterableDataset):

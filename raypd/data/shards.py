@@ -224,9 +224,10 @@ class ShardLoader:
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
                  random_flip: bool = False, shuffle_buffer: int = 1000, resampled: bool = True,
                  epoch: int = 0, resolution: int | None = None, max_skipped_fraction: float = 1.0,
-                 judge_after: int = 200):
+                 judge_after: int = 200, pairs: bool = False):
         """``max_skipped_fraction``: once ``judge_after`` samples were read or skipped, a larger share of
-        skipped (corrupt) samples stops the run with a DataError instead of training on what is left."""
+        skipped (corrupt) samples stops the run with a DataError instead of training on what is left. ``pairs``:
+        pair shards, every image with the noise it was sampled from (``Batch.z``)."""
         self.urls = expand_urls(urls)
         self.max_skipped_fraction, self.judge_after, self._seen = max_skipped_fraction, judge_after, 0
         readers = world_size * max(1, num_workers)
@@ -240,7 +241,7 @@ class ShardLoader:
         require_filesystems(self.urls)
         opts = dict(batch_size=batch_size, channels=channels, num_classes=num_classes, rank=rank,
                     world_size=world_size, seed=seed, random_flip=random_flip, resampled=resampled,
-                    shuffle_buffer=shuffle_buffer, epoch=epoch, resolution=resolution)
+                    shuffle_buffer=shuffle_buffer, epoch=epoch, resolution=resolution, pairs=pairs)
         self._stream = ShardStream(self.urls, opts, _shard_counts(read_manifest(self.urls)))
         self._loader = DataLoader(self._stream, batch_size=None, collate_fn=_keep, num_workers=num_workers,
                                   persistent_workers=num_workers > 0)
@@ -252,12 +253,12 @@ class ShardLoader:
         return sum(self._skipped.values())
 
     def __iter__(self) -> Iterator[Batch]:
-        for x, y, wid, skipped in self._loader:
+        for x, y, z, wid, skipped in self._loader:
             self._skipped[wid] = skipped
             if x is not None:
                 self._seen += x.shape[0]
                 self._check_skips()
-                yield Batch(x=x, y=y)
+                yield Batch(x=x, y=y, z=z)
         self._check_skips()
 
     def _check_skips(self) -> None:
@@ -269,10 +270,12 @@ class ShardLoader:
 
 
 def training_loader(urls: Sequence[str], cfg: DataConfig, *, batch_size: int, seed: int, stream: int,
-                    rank: int = 0, world_size: int = 1, epoch: int = 0) -> ShardLoader:
+                    rank: int = 0, world_size: int = 1, epoch: int = 0, pairs: bool = False) -> ShardLoader:
     """The endless, seeded training stream of one stage (``stream``) on one rank: the one place the data
-    settings become a loader, for the in-process loop and the Ray workers alike."""
+    settings become a loader, for the in-process loop and the Ray workers alike. ``pairs``: the Denoising
+    Student's (noise, sample) shards, never flipped."""
     return ShardLoader(urls, batch_size=batch_size, channels=cfg.channels, num_classes=cfg.num_classes, rank=rank,
                        world_size=world_size, num_workers=cfg.loader_workers, seed=seed * 1000 + stream,
-                       random_flip=cfg.random_flip, shuffle_buffer=cfg.shuffle_buffer, resampled=True, epoch=epoch,
-                       resolution=cfg.resolution, max_skipped_fraction=cfg.max_skipped_fraction)
+                       random_flip=cfg.random_flip and not pairs, shuffle_buffer=cfg.shuffle_buffer, resampled=True,
+                       epoch=epoch, resolution=cfg.resolution, max_skipped_fraction=cfg.max_skipped_fraction,
+                       pairs=pairs)

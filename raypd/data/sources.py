@@ -37,6 +37,8 @@ class Source:
     classes: tuple[str, ...] | None = None
     num_classes: int = 0  # 0 means unlabelled
     extra: dict = field(default_factory=dict)  # more provenance for the manifest (e.g. a labels file)
+    noise: Callable[[int], np.ndarray] | None = field(default=None, repr=False)
+    """Pair data sets: sample i's noise (float32 [C, H, W]), from which the image was sampled."""
 
     def __len__(self) -> int:
         return self.length

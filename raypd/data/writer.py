@@ -25,6 +25,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from raypd.data.decode import NOISE_KEY
 from raypd.data.sources import KINDS, Source, open_source
 
 MANIFEST = "manifest.json"
@@ -119,6 +120,10 @@ class _SampleEncoder:
         sample = {"__key__": f"{index:08d}", self.image_format: encode_image(out, self.image_format, self.quality)}
         if label is not None:
             sample["cls"] = str(int(label)).encode("ascii")
+        if self.source.noise is not None:
+            buffer = io.BytesIO()
+            np.save(buffer, np.ascontiguousarray(self.source.noise(index), dtype=np.float32), allow_pickle=False)
+            sample[NOISE_KEY] = buffer.getvalue()
         return sample
 
 
@@ -198,6 +203,7 @@ def write_shards(source: Source, out_dir: str | os.PathLike, *, resolution: int 
         "format": FORMAT, "version": VERSION, "resolution": encode.shape[0], "channels": encode.shape[2],
         "num_classes": source.num_classes, "classes": list(source.classes) if source.classes else None,
         "image_format": image_format, "source": source.description, "seed": seed, "splits": split_info,
+        "pairs": source.noise is not None,
         "preprocess": {"crop": "center" if resolution else None,
                        "resize": ("box" if box else "bicubic") if resolution else None,
                        "quality": quality if image_format == "jpg" else None},

@@ -32,7 +32,6 @@ def _generate_and_extract(config: dict, key: str, state: dict, chunk: dict) -> t
     from raypd.config import config_from_dict
     from raypd.eval.chunks import generate_chunk
     from raypd.eval.fid import Extractor
-    from raypd.models import build_denoiser
     from raypd.storage import fetch
 
     cfg = config_from_dict(config)
@@ -41,14 +40,59 @@ def _generate_and_extract(config: dict, key: str, state: dict, chunk: dict) -> t
     if extractor.get("weights"):  # a run kept in a bucket: the classifier's weights come from there
         extractor = {**extractor, "weights": fetch(extractor["weights"], Path(tempfile.gettempdir()) / "raypd-fetch")}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return generate_chunk(_built(cfg, key, state, device), chunk, logsnr_fn=cfg.diffusion.logsnr_fn(), device=device,
+                          extractor=Extractor(**extractor))
+
+
+def _built(cfg: Config, key: str, state: dict, device: torch.device) -> Denoiser:
+    """The network of ``state``, built once per worker process for consecutive tasks of the same ``key``."""
+    from raypd.models import build_denoiser
+
     model = _BUILT.get(key)
     if model is None:
         _BUILT.clear()
         model = build_denoiser(cfg.model, cfg.data)
         model.load_state_dict(state)
         model = _BUILT.setdefault(key, model.to(device).eval())
-    return generate_chunk(model, chunk, logsnr_fn=cfg.diffusion.logsnr_fn(), device=device,
-                          extractor=Extractor(**extractor))
+    return model
+
+
+def _sample_pairs(config: dict, key: str, state: dict, start: int, stop: int) -> tuple[int, int, Tensor]:
+    """One task: the teacher's DDIM samples of pairs ``start:stop``'s noise (uint8)."""
+    from raypd.config import config_from_dict
+    from raypd.eval.samples import sample_pairs
+
+    cfg = config_from_dict(config)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return start, stop, sample_pairs(_built(cfg, key, state, device), cfg, start, stop, device)
+
+
+class RayPairs:
+    """The Denoising Student's pairs sampled by Ray tasks (one GPU each when ``use_gpu``), a block per task, at most
+    two per worker in flight."""
+
+    def __init__(self, cfg: Config, *, workers: int, use_gpu: bool):
+        import ray
+
+        self.cfg, self.workers = cfg, max(1, workers)
+        self._task = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1, max_retries=2)(_sample_pairs)
+
+    def run(self, teacher: Denoiser, blocks: list[tuple[int, int]]) -> Iterator[tuple[int, int, Tensor]]:
+        import ray
+
+        state = ray.put({k: v.detach().cpu() for k, v in teacher.state_dict().items()})
+        config, pending, in_flight = self.cfg.to_dict(), list(reversed(blocks)), []
+        try:
+            while pending or in_flight:
+                while pending and len(in_flight) < 2 * self.workers:
+                    lo, hi = pending.pop()
+                    in_flight.append(self._task.remote(config, state.hex(), state, lo, hi))
+                (ready,), _ = ray.wait(in_flight, num_returns=1)
+                in_flight.remove(ready)
+                yield ray.get(ready)
+        finally:
+            for ref in in_flight:
+                ray.cancel(ref, force=True)
 
 
 class RayEvaluation:

@@ -292,10 +292,11 @@ class SweepRunner:
         if not path.is_file():
             cfg = self.cfg
             loader = training_loader(list(stage.shards), cfg.data, batch_size=cfg.sweep.heldout_samples,
-                                     seed=cfg.run.seed, stream=10_000 + stage.round)
+                                     seed=cfg.run.seed, stream=10_000 + stage.round,
+                                     pairs=cfg.distill.method == "denoising_student")
             batch = next(iter(loader))
             grid = stage.steps_of_teacher if cfg.distill.method == "tract" else stage.student_steps
-            save_heldout(make_heldout(batch.x, batch.y, grid, seed=cfg.sweep.seed + stage.round), path)
+            save_heldout(make_heldout(batch.x, batch.y, grid, seed=cfg.sweep.seed + stage.round, z=batch.z), path)
         return path.resolve()
 
     def run(self, stage: Stage, output: Path) -> dict:

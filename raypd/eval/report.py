@@ -44,7 +44,9 @@ def fmt(value, spec: str) -> str:
 
 
 _METHOD = {"tract": ["Distilled with TRACT: each phase's student jumps to the end of a segment of its teacher's "
-                     "steps, its targets completed by a self-teacher (a bias-corrected EMA of the student).", ""]}
+                     "steps, its targets completed by a self-teacher (a bias-corrected EMA of the student).", ""],
+           "denoising_student": ["A Denoising Student: one step from each noise onto the teacher's DDIM sample of it, "
+                                 "learnt from pairs sampled once; their sampling is counted in the compute.", ""]}
 
 
 def write_report(out: Path, summary: dict) -> Path:

@@ -13,7 +13,9 @@ from torch import Tensor
 
 from raypd.diffusion import ddim_sample, stochastic_sample
 from raypd.diffusion.ddim import LogsnrFn
+from raypd.eval.fid import to_uint8
 from raypd.models import Denoiser
+from raypd.models.denoiser import forward_dtype
 
 
 NOISE_BLOCK = 256
@@ -28,12 +30,13 @@ def block_seed(seed: int, block: int, stream: str = "noise") -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def noise_slice(start: int, stop: int, channels: int, resolution: int, *, seed: int, num_classes: int = 0
-                ) -> tuple[Tensor, Tensor | None]:
-    """Samples ``start:stop`` of the fixed evaluation noise z_1 (and class labels)."""
+def noise_slice(start: int, stop: int, channels: int, resolution: int, *, seed: int, num_classes: int = 0,
+                stream: str = "noise") -> tuple[Tensor, Tensor | None]:
+    """Samples ``start:stop`` of the fixed evaluation noise z_1 (and class labels); another ``stream`` is other
+    noise from the same seed (the Denoising Student's pairs: ``pairs``)."""
     zs, ys = [], []
     for block in range(start // NOISE_BLOCK, -(-stop // NOISE_BLOCK)):
-        g = torch.Generator().manual_seed(block_seed(seed, block))
+        g = torch.Generator().manual_seed(block_seed(seed, block, stream))
         z = torch.randn(NOISE_BLOCK, channels, resolution, resolution, generator=g)
         y = torch.randint(0, num_classes, (NOISE_BLOCK,), generator=g) if num_classes > 0 else None
         lo, hi = max(start - block * NOISE_BLOCK, 0), min(stop - block * NOISE_BLOCK, NOISE_BLOCK)
@@ -118,3 +121,22 @@ def save_grid(images: Tensor, path: str | Path, *, title: str | None = None) -> 
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+PAIR_STREAM = "pairs"
+"""The Denoising Student's pairs draw their noise from this stream of the run's seed, never the evaluation's."""
+
+
+def pair_noise(cfg, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Pairs ``start:stop``'s noise (and class labels)."""
+    d = cfg.data
+    return noise_slice(start, stop, d.channels, d.resolution, seed=cfg.run.seed, num_classes=d.num_classes,
+                       stream=PAIR_STREAM)
+
+
+def sample_pairs(teacher: Denoiser, cfg, start: int, stop: int, device: torch.device) -> torch.Tensor:
+    """The teacher's start_steps-step DDIM samples (uint8) of pairs ``start:stop``'s noise."""
+    z, y = pair_noise(cfg, start, stop)
+    x = sample_ddim(teacher, z, y, cfg.distill.start_steps, logsnr_fn=cfg.diffusion.logsnr_fn(), device=device,
+                    dtype=forward_dtype(cfg.eval.precision, device))
+    return to_uint8(x)

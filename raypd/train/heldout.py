@@ -16,15 +16,19 @@ from raypd.diffusion import student_times
 from raypd.diffusion.ddim import LogsnrFn
 from raypd.diffusion.loss import Weighting
 from raypd.models import Denoiser
-from raypd.train.step import loss_at
+from raypd.train.step import loss_at, pair_loss_at
 
 
-def make_heldout(x: Tensor, y: Tensor | None, n_steps: int, *, seed: int) -> dict[str, Tensor]:
+def make_heldout(x: Tensor, y: Tensor | None, n_steps: int, *, seed: int, z: Tensor | None = None
+                 ) -> dict[str, Tensor]:
     """Noise and times on the ``n_steps`` grid (the student's; a TRACT phase's teacher's) for the images ``x``
-    (and labels ``y``), drawn once from ``seed``."""
-    g = torch.Generator().manual_seed(seed)
-    out = {"x": x.float().contiguous(), "eps": torch.randn(x.shape, generator=g),
-           "t": student_times(x.shape[0], n_steps, generator=g)}
+    (and labels ``y``), drawn once from ``seed``; for pairs, their own noise ``z``."""
+    if z is not None:
+        out = {"x": x.float().contiguous(), "z": z.float().contiguous()}
+    else:
+        g = torch.Generator().manual_seed(seed)
+        out = {"x": x.float().contiguous(), "eps": torch.randn(x.shape, generator=g),
+               "t": student_times(x.shape[0], n_steps, generator=g)}
     if y is not None:
         out["y"] = y.long().contiguous()
     return out
@@ -50,12 +54,16 @@ def heldout_loss(student: Denoiser, teacher: Denoiser, heldout: dict[str, Tensor
     was_training = student.training
     student.eval()
     total, count = 0.0, 0
-    x_all, eps_all, t_all, y_all = heldout["x"], heldout["eps"], heldout["t"], heldout.get("y")
+    x_all, y_all = heldout["x"], heldout.get("y")
     for start in range(0, x_all.shape[0], batch_size):
         sl = slice(start, start + batch_size)
         y = None if y_all is None else y_all[sl]
-        losses = loss_at(student, x_all[sl], eps_all[sl], t_all[sl], y, weighting=weighting, logsnr_fn=logsnr_fn,
-                         teacher=teacher, n_steps=n_steps, self_teacher=self_teacher, teacher_steps=teacher_steps)
+        if "z" in heldout:  # the Denoising Student's pairs
+            losses = pair_loss_at(student, x_all[sl], heldout["z"][sl], y, weighting=weighting, logsnr_fn=logsnr_fn)
+        else:
+            losses = loss_at(student, x_all[sl], heldout["eps"][sl], heldout["t"][sl], y, weighting=weighting,
+                             logsnr_fn=logsnr_fn, teacher=teacher, n_steps=n_steps, self_teacher=self_teacher,
+                             teacher_steps=teacher_steps)
         total += losses.sum().item()
         count += losses.shape[0]
     student.train(was_training)

@@ -28,6 +28,8 @@ def plan_rounds(cfg: DistillConfig) -> list[Round]:
     rounds' budget scaled."""
     if cfg.method == "tract":
         counts = list(cfg.phases)
+    elif cfg.method == "denoising_student":
+        counts = [1]
     else:
         counts, steps = [], cfg.start_steps
         while steps > cfg.end_steps:
@@ -70,5 +72,18 @@ TRAIN_FORWARDS = 3
 """Forward-equivalents per example of a training update: a forward, and a backward costing about two."""
 DISTILL_FORWARDS = 5
 """Forward-equivalents per example of a distillation update: two teacher forwards, the student's forward and
-backward (the paper's "about 5/3 of a plain training update")."""
+backward (the paper's "about 5/3 of a plain training update"). TRACT's are the same: a teacher forward and a
+self-teacher forward."""
+
+
+def forwards_per_example(cfg: DistillConfig) -> int:
+    """What one distillation example costs: a Denoising Student's pair is read, not computed, so a plain
+    training update's 3; the other methods' targets cost two more forwards."""
+    return TRAIN_FORWARDS if cfg.method == "denoising_student" else DISTILL_FORWARDS
+
+
+def upfront_forwards(cfg: DistillConfig) -> int:
+    """Forward-equivalents spent before the first update: the Denoising Student's pairs, each a start_steps-step
+    DDIM sample of the teacher."""
+    return cfg.pairs * cfg.start_steps if cfg.method == "denoising_student" else 0
 

@@ -99,7 +99,8 @@ class StageLoop:
             self.window = window
             return iter(self.loader)
         loader = training_loader(self.stage.shards, self.cfg.data, batch_size=self.micro, seed=self.cfg.run.seed,
-                                 stream=self.stage.stream, rank=self.rank, world_size=self.world, epoch=window)
+                                 stream=self.stage.stream, rank=self.rank, world_size=self.world, epoch=window,
+                                 pairs=self.stage.distills and self.cfg.distill.method == "denoising_student")
         if self.loader is not None:
             self.skipped_before += self.loader.skipped_samples
         self.loader, self.window = loader, window

@@ -3,7 +3,8 @@
 Without a teacher: t ~ U(0, 1) and the target is the data (Algorithm 1).
 With a teacher: t on the student's N-step grid and the target is x_tilde (Algorithm 2); with a
 self-teacher too, TRACT: t on the teacher's T-step grid and the target is the inverted jump to the end of
-t's segment. Everything else, the forward process, the student's x_hat and the weighted loss, is shared.
+t's segment. A batch of pairs (noise z and the teacher's sample x from it) is the Denoising Student's
+regression at t = 1. Everything else, the forward process, the student's x_hat and the weighted loss, is shared.
 """
 
 from __future__ import annotations
@@ -36,7 +37,10 @@ def diffusion_loss(
     generator: torch.Generator | None = None, teacher_dtype: torch.dtype | None = None,
     self_teacher: Denoiser | None = None, teacher_steps: int | None = None,
 ) -> Tensor:
-    """Mean weighted x-space loss of the student on one batch, at freshly drawn noise and times."""
+    """Mean weighted x-space loss of the student on one batch, at freshly drawn noise and times (a batch of pairs
+    brings its own noise: no teacher is called)."""
+    if batch.z is not None:
+        return pair_loss_at(student, batch.x, batch.z, batch.y, weighting=weighting, logsnr_fn=logsnr_fn).mean()
     x = batch.x
     b = x.shape[0]
     eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
@@ -74,6 +78,14 @@ def loss_at(student: Denoiser, x: Tensor, eps: Tensor, t: Tensor, y: Tensor | No
                                  teacher_steps)
     x_hat = student(z_t, logsnr_t, y)
     return weighted_mse(x_hat.float(), target.float(), logsnr_t, weighting)
+
+
+def pair_loss_at(student: Denoiser, x: Tensor, z: Tensor, y: Tensor | None, *, weighting: Weighting,
+                 logsnr_fn: LogsnrFn) -> Tensor:
+    """Per-example loss of the Denoising Student: one step from the noise z (as z_1) onto the teacher's sample x."""
+    logsnr_1 = logsnr_fn(torch.ones(z.shape[0], dtype=z.dtype, device=z.device))
+    x_hat = student(z, logsnr_1, y)
+    return weighted_mse(x_hat.float(), x.float(), logsnr_1, weighting)
 
 
 def teacher_autocast_dtype(choice: str, device: torch.device) -> torch.dtype | None:

@@ -1,6 +1,7 @@
 """python -m raypd.distill end to end on a tiny budget: files, report, resume, errors."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -115,15 +116,33 @@ def test_pipeline_runs_resumes_and_reports(tmp_path, capsys):
     assert "Distilled with TRACT" in (tmp_path / "tract" / "report.md").read_text()
     assert (tmp_path / "tract" / "round-00-1steps" / "model.safetensors").is_file()
 
-    # the two methods on one table and one plot
+    # the Denoising Student from the same teacher: 64 pairs of its 4-step DDIM, then a one-step regression
+    ds_args = TINY + [f"run.storage_path={tmp_path}", "run.name=ds", f"teacher.checkpoint={run / 'teacher'}",
+                      "distill.method=denoising_student", "distill.pairs=64"]
+    assert main(ds_args) == 0
+    ds = json.loads((tmp_path / "ds" / "summary.json").read_text())
+    assert ds["method"] == "denoising_student" and ds["pairs"]["count"] == 64 and ds["pairs"]["compute"] == 64 * 4
+    assert [(r["teacher_steps"], r["student_steps"], r["updates"]) for r in ds["rounds"]] == [(4, 1, 10)]
+    assert ds["rounds"][0]["compute"] == 64 * 4 + 3 * 10 * 32  # the pairs' sampling, then plain updates
+    assert "A Denoising Student" in (tmp_path / "ds" / "report.md").read_text()
+    assert "[pairs] wrote 64 pairs" in capsys.readouterr().err
+    shutil.rmtree(tmp_path / "ds" / "round-00-1steps")  # a run that stopped in its round: the pairs are kept
+    (tmp_path / "ds" / "report.md").unlink()
+    assert main(ds_args) == 0
+    assert "[pairs] reusing the 64 pairs" in capsys.readouterr().err
+
+    # the three methods on one table and one plot
     from raypd.cli import main as raypd_main
 
-    assert raypd_main(["compare", str(run), str(tmp_path / "tract"), "--out", str(tmp_path / "cmp")]) == 0
+    assert raypd_main(["compare", str(run), str(tmp_path / "tract"), str(tmp_path / "ds"),
+                       "--out", str(tmp_path / "cmp")]) == 0
     table = (tmp_path / "cmp" / "comparison.md").read_text()
-    assert "| steps | teacher DDIM FID | progressive distillation (t) | TRACT (tract) |" in table
-    pd_1 = next(r["fid"] for r in summary["eval"] if r["sampler"] == "distilled" and r["steps"] == 1)
-    tract_1 = next(r["fid"] for r in tract["eval"] if r["sampler"] == "distilled" and r["steps"] == 1)
-    assert f"| 1 | {ddim_1:.2f} | {pd_1:.2f} at 3,200 (0.56x) | {tract_1:.2f} at 1,600 (0.28x) |" in table
+    assert ("| steps | teacher DDIM FID | progressive distillation (t) | TRACT (tract) | Denoising Student (ds) |"
+            in table)
+    pd_1, tract_1, ds_1 = (next(r["fid"] for r in s["eval"] if r["sampler"] == "distilled" and r["steps"] == 1)
+                           for s in (summary, tract, json.loads((tmp_path / "ds" / "summary.json").read_text())))
+    assert (f"| 1 | {ddim_1:.2f} | {pd_1:.2f} at 3,200 (0.56x) | {tract_1:.2f} at 1,600 (0.28x) | "
+            f"{ds_1:.2f} at 1,216 (0.21x) |") in table
     assert (tmp_path / "cmp" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     other = tmp_path / "other"
     other.mkdir()

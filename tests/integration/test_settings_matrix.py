@@ -8,7 +8,8 @@ student a round hands on equals
 DeepSpeed's own zero-to-fp32 consolidation of the same checkpoint and is fp32; a fresh engine resumed
 from the mid-stage checkpoint runs the next updates with the same losses; NaN data on rank 1 alone
 rolls every rank back to the last checkpoint with half the learning rate, and the stage then finishes. TRACT
-phases keep the same self-teacher on every rank, averaged from whole weights, and resume it from the checkpoint.
+phases keep the same self-teacher on every rank, averaged from whole weights, and resume it from the checkpoint;
+a Denoising Student's stage trains on (noise, sample) pair shards the same way.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ COMBOS = [(f"z{stage}-{precision}-{offload}", [f"dist.zero_stage={stage}", f"dis
     # TRACT: the self-teacher is averaged from whole weights on every rank and checkpointed
     ("z3-bf16-tract", ["dist.zero_stage=3", "dist.precision=bf16", "dist.teacher_dtype=bf16", *TRACT]),
     ("z1-fp32-tract", ["dist.zero_stage=1", "dist.precision=fp32", *TRACT]),
+    # the Denoising Student: batches of (noise, teacher sample) pairs from shards
+    ("z2-bf16-denoising-student", ["dist.zero_stage=2", "dist.precision=bf16", "distill.method=denoising_student"]),
 ]
 BASE = ["data.resolution=8", "model.attn_resolutions=[4]", "model.ch=32", "data.loader_workers=0",
         "distill.batch_size=8", "teacher.batch_size=8", "teacher.warmup_updates=1", f"distill.lr={LR}", f"dist.checkpoint_every={EVERY}", "dist.nonfinite_patience=2",
@@ -62,9 +65,12 @@ def ray_session():
 
 @pytest.fixture(scope="module")
 def stage_inputs(tmp_path_factory):
-    from raypd.checkpoint import meta_for, save_checkpoint
+    import torch
+
+    from raypd.checkpoint import meta_for, save_checkpoint, weights_digest
     from raypd.config import load_config
     from raypd.data.prepare import training_shards
+    from raypd.pairs import ensure_pairs
 
     root = tmp_path_factory.mktemp("matrix")
     cfg = load_config(None, BASE)
@@ -73,7 +79,10 @@ def stage_inputs(tmp_path_factory):
     shards = training_shards(cfg.data, root / "data", readers=2)
     spec = Stage("round", "round-00", teacher=str(root / "teacher"), round=0, updates=UPDATES, student_steps=2,
                  sampling_steps=2, stream=1, shards=shards).to_dict()
-    return cfg.to_dict(), spec, root, sum(p.numel() for p in teacher.parameters())
+    pairs = ensure_pairs(load_config(None, [*BASE, "distill.method=denoising_student", "distill.start_steps=4",
+                                            "distill.pairs=32"]),
+                         root, teacher.eval(), weights_digest(root / "teacher"), device=torch.device("cpu"))
+    return cfg.to_dict(), spec, root, sum(p.numel() for p in teacher.parameters()), pairs
 
 
 def _run_matrix(workers: int, stage_inputs) -> list[dict]:
@@ -82,9 +91,10 @@ def _run_matrix(workers: int, stage_inputs) -> list[dict]:
 
     from tests.matrix_worker import matrix_worker
 
-    base, spec, root, _ = stage_inputs
+    base, spec, root, _, pairs = stage_inputs
     trainer = TorchTrainer(matrix_worker,
-                           train_loop_config={"combos": COMBOS, "base": base, "spec": spec, "root": str(root)},
+                           train_loop_config={"combos": COMBOS, "base": base, "spec": spec, "root": str(root),
+                                              "pairs": pairs},
                            scaling_config=ScalingConfig(num_workers=workers),
                            torch_config=TorchConfig(backend="gloo", timeout_s=120),
                            run_config=RunConfig(name=f"matrix-{workers}w", storage_path=str(root / "ray")))

@@ -125,3 +125,23 @@ def test_a_tract_phase_sweeps_like_a_round(tmp_path, teacher):
     assert promoted == (run / "sweeps" / "round-00" / "trials" / best["trial"] / "student" / "model.safetensors").read_bytes()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["method"] == "tract" and summary["rounds"][0]["lr"] == best["lr"]
+
+
+def test_a_denoising_student_sweeps_on_pairs_sampled_by_ray_tasks(tmp_path, teacher):
+    """The pairs sampled by a Ray task (dist.workers=1), then trials on them reporting their held-out pair loss."""
+    args = [*BASE, "sweep.lrs=[0.001,0.0003]", "distill.updates_per_round=6", "distill.method=denoising_student",
+            "distill.pairs=64", "dist.workers=1", f"teacher.checkpoint={teacher}", f"run.storage_path={tmp_path}",
+            "run.name=ds"]
+    proc = _run(args)
+    log, _ = proc.communicate(timeout=900)
+    (tmp_path / "log.txt").write_text(log)
+    assert proc.returncode == 0, log[-4000:]
+    assert "[pairs] wrote 64 pairs" in log and "1 Ray task(s) at a time" in log
+    run = tmp_path / "ds"
+    table = json.loads((run / "sweeps" / "round-00" / "trials.json").read_text())
+    assert {r["status"] for r in table["trials"]} <= {"finished", "stopped early"}, table["trials"]
+    assert all(0 < r["heldout_loss"] < 1e29 for r in table["trials"])
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["method"] == "denoising_student" and summary["pairs"]["count"] == 64
+    chosen = next(r for r in table["trials"] if r["trial"] == table["chosen"])
+    assert summary["rounds"][0]["lr"] == chosen["lr"]

@@ -203,11 +203,12 @@ def write_shards(source: Source, out_dir: str | os.PathLike, *, resolution: int 
         "format": FORMAT, "version": VERSION, "resolution": encode.shape[0], "channels": encode.shape[2],
         "num_classes": source.num_classes, "classes": list(source.classes) if source.classes else None,
         "image_format": image_format, "source": source.description, "seed": seed, "splits": split_info,
-        "pairs": source.noise is not None,
         "preprocess": {"crop": "center" if resolution else None,
                        "resize": ("box" if box else "bicubic") if resolution else None,
                        "quality": quality if image_format == "jpg" else None},
     }
+    if source.noise is not None:  # only pair shards say so: an image data set's manifest (and key) is unchanged
+        manifest["pairs"] = {"noise": NOISE_KEY}
     _write_manifest(out, manifest)
     keep = {path.name for path in written}
     for stale in out.iterdir():

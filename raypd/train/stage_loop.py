@@ -153,7 +153,7 @@ class StageLoop:
         if self.self_teacher is not None:
             client["self_teacher_updates"] = self.self_teacher.count
             if self.rank == 0:
-                save_file({k: v.detach().cpu().contiguous() for k, v in self.self_teacher.state_dict().items()},
+                save_file({name: v.detach().cpu().contiguous() for name, v in self.self_teacher.state_dict().items()},
                           str(Path(path) / SELF_TEACHER))
         self.engine.save(Path(path), client)
         if self.rank == 0 and self.settings is not None:

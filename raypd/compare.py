@@ -76,6 +76,12 @@ def points(run: dict) -> list[dict]:
     return out
 
 
+def _teacher_full(run: dict) -> dict:
+    """The run's row for the teacher's full sampler ({} when it has none)."""
+    return next((r for r in run["eval"] if r["sampler"] == "teacher_ddim"
+                 and r["steps"] == run["teacher"]["full_steps"]), {})
+
+
 def label(run: dict) -> str:
     return f"{METHOD_NAMES.get(run.get('method', 'progressive'), run.get('method'))} ({run['path'].name})"
 
@@ -88,8 +94,7 @@ def write_comparison(runs: list[dict], out: Path) -> Path:
     (out / "comparison.json").write_text(json.dumps(table, indent=1))
     plot_comparison(runs, out / "comparison.png")
     first = runs[0]
-    full = next((r for r in first["eval"] if r["sampler"] == "teacher_ddim"
-                 and r["steps"] == first["teacher"]["full_steps"]), {})
+    full = _teacher_full(first)
     teacher_cost = first["teacher"].get("compute")
     steps = sorted({p["steps"] for t in table for p in t["points"]}, reverse=True)
     ddim = {r["steps"]: r["fid"] for r in first["eval"] if r["sampler"] == "teacher_ddim"}
@@ -132,10 +137,9 @@ def plot_comparison(runs: list[dict], path: Path) -> Path:
             ax.annotate(f"{p['steps']}", (p["compute"], p["fid"]), textcoords="offset points", xytext=(4, 4),
                         fontsize=7, color=line.get_color())
     first = runs[0]
-    full = [r["fid"] for r in first["eval"] if r["sampler"] == "teacher_ddim"
-            and r["steps"] == first["teacher"]["full_steps"]]
+    full = _teacher_full(first)
     if full:
-        ax.axhline(full[0], color="grey", lw=1, ls="-.", label=f"teacher, {first['teacher']['full_steps']} steps")
+        ax.axhline(full["fid"], color="grey", lw=1, ls="-.", label=f"teacher, {first['teacher']['full_steps']} steps")
     ax.set_xscale("log")  # the students' FIDs span little: a linear axis reads better
     ax.set_xlabel("distillation compute (forward-equivalents); labels: sampling steps")
     ax.set_ylabel(f"FID ({first['eval'][0]['extractor']}, {first['eval'][0]['n_samples']} samples)", fontsize=8)

@@ -201,7 +201,7 @@ def cluster_for(ctx: Context):
         yield cluster
 
 
-def make_evaluator(ctx: Context, manifest: dict | None, teacher: Denoiser, teacher_path: Path, rounds) -> Evaluator:
+def make_evaluator(ctx: Context, manifest: dict | None, teacher: Denoiser, teacher_digest: str, rounds) -> Evaluator:
     cfg, remote = ctx.cfg, None
     if cfg.dist.workers and cfg.eval.distributed:
         from raypd.distributed.evaluate import RayEvaluation
@@ -209,10 +209,10 @@ def make_evaluator(ctx: Context, manifest: dict | None, teacher: Denoiser, teach
         remote = RayEvaluation(cfg, workers=cfg.dist.workers, use_gpu=cfg.dist.use_gpu, mirror=ctx.mirror)
     return Evaluator(cfg, ctx.out, device=ctx.device, logsnr_fn=ctx.logsnr_fn, urls=ctx.shards, manifest=manifest,
                      teacher=teacher, step_counts=[r.student_steps for r in rounds], remote=remote,
-                     teacher_digest=weights_digest(teacher_path))
+                     teacher_digest=teacher_digest)
 
 
-def make_pairs(ctx: Context, teacher: Denoiser, teacher_path: Path) -> list[str]:
+def make_pairs(ctx: Context, teacher: Denoiser, teacher_digest: str) -> list[str]:
     """The Denoising Student's pair shards: the run's own when it made them before, else sampled (by Ray tasks when
     the run has workers) and written into it."""
     from raypd.pairs import ensure_pairs
@@ -222,7 +222,7 @@ def make_pairs(ctx: Context, teacher: Denoiser, teacher_path: Path) -> list[str]
         from raypd.distributed.evaluate import RayPairs
 
         remote = RayPairs(cfg, workers=cfg.dist.workers, use_gpu=cfg.dist.use_gpu)
-    shards = ensure_pairs(cfg, ctx.out, teacher, weights_digest(teacher_path), device=ctx.device, remote=remote,
+    shards = ensure_pairs(cfg, ctx.out, teacher, teacher_digest, device=ctx.device, remote=remote,
                           log=log)
     ctx.sync()
     return shards
@@ -271,19 +271,20 @@ def _stages(ctx: Context, manifest: dict | None, cluster) -> dict:
     runner = make_runner(ctx)
     rounds = plan_rounds(cfg.distill)
     ctx.sync()
-    evaluator = make_evaluator(ctx, manifest, teacher, teacher_path, rounds)
+    teacher_digest = weights_digest(teacher_path)  # read once: the record, the summary and the pairs all name it
+    evaluator = make_evaluator(ctx, manifest, teacher, teacher_digest, rounds)
     if cfg.sweep.enabled:
         from raypd.distributed.sweep import SweepRunner
 
         runner = SweepRunner(cfg, out, runner, evaluator.spec, concurrency=cluster.concurrent_trials(),
                              mirror=ctx.mirror)
     summary = {"run": str(out), "method": cfg.distill.method,
-               "teacher": {"full_steps": evaluator.full_steps, "digest": weights_digest(teacher_path),
+               "teacher": {"full_steps": evaluator.full_steps, "digest": teacher_digest,
                            **teacher_compute(teacher_path)},
                "eval_seed": cfg.eval.seed, "rounds": [], "eval": list(evaluator.rows)}
     spent, shards = 0.0, ctx.shards
     if cfg.distill.method == "denoising_student":
-        shards = make_pairs(ctx, teacher, teacher_path)
+        shards = make_pairs(ctx, teacher, teacher_digest)
         spent = float(upfront_forwards(cfg.distill))
         summary["pairs"] = {"count": cfg.distill.pairs, "steps": cfg.distill.start_steps, "compute": spent,
                             "shards": str(Path(shards[0]).parent.relative_to(out))}

@@ -50,6 +50,8 @@ class CheckpointMeta:
     schedule: str = "cosine"
     discrete_betas: tuple[float, ...] = ()
     """The noise schedule (``diffusion.schedule``) and, for ``discrete``, its betas: what ``make_logsnr_fn`` needs."""
+    guidance_input: bool = False
+    """A w-conditioned network (a guided distillation's student): it takes the guidance weight as an input."""
 
     def logsnr_fn(self):
         """The t -> logsnr function these weights were trained on."""
@@ -64,7 +66,7 @@ class CheckpointMeta:
             "format": FORMAT, "version": VERSION, "kind": self.kind, "sampling_steps": self.sampling_steps,
             "round": self.round, "parameterization": self.model.parameterization, "schedule": schedule,
             "model": _section(self.model), "data": redact(_section(self.data)), "config": redact(self.config),
-            "metrics": self.metrics,
+            "metrics": self.metrics, **({"guidance_input": True} if self.guidance_input else {}),
         }
 
 
@@ -73,10 +75,10 @@ def _section(obj: Any) -> dict[str, Any]:
 
 
 def meta_for(cfg: Config, *, kind: Literal["teacher", "student"], sampling_steps: int, round: int | None,
-             metrics: dict[str, float] | None = None) -> CheckpointMeta:
+             metrics: dict[str, float] | None = None, guidance_input: bool = False) -> CheckpointMeta:
     return CheckpointMeta(kind, sampling_steps, round, cfg.model, cfg.data, cfg.diffusion.logsnr_min,
                           cfg.diffusion.logsnr_max, cfg.to_dict(), dict(metrics or {}),
-                          cfg.diffusion.schedule, tuple(cfg.diffusion.discrete_betas))
+                          cfg.diffusion.schedule, tuple(cfg.diffusion.discrete_betas), guidance_input)
 
 
 def save_checkpoint(path: str | Path, model: Denoiser | Mapping[str, torch.Tensor], meta: CheckpointMeta) -> Path:
@@ -146,7 +148,8 @@ def read_meta(path: str | Path) -> CheckpointMeta:
         return CheckpointMeta(raw["kind"], int(raw["sampling_steps"]), raw["round"], model, data,
                               float(schedule["logsnr_min"]), float(schedule["logsnr_max"]),
                               raw["config"], raw.get("metrics", {}), schedule.get("kind", "cosine"),
-                              tuple(float(b) for b in schedule.get("discrete_betas", ())))
+                              tuple(float(b) for b in schedule.get("discrete_betas", ())),
+                              bool(raw.get("guidance_input", False)))
     except (KeyError, TypeError, ConfigError) as err:
         raise CheckpointError(f"{path / META} is malformed: {err}") from None
 
@@ -179,7 +182,7 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
     meta = read_meta(path)
     verify_weights(path)
     try:
-        model = build_denoiser(meta.model, meta.data)
+        model = build_denoiser(meta.model, meta.data, guidance_input=meta.guidance_input)
     except ConfigError as err:  # e.g. a former network's settings that a UNet2DModel cannot express
         raise CheckpointError(f"{path}: its model settings cannot be built ({err})") from None
     try:

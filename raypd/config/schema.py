@@ -149,6 +149,11 @@ class ModelConfig:
     """Resolutions (in pixels) that get self-attention blocks."""
     dropout: float = 0.1
     """Dropout while training the teacher; students always train with dropout 0."""
+    class_dropout: float = 0.0
+    """Label dropout while training a class-conditional teacher: the probability that an example's label is
+    replaced by an extra "no class" label, so one network is both the conditional and the unconditional model
+    that classifier-free guidance combines (Ho & Salimans; 0.1-0.2 is usual). 0: no "no class" label, no
+    guidance."""
     head_channels: int = 32
     """Channels per attention head."""
     resblock_updown: bool = True
@@ -177,6 +182,7 @@ class ModelConfig:
                  f"must be a non-empty list of positive integers, got {list(self.ch_mult)}")
         _require(self.num_res_blocks >= 1, "num_res_blocks", f"must be >= 1, got {self.num_res_blocks}")
         _require(0.0 <= self.dropout < 1.0, "dropout", f"must lie in [0, 1), got {self.dropout}")
+        _require(0.0 <= self.class_dropout < 1.0, "class_dropout", f"must lie in [0, 1), got {self.class_dropout}")
         _require(self.head_channels > 0, "head_channels", f"must be positive, got {self.head_channels}")
 
 
@@ -283,6 +289,16 @@ class DistillConfig:
     pairs: int = 8192
     """``denoising_student`` only: (noise, teacher sample) pairs, generated once (Ray tasks with dist.workers, on
     GPUs with dist.use_gpu), kept as shards in the run and reused when it resumes."""
+    guidance_min: float = 0.0
+    """Guided distillation (Meng et al. 2023), with ``guidance_max``: the range of classifier-free guidance
+    weights w the students learn, each training example drawing its w uniformly from it."""
+    guidance_max: float = 0.0
+    """Above 0, the distillation is guided: a first stage (``guidance_updates``) trains a student that takes w as
+    an input to match the teacher's guided prediction (1 + w) x_hat(z, c) - w x_hat(z, no class) at t ~ U(0, 1),
+    and the rounds then distil that w-conditioned student, every teacher step at the student's own w. Needs a
+    class-conditional teacher trained with ``model.class_dropout``."""
+    guidance_updates: int = 400
+    """Guided distillation: optimizer updates of the first stage (the w-conditioned student)."""
     updates_per_round: int = 200
     """Optimizer updates per round or TRACT phase (the paper: 50,000)."""
     late_rounds_factor: float = 2.0
@@ -298,8 +314,19 @@ class DistillConfig:
     grad_clip: float = 1.0
     """Gradient-norm clipping threshold."""
 
+    @property
+    def guided(self) -> bool:
+        """Whether the distillation is guided (a w-conditioned student first, then the rounds)."""
+        return self.guidance_max > 0
+
     def validate(self) -> None:
         _require(_power_of_two(self.start_steps), "start_steps", f"must be a power of two, got {self.start_steps}")
+        _require(0.0 <= self.guidance_min <= self.guidance_max, "guidance_min",
+                 f"must lie in [0, guidance_max ({self.guidance_max})], got {self.guidance_min}")
+        _require(self.guidance_updates >= 1, "guidance_updates", f"must be >= 1, got {self.guidance_updates}")
+        _require(not self.guided or self.method != "denoising_student", "method",
+                 "guided distillation (guidance_max > 0) distils a w-conditioned student by progressive or tract "
+                 "rounds; the Denoising Student's pairs are sampled at no particular w")
         _require(_power_of_two(self.end_steps), "end_steps", f"must be a power of two, got {self.end_steps}")
         _require(self.end_steps < self.start_steps, "end_steps",
                  f"must be below start_steps ({self.start_steps}), got {self.end_steps}")
@@ -367,8 +394,15 @@ class EvalConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """The network's forward when sampling for evaluation: auto is bf16 on GPUs that have it and fp32 otherwise.
     The parameterization arithmetic and the sampler's steps stay fp32; the feature extractor runs in fp32."""
+    guidance: tuple[float, ...] = ()
+    """Classifier-free guidance weights w at which every sampler is scored (a guided teacher: ``model.class_dropout``
+    > 0): each point is evaluated once per w, from the same noise and labels. Empty: unguided (w = 0 is the plain
+    conditional model). A guided distillation scores its w range's ends and middle when this is empty."""
 
     def validate(self) -> None:
+        _require(all(w >= 0 for w in self.guidance), "guidance", f"weights must be >= 0, got {list(self.guidance)}")
+        _require(len(set(self.guidance)) == len(self.guidance), "guidance",
+                 f"lists a weight twice: {list(self.guidance)}")
         _require(self.num_samples >= 2, "num_samples", f"must be >= 2, got {self.num_samples}")
         _require(self.reference_samples >= 2, "reference_samples", f"must be >= 2, got {self.reference_samples}")
         _require(self.classifier_updates >= 1, "classifier_updates", f"must be >= 1, got {self.classifier_updates}")
@@ -603,12 +637,27 @@ class Config:
     def validate(self) -> None:
         if self.model.backbone == "unet" and self.teacher.source == "raypd":  # else the imported network's shape rules
             self._validate_native_unet()
+        self._validate_guidance()
         _require(self.distill.start_steps <= self.teacher.sampling_steps, "distill.start_steps",
                  f"must not exceed teacher.sampling_steps ({self.teacher.sampling_steps}), got {self.distill.start_steps}")
 
         w = max(1, self.dist.workers)
         for key, batch in (("teacher.batch_size", self.teacher.batch_size), ("distill.batch_size", self.distill.batch_size)):
             _require(batch % w == 0, key, f"{batch} does not split evenly over dist.workers={self.dist.workers}")
+
+    def _validate_guidance(self) -> None:
+        classes, dropout = self.data.num_classes, self.model.class_dropout
+        _require(dropout == 0 or classes > 0, "model.class_dropout",
+                 f"label dropout needs class labels: data.num_classes is 0, got class_dropout {dropout}")
+        why = "(classifier-free guidance needs a class-conditional teacher trained with model.class_dropout > 0)"
+        if self.distill.guided:
+            _require(classes > 0 and dropout > 0, "distill.guidance_max",
+                     f"guided distillation needs a guided teacher {why}: data.num_classes {classes}, "
+                     f"model.class_dropout {dropout}")
+        if self.eval.guidance:
+            _require(classes > 0 and dropout > 0, "eval.guidance",
+                     f"scoring at guidance weights needs a guided teacher {why}: data.num_classes {classes}, "
+                     f"model.class_dropout {dropout}")
 
     def _validate_native_unet(self) -> None:
         check_unet_shape(self.model, self.data.resolution)

@@ -287,6 +287,7 @@ class SweepRunner:
         """The round's fixed held-out set (the same images, noise and times for every trial), made once."""
         from raypd.data.shards import training_loader
         from raypd.train.heldout import make_heldout, save_heldout
+        from raypd.train.step import guidance_for
 
         path = sweep_dir / "heldout.safetensors"
         if not path.is_file():
@@ -296,13 +297,14 @@ class SweepRunner:
                                      pairs=cfg.distill.method == "denoising_student")
             batch = next(iter(loader))
             grid = stage.steps_of_teacher if cfg.distill.method == "tract" else stage.student_steps
-            save_heldout(make_heldout(batch.x, batch.y, grid, seed=cfg.sweep.seed + stage.round, z=batch.z), path)
+            save_heldout(make_heldout(batch.x, batch.y, grid, seed=cfg.sweep.seed + stage.round, z=batch.z,
+                                      guidance=guidance_for(cfg.distill, stage.guidance)), path)
         return path.resolve()
 
     def run(self, stage: Stage, output: Path) -> dict:
         if not stage.distills:
             return self.base.run(stage, output)
-        rnd = Round(stage.round, stage.steps_of_teacher, stage.student_steps, stage.updates)
+        rnd = Round(stage.round, stage.steps_of_teacher, stage.student_steps, stage.updates, stage.guidance)
         sweep_dir = self.out / "sweeps" / f"round-{rnd.index:02d}"
         trials = stage.with_(kind="trial", heldout=str(self.heldout(stage, sweep_dir)),
                              report_every=self.cfg.sweep.report_every)

@@ -107,7 +107,8 @@ def check_source(cfg: Config) -> tuple[Source, DiscreteChain]:
     try:
         source = locate(t.diffusers_path, local_only=t.diffusers_local_only)
         chain = read_scheduler(source.scheduler_config)
-        check_unet_config(source.unet_config, channels=d.channels, resolution=d.resolution, num_classes=d.num_classes)
+        check_unet_config(source.unet_config, channels=d.channels, resolution=d.resolution, num_classes=d.num_classes,
+                          null_class=cfg.model.class_dropout > 0)
     except UnsupportedModelError as err:
         raise CheckpointError(f"cannot import {t.diffusers_path} as a teacher: {err}") from None
     if cfg.distill.start_steps > chain.num_timesteps:

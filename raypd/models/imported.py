@@ -23,8 +23,10 @@ class UnsupportedModelError(ValueError):
     """A diffusers model raypd cannot drive (latent, text-conditioned, learned variance, ...)."""
 
 
-def check_unet_config(config: dict[str, Any], *, channels: int, resolution: int, num_classes: int) -> None:
-    """Refuse, naming the reason, a UNet2DModel config raypd cannot drive on this data."""
+def check_unet_config(config: dict[str, Any], *, channels: int, resolution: int, num_classes: int,
+                      null_class: bool = False) -> None:
+    """Refuse, naming the reason, a UNet2DModel config raypd cannot drive on this data (``null_class``: the
+    network was trained with label dropout, its last class embedding the "no class" label)."""
     name = config.get("_class_name", "UNet2DModel")
     if name != "UNet2DModel":
         hint = " (a text/latent-conditioned UNet)" if "Condition" in name else ""
@@ -53,9 +55,11 @@ def check_unet_config(config: dict[str, Any], *, channels: int, resolution: int,
         raise UnsupportedModelError(
             f"class_embed_type {embed_type!r} is not supported; raypd feeds integer class labels to a plain "
             "class embedding (class_embed_type None with num_class_embeds)")
-    if classes != num_classes:
+    expected = num_classes + (1 if null_class and num_classes else 0)
+    if classes != expected:
+        extra = " plus the 'no class' label of model.class_dropout" if expected != num_classes else ""
         raise UnsupportedModelError(f"the UNet embeds {classes} classes (num_class_embeds) but data.num_classes "
-                                    f"is {num_classes}")
+                                    f"is {num_classes}{extra}")
 
 
 class DiffusersUNet(UNetBackbone):
@@ -82,12 +86,16 @@ class DiffusersUNet(UNetBackbone):
         return timestep_from_logsnr(logsnr, self._on[logsnr.device]).float()
 
 
-def build_diffusers_backbone(model: ModelConfig, data: DataConfig) -> DiffusersUNet:
-    """A freshly initialised UNet2DModel from ``model.diffusers_unet`` (weights are loaded afterwards)."""
+def build_diffusers_backbone(model: ModelConfig, data: DataConfig, *, guidance_input: bool = False) -> DiffusersUNet:
+    """A freshly initialised UNet2DModel from ``model.diffusers_unet`` (weights are loaded afterwards),
+    w-conditioned if asked."""
     from diffusers import UNet2DModel
 
     check_unet_config(model.diffusers_unet, channels=data.channels, resolution=data.resolution,
-                      num_classes=data.num_classes)
+                      num_classes=data.num_classes, null_class=model.class_dropout > 0)
     kwargs = {k: v for k, v in model.diffusers_unet.items() if not k.startswith("_")}
     unet = UNet2DModel.from_config(kwargs)
-    return DiffusersUNet(unet, model.diffusers_betas)
+    backbone = DiffusersUNet(unet, model.diffusers_betas)
+    if guidance_input:
+        backbone.add_guidance_input()
+    return backbone

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from raypd.config import DataConfig, ModelConfig
 from raypd.config.schema import UNET_GROUPS, check_unet_shape, level_resolutions, unet_head_size
 from raypd.diffusion.params import output_channels
+from raypd.models.guidance import GuidedClassEmbedding, pack_labels
 
 TIME_SCALE = 1000.0
 """The network sees 1000 * t_in as its timestep, t_in in [0, 1] (the paper's scaling)."""
@@ -57,8 +58,16 @@ def unet_config(model: ModelConfig, data: DataConfig) -> dict[str, Any]:
         attention_head_dim=unet_head_size(model, data.resolution),
         norm_num_groups=UNET_GROUPS, attn_norm_num_groups=UNET_GROUPS, norm_eps=1e-5,
         resnet_time_scale_shift="scale_shift", add_attention=True,
-        num_class_embeds=data.num_classes or None,
+        num_class_embeds=class_embeddings(model, data) or None,
     )
+
+
+def class_embeddings(model: ModelConfig, data: DataConfig) -> int:
+    """Class embeddings of the network: one per class, and one more, the "no class" label, when the teacher
+    trains with label dropout (``model.class_dropout``) for classifier-free guidance."""
+    if not data.num_classes:
+        return 0
+    return data.num_classes + (1 if model.class_dropout > 0 else 0)
 
 
 def zero_output_layers(unet: nn.Module) -> None:
@@ -87,17 +96,29 @@ def logsnr_to_time_input(logsnr: Tensor) -> Tensor:
 
 
 class UNetBackbone(nn.Module):
-    """Backbone(z, logsnr [B], y or None) -> raw output of a UNet2DModel fed ``time_input(logsnr)``."""
+    """Backbone(z, logsnr [B], y or None, w or None) -> raw output of a UNet2DModel fed ``time_input(logsnr)``;
+    ``w`` (guidance weights, [B]) only for a w-conditioned network (:meth:`add_guidance_input`)."""
 
     def __init__(self, unet: nn.Module):
         super().__init__()
         self.unet = unet
         self.num_classes = int(unet.config.get("num_class_embeds") or 0)
 
+    @property
+    def guidance_input(self) -> bool:
+        return isinstance(self.unet.class_embedding, GuidedClassEmbedding)
+
+    def add_guidance_input(self) -> None:
+        """Make the network w-conditioned: its class embedding gains a zero-initialised embedding of w."""
+        if not self.num_classes:
+            raise ValueError("only a class-conditional network can take a guidance weight")
+        if not self.guidance_input:
+            self.unet.class_embedding = GuidedClassEmbedding(self.unet.class_embedding)
+
     def time_input(self, logsnr: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def forward(self, z: Tensor, logsnr: Tensor, y: Tensor | None = None) -> Tensor:
+    def forward(self, z: Tensor, logsnr: Tensor, y: Tensor | None = None, w: Tensor | None = None) -> Tensor:
         batch = z.shape[0]
         if z.ndim != 4 or z.shape[1] != self.unet.config.in_channels:
             raise ValueError(f"z must be [B, {self.unet.config.in_channels}, H, W], got {list(z.shape)}")
@@ -112,6 +133,13 @@ class UNetBackbone(nn.Module):
                 raise ValueError(f"y must have shape [{batch}], got {list(y.shape)}")
         elif y is not None:
             raise ValueError("this network is unconditional (num_classes == 0) but y was given")
+        if self.guidance_input:
+            if w is None or w.shape != (batch,):
+                raise ValueError(f"this network is w-conditioned: guidance weights w of shape [{batch}] are required, "
+                                 f"got {None if w is None else list(w.shape)}")
+            y = pack_labels(y, w)
+        elif w is not None:
+            raise ValueError("this network takes no guidance weight w (it is not w-conditioned)")
         return self.unet(z, self.time_input(logsnr), class_labels=y, return_dict=False)[0]
 
 
@@ -122,11 +150,14 @@ class LogSNRUNet(UNetBackbone):
         return TIME_SCALE * logsnr_to_time_input(logsnr.float())
 
 
-def build_unet(model: ModelConfig, data: DataConfig) -> LogSNRUNet:
-    """A freshly initialised network for these settings (output layers zero)."""
+def build_unet(model: ModelConfig, data: DataConfig, *, guidance_input: bool = False) -> LogSNRUNet:
+    """A freshly initialised network for these settings (output layers zero), w-conditioned if asked."""
     from diffusers import UNet2DModel
 
     unet = UNet2DModel(**unet_config(model, data))
     if unet.device.type != "meta":
         zero_output_layers(unet)
-    return LogSNRUNet(unet)
+    backbone = LogSNRUNet(unet)
+    if guidance_input:
+        backbone.add_guidance_input()
+    return backbone

@@ -16,19 +16,24 @@ from raypd.diffusion import student_times
 from raypd.diffusion.ddim import LogsnrFn
 from raypd.diffusion.loss import Weighting
 from raypd.models import Denoiser
-from raypd.train.step import loss_at, pair_loss_at
+from raypd.train.step import Guidance, loss_at, pair_loss_at
 
 
-def make_heldout(x: Tensor, y: Tensor | None, n_steps: int, *, seed: int, z: Tensor | None = None
-                 ) -> dict[str, Tensor]:
+def make_heldout(x: Tensor, y: Tensor | None, n_steps: int, *, seed: int, z: Tensor | None = None,
+                 guidance: Guidance | None = None) -> dict[str, Tensor]:
     """Noise and times on the ``n_steps`` grid (the student's; a TRACT phase's teacher's) for the images ``x``
-    (and labels ``y``), drawn once from ``seed``; for pairs, their own noise ``z``."""
+    (and labels ``y``), drawn once from ``seed``; for pairs, their own noise ``z``. A guided distillation's set
+    has a guidance weight per example, and its first stage's times are t ~ U(0, 1)."""
     if z is not None:
         out = {"x": x.float().contiguous(), "z": z.float().contiguous()}
     else:
         g = torch.Generator().manual_seed(seed)
-        out = {"x": x.float().contiguous(), "eps": torch.randn(x.shape, generator=g),
-               "t": student_times(x.shape[0], n_steps, generator=g)}
+        out = {"x": x.float().contiguous(), "eps": torch.randn(x.shape, generator=g)}
+        b = x.shape[0]
+        out["t"] = (torch.rand(b, generator=g) if guidance is not None and guidance.first_stage
+                    else student_times(b, n_steps, generator=g))
+        if guidance is not None:
+            out["w"] = guidance.draw(b, g, "cpu")
     if y is not None:
         out["y"] = y.long().contiguous()
     return out
@@ -48,9 +53,11 @@ def load_heldout(path: str | Path, device: torch.device | str = "cpu") -> dict[s
 @torch.no_grad()
 def heldout_loss(student: Denoiser, teacher: Denoiser, heldout: dict[str, Tensor], *, n_steps: int,
                  weighting: Weighting, logsnr_fn: LogsnrFn, batch_size: int = 256,
-                 self_teacher: Denoiser | None = None, teacher_steps: int | None = None) -> float:
+                 self_teacher: Denoiser | None = None, teacher_steps: int | None = None,
+                 guided_target: bool = False) -> float:
     """The student's mean weighted distillation loss on the held-out set (student in eval mode); under TRACT
-    against the targets of its current self-teacher."""
+    against the targets of its current self-teacher; with guidance weights in the set, at them (``guided_target``:
+    a guided distillation's first stage, whose target is the teacher's guided x_hat)."""
     was_training = student.training
     student.eval()
     total, count = 0.0, 0
@@ -63,7 +70,8 @@ def heldout_loss(student: Denoiser, teacher: Denoiser, heldout: dict[str, Tensor
         else:
             losses = loss_at(student, x_all[sl], heldout["eps"][sl], heldout["t"][sl], y, weighting=weighting,
                              logsnr_fn=logsnr_fn, teacher=teacher, n_steps=n_steps, self_teacher=self_teacher,
-                             teacher_steps=teacher_steps)
+                             teacher_steps=teacher_steps, w=heldout["w"][sl] if "w" in heldout else None,
+                             guided_target=guided_target)
         total += losses.sum().item()
         count += losses.shape[0]
     student.train(was_training)

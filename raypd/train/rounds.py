@@ -21,11 +21,14 @@ class Round:
     """Sampling steps of this round's student: teacher_steps / 2 (a TRACT phase: the phase's count)."""
     updates: int
     """Optimizer updates of this round."""
+    guidance: bool = False
+    """Guided distillation's first stage: the w-conditioned student learns the teacher's guided prediction at
+    t ~ U(0, 1); it samples in ``student_steps`` = ``teacher_steps`` = start_steps, where the rounds begin."""
 
 
 def plan_rounds(cfg: DistillConfig) -> list[Round]:
     """start_steps -> start_steps/2 -> ... -> end_steps (TRACT: start_steps -> each of ``phases``), with the late
-    rounds' budget scaled."""
+    rounds' budget scaled; a guided distillation first trains its w-conditioned student (round 0)."""
     if cfg.method == "tract":
         counts = list(cfg.phases)
     elif cfg.method == "denoising_student":
@@ -36,6 +39,8 @@ def plan_rounds(cfg: DistillConfig) -> list[Round]:
             steps //= 2
             counts.append(steps)
     rounds, teacher = [], cfg.start_steps
+    if cfg.guided:
+        rounds.append(Round(0, teacher, teacher, cfg.guidance_updates, guidance=True))
     for student in counts:
         updates = cfg.updates_per_round
         if student <= cfg.late_rounds_max_steps:
@@ -45,8 +50,10 @@ def plan_rounds(cfg: DistillConfig) -> list[Round]:
     return rounds
 
 
-def make_student(teacher: Denoiser, parameterization: Parameterization | None = None) -> Denoiser:
-    """A trainable copy of the teacher's (EMA) weights, with dropout 0.
+def make_student(teacher: Denoiser, parameterization: Parameterization | None = None, *,
+                 guidance_input: bool = False) -> Denoiser:
+    """A trainable copy of the teacher's (EMA) weights, with dropout 0; with ``guidance_input``, w-conditioned
+    (a guided teacher's copy gains the w embedding, starting at zero, so it starts as the unguided teacher).
 
     A ``parameterization`` other than the teacher's re-reads the same output head (eps, x and v all
     have C channels): the student starts from the teacher's weights and its first round has to learn
@@ -59,6 +66,8 @@ def make_student(teacher: Denoiser, parameterization: Parameterization | None = 
             raise ValueError(f"a student cannot switch from the teacher's {teacher.parameterization!r} output to "
                              f"{parameterization!r}: 'both' has twice the output channels of the others")
         student.parameterization = parameterization
+    if guidance_input:
+        student.add_guidance_input()
     student.set_dropout(0.0)
     return student.train().requires_grad_(True)
 

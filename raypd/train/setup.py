@@ -41,7 +41,7 @@ def prepare_stage(cfg: Config, stage: Stage, device: torch.device) -> StageSetup
                           t.grad_clip)
     teacher = freeze(load_checkpoint(stage.teacher, map_location=device)[0])
     s = cfg.distill
-    model = make_student(teacher, cfg.model.parameterization)
+    model = make_student(teacher, cfg.model.parameterization, guidance_input=s.guided)
     if cfg.dist.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return StageSetup(model, teacher, s.lr, s.adam_betas, linear_decay(stage.updates), None, s.batch_size,

@@ -7,7 +7,8 @@ and dropout as one that ran through. Checkpoints: every rank saves its engine st
 one adds the consolidated fp32 model. A streak of non-finite updates (on any rank: the gradients are
 all-reduced, so every rank sees it) rolls back to the newest checkpoint with a lower learning rate,
 kept in the checkpoints that follow. A TRACT phase also keeps its self-teacher, a bias-corrected EMA of the
-student, on every rank (every rank computes targets with it) and in every checkpoint. Errors that would
+student, on every rank (every rank computes targets with it) and in every checkpoint. A guided teacher trains
+with label dropout, and a guided distillation's stages draw a guidance weight per example, from the same seeds. Errors that would
 repeat on a retry (data, configuration, checkpoints) are agreed on by every rank (``agree``) and raised as
 one ``StageFailure``.
 """
@@ -29,6 +30,7 @@ from raypd.checkpoint import meta_for, save_checkpoint
 from raypd.config import Config
 from raypd.data.batch import Batch
 from raypd.data.shards import ShardLoader, training_loader
+from raypd.models.build import null_class
 from raypd.train.ema import EMA
 from raypd.train.engine import Engine
 from raypd.train.failures import DETERMINISTIC, SETTINGS, StageFailure, raise_alone, settings_mismatch
@@ -36,7 +38,7 @@ from raypd.train.heldout import heldout_loss, load_heldout
 from raypd.train.seeds import update_seed
 from raypd.train.setup import StageSetup, prepare_stage
 from raypd.train.stage import Stage
-from raypd.train.step import StepStats, teacher_autocast_dtype, train_step
+from raypd.train.step import StepStats, guidance_for, teacher_autocast_dtype, train_step
 from raypd.train.store import Store
 
 DIVERGED = 1e30
@@ -163,7 +165,8 @@ class StageLoop:
             if self.rank == 0:
                 s = self.stage
                 meta = meta_for(self.cfg, kind="student" if s.distills else "teacher", sampling_steps=s.sampling_steps,
-                                round=s.round, metrics=final_metrics)
+                                round=s.round, metrics=final_metrics,
+                                guidance_input=s.distills and self.cfg.distill.guided)
                 save_checkpoint(Path(path) / "consolidated", state, meta)
         return path
 
@@ -201,7 +204,7 @@ class StageLoop:
         skipped = self.engine.skipped_updates
         stats = train_step(self.engine, batch, weighting=self.cfg.diffusion.weighting, logsnr_fn=self.logsnr_fn,
                            teacher=self.teacher, n_steps=self.stage.student_steps, generator=self.generator,
-                           teacher_dtype=self.teacher_dtype, **self._tract())
+                           teacher_dtype=self.teacher_dtype, **self._tract(), **self._guidance())
         if self.self_teacher is not None and self.engine.skipped_updates == skipped:
             self.engine.update_average(self.self_teacher)
         self.losses[k] = stats.loss
@@ -212,6 +215,16 @@ class StageLoop:
         if self.self_teacher is None:
             return {}
         return {"self_teacher": self.self_teacher.shadow, "teacher_steps": self.stage.steps_of_teacher}
+
+    def _guidance(self) -> dict:
+        """Label dropout when training a guided teacher; the w draw of a guided distillation's stages."""
+        cfg = self.cfg
+        if not self.stage.distills:
+            if cfg.model.class_dropout == 0:
+                return {}
+            return {"class_dropout": cfg.model.class_dropout, "null_class": null_class(cfg.model, cfg.data)}
+        guidance = guidance_for(cfg.distill, self.stage.guidance)
+        return {} if guidance is None else {"guidance": guidance}
 
     def run(self, start: int = 0) -> dict:
         """Updates ``start + 1 .. stage.updates``; returns the last window's metrics."""
@@ -275,5 +288,6 @@ class StageLoop:
         A diverged student reports a huge finite number rather than NaN, so schedulers rank it last.
         """
         value = heldout_loss(self.engine.model, self.teacher, self.heldout, n_steps=self.stage.student_steps,
-                             weighting=self.cfg.diffusion.weighting, logsnr_fn=self.logsnr_fn, **self._tract())
+                             weighting=self.cfg.diffusion.weighting, logsnr_fn=self.logsnr_fn, **self._tract(),
+                             guided_target=self.stage.guidance)
         return value if math.isfinite(value) and value < DIVERGED else DIVERGED

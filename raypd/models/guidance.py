@@ -1,0 +1,78 @@
+"""Classifier-free guidance inside the network (Meng et al. 2023, "On Distillation of Guided Diffusion Models").
+
+A guided teacher is a class-conditional network trained with label dropout: one extra class embedding, the
+"no class" label, stands for the unconditional model. Its guided prediction at weight w combines two forwards,
+
+    x_hat_w = (1 + w) x_hat(z, c) - w x_hat(z, no class).
+
+A w-conditioned student takes w as an input instead and makes the guided prediction in one forward. Its w
+enters where the class does: Fourier features of w, through a two-layer MLP whose last layer starts at zero,
+are added to the class embedding (and so to the time embedding every residual block is scaled and shifted by).
+A student made from the teacher therefore starts out predicting exactly what the teacher does without guidance.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+GUIDANCE_FREQUENCIES = 16
+"""Fourier features of w: sin and cos of w * (pi/4) * 2^(k/2) for k < 16, periods from 8 down to about 0.05."""
+
+
+def guidance_features(w: Tensor) -> Tensor:
+    """[B] -> [B, 2 * GUIDANCE_FREQUENCIES] Fourier features (fp32)."""
+    k = torch.arange(GUIDANCE_FREQUENCIES, device=w.device, dtype=torch.float32)
+    angles = w.float()[:, None] * (math.pi / 4) * torch.exp2(k / 2)[None]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+class GuidedClassEmbedding(nn.Embedding):
+    """The UNet's class embedding (same ``weight``, so the teacher's weights load into it) plus an embedding of w.
+
+    diffusers' UNet2DModel passes ``class_labels`` straight to its class embedding and adds the result to the
+    time embedding; a w-conditioned network is called with (label, w) packed as a float [B, 2] tensor.
+    """
+
+    def __init__(self, classes: nn.Embedding):
+        weight = classes.weight
+        super().__init__(classes.num_embeddings, classes.embedding_dim, device=weight.device, dtype=weight.dtype)
+        dim = classes.embedding_dim
+        self.guidance = nn.Sequential(nn.Linear(2 * GUIDANCE_FREQUENCIES, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.guidance.to(device=weight.device, dtype=weight.dtype)
+        if weight.device.type != "meta":
+            with torch.no_grad():
+                self.weight.copy_(weight)
+                self.guidance[-1].weight.zero_()
+                self.guidance[-1].bias.zero_()
+
+    def forward(self, packed: Tensor) -> Tensor:
+        labels, w = packed[:, 0].round().long(), packed[:, 1]
+        features = guidance_features(w).to(self.weight.dtype)
+        return F.embedding(labels, self.weight) + self.guidance(features)
+
+
+def pack_labels(y: Tensor, w: Tensor) -> Tensor:
+    """(label, w) pairs as the float [B, 2] tensor a :class:`GuidedClassEmbedding` reads (labels stay exact in
+    fp32 up to 2^24)."""
+    return torch.stack([y.float(), w.float()], dim=1)
+
+
+def as_weights(w: float | Tensor, like: Tensor) -> Tensor:
+    """Guidance weights as a [B] fp32 tensor on ``like``'s device: one weight for every example, or one each."""
+    if not isinstance(w, Tensor):
+        return torch.full((like.shape[0],), float(w), dtype=torch.float32, device=like.device)
+    if w.ndim == 0:
+        return w.float().expand(like.shape[0]).to(like.device)
+    if w.shape != (like.shape[0],):
+        raise ValueError(f"w must be a number or have shape [{like.shape[0]}], got {list(w.shape)}")
+    return w.float().to(like.device)
+
+
+def combine(x_cond: Tensor, x_uncond: Tensor, w: Tensor) -> Tensor:
+    """The guided prediction (1 + w) x_cond - w x_uncond, w per example ([B])."""
+    scale = w.to(x_cond.dtype).reshape(-1, *([1] * (x_cond.ndim - 1)))
+    return x_cond + scale * (x_cond - x_uncond)

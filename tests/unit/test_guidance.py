@@ -1,0 +1,284 @@
+"""Guided distillation's parts: the guided combination, the w input, label dropout, the settings refused up front,
+the first stage from an exact class-conditional teacher, and the stages on a real network resumed bit for bit."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from raypd.checkpoint import load_checkpoint, meta_for, read_meta, save_checkpoint
+from raypd.config import ConfigError, DistillConfig, load_config
+from raypd.data import Batch
+from raypd.data.prepare import training_shards
+from raypd.diffusion import ddim_sample, logsnr_schedule
+from raypd.models import Denoiser, build_denoiser
+from raypd.models.guidance import GUIDANCE_FREQUENCIES, GuidedClassEmbedding, guidance_features
+from raypd.train import build_plain_engine, freeze, linear_decay, make_student, plan_rounds, train_step
+from raypd.train.runner import InProcessRunner
+from raypd.train.stage import round_stage, teacher_stage
+from raypd.train.step import Guidance, diffusion_loss, drop_labels
+from tests.gmm import GaussianMixture
+from tests.unit.test_stage_loop import interrupted_at
+
+GUIDED = ["data.num_classes=10", "model.class_dropout=0.2"]
+TINY = ["data.resolution=8", "model.attn_resolutions=[4]", "model.ch=32", "model.ch_mult=[1,2]",
+        "teacher.batch_size=8", "teacher.warmup_updates=2", "distill.batch_size=8", "data.loader_workers=0",
+        "run.device=cpu", "dist.checkpoint_every=4", *GUIDED, "distill.guidance_max=3", "distill.guidance_min=0.5",
+        "distill.start_steps=8", "teacher.sampling_steps=8"]
+
+
+class Scaling(nn.Module):
+    """A backbone whose x-output is z * (label + 1): hand-computable."""
+
+    def forward(self, z, logsnr, y=None):
+        return z * (y.float() + 1)[:, None, None, None]
+
+
+def test_the_guided_prediction_is_one_plus_w_conditional_minus_w_unconditional_by_hand():
+    model = Denoiser(Scaling(), "x", null_class=10)
+    z = torch.tensor([1.0, 2.0]).reshape(2, 1, 1, 1)
+    y = torch.tensor([1, 4])
+    logsnr = torch.zeros(2)
+    # (1 + w) * z * (y + 1) - w * z * 11
+    assert model.guided(z, logsnr, y, 2.0).flatten().tolist() == [3 * 2 - 2 * 11, 3 * 2 * 5 - 2 * 2 * 11]
+    assert model.guided(z, logsnr, y, torch.tensor([0.0, 1.0])).flatten().tolist() == [2, 2 * 2 * 5 - 2 * 11]
+    assert torch.equal(model.bind(y, 0.5)(z, logsnr), model.guided(z, logsnr, y, 0.5))
+    with pytest.raises(ValueError, match="label dropout"):
+        Denoiser(Scaling(), "x").guided(z, logsnr, y, 1.0)
+    with pytest.raises(ValueError, match="class labels"):
+        model.guided(z, logsnr, None, 1.0)
+
+
+def test_the_w_input_is_fourier_features_through_a_zero_started_mlp_added_to_the_class_embedding():
+    f = guidance_features(torch.tensor([0.0, 2.0]))
+    assert f.shape == (2, 2 * GUIDANCE_FREQUENCIES)
+    assert torch.allclose(f[0], torch.cat([torch.zeros(GUIDANCE_FREQUENCIES), torch.ones(GUIDANCE_FREQUENCIES)]))
+    # w = 2 at the first frequency: angle pi/2; at the third (x2): pi
+    assert math.isclose(f[1, 0].item(), 1.0, abs_tol=1e-6) and math.isclose(f[1, 2].item(), 0.0, abs_tol=1e-6)
+    assert math.isclose(f[1, GUIDANCE_FREQUENCIES + 2].item(), -1.0, abs_tol=1e-6)
+
+    torch.manual_seed(0)
+    classes = nn.Embedding(11, 8)
+    emb = GuidedClassEmbedding(classes)
+    assert torch.equal(emb.weight, classes.weight)
+    packed = torch.tensor([[3.0, 0.0], [7.0, 2.5]])
+    assert torch.equal(emb(packed), classes.weight[[3, 7]])  # a zero last layer: the class embedding alone
+    with torch.no_grad():
+        emb.guidance[-1].weight.normal_()
+    lin1, lin2 = emb.guidance[0], emb.guidance[2]
+    by_hand = classes.weight[[3, 7]] + lin2(torch.nn.functional.silu(lin1(guidance_features(packed[:, 1]))))
+    assert torch.allclose(emb(packed), by_hand)
+
+
+def test_a_student_made_w_conditioned_starts_as_the_teacher_and_its_checkpoint_says_so(tmp_path):
+    cfg = load_config(None, TINY)
+    torch.manual_seed(0)
+    teacher = freeze(build_denoiser(cfg.model, cfg.data))
+    assert teacher.null_class == 10 and teacher.backbone.unet.class_embedding.num_embeddings == 11
+    with torch.no_grad():  # a teacher whose output depends on everything
+        for p in teacher.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    student = make_student(teacher, guidance_input=True)
+    assert student.guidance_input and not teacher.guidance_input
+    z, y, logsnr = torch.randn(3, 1, 8, 8), torch.tensor([0, 5, 9]), torch.tensor([-3.0, 0.0, 4.0])
+    with torch.no_grad():
+        for w in (0.0, 2.0):
+            assert torch.allclose(student(z, logsnr, y, torch.full((3,), w)), teacher(z, logsnr, y), atol=1e-6)
+        student.backbone.unet.class_embedding.guidance[-1].weight.normal_()
+        w_apart = student(z, logsnr, y, torch.full((3,), 3.0)) - student(z, logsnr, y, torch.zeros(3))
+    assert w_apart.abs().max() > 1e-3  # once trained, w moves the output
+    with pytest.raises(ValueError, match="w-conditioned"):
+        student(z, logsnr, y)
+    with pytest.raises(ValueError, match="not w-conditioned"):
+        teacher(z, logsnr, y, torch.zeros(3))
+
+    path = save_checkpoint(tmp_path / "student", student, meta_for(cfg, kind="student", sampling_steps=8, round=0,
+                                                                      guidance_input=True))
+    assert json.loads((path / "meta.json").read_text())["guidance_input"] is True
+    loaded, meta = load_checkpoint(path)
+    assert meta.guidance_input and loaded.guidance_input and loaded.null_class == 10
+    with torch.no_grad():
+        assert torch.equal(freeze(loaded)(z, logsnr, y, torch.ones(3)), freeze(student)(z, logsnr, y, torch.ones(3)))
+    teacher_path = save_checkpoint(tmp_path / "teacher", teacher, meta_for(cfg, kind="teacher", sampling_steps=8,
+                                                                              round=None))
+    assert "guidance_input" not in json.loads((teacher_path / "meta.json").read_text())
+    assert not read_meta(teacher_path).guidance_input
+
+
+def test_label_dropout_replaces_that_share_of_labels_by_the_no_class_label():
+    y = torch.randint(0, 10, (20_000,), generator=torch.Generator().manual_seed(0))
+    dropped = drop_labels(y, 0.2, 10, torch.Generator().manual_seed(1))
+    share = (dropped == 10).float().mean().item()
+    assert abs(share - 0.2) < 0.01
+    kept = dropped != 10
+    assert torch.equal(dropped[kept], y[kept])
+
+    cfg = load_config(None, TINY)
+    model = build_denoiser(cfg.model, cfg.data)
+    seen = []
+    original = model.forward
+
+    def spy(z, logsnr, y=None, w=None):
+        seen.append(y.clone())
+        return original(z, logsnr, y)
+
+    model.forward = spy
+    batch = Batch(torch.zeros(512, 1, 8, 8), torch.zeros(512, dtype=torch.long))
+    diffusion_loss(model, batch, weighting="snr_trunc", logsnr_fn=logsnr_schedule, class_dropout=0.2, null_class=10,
+                   generator=torch.Generator().manual_seed(2))
+    assert set(seen[0].tolist()) == {0, 10} and 0.1 < (seen[0] == 10).float().mean().item() < 0.3
+    with pytest.raises(ValueError, match="null_class"):
+        diffusion_loss(model, batch, weighting="snr_trunc", logsnr_fn=logsnr_schedule, class_dropout=0.2)
+
+
+def test_guidance_settings_are_checked_up_front():
+    for overrides, key in ((["distill.guidance_max=2"], "distill.guidance_max"),
+                           (["data.num_classes=10", "distill.guidance_max=2"], "distill.guidance_max"),
+                           (["model.class_dropout=0.1"], "model.class_dropout"),
+                           (["model.class_dropout=1.0", "data.num_classes=10"], "model.class_dropout"),
+                           ([*GUIDED, "distill.guidance_min=3", "distill.guidance_max=2"], "distill.guidance_min"),
+                           ([*GUIDED, "distill.guidance_max=2", "distill.method=denoising_student"], "distill.method"),
+                           ([*GUIDED, "distill.guidance_max=2", "distill.guidance_updates=0"],
+                            "distill.guidance_updates"),
+                           (["eval.guidance=[1.0]"], "eval.guidance"),
+                           ([*GUIDED, "eval.guidance=[-1.0]"], "eval.guidance"),
+                           ([*GUIDED, "eval.guidance=[1.0,1.0]"], "eval.guidance")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(None, overrides)
+    rounds = plan_rounds(DistillConfig(start_steps=8, end_steps=2, guidance_max=2.0, guidance_updates=50))
+    assert [(r.teacher_steps, r.student_steps, r.updates, r.guidance) for r in rounds] == \
+        [(8, 8, 50, True), (8, 4, 200, False), (4, 2, 400, False)]
+
+
+class ClassMixture:
+    """Two classes, each a Gaussian mixture; the unconditional model is the equal-weight mixture of both."""
+
+    def __init__(self):
+        both = GaussianMixture.random(k=4, shape=(2, 1, 1), std=0.08, seed=3, dtype=torch.float32)
+        self.classes = [GaussianMixture(both.means[:2], both.std, both.shape),
+                        GaussianMixture(both.means[2:], both.std, both.shape)]
+        self.all = both
+
+    def sample(self, n: int, g: torch.Generator) -> Batch:
+        y = torch.randint(0, 2, (n,), generator=g)
+        k = 2 * y + torch.randint(0, 2, (n,), generator=g)  # classes 0 and 1 own components {0, 1} and {2, 3}
+        noise = torch.randn(n, self.all.means.shape[1], generator=g)
+        return Batch((self.all.means[k] + self.all.std * noise).reshape(n, *self.all.shape), y)
+
+
+class ExactGuidedTeacher(nn.Module):
+    """The mixture's exact conditional E[x | z, c] and unconditional E[x | z] (label 2) as a guided Denoiser."""
+
+    def __init__(self, mixture: ClassMixture):
+        super().__init__()
+        self.mixture = mixture
+        self.null_class, self.guidance_input = 2, False
+
+    def forward(self, z, logsnr, y=None, w=None):
+        out = self.mixture.all.denoise(z, logsnr)
+        for c, gmm in enumerate(self.mixture.classes):
+            mask = y == c
+            if mask.any():
+                out[mask] = gmm.denoise(z[mask], logsnr[mask])
+        return out
+
+    guided = Denoiser.guided
+
+
+class WMLP(nn.Module):
+    """A small w- and class-conditioned backbone."""
+
+    guidance_input = True
+
+    def __init__(self, hidden: int = 192):
+        super().__init__()
+        self.register_buffer("freqs", 2.0 ** torch.arange(8) / 16.0)
+        self.label = nn.Embedding(2, 16)
+        self.net = nn.Sequential(nn.Linear(2 + 16 + 16 + 2 * GUIDANCE_FREQUENCIES, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, 2))
+
+    def forward(self, z, logsnr, y=None, w=None):
+        ang = logsnr[:, None] * self.freqs[None]
+        h = torch.cat([z.flatten(1), ang.sin(), ang.cos(), self.label(y), guidance_features(w / 4)], dim=1)
+        return self.net(h).reshape(z.shape)
+
+
+def test_the_first_stage_from_an_exact_guided_teacher_reaches_the_guided_target():
+    """A w-conditioned student trained on the exact teacher's guided x_hat over w in [0, 4] predicts it, and its
+    64-step DDIM samples at w land near the teacher's guided samples at that w (and far from the unguided ones)."""
+    torch.manual_seed(0)
+    mixture = ClassMixture()
+    teacher = ExactGuidedTeacher(mixture)
+    logsnr_fn = functools.partial(logsnr_schedule)
+    student = Denoiser(WMLP(), "v").train()  # v: near t = 0, where the weighting is largest, x_hat ~ z for free
+    updates = 1500
+    engine = build_plain_engine(student, lr=2e-3, betas=(0.9, 0.999), grad_clip=1.0, schedule=linear_decay(updates))
+    data_gen, noise_gen = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    guidance = Guidance(0.0, 4.0, first_stage=True)
+    losses = [train_step(engine, mixture.sample(256, data_gen), weighting="snr_trunc", logsnr_fn=logsnr_fn,
+                         teacher=teacher, generator=noise_gen, guidance=guidance).loss for _ in range(updates)]
+    assert sum(losses[-50:]) < 0.1 * sum(losses[:50])
+    student = freeze(student)
+
+    g = torch.Generator().manual_seed(9)
+    z_1 = torch.randn(512, 2, 1, 1, generator=g)
+    y = torch.randint(0, 2, (512,), generator=g)
+    with torch.no_grad():
+        for w in (1.0, 3.0):
+            guided = ddim_sample(lambda z, logsnr, w=w: teacher.guided(z, logsnr, y, w), z_1, 64)
+            plain = ddim_sample(lambda z, logsnr: teacher(z, logsnr, y), z_1, 64)
+            ours = ddim_sample(student.bind(y, w), z_1, 64)
+            err = (ours - guided).square().mean().sqrt().item()
+            apart = (plain - guided).square().mean().sqrt().item()
+            assert err < 0.25 * apart, (w, err, apart)  # measured: 0.12x at w = 1, 0.06x at w = 3
+
+
+def _run(cfg, root, stage):
+    InProcessRunner(cfg, root / "local", torch.device("cpu")).run(stage, root / "out" / stage.name)
+    return root / "out" / stage.name
+
+
+@pytest.fixture(scope="module")
+def guided_stages(tmp_path_factory):
+    """A guided teacher (label dropout), its w-conditioned student (the first stage) and one round after it."""
+    root = tmp_path_factory.mktemp("guided")
+    cfg = load_config(None, [*TINY, "data.source=digits", "distill.guidance_updates=8", "distill.updates_per_round=8"])
+    shards = training_shards(cfg.data, root / "data", seed=cfg.run.seed)
+    teacher = _run(cfg, root, teacher_stage(8, 8, shards))
+    first, second = plan_rounds(cfg.distill)[:2]
+    student = _run(cfg, root, round_stage(first, teacher, shards))
+    return cfg, root, shards, teacher, student, second
+
+
+def test_the_guided_stages_train_a_w_conditioned_student_and_distil_it(guided_stages):
+    cfg, root, shards, teacher_path, student_path, second = guided_stages
+    teacher, teacher_meta = load_checkpoint(teacher_path)
+    student, student_meta = load_checkpoint(student_path)
+    assert not teacher_meta.guidance_input and student_meta.guidance_input and student_meta.sampling_steps == 8
+    guidance = student.backbone.unet.class_embedding.guidance
+    assert guidance[-1].weight.abs().max() > 0  # the w embedding learned
+    z, y, logsnr = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3]), torch.zeros(4)
+    with torch.no_grad():
+        apart = (student(z, logsnr, y, torch.full((4,), 3.0)) - student(z, logsnr, y, torch.full((4,), 0.5)))
+    assert apart.abs().max() > 0
+    rnd = _run(cfg, root, round_stage(second, student_path, shards))
+    meta = read_meta(rnd)
+    assert meta.guidance_input and meta.sampling_steps == second.student_steps == 4
+
+
+def test_a_guided_stage_interrupted_resumes_bit_for_bit(guided_stages, tmp_path, monkeypatch, capsys):
+    cfg, root, shards, teacher_path, _, _ = guided_stages
+    stage = round_stage(plan_rounds(cfg.distill)[0], teacher_path, shards)
+    through = load_file(str(_run(cfg, tmp_path / "through", stage) / "model.safetensors"))
+    interrupted_at(monkeypatch, 6, lambda: _run(cfg, tmp_path / "again", stage))
+    resumed = load_file(str(_run(cfg, tmp_path / "again", stage) / "model.safetensors"))
+    assert "resumed from the checkpoint at update 4 of 8" in capsys.readouterr().err
+    assert sorted(resumed) == sorted(through) and any("guidance" in k for k in through)
+    assert all(torch.equal(resumed[k], through[k]) for k in through)

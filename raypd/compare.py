@@ -35,6 +35,10 @@ def load_run(path: str | Path) -> dict:
     data = json.loads(summary.read_text())
     if not data.get("rounds") or not data.get("eval"):
         raise CompareError(f"{summary}: the run has no evaluated rounds to compare")
+    if any("guidance" in row for row in data["eval"]):
+        raise CompareError(f"{path}: a guided run, scored once per guidance weight; raypd compare compares "
+                           "unguided runs (a guided run's report.md and fid_vs_guidance.png compare its samplers at "
+                           "every weight)")
     if not data["teacher"].get("digest") and (path / "teacher" / "model.safetensors").is_file():
         from raypd.checkpoint import weights_digest  # a summary written before it recorded the teacher's digest
 

@@ -249,7 +249,7 @@ def round_row(rnd, stats: dict, path: Path, cfg: Config, spent: float) -> dict:
             "compute": spent + forwards_per_example(cfg.distill) * examples,
             "wall_seconds": stats.get("wall_seconds", stats["seconds"]), "final_loss": stats["final_loss"],
             "skipped_samples": stats.get("skipped_samples", 0), "checkpoint": path.name,
-            "driver_rss_mib": round(rss_mib(), 1)}
+            "driver_rss_mib": round(rss_mib(), 1), **({"guidance": True} if rnd.guidance else {})}
 
 
 def _run(cfg: Config, out: Path, mirror=None) -> dict:
@@ -296,7 +296,7 @@ def _stages(ctx: Context, manifest: dict | None, cluster) -> dict:
         else:
             log(f"[round {rnd.index}] already done, loading {path}")
         student = load_frozen(path, ctx.device)
-        summary["eval"].append(evaluator.student(student, rnd.student_steps, rnd.index, weights_digest(path)))
+        summary["eval"].extend(evaluator.student(student, rnd.student_steps, rnd.index, weights_digest(path)))
         summary["rounds"].append(round_row(rnd, stats, path, cfg, spent))
         spent = summary["rounds"][-1]["compute"]
         if hasattr(runner, "chose"):

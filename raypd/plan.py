@@ -154,13 +154,18 @@ def _fmt_flops(flops: float) -> str:
 def eval_forwards(cfg: Config) -> float:
     """Image forwards of the run's evaluation: the teacher's full sampler and its DDIM (and, with eval.stochastic,
     its stochastic sampler) at every step count the students reach, once, and every student at its own steps
-    (samples only; feature extraction is small)."""
+    (samples only; feature extraction is small); all of it at every guidance weight scored, where the guided
+    teacher's steps cost two forwards (its conditional and unconditional predictions)."""
+    from raypd.eval.evaluate import guidance_weights
+
     rounds = plan_rounds(cfg.distill)
     full = cfg.eval.reference_steps or cfg.teacher.sampling_steps
     counts = {r.student_steps for r in rounds}
     teacher = full + sum(counts - {full}) + (sum(counts) if cfg.eval.stochastic else 0)
     students = sum(r.student_steps for r in rounds)
-    return float(cfg.eval.num_samples * (teacher + students))
+    weights = guidance_weights(cfg)
+    per_teacher_step = 1 if weights == [None] else 2
+    return float(cfg.eval.num_samples * len(weights) * (per_teacher_step * teacher + students))
 
 
 def describe_plan(cfg: Config, checks: Checks | None = None) -> list[str]:
@@ -190,7 +195,8 @@ def describe_plan(cfg: Config, checks: Checks | None = None) -> list[str]:
     for rnd in plan_rounds(s):
         flops = rnd.updates * s.batch_size * forwards_per_example(s) * fwd
         total += flops
-        rows.append((f"round {rnd.index}", f"{rnd.teacher_steps}->{rnd.student_steps}", f"{rnd.updates:,}",
+        steps = f"{rnd.teacher_steps}->{rnd.student_steps}" + (" (w input)" if rnd.guidance else "")
+        rows.append((f"round {rnd.index}", steps, f"{rnd.updates:,}",
                      str(s.batch_size), str(s.batch_size // workers), f"{s.lr:g}", _fmt_flops(flops)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]

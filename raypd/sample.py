@@ -18,6 +18,24 @@ def checkpoint_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=256,
                         help="samples per forward pass (raypd fid samples 256 at a time and holds about 8 x this)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--guidance", type=float,
+                        help="classifier-free guidance weight w (a guided teacher, or a guided distillation's "
+                             "w-conditioned student, which needs one)")
+
+
+def guidance_of(args: argparse.Namespace, model) -> float | None:
+    """``--guidance``, checked against what the checkpoint can do, before anything is sampled."""
+    w = args.guidance
+    if w is None:
+        if model.guidance_input:
+            raise ValueError("this student takes a classifier-free guidance weight as an input: pass --guidance W")
+        return None
+    if w < 0:
+        raise ValueError(f"--guidance must be >= 0, got {w}")
+    if not model.guidance_input and model.null_class is None:
+        raise ValueError("--guidance needs a guided network: a teacher trained with model.class_dropout > 0, or "
+                         "a guided distillation's student")
+    return w
 
 
 def noise_seed(args: argparse.Namespace, meta) -> int:
@@ -33,6 +51,7 @@ def generate(args: argparse.Namespace, n: int):
     from raypd.eval.samples import fixed_noise, sample_ddim
 
     model, meta = load_checkpoint(args.checkpoint, map_location=args.device)
+    w = guidance_of(args, model)
     steps = args.steps or meta.sampling_steps
     z, y = fixed_noise(n, meta.data.channels, meta.data.resolution, seed=noise_seed(args, meta),
                        num_classes=meta.data.num_classes)
@@ -40,7 +59,8 @@ def generate(args: argparse.Namespace, n: int):
     out = []
     for start in tqdm(range(0, n, args.batch), desc=f"sampling {steps} steps", unit="batch", file=sys.stderr):
         yb = None if y is None else y[start:start + args.batch]
-        out.append(sample_ddim(model, z[start:start + args.batch], yb, steps, logsnr_fn=logsnr_fn, device=args.device))
+        out.append(sample_ddim(model, z[start:start + args.batch], yb, steps, logsnr_fn=logsnr_fn, device=args.device,
+                               w=w))
     return torch.cat(out), meta, steps
 
 
@@ -55,9 +75,10 @@ def sample_main(argv: list[str] | None = None) -> int:
 
     try:
         samples, meta, steps = generate(args, args.n)
-    except CheckpointError as err:
-        print(f"checkpoint error: {err}", file=sys.stderr)
+    except (CheckpointError, ValueError) as err:
+        print(f"checkpoint error: {err}" if isinstance(err, CheckpointError) else f"error: {err}", file=sys.stderr)
         return 2
-    save_grid(samples, args.out, title=f"{meta.kind}, {steps} steps")
+    guided = "" if args.guidance is None else f", w={args.guidance:g}"
+    save_grid(samples, args.out, title=f"{meta.kind}, {steps} steps{guided}")
     print(args.out)
     return 0

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from raypd.sample import checkpoint_args, noise_seed
+from raypd.sample import checkpoint_args, guidance_of, noise_seed
 
 
 def sample_features(args: argparse.Namespace, spec) -> tuple[dict, int, str]:
@@ -28,12 +28,13 @@ def sample_features(args: argparse.Namespace, spec) -> tuple[dict, int, str]:
     from raypd.eval.samples import NOISE_BLOCK
 
     model, meta = load_checkpoint(args.checkpoint, map_location=args.device)
+    w = guidance_of(args, model)
     steps = args.steps or meta.sampling_steps
     d = meta.data
     size = max(NOISE_BLOCK, -(-8 * args.batch // NOISE_BLOCK) * NOISE_BLOCK)
     precision = meta.config.get("eval", {}).get("precision", "auto")  # the run's, so its numbers come out again
     chunks = chunks_for(args.n, "ddim", steps, data=d, seed=spec.seed, precision=precision, extractor=spec.extractor,
-                        kid=spec.kid, prc=spec.prc, chunk_size=size)
+                        kid=spec.kid, prc=spec.prc, chunk_size=size, guidance=w)
     bar = tqdm(total=args.n, desc=f"sampling {steps} steps", unit="img", file=sys.stderr)
     point = collect(run_here(model, chunks, logsnr_fn=meta.logsnr_fn(), device=torch.device(args.device)), n=args.n,
                     shape=(d.channels, d.resolution, d.resolution), grid_size=0, full=None,
@@ -72,6 +73,11 @@ def fid_main(argv: list[str] | None = None) -> int:
     except (CheckpointError, DataError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from raypd.eval.chunks import LABEL_HITS
+
     result = spec.score(features=features, sampling=sampling)
-    print(json.dumps({"checkpoint": str(args.checkpoint), "steps": steps, **result}))
+    extra = {} if args.guidance is None else {"guidance": args.guidance}
+    if LABEL_HITS in features:
+        extra["label_accuracy"] = float(features[LABEL_HITS].mean())
+    print(json.dumps({"checkpoint": str(args.checkpoint), "steps": steps, **extra, **result}))
     return 0

@@ -48,25 +48,33 @@ class Chunk:
     extractor: dict
     kid: bool
     prc: bool
+    guidance: float | None = None
+    """The classifier-free guidance weight of every sampling step (None: unguided)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def chunks_for(n: int, sampler: str, n_steps: int, *, data, seed: int, precision: str, extractor: Extractor,
-               kid: bool, prc: bool, chunk_size: int = 2048) -> list[Chunk]:
+               kid: bool, prc: bool, chunk_size: int = 2048, guidance: float | None = None) -> list[Chunk]:
     """``n`` samples as chunks of ``chunk_size`` (whole noise blocks), the last one what remains."""
     ext = {"kind": extractor.kind, "weights": extractor.weights, "tag": extractor.tag}
     return [Chunk(sampler, n_steps, start, min(start + chunk_size, n), seed, data.channels, data.resolution,
-                  data.num_classes, precision, ext, kid, prc)
+                  data.num_classes, precision, ext, kid, prc, guidance)
             for start in range(0, n, chunk_size)]
 
 
-def chunks_of(cfg, sampler: str, n_steps: int, extractor: Extractor) -> list[Chunk]:
+def chunks_of(cfg, sampler: str, n_steps: int, extractor: Extractor, guidance: float | None = None) -> list[Chunk]:
     """A run's point as chunks, from its ``eval`` settings."""
     e = cfg.eval
     return chunks_for(e.num_samples, sampler, n_steps, data=cfg.data, seed=e.seed, precision=e.precision,
-                      extractor=extractor, kid=e.kid, prc=e.precision_recall, chunk_size=e.chunk_size)
+                      extractor=extractor, kid=e.kid, prc=e.precision_recall, chunk_size=e.chunk_size,
+                      guidance=guidance)
+
+
+LABEL_HITS = "label_hits"
+"""A class-conditional point scored with the classifier extractor also keeps, per sample, whether the classifier
+reads it as the label it was sampled for (1.0) or not (0.0)."""
 
 
 def sampling_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -89,21 +97,36 @@ def generate_chunk(model: Denoiser, chunk: Chunk, *, logsnr_fn: LogsnrFn, device
                        num_classes=chunk.num_classes)
     dtype = sampling_dtype(chunk.precision, device)
     if chunk.sampler == "ddim":
-        samples = sample_ddim(model, z, y, chunk.n_steps, logsnr_fn=logsnr_fn, device=device, dtype=dtype)
+        samples = sample_ddim(model, z, y, chunk.n_steps, logsnr_fn=logsnr_fn, device=device, dtype=dtype,
+                              w=chunk.guidance)
     elif chunk.sampler == "stochastic":
         parts = []
         for lo in range(0, z.shape[0], NOISE_BLOCK):  # the step noise of block k comes from (seed, k) alone
             block = (chunk.start + lo) // NOISE_BLOCK
             parts.append(sample_stochastic(model, z[lo:lo + NOISE_BLOCK], None if y is None else y[lo:lo + NOISE_BLOCK],
                                            chunk.n_steps, logsnr_fn=logsnr_fn, device=device, dtype=dtype,
-                                           seed=block_seed(chunk.seed, block, "stochastic")))
+                                           seed=block_seed(chunk.seed, block, "stochastic"), w=chunk.guidance))
         samples = torch.cat(parts)
     else:
         raise ValueError(f"unknown sampler {chunk.sampler!r}")
     images = to_uint8(samples)
     del samples
-    features = extract_features(images, extractor or Extractor(**chunk.extractor), kid=chunk.kid, prc=chunk.prc)
+    extractor = extractor or Extractor(**chunk.extractor)
+    features = extract_features(images, extractor, kid=chunk.kid, prc=chunk.prc)
+    if y is not None and extractor.kind == "classifier":
+        features[LABEL_HITS] = label_hits(images, y, extractor)
     return images, {k: v.cpu() for k, v in features.items()}
+
+
+@torch.inference_mode()
+def label_hits(images: Tensor, y: Tensor, extractor: Extractor) -> Tensor:
+    """1.0 where the classifier extractor reads a uint8 image as its label ``y``, else 0.0."""
+    from raypd.eval.classifier import load_classifier
+
+    net = load_classifier(extractor.weights)
+    hits = [(net(images[lo:lo + NOISE_BLOCK].float() / 127.5 - 1.0).argmax(1) == y[lo:lo + NOISE_BLOCK]).float()
+            for lo in range(0, images.shape[0], NOISE_BLOCK)]
+    return torch.cat(hits)
 
 
 def run_here(model: Denoiser, chunks: Iterable[Chunk], *, logsnr_fn: LogsnrFn, device: torch.device

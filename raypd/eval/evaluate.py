@@ -18,7 +18,7 @@ from raypd.data.shards import ShardLoader
 from raypd.diffusion.ddim import LogsnrFn
 from raypd.eval.classifier import save_classifier, train_classifier
 from raypd.eval.fid import Extractor, ImageSet, data_key, reference_name, to_uint8
-from raypd.eval.chunks import FullSamples, Point, chunks_of, collect, run_here, sampling_name
+from raypd.eval.chunks import LABEL_HITS, FullSamples, Point, chunks_of, collect, run_here, sampling_name
 from raypd.eval.record import EvalRecord, fingerprint
 from raypd.eval.samples import NOISE_BLOCK, save_grid
 from raypd.models import Denoiser
@@ -96,26 +96,44 @@ class Evaluator:
         self.record = None
         if teacher_digest:
             plain = cfg.to_dict()
-            settings = {k: v for k, v in plain["eval"].items() if k != "chunk_size"}  # same samples at any size
+            # the same samples at any chunk size; an unguided run's record is the one it kept before guidance existed
+            settings = {k: v for k, v in plain["eval"].items() if k != "chunk_size" and (k != "guidance" or v)}
             self.record = EvalRecord(out / "eval", fingerprint(
                 eval=settings, diffusion=plain["diffusion"], spec=self.spec.to_dict(), teacher=teacher_digest,
                 full_steps=self.full_steps, noise=NOISE_SCHEME, sampling=self.sampling))
-        name = f"teacher-full-{self.record.fingerprint}.npy" if self.record else "teacher-full-unrecorded.npy"
-        self.full = FullSamples(out / "eval" / name)
-        key = f"teacher_ddim-{self.full_steps}"
-        if self.record is None or self.record.get(key) is None or not self.full.exists((e.num_samples, *self.shape)):
+        self.weights = guidance_weights(cfg)
+        self.full: dict[float | None, FullSamples] = {}
+        self.rows: list[dict] = []
+        fresh = [w for w in self.weights if not self._full_recorded(w)]
+        if fresh:
             for stale in (out / "eval").glob("teacher-full-*.npy"):  # another set-up's: never read again
-                stale.unlink()
-            point = self.generate(teacher, self.full_steps, write_full=True)
-            self.rows = [self.point(key, lambda: self.score("teacher_ddim", self.full_steps, point), fresh=True)]
-        else:
-            self.rows = [self.point(key, None)]
-        for n in sorted(set(step_counts), reverse=True):
-            self.rows.append(self.point(f"teacher_ddim-{n}",
-                                        lambda n=n: self.score("teacher_ddim", n, self.generate(teacher, n))))
-            if e.stochastic:
-                self.rows.append(self.point(f"teacher_stochastic-{n}", lambda n=n: self.score(
-                    "teacher_stochastic", n, self.generate(teacher, n, sampler="stochastic"))))
+                if not any(stale.name == self._full_name(w) for w in self.weights if w not in fresh):
+                    stale.unlink()
+        for w in self.weights:
+            self.full[w] = FullSamples(out / "eval" / self._full_name(w))
+            key = f"teacher_ddim-{self.full_steps}{_wkey(w)}"
+            if w in fresh:
+                point = self.generate(teacher, self.full_steps, write_full=True, w=w)
+                self.rows.append(self.point(key, lambda w=w, point=point: self.score(
+                    "teacher_ddim", self.full_steps, point, w), fresh=True))
+            else:
+                self.rows.append(self.point(key, None))
+            for n in sorted(set(step_counts) - {self.full_steps}, reverse=True):  # a w-student may sample in it
+                self.rows.append(self.point(f"teacher_ddim-{n}{_wkey(w)}", lambda n=n, w=w: self.score(
+                    "teacher_ddim", n, self.generate(teacher, n, w=w), w)))
+                if e.stochastic:
+                    self.rows.append(self.point(f"teacher_stochastic-{n}{_wkey(w)}", lambda n=n, w=w: self.score(
+                        "teacher_stochastic", n, self.generate(teacher, n, sampler="stochastic", w=w), w)))
+
+    def _full_name(self, w: float | None) -> str:
+        tag = self.record.fingerprint if self.record else "unrecorded"
+        return f"teacher-full-{tag}{_wkey(w)}.npy"
+
+    def _full_recorded(self, w: float | None) -> bool:
+        """Whether the teacher's full sampler at ``w`` was scored before and its images are still on disk."""
+        e = self.cfg.eval
+        return (self.record is not None and self.record.get(f"teacher_ddim-{self.full_steps}{_wkey(w)}") is not None
+                and FullSamples(self.out / "eval" / self._full_name(w)).exists((e.num_samples, *self.shape)))
 
     def point(self, key: str, make, fresh: bool = False) -> dict:
         """The row of one point: from the record when it was scored before (and ``fresh`` is false), else made
@@ -130,10 +148,12 @@ class Evaluator:
             self.record.put(key, row)
         return row
 
-    def generate(self, model: Denoiser, n_steps: int, *, sampler: str = "ddim", write_full: bool = False) -> Point:
-        """A point's chunks (here, or on the Ray tasks), folded in as they come."""
+    def generate(self, model: Denoiser, n_steps: int, *, sampler: str = "ddim", write_full: bool = False,
+                 w: float | None = None) -> Point:
+        """A point's chunks (here, or on the Ray tasks), folded in as they come; ``w``: guided at that weight, its
+        distance measured to the teacher's full sampler at the same weight."""
         e = self.cfg.eval
-        chunks = chunks_of(self.cfg, sampler, n_steps, self.extractor)
+        chunks = chunks_of(self.cfg, sampler, n_steps, self.extractor, guidance=w)
         if self.remote is not None:
             results = self.remote.run(model, chunks)
         else:
@@ -143,26 +163,59 @@ class Evaluator:
         def progress(done: int, n: int) -> None:
             folded.append(done)
             if len(chunks) > 1 and (len(folded) % every == 0 or done == n):
-                log(f"[eval] {sampler} at {n_steps} steps: {done}/{n} samples")
+                log(f"[eval] {sampler} at {n_steps} steps{_wtext(w)}: {done}/{n} samples")
 
-        return collect(results, n=e.num_samples, shape=self.shape, grid_size=e.grid_size, full=self.full,
+        return collect(results, n=e.num_samples, shape=self.shape, grid_size=e.grid_size, full=self.full.get(w),
                        write_full=write_full, progress=progress)
 
-    def score(self, sampler: str, steps: int, point: Point, **extra) -> dict:
-        """Metrics, distance to the full sampler and a grid for one (sampler, steps) point."""
+    def score(self, sampler: str, steps: int, point: Point, w: float | None = None, **extra) -> dict:
+        """Metrics, distance to the full sampler and a grid for one (sampler, steps[, guidance weight]) point; a
+        class-conditional point scored by the classifier also gets the share of samples read as their label."""
         e = self.cfg.eval
         metrics = self.spec.score(features=point.features, reference=self.reference, sampling=self.sampling)
-        save_grid(point.grid, self.out / "grids" / f"{sampler}-{steps:04d}steps.png",
-                  title=f"{sampler.replace('_', ' ')}, {steps} steps")
-        row = {"sampler": sampler, "steps": steps, **extra, **metrics, "seed": e.seed,
-               "rmse_to_full": point.rmse_to_full}
-        log(f"[eval] {sampler} at {steps} steps: FID {row['fid']:.2f} ({row['extractor']}, "
-            f"{row['n_samples']} samples), RMSE to the full sampler {row['rmse_to_full']:.4f}")
+        save_grid(point.grid, self.out / "grids" / f"{sampler}-{steps:04d}steps{_wkey(w)}.png",
+                  title=f"{sampler.replace('_', ' ')}, {steps} steps{_wtext(w)}")
+        row = {"sampler": sampler, "steps": steps, **({} if w is None else {"guidance": w}), **extra, **metrics,
+               "seed": e.seed, "rmse_to_full": point.rmse_to_full}
+        if LABEL_HITS in point.features:
+            row["label_accuracy"] = float(point.features[LABEL_HITS].mean())
+        accuracy = f", label accuracy {row['label_accuracy']:.3f}" if "label_accuracy" in row else ""
+        log(f"[eval] {sampler} at {steps} steps{_wtext(w)}: FID {row['fid']:.2f} ({row['extractor']}, "
+            f"{row['n_samples']} samples), RMSE to the full sampler {row['rmse_to_full']:.4f}{accuracy}")
         return row
 
-    def student(self, model: Denoiser, n_steps: int, round_index: int, digest: str = "") -> dict:
-        """The round's student at its steps (``digest``: its weights' digest, the key it is recorded under)."""
-        make = lambda: self.score("distilled", n_steps, self.generate(model, n_steps), round=round_index)  # noqa: E731
-        if not digest:
-            return make()
-        return self.point(f"distilled-{n_steps}-round{round_index}-{digest[:16]}", make)
+    def student(self, model: Denoiser, n_steps: int, round_index: int, digest: str = "") -> list[dict]:
+        """The round's student at its steps, at every guidance weight (``digest``: its weights' digest, the key it
+        is recorded under)."""
+        rows = []
+        for w in self.weights:
+            make = lambda w=w: self.score("distilled", n_steps, self.generate(model, n_steps, w=w), w,  # noqa: E731
+                                          round=round_index)
+            rows.append(self.point(f"distilled-{n_steps}-round{round_index}-{digest[:16]}{_wkey(w)}", make)
+                        if digest else make())
+        return rows
+
+
+def guidance_weights(cfg: Config) -> list[float | None]:
+    """The guidance weights every point is scored at: ``eval.guidance``; for a guided distillation without them,
+    its w range's ends and middle; else one unguided pass (None)."""
+    if cfg.eval.guidance:
+        return [float(w) for w in cfg.eval.guidance]
+    d = cfg.distill
+    if d.guided:
+        return sorted({d.guidance_min, (d.guidance_min + d.guidance_max) / 2, d.guidance_max})
+    return [None]
+
+
+def middle_weight(cfg: Config) -> float | None:
+    """The guidance weight a single score of a run is taken at (a sweep trial's): the middle one it scores."""
+    weights = guidance_weights(cfg)
+    return weights[len(weights) // 2]
+
+
+def _wkey(w: float | None) -> str:
+    return "" if w is None else f"-w{w:g}"
+
+
+def _wtext(w: float | None) -> str:
+    return "" if w is None else f", guidance w={w:g}"

@@ -39,6 +39,59 @@ def plot_fid_vs_steps(rows: list[dict], full_steps: int, path: Path) -> Path:
     return path
 
 
+def steps_table(rows: list[dict], rounds: list[dict], full_steps: int) -> list[str]:
+    """FID, KID, RMSE (and label accuracy, when measured) of the teacher's DDIM and the students at every step
+    count the rounds reach, for one set of rows (one guidance weight)."""
+    by = {(r["sampler"], r["steps"]): r for r in rows}
+    accuracy = any("label_accuracy" in r for r in rows)
+    head = ("| steps | distilled FID | teacher DDIM FID | distilled KID | teacher DDIM KID | distilled RMSE | "
+            "teacher DDIM RMSE |" + (" distilled label acc. | teacher DDIM label acc. |" if accuracy else ""))
+    lines = [head, "|---" * head.count(" |") + "|"]
+
+    def acc(row: dict) -> str:
+        return f" {fmt(row.get('label_accuracy'), '.3f')} |" if accuracy else ""
+
+    full = by.get(("teacher_ddim", full_steps), {})
+    lines.append(f"| {full_steps} (teacher) | - | {fmt(full.get('fid'), '.2f')} | - | {fmt(full.get('kid'), '.4f')} | "
+                 f"- | 0 |" + (f" - |{acc(full)}" if accuracy else ""))
+    for s in sorted({r["student_steps"] for r in rounds}, reverse=True):
+        d, t = by.get(("distilled", s), {}), by.get(("teacher_ddim", s), {})
+        lines.append(f"| {s} | {fmt(d.get('fid'), '.2f')} | {fmt(t.get('fid'), '.2f')} | {fmt(d.get('kid'), '.4f')} | "
+                     f"{fmt(t.get('kid'), '.4f')} | {fmt(d.get('rmse_to_full'), '.4f')} | "
+                     f"{fmt(t.get('rmse_to_full'), '.4f')} |{acc(d)}{acc(t)}")
+    return lines
+
+
+def plot_fid_vs_guidance(rows: list[dict], full_steps: int, path: Path) -> Path:
+    """FID against the guidance weight, one panel per step count: the teacher's full sampler, its DDIM and the
+    student at that count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = sorted({r["steps"] for r in rows if r["sampler"] == "distilled"}, reverse=True)
+    fig, axes = plt.subplots(1, max(1, len(counts)), figsize=(2.6 * max(1, len(counts)), 2.8), dpi=100,
+                             sharey=True, squeeze=False)
+    full = sorted((r["guidance"], r["fid"]) for r in rows if r["sampler"] == "teacher_ddim" and r["steps"] == full_steps)
+    for ax, n in zip(axes[0], counts):
+        if full:
+            ax.plot(*zip(*full), "-", color="grey", label=f"teacher, {full_steps} steps")
+        for sampler, (style, label) in STYLES.items():
+            pts = sorted((r["guidance"], r["fid"]) for r in rows if r["sampler"] == sampler and r["steps"] == n)
+            if pts:
+                ax.plot(*zip(*pts), style, label=label)
+        ax.set_title(f"{n} steps", fontsize=9)
+        ax.set_xlabel("guidance weight w")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"FID ({rows[0]['extractor']})" if rows else "FID", fontsize=8)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -50,30 +103,35 @@ _METHOD = {"tract": ["Distilled with TRACT: each phase's student jumps to the en
 
 
 def write_report(out: Path, summary: dict) -> Path:
-    """summary.json, fid_vs_steps.png and report.md in ``out``; returns the report's path."""
+    """summary.json, fid_vs_steps.png (a guided run's also fid_vs_guidance.png) and report.md in ``out``; returns
+    the report's path."""
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     rows, full_steps = summary["eval"], summary["teacher"]["full_steps"]
-    plot_fid_vs_steps(rows, full_steps, out / "fid_vs_steps.png")
+    weights = sorted({r["guidance"] for r in rows if "guidance" in r})
+    plot_fid_vs_steps([r for r in rows if r.get("guidance") == (weights[len(weights) // 2] if weights else None)],
+                      full_steps, out / "fid_vs_steps.png")
     extractor = rows[0]["extractor"] if rows else "-"
     n = rows[0]["n_samples"] if rows else 0
-    by = {(r["sampler"], r["steps"]): r for r in rows}
     lines = ["# raypd run report", "",
              f"Run `{summary['run']}`, {summary['seconds']:.0f} s. Metrics: {extractor} features, {n} samples per "
              f"point, noise seed {summary['eval_seed']}; RMSE is the distance to the teacher's {full_steps}-step "
-             "samples from the same noise.", "",
+             "samples from the same noise" + (" and guidance weight." if weights else "."), "",
              *([f"FID protocol: {describe(rows[0]['protocol'])}. The full record is in `summary.json` (each "
                 "row's `protocol`); `raypd fid --checkpoint C --steps N --n "
                 f"{rows[0]['n_samples']}` computes a row again.", ""] if rows and "protocol" in rows[0] else []),
-             "![FID vs steps](fid_vs_steps.png)", "",
-             "| steps | distilled FID | teacher DDIM FID | distilled KID | teacher DDIM KID | distilled RMSE | teacher DDIM RMSE |",
-             "|---|---|---|---|---|---|---|"]
-    full = by.get(("teacher_ddim", full_steps), {})
-    lines.append(f"| {full_steps} (teacher) | - | {fmt(full.get('fid'), '.2f')} | - | {fmt(full.get('kid'), '.4f')} | - | 0 |")
-    for r in summary["rounds"]:
-        s = r["student_steps"]
-        d, t = by.get(("distilled", s), {}), by.get(("teacher_ddim", s), {})
-        lines.append(f"| {s} | {fmt(d.get('fid'), '.2f')} | {fmt(t.get('fid'), '.2f')} | {fmt(d.get('kid'), '.4f')} | "
-                     f"{fmt(t.get('kid'), '.4f')} | {fmt(d.get('rmse_to_full'), '.4f')} | {fmt(t.get('rmse_to_full'), '.4f')} |")
+             "![FID vs steps](fid_vs_steps.png)", ""]
+    if not weights:
+        lines += steps_table(rows, summary["rounds"], full_steps)
+    else:
+        plot_fid_vs_guidance(rows, full_steps, out / "fid_vs_guidance.png")
+        lines += [f"Guided: every sampler is scored at each classifier-free guidance weight w ({', '.join(f'{w:g}' for w in weights)}); "
+                  "the teacher combines its conditional and unconditional predictions, (1 + w) x(z, c) - w x(z), the "
+                  "students take w as an input. `fid_vs_steps.png` is at the middle weight; label accuracy is the "
+                  "share of samples the classifier reads as their label.", "",
+                  "![FID vs guidance weight](fid_vs_guidance.png)", ""]
+        for w in weights:
+            lines += [f"### w = {w:g}", "", *steps_table([r for r in rows if r.get("guidance") == w], summary["rounds"],
+                                                          full_steps), ""]
     teacher_cost = summary["teacher"].get("compute")
     method = summary.get("method", "progressive")
     lines += ["", "## Rounds", "", *_METHOD.get(method, []),
@@ -83,10 +141,12 @@ def write_report(out: Path, summary: dict) -> Path:
                                     " (the teacher's own training cost is not known: it was given or imported)."), "",
               "| round | steps | updates | lr | final loss | skipped samples | seconds | compute so far | x teacher | grid |",
               "|---|---|---|---|---|---|---|---|---|---|"]
+    middle = f"-w{weights[len(weights) // 2]:g}" if weights else ""
     for r in summary["rounds"]:
-        grid = f"grids/distilled-{r['student_steps']:04d}steps.png"
+        grid = f"grids/distilled-{r['student_steps']:04d}steps{middle}.png"
         ratio = fmt(r["compute"] / teacher_cost if teacher_cost and "compute" in r else None, ".2f")
-        lines.append(f"| {r['round']} | {r['teacher_steps']} -> {r['student_steps']} | {r['updates']} | {r['lr']:.2e} | "
+        steps = f"{r['teacher_steps']} -> {r['student_steps']}" + (" (w input)" if r.get("guidance") else "")
+        lines.append(f"| {r['round']} | {steps} | {r['updates']} | {r['lr']:.2e} | "
                      f"{r['final_loss']:.4f} | {r.get('skipped_samples', 0)} | {r['wall_seconds']:.0f} | "
                      f"{fmt(r.get('compute'), ',.0f')} | {ratio} | [grid]({grid}) |")
     lines += ["", f"Final student: `{summary['final_checkpoint']}`.", ""]

@@ -62,8 +62,10 @@ def autocast(dtype: torch.dtype | None, device: torch.device | str):
 
 @torch.inference_mode()
 def _in_batches(model: Denoiser, z_1: Tensor, y: Tensor | None, batch_size: int, device: torch.device | str,
-                sampler: Callable[[Callable, Tensor], Tensor], dtype: torch.dtype | None = None) -> Tensor:
-    """Run ``sampler(denoise, z)`` over z_1 in batches, in eval mode, and return the samples on the CPU."""
+                sampler: Callable[[Callable, Tensor], Tensor], dtype: torch.dtype | None = None,
+                w: float | None = None) -> Tensor:
+    """Run ``sampler(denoise, z)`` over z_1 in batches, in eval mode, and return the samples on the CPU; ``w``:
+    the classifier-free guidance weight of every step (None: unguided)."""
     was_training = model.training
     model.eval()
     out = []
@@ -71,28 +73,29 @@ def _in_batches(model: Denoiser, z_1: Tensor, y: Tensor | None, batch_size: int,
         z = z_1[start:start + batch_size].to(device)
         yb = None if y is None else y[start:start + batch_size].to(device)
         with autocast(dtype, device):
-            out.append(sampler(model.bind(yb), z).float().cpu())
+            denoise = model.bind(yb) if w is None else model.bind(yb, w)
+            out.append(sampler(denoise, z).float().cpu())
     model.train(was_training)
     return torch.cat(out)
 
 
 def sample_ddim(model: Denoiser, z_1: Tensor, y: Tensor | None, n_steps: int, *, logsnr_fn: LogsnrFn,
                 batch_size: int = NOISE_BLOCK, device: torch.device | str = "cpu",
-                dtype: torch.dtype | None = None) -> Tensor:
+                dtype: torch.dtype | None = None, w: float | None = None) -> Tensor:
     """N-step DDIM samples (clipped, as for display and metrics), returned on the CPU in fp32; ``dtype``: the
-    network's autocast dtype (bf16 on GPUs), with the sampler's arithmetic in fp32."""
+    network's autocast dtype (bf16 on GPUs), with the sampler's arithmetic in fp32; ``w``: guided at this weight."""
     return _in_batches(model, z_1, y, batch_size, device,
-                       lambda denoise, z: ddim_sample(denoise, z, n_steps, logsnr_fn=logsnr_fn), dtype)
+                       lambda denoise, z: ddim_sample(denoise, z, n_steps, logsnr_fn=logsnr_fn), dtype, w)
 
 
 def sample_stochastic(model: Denoiser, z_1: Tensor, y: Tensor | None, n_steps: int, *, logsnr_fn: LogsnrFn,
                       seed: int, batch_size: int = NOISE_BLOCK, device: torch.device | str = "cpu",
-                      dtype: torch.dtype | None = None) -> Tensor:
+                      dtype: torch.dtype | None = None, w: float | None = None) -> Tensor:
     """N-step ancestral samples, with the step noise drawn from ``seed`` (so reruns agree)."""
     gen = torch.Generator(device).manual_seed(seed)
     return _in_batches(model, z_1, y, batch_size, device,
                        lambda denoise, z: stochastic_sample(denoise, z, n_steps, logsnr_fn=logsnr_fn, generator=gen),
-                       dtype)
+                       dtype, w)
 
 
 def rmse(a: Tensor, b: Tensor) -> float:

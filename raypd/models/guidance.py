@@ -55,6 +55,11 @@ class GuidedClassEmbedding(nn.Embedding):
         return F.embedding(labels, self.weight) + self.guidance(features)
 
 
+def takes_guidance(state: dict) -> bool:
+    """Whether a network's state dict is a w-conditioned network's (it holds a w embedding)."""
+    return any(".class_embedding.guidance." in f".{name}" for name in state)
+
+
 def pack_labels(y: Tensor, w: Tensor) -> Tensor:
     """(label, w) pairs as the float [B, 2] tensor a :class:`GuidedClassEmbedding` reads (labels stay exact in
     fp32 up to 2^24)."""

@@ -254,3 +254,65 @@ def test_run_directory_guards(tmp_path, capsys):
     assert main(["--dry-run", *args]) == 0
     out = capsys.readouterr().out
     assert "round 0" in out and "2->1" in out and "exists: the run would continue there" in out
+
+
+GUIDED = ["data.num_classes=10", "model.class_dropout=0.2", "distill.guidance_max=2", "distill.guidance_updates=6",
+          "eval.guidance=[0,2]", "dist.checkpoint_every=3"]
+
+
+def test_guided_pipeline_runs_to_a_one_step_w_student_resumes_after_a_kill_and_reports_against_w(
+        tmp_path, monkeypatch, capsys):
+    from raypd.checkpoint import read_meta
+    from raypd.cli import main as cli
+    from raypd.train.stage_loop import StageLoop
+
+    args = TINY + GUIDED + [f"run.storage_path={tmp_path}", "run.name=guided"]
+    original = StageLoop._update
+
+    def killed(self, k, batches):  # the driver dies inside the first stage, after its checkpoint at update 3
+        if self.stage.guidance and k == 5:
+            raise KeyboardInterrupt("killed")
+        return original(self, k, batches)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(StageLoop, "_update", killed)
+        with pytest.raises(KeyboardInterrupt):
+            main(args)
+    capsys.readouterr()
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "[teacher] loading" in err and "[round 0] resumed from the checkpoint at update 3 of 6" in err
+    run = tmp_path / "guided"
+    summary = json.loads((run / "summary.json").read_text())
+    assert [(r["teacher_steps"], r["student_steps"], r["updates"], r.get("guidance", False))
+            for r in summary["rounds"]] == [(4, 4, 6, True), (4, 2, 10, False), (2, 1, 10, False)]
+    assert [r["compute"] for r in summary["rounds"]] == [5 * 6 * 32, 5 * 16 * 32, 5 * 26 * 32]
+    points = [(r["sampler"], r["steps"], r["guidance"]) for r in summary["eval"]]
+    assert points == [(s, n, w) for w in (0.0, 2.0) for s, n in (("teacher_ddim", 4), ("teacher_ddim", 2),
+                                                                 ("teacher_ddim", 1))] + \
+        [("distilled", n, w) for n in (4, 2, 1) for w in (0.0, 2.0)]
+    for row in summary["eval"]:
+        assert 0.0 <= row["label_accuracy"] <= 1.0 and row["fid"] > 0
+    # guidance changes the samples: the teacher's full sampler at w = 2 is not its w = 0 sampler
+    full = {r["guidance"]: r for r in summary["eval"] if r["sampler"] == "teacher_ddim" and r["steps"] == 4}
+    assert full[0.0]["fid"] != full[2.0]["fid"]
+    assert not read_meta(run / "teacher").guidance_input
+    assert all(read_meta(run / r["checkpoint"]).guidance_input for r in summary["rounds"])
+    assert len(list((run / "eval").glob("teacher-full-*-w*.npy"))) == 2
+    report = (run / "report.md").read_text()
+    assert "### w = 2" in report and "![FID vs guidance weight](fid_vs_guidance.png)" in report
+    assert "4 -> 4 (w input)" in report and "label acc." in report
+    assert (run / "fid_vs_guidance.png").read_bytes()[:4] == b"\x89PNG"
+    assert (run / "grids" / "distilled-0001steps-w2.png").is_file()
+
+    final = run / summary["final_checkpoint"]
+    assert cli(["sample", "--checkpoint", str(final), "--n", "4", "--out", str(tmp_path / "g.png")]) == 2
+    assert "pass --guidance W" in capsys.readouterr().err
+    assert cli(["sample", "--checkpoint", str(final), "--n", "4", "--guidance", "2", "--out",
+                str(tmp_path / "g.png")]) == 0
+    capsys.readouterr()
+    assert cli(["fid", "--checkpoint", str(final), "--n", "16", "--guidance", "2"]) == 0
+    scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    ours = next(r for r in summary["eval"] if r["sampler"] == "distilled" and r["steps"] == 1 and r["guidance"] == 2)
+    assert scored["fid"] == pytest.approx(ours["fid"], rel=1e-4)
+    assert scored["label_accuracy"] == ours["label_accuracy"]

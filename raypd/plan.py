@@ -156,14 +156,12 @@ def eval_forwards(cfg: Config) -> float:
     its stochastic sampler) at every step count the students reach, once, and every student at its own steps
     (samples only; feature extraction is small); all of it at every guidance weight scored, where the guided
     teacher's steps cost two forwards (its conditional and unconditional predictions)."""
-    from raypd.eval.evaluate import guidance_weights
-
     rounds = plan_rounds(cfg.distill)
     full = cfg.eval.reference_steps or cfg.teacher.sampling_steps
     counts = {r.student_steps for r in rounds}
     teacher = full + sum(counts - {full}) + (sum(counts) if cfg.eval.stochastic else 0)
     students = sum(r.student_steps for r in rounds)
-    weights = guidance_weights(cfg)
+    weights = cfg.guidance_weights()
     per_teacher_step = 1 if weights == [None] else 2
     return float(cfg.eval.num_samples * len(weights) * (per_teacher_step * teacher + students))
 

@@ -645,6 +645,16 @@ class Config:
         for key, batch in (("teacher.batch_size", self.teacher.batch_size), ("distill.batch_size", self.distill.batch_size)):
             _require(batch % w == 0, key, f"{batch} does not split evenly over dist.workers={self.dist.workers}")
 
+    def guidance_weights(self) -> list[float | None]:
+        """The guidance weights every evaluated point is scored at: ``eval.guidance``; for a guided distillation
+        without them, its w range's ends and middle; else one unguided pass (None)."""
+        if self.eval.guidance:
+            return [float(w) for w in self.eval.guidance]
+        d = self.distill
+        if d.guided:
+            return sorted({d.guidance_min, (d.guidance_min + d.guidance_max) / 2, d.guidance_max})
+        return [None]
+
     def _validate_guidance(self) -> None:
         classes, dropout = self.data.num_classes, self.model.class_dropout
         _require(dropout == 0 or classes > 0, "model.class_dropout",

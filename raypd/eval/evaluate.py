@@ -101,7 +101,7 @@ class Evaluator:
             self.record = EvalRecord(out / "eval", fingerprint(
                 eval=settings, diffusion=plain["diffusion"], spec=self.spec.to_dict(), teacher=teacher_digest,
                 full_steps=self.full_steps, noise=NOISE_SCHEME, sampling=self.sampling))
-        self.weights = guidance_weights(cfg)
+        self.weights = cfg.guidance_weights()
         self.full: dict[float | None, FullSamples] = {}
         self.rows: list[dict] = []
         fresh = [w for w in self.weights if not self._full_recorded(w)]
@@ -196,20 +196,9 @@ class Evaluator:
         return rows
 
 
-def guidance_weights(cfg: Config) -> list[float | None]:
-    """The guidance weights every point is scored at: ``eval.guidance``; for a guided distillation without them,
-    its w range's ends and middle; else one unguided pass (None)."""
-    if cfg.eval.guidance:
-        return [float(w) for w in cfg.eval.guidance]
-    d = cfg.distill
-    if d.guided:
-        return sorted({d.guidance_min, (d.guidance_min + d.guidance_max) / 2, d.guidance_max})
-    return [None]
-
-
 def middle_weight(cfg: Config) -> float | None:
     """The guidance weight a single score of a run is taken at (a sweep trial's): the middle one it scores."""
-    weights = guidance_weights(cfg)
+    weights = cfg.guidance_weights()
     return weights[len(weights) // 2]
 
 

@@ -120,3 +120,28 @@ def test_the_two_lsun_configs_differ_only_in_data_and_name():
 @pytest.mark.parametrize("name", PAPER)
 def test_runs_keep_their_files_in_a_bucket(name):
     assert paper(name).run.storage_path.startswith("s3://")
+
+
+def test_the_guided_imagenet_config_is_imagenet64_with_guidance_and_its_dry_run_plans_it(tmp_path, capsys):
+    guided, plain = paper("imagenet64_guided.yaml"), paper("imagenet64.yaml")
+    assert (guided.model.class_dropout, guided.distill.guidance_min, guided.distill.guidance_max) == (0.1, 0.0, 4.0)
+    assert guided.eval.guidance == (0.0, 0.3, 1.0, 2.0, 4.0)
+    a, b = guided.to_dict(), plain.to_dict()
+    for cfg in (a, b):
+        del cfg["model"]["class_dropout"], cfg["run"]["name"], cfg["eval"]["guidance"]
+        for key in ("guidance_min", "guidance_max", "guidance_updates"):
+            del cfg["distill"][key]
+    assert a == b  # the paper's network, schedule and budgets otherwise
+    rounds = plan_rounds(guided.distill)
+    assert rounds[0].guidance and (rounds[0].teacher_steps, rounds[0].student_steps) == (1024, 1024)
+    assert [r.student_steps for r in rounds[1:]] == [512, 256, 128, 64, 32, 16, 8, 4, 2, 1]
+    # one extra class embedding, the "no class" label, and no w embedding in the teacher
+    assert count_parameters(guided.model, guided.data) - count_parameters(plain.model, plain.data) == 768
+
+    from raypd.distill import main
+
+    assert main(["--config", str(ROOT / "configs" / "imagenet64_guided.yaml"), "--dry-run",
+                 f"run.storage_path={tmp_path}"]) == 0
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "1024->1024 (w input)" in text and "round 10" in text and "dry run: nothing was started" in text

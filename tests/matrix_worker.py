@@ -71,7 +71,7 @@ def _loop(cfg, stage, rank: int, world: int, store, staging: Path):
                      agree=lambda error: agree(error, world=world, label=stage.label, device=device))
 
 
-def _combo(cfg, spec: dict, root: Path, rank: int, world: int, pairs: list[str]) -> dict:
+def _combo(cfg, spec: dict, root: Path, rank: int, world: int, pairs: list[str], guided_teacher: str) -> dict:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import load_file
 
@@ -83,6 +83,8 @@ def _combo(cfg, spec: dict, root: Path, rank: int, world: int, pairs: list[str])
         stage = stage.with_(student_steps=1, sampling_steps=1, teacher_steps=4)
     elif cfg.distill.method == "denoising_student":  # one step, trained on the teacher's pairs
         stage = stage.with_(student_steps=1, sampling_steps=1, teacher_steps=4, shards=tuple(pairs))
+    elif cfg.distill.guided:  # the first stage: a w-conditioned student of the guided teacher, at its 4 steps
+        stage = stage.with_(teacher=guided_teacher, guidance=True, student_steps=4, sampling_steps=4, teacher_steps=4)
     began = time.perf_counter()
     store = SharedFolderStore(root / "through")
     run = _loop(cfg, stage, rank, world, store, root / f"staging{rank}")
@@ -100,6 +102,9 @@ def _combo(cfg, spec: dict, root: Path, rank: int, world: int, pairs: list[str])
                                "updates": run.self_teacher.count}
     if rank == 0:
         mine = load_file(str(final / "consolidated" / "model.safetensors"))
+        if cfg.distill.guided:
+            out["guidance_moved"] = max(float(v.abs().max()) for k, v in mine.items()
+                                        if "class_embedding.guidance.2." in k)
         out["consolidated_dtypes"] = sorted({str(v.dtype) for v in mine.values()})
         out["consolidated_numel"] = sum(v.numel() for v in mine.values())
         if cfg.dist.zero_stage:
@@ -131,10 +136,11 @@ def _combo(cfg, spec: dict, root: Path, rank: int, world: int, pairs: list[str])
     # teacher training: the EMA of whole weights (gathered under ZeRO-3) is what the stage hands on
     t_stage = Stage("teacher", "teacher", updates=EVERY, sampling_steps=4, stream=0, shards=stage.shards)
     taught = _loop(cfg, t_stage, rank, world, SharedFolderStore(root / "teacher"), root / f"staging{rank}")
+    dropped = _count_dropped_labels(taught, cfg)
     out["teacher"] = {"has_ema": taught.engine.ema is not None}  # rank 0 alone keeps the EMA
     initial = {k: v.clone() for k, v in taught.engine.ema.state_dict().items()} if rank == 0 else {}
     taught.run(0)
-    out["teacher"].update(losses=taught.losses, skipped=taught.engine.skipped_updates)
+    out["teacher"].update(losses=taught.losses, skipped=taught.engine.skipped_updates, dropped_labels=sum(dropped))
     if rank == 0:
         ema = taught.engine.ema.state_dict()
         out["teacher"]["ema_moved"] = max(float((ema[k] - initial[k]).abs().max()) for k in ema)
@@ -142,6 +148,29 @@ def _combo(cfg, spec: dict, root: Path, rank: int, world: int, pairs: list[str])
         out["teacher"]["saved_is_ema"] = all(torch.equal(saved[k], ema[k]) for k in ema)
     out["seconds"] = time.perf_counter() - began
     return out
+
+
+def _count_dropped_labels(run, cfg) -> list[int]:
+    """Counts, per update, the labels that label dropout turned into the 'no class' label (none without it)."""
+    from raypd.train import step
+
+    counts, original = [], step.drop_labels
+
+    def counting(y, p, null_class, generator):
+        out = original(y, p, null_class, generator)
+        counts.append(int((out == null_class).sum()))
+        return out
+
+    step.drop_labels = counting  # this process runs one stage at a time
+    original_run = run.run
+
+    def run_then_restore(start=0):
+        try:
+            return original_run(start)
+        finally:
+            step.drop_labels = original
+    run.run = run_then_restore
+    return counts
 
 
 def matrix_worker(config: dict) -> list | None:
@@ -158,7 +187,7 @@ def matrix_worker(config: dict) -> list | None:
         cfg = config_from_dict(config["base"], overrides)
         root = Path(config["root"]) / f"{world}w-{name}"
         try:
-            out = _combo(cfg, config["spec"], root, rank, world, config["pairs"])
+            out = _combo(cfg, config["spec"], root, rank, world, config["pairs"], config["guided_teacher"])
         except Exception as err:  # noqa: BLE001 - reported to the test, which names the combination
             import traceback
 

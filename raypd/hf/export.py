@@ -19,7 +19,10 @@ card; ``DiffusionPipeline.from_pretrained(DIR)`` samples it offline.
   v_prediction, epsilon). The paper's combined output (``both``) is exact as ``v_prediction`` at one
   step: at t = 1 both heads fold into one output conv. Class-conditional students, and ``both`` at
   more steps, get ``RaypdDDIMPipeline`` (``raypd_pipeline.py``, written into the directory and loaded
-  by diffusers from there, with ``trust_remote_code=True``), which takes ``class_labels``.
+  by diffusers from there, with ``trust_remote_code=True``), which takes ``class_labels``. A guided
+  distillation's student also gets a ``guidance`` component (``guidance/raypd_guidance.py``) that embeds
+  (label, w); the pipeline then takes ``guidance_scale`` = 1 + w, and the check samples at the middle of the
+  run's scored weights.
 * **Clipping** is as the student samples in raypd (x_hat clipped to [-1, 1] every step and eps
   derived from the clipped x_hat: ``clip_sample`` with ``use_clipped_model_output=True``); ``--no-clip``
   exports raypd's unclipped sampler.
@@ -50,6 +53,8 @@ from raypd.models import Denoiser
 
 PIPELINE_FILE = Path(__file__).with_name("raypd_pipeline.py")
 PIPELINE_CLASS = "RaypdDDIMPipeline"
+GUIDANCE_FILE = Path(__file__).with_name("raypd_guidance.py")
+GUIDANCE_CLASS = "GuidanceEmbedding"
 TOLERANCE = (1e-4, 1e-6)
 """A pipeline matches raypd when max |diff| <= 1e-4 + 1e-6 max |x| over samples from the same noise."""
 EPS_UNCLIPPED_RELATIVE = 1e-4
@@ -152,9 +157,25 @@ def export_unet(model: Denoiser, plan: Plan):
             x_head, eps_head = state[name].split(channels, dim=0)
             state[name] = alpha * eps_head - sigma * x_head
         config["out_channels"] = channels
+    if model.guidance_input:  # the class embedding moves to the guidance component; the UNet adds what it gives
+        for name in [k for k in state if k.startswith("class_embedding.")]:
+            del state[name]
+        config.update(class_embed_type="identity", num_class_embeds=None)
     exported = UNet2DModel(**config)
     exported.load_state_dict(state, strict=True)
     return exported.eval()
+
+
+def export_guidance(model: Denoiser, meta: CheckpointMeta):
+    """A w-conditioned student's class and w embeddings as the pipeline's ``guidance`` component."""
+    from raypd.hf.raypd_guidance import GuidanceEmbedding
+
+    embedding = model.backbone.unet.class_embedding
+    component = GuidanceEmbedding(num_classes=meta.data.num_classes, num_embeddings=embedding.num_embeddings,
+                                  embedding_dim=embedding.embedding_dim)
+    state = {("classes.weight" if k == "weight" else k): v.detach().clone() for k, v in embedding.state_dict().items()}
+    component.load_state_dict(state, strict=True)
+    return component.eval()
 
 
 def build_pipeline(model: Denoiser, meta: CheckpointMeta, plan: Plan):
@@ -167,8 +188,9 @@ def build_pipeline(model: Denoiser, meta: CheckpointMeta, plan: Plan):
         return DDIMPipeline(unet=unet, scheduler=scheduler)
     from raypd.hf.raypd_pipeline import RaypdDDIMPipeline
 
+    guidance = export_guidance(model, meta) if model.guidance_input else None
     return RaypdDDIMPipeline(unet=unet, scheduler=scheduler, parameterization=meta.model.parameterization,
-                             sampling_steps=plan.steps)
+                             sampling_steps=plan.steps, guidance=guidance)
 
 
 def load_pipeline(path: str | Path):
@@ -180,11 +202,15 @@ def load_pipeline(path: str | Path):
 
 
 @torch.no_grad()
-def pipeline_samples(pipe, n: int, *, seed: int, labels: torch.Tensor | None, steps: int) -> torch.Tensor:
-    """n samples in [-1, 1] from the pipeline, its noise drawn from ``torch.Generator().manual_seed(seed)``."""
+def pipeline_samples(pipe, n: int, *, seed: int, labels: torch.Tensor | None, steps: int,
+                     w: float | None = None) -> torch.Tensor:
+    """n samples in [-1, 1] from the pipeline, its noise drawn from ``torch.Generator().manual_seed(seed)`` (``w``:
+    a guided student's weight, passed as guidance_scale 1 + w)."""
     generator = torch.Generator().manual_seed(seed)
     if type(pipe).__name__ == PIPELINE_CLASS:
         kwargs = {} if labels is None else {"class_labels": labels}
+        if w is not None:
+            kwargs["guidance_scale"] = 1.0 + w
         return pipe(batch_size=n, generator=generator, num_inference_steps=steps, output_type="pt", **kwargs).images
     out = pipe(batch_size=n, generator=generator, num_inference_steps=steps, eta=0.0,
                use_clipped_model_output=True, output_type="np").images
@@ -199,14 +225,25 @@ def pipeline_noise(n: int, channels: int, resolution: int, *, seed: int, num_cla
     return z, (torch.randint(0, num_classes, (n,), generator=g) if num_classes > 0 else None)
 
 
-def raypd_samples(model: Denoiser, meta: CheckpointMeta, n: int, *, seed: int, steps: int, clip: bool):
+def raypd_samples(model: Denoiser, meta: CheckpointMeta, n: int, *, seed: int, steps: int, clip: bool,
+                  w: float | None = None):
     """(samples, labels) of raypd's own DDIM sampler from the same noise the pipeline draws."""
     from raypd.diffusion import ddim_sample
 
     z, y = pipeline_noise(n, meta.data.channels, meta.data.resolution, seed=seed, num_classes=meta.data.num_classes)
     with torch.no_grad():
-        x = ddim_sample(model.eval().bind(y), z, steps, clip=clip, logsnr_fn=meta.logsnr_fn())
+        x = ddim_sample(model.eval().bind(y, w), z, steps, clip=clip, logsnr_fn=meta.logsnr_fn())
     return x, y
+
+
+def check_weight(meta: CheckpointMeta) -> float | None:
+    """The guidance weight a guided student's export is checked at: the middle one its run scores."""
+    if not meta.guidance_input:
+        return None
+    from raypd.config import config_from_dict
+
+    weights = config_from_dict(meta.config).guidance_weights()
+    return weights[len(weights) // 2]
 
 
 def tolerance(parameterization: str, clip: bool, scale: float) -> float:
@@ -218,10 +255,11 @@ def tolerance(parameterization: str, clip: bool, scale: float) -> float:
 def check_export(path: str | Path, model: Denoiser, meta: CheckpointMeta, plan: Plan, *, n: int = 2,
                  seed: int = 0) -> float:
     """Max |diff| between the saved pipeline's samples and raypd's from the same noise; ExportError beyond tolerance."""
-    ours, labels = raypd_samples(model, meta, n, seed=seed, steps=plan.steps, clip=plan.clip)
+    w = check_weight(meta)
+    ours, labels = raypd_samples(model, meta, n, seed=seed, steps=plan.steps, clip=plan.clip, w=w)
     pipe = load_pipeline(path)
     pipe.set_progress_bar_config(disable=True)
-    theirs = pipeline_samples(pipe, n, seed=seed, labels=labels, steps=plan.steps)
+    theirs = pipeline_samples(pipe, n, seed=seed, labels=labels, steps=plan.steps, w=w)
     if not plan.custom:
         ours = ours.clamp(-1, 1)  # a stock pipeline returns images clamped to [0, 1]
     diff = (theirs.double() - ours.double()).abs().max().item()
@@ -263,6 +301,9 @@ def model_card(checkpoint: Path, meta: CheckpointMeta, plan: Plan, match: float 
     clip = ", use_clipped_model_output=True" if plan.clip else ""
     if plan.custom:
         labels = "class_labels=[0, 1, 2, 3], " if meta.data.num_classes else "batch_size=4, "
+        if meta.guidance_input:
+            low, high = distill.get("guidance_min", 0.0), distill.get("guidance_max", 0.0)
+            labels += f"guidance_scale={1 + (low + high) / 2:g}, "
         load = f"""```python
 from diffusers import DiffusionPipeline
 
@@ -271,7 +312,10 @@ pipe = DiffusionPipeline.from_pretrained("path/to/this/directory", trust_remote_
 images = pipe({labels}num_inference_steps={steps}).images
 ```"""
         pipeline = f"`{PIPELINE_CLASS}` (raypd_pipeline.py here: stock UNet2DModel and DDIMScheduler, " + \
-            ("class labels" if meta.data.num_classes else "the combined x/eps output") + ")"
+            ("class labels" if meta.data.num_classes else "the combined x/eps output") + \
+            (f"; classifier-free guidance distilled into the student: guidance_scale = 1 + w, w in "
+             f"[{distill.get('guidance_min', 0.0):g}, {distill.get('guidance_max', 0.0):g}]" if meta.guidance_input
+             else "") + ")"
     else:
         load = f"""```python
 from diffusers import DDIMPipeline
@@ -329,6 +373,9 @@ def export_student(checkpoint: str | Path, out: str | Path, *, steps: int | None
             shutil.copyfile(PIPELINE_FILE, tmp / PIPELINE_FILE.name)
             index = json.loads((tmp / "model_index.json").read_text())
             index["_class_name"] = [PIPELINE_FILE.stem, PIPELINE_CLASS]
+            if "guidance" in index:  # diffusers loads the component's class from the file in its folder
+                shutil.copyfile(GUIDANCE_FILE, tmp / "guidance" / GUIDANCE_FILE.name)
+                index["guidance"] = [GUIDANCE_FILE.stem, GUIDANCE_CLASS]
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
         match = check_export(tmp, model, meta, plan) if check else None
         (tmp / "README.md").write_text(model_card(checkpoint, meta, plan, match))

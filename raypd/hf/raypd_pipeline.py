@@ -6,6 +6,10 @@ the paper's combined x/eps output (``both``) at more than one step. diffusers lo
 directory (``DiffusionPipeline.from_pretrained(path, trust_remote_code=True)``); it imports nothing
 but torch and diffusers.
 
+A guided distillation's student (it takes the classifier-free guidance weight as an input) comes with a
+``guidance`` component (``guidance/raypd_guidance.py``) that embeds the labels and the weight; the pipeline
+then takes ``guidance_scale`` in diffusers' convention, 1 + w: 1 is the plain conditional model.
+
 Each step turns the network's output into x_hat with the student's own parameterization, then
 lets the stock ``DDIMScheduler`` (``prediction_type="sample"``) take the DDIM step from x_hat,
 clipping x_hat and re-deriving eps from it when ``clip`` is on, as raypd does. (No ``from __future__
@@ -36,26 +40,38 @@ class RaypdDDIMPipeline(DiffusionPipeline):
     """Deterministic DDIM sampling of a progressively distilled student, with optional class labels."""
 
     model_cpu_offload_seq = "unet"
+    _optional_components = ["guidance"]
 
-    def __init__(self, unet, scheduler, parameterization: str = "x", sampling_steps: int = 1):
+    def __init__(self, unet, scheduler, parameterization: str = "x", sampling_steps: int = 1, guidance=None):
         super().__init__()
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
         if scheduler.config.prediction_type != "sample":
             raise ValueError("the scheduler must take x_hat (prediction_type 'sample'); this pipeline computes it")
         self.register_modules(unet=unet, scheduler=scheduler)
+        if guidance is not None:
+            self.register_modules(guidance=guidance)
+        else:
+            self.guidance = None
         self.register_to_config(parameterization=parameterization, sampling_steps=sampling_steps)
 
     @torch.no_grad()
     def __call__(self, batch_size: int = 1, class_labels=None, generator=None, num_inference_steps: int | None = None,
-                 output_type: str = "pil", return_dict: bool = True):
+                 output_type: str = "pil", return_dict: bool = True, guidance_scale: float | None = None):
         """Sample ``batch_size`` images (or one per label in ``class_labels``) in the student's steps.
 
-        ``output_type``: "pil" or "np" (images in [0, 1], as DDIMPipeline) or "pt" (the samples in
-        [-1, 1] as raypd returns them, not clamped).
+        ``guidance_scale`` (a guided distillation's student only): 1 + w, the classifier-free guidance weight the
+        student samples at, within the range it was distilled over. ``output_type``: "pil" or "np" (images in
+        [0, 1], as DDIMPipeline) or "pt" (the samples in [-1, 1] as raypd returns them, not clamped).
         """
-        unet, scheduler = self.unet, self.scheduler
-        classes = unet.config.num_class_embeds
+        unet, scheduler, guidance = self.unet, self.scheduler, self.guidance
+        if guidance is not None and guidance_scale is None:
+            raise ValueError("this student takes the guidance weight as an input: pass guidance_scale (1 + w)")
+        if guidance is None and guidance_scale is not None:
+            raise ValueError("this student was not distilled with guidance: guidance_scale cannot be used")
+        if guidance is not None and guidance_scale < 1:
+            raise ValueError(f"guidance_scale is 1 + w with w >= 0, got {guidance_scale}")
+        classes = guidance.config.num_classes if guidance is not None else unet.config.num_class_embeds
         if classes:
             if class_labels is None:
                 raise ValueError(f"this student is class-conditional ({classes} classes): pass class_labels")
@@ -75,6 +91,9 @@ class RaypdDDIMPipeline(DiffusionPipeline):
         z = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=unet.dtype)
         scheduler.set_timesteps(num_inference_steps or self.config.sampling_steps)
         alphas = scheduler.alphas_cumprod.to(z.device)
+        if guidance is not None:  # the UNet adds the embedded (label, w) to its time embedding
+            w = torch.full((batch_size,), float(guidance_scale) - 1.0, device=z.device)
+            labels = guidance(labels, w)
         for t in self.progress_bar(scheduler.timesteps):
             output = unet(z, t, class_labels=labels, return_dict=False)[0]
             x_hat = x_from_output(output.to(z.dtype), z, alphas[t], self.config.parameterization)

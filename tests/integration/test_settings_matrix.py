@@ -9,7 +9,8 @@ DeepSpeed's own zero-to-fp32 consolidation of the same checkpoint and is fp32; a
 from the mid-stage checkpoint runs the next updates with the same losses; NaN data on rank 1 alone
 rolls every rank back to the last checkpoint with half the learning rate, and the stage then finishes. TRACT
 phases keep the same self-teacher on every rank, averaged from whole weights, and resume it from the checkpoint;
-a Denoising Student's stage trains on (noise, sample) pair shards the same way.
+a Denoising Student's stage trains on (noise, sample) pair shards the same way; guided distillation's first stage
+trains a w-conditioned student on a guided teacher's combined prediction, and its teacher trains with label dropout.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from tests.teachers import perturbed_denoiser  # noqa: E402
 
 LR = 1e-3
 TRACT = ["distill.method=tract", "distill.phases=[8,1]"]
+GUIDED = ["data.num_classes=10", "model.class_dropout=0.5", "distill.guidance_max=2"]
 COMBOS = [(f"z{stage}-{precision}-{offload}", [f"dist.zero_stage={stage}", f"dist.precision={precision}",
                                                 f"dist.offload_optimizer={str(offload in ('opt', 'params')).lower()}",
                                                 f"dist.offload_params={str(offload == 'params').lower()}",
@@ -46,6 +48,8 @@ COMBOS = [(f"z{stage}-{precision}-{offload}", [f"dist.zero_stage={stage}", f"dis
     ("z1-fp32-tract", ["dist.zero_stage=1", "dist.precision=fp32", *TRACT]),
     # the Denoising Student: batches of (noise, teacher sample) pairs from shards
     ("z2-bf16-denoising-student", ["dist.zero_stage=2", "dist.precision=bf16", "distill.method=denoising_student"]),
+    # guided distillation's first stage: a w-conditioned student (its w embedding partitioned like the rest)
+    ("z3-bf16-guided", ["dist.zero_stage=3", "dist.precision=bf16", "dist.teacher_dtype=bf16", *GUIDED]),
 ]
 BASE = ["data.resolution=8", "model.attn_resolutions=[4]", "model.ch=32", "data.loader_workers=0",
         "distill.batch_size=8", "teacher.batch_size=8", "teacher.warmup_updates=1", f"distill.lr={LR}", f"dist.checkpoint_every={EVERY}", "dist.nonfinite_patience=2",
@@ -71,6 +75,7 @@ def stage_inputs(tmp_path_factory):
     from raypd.config import load_config
     from raypd.data.prepare import training_shards
     from raypd.pairs import ensure_pairs
+    from raypd.train.rounds import make_student
 
     root = tmp_path_factory.mktemp("matrix")
     cfg = load_config(None, BASE)
@@ -82,7 +87,12 @@ def stage_inputs(tmp_path_factory):
     pairs = ensure_pairs(load_config(None, [*BASE, "distill.method=denoising_student", "distill.start_steps=4",
                                             "distill.pairs=32"]),
                          root, teacher.eval(), weights_digest(root / "teacher"), device=torch.device("cpu"))
-    return cfg.to_dict(), spec, root, sum(p.numel() for p in teacher.parameters()), pairs
+    guided_cfg = load_config(None, [*BASE, *GUIDED])
+    guided = perturbed_denoiser(guided_cfg)
+    save_checkpoint(root / "teacher-guided", guided, meta_for(guided_cfg, kind="teacher", sampling_steps=4, round=None))
+    numel = {"plain": sum(p.numel() for p in teacher.parameters()),
+             "guided": sum(p.numel() for p in make_student(guided, guidance_input=True).parameters())}
+    return cfg.to_dict(), spec, root, numel, pairs
 
 
 def _run_matrix(workers: int, stage_inputs) -> list[dict]:
@@ -94,20 +104,21 @@ def _run_matrix(workers: int, stage_inputs) -> list[dict]:
     base, spec, root, _, pairs = stage_inputs
     trainer = TorchTrainer(matrix_worker,
                            train_loop_config={"combos": COMBOS, "base": base, "spec": spec, "root": str(root),
-                                              "pairs": pairs},
+                                              "pairs": pairs, "guided_teacher": str(root / "teacher-guided")},
                            scaling_config=ScalingConfig(num_workers=workers),
                            torch_config=TorchConfig(backend="gloo", timeout_s=120),
                            run_config=RunConfig(name=f"matrix-{workers}w", storage_path=str(root / "ray")))
     return trainer.fit().return_value
 
 
-def _check(results: list[dict], workers: int, numel: int) -> list[str]:
+def _check(results: list[dict], workers: int, numels: dict) -> list[str]:
     rows = []
     assert [r["name"] for r in results] == [name for name, _ in COMBOS]
     failed = {r["name"]: r["ranks"][i]["traceback"] for r in results for i in range(workers) if "error" in r["ranks"][i]}
     assert not failed, "\n\n".join(f"{name}:\n{tb}" for name, tb in failed.items())
     for result in results:
         name, ranks = result["name"], result["ranks"]
+        numel = numels["guided" if "guided" in name else "plain"]
         errors = [r["error"] for r in ranks if "error" in r]
         assert not errors, f"{workers} worker(s), {name}: {errors}"
         for rank, r in enumerate(ranks):
@@ -139,6 +150,8 @@ def _check(results: list[dict], workers: int, numel: int) -> list[str]:
             assert averages[0]["updates"] == UPDATES and averages[0]["moved"] > 0, (name, averages[0])
         else:
             assert all("self_teacher" not in r for r in ranks), name
+        if "guided" in name:  # the w embedding learned, and the teacher's labels were dropped to 'no class'
+            assert ranks[0]["guidance_moved"] > 0 and sum(r["teacher"]["dropped_labels"] for r in ranks) > 0, name
         r0 = ranks[0]
         assert r0["consolidated_keys"] and r0["consolidated_numel"] == numel, name
         assert r0["consolidated_dtypes"] == ["torch.float32"], name

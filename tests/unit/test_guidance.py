@@ -282,3 +282,39 @@ def test_a_guided_stage_interrupted_resumes_bit_for_bit(guided_stages, tmp_path,
     assert "resumed from the checkpoint at update 4 of 8" in capsys.readouterr().err
     assert sorted(resumed) == sorted(through) and any("guidance" in k for k in through)
     assert all(torch.equal(resumed[k], through[k]) for k in through)
+
+
+def test_a_w_conditioned_student_exports_as_a_pipeline_taking_class_labels_and_guidance_scale(tmp_path):
+    """The export holds a stock UNet2DModel (class conditioning taken as given) and a guidance component that
+    embeds (label, w); its samples at guidance_scale = 1 + w are raypd's at w, from the same noise."""
+    from diffusers import UNet2DModel
+
+    from raypd.hf.export import export_student, load_pipeline, pipeline_samples, raypd_samples
+
+    cfg = load_config(None, TINY)
+    torch.manual_seed(0)
+    student = make_student(build_denoiser(cfg.model, cfg.data), guidance_input=True)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    path = save_checkpoint(tmp_path / "student", student,
+                           meta_for(cfg, kind="student", sampling_steps=2, round=3, guidance_input=True))
+    out, match = export_student(path, tmp_path / "pipe")
+    assert match is not None and match <= 1e-4
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["guidance"] == ["raypd_guidance", "GuidanceEmbedding"] and (out / "guidance" / "raypd_guidance.py").is_file()
+    assert UNet2DModel.from_pretrained(str(out / "unet")).config.class_embed_type == "identity"
+    assert "guidance_scale=" in (out / "README.md").read_text()
+
+    pipe = load_pipeline(out)
+    pipe.set_progress_bar_config(disable=True)
+    model, meta = load_checkpoint(path)
+    samples = {}
+    for w in (0.5, 3.0):
+        ours, labels = raypd_samples(model, meta, 3, seed=4, steps=2, clip=True, w=w)
+        theirs = pipeline_samples(pipe, 3, seed=4, labels=labels, steps=2, w=w)
+        assert (theirs - ours).abs().max() <= 1e-4, w
+        samples[w] = theirs
+    assert (samples[0.5] - samples[3.0]).abs().max() > 1e-3  # the weight reaches the network
+    with pytest.raises(ValueError, match="guidance_scale"):
+        pipe(class_labels=[1, 2], num_inference_steps=2, output_type="pt")

@@ -373,7 +373,7 @@ def export_student(checkpoint: str | Path, out: str | Path, *, steps: int | None
             shutil.copyfile(PIPELINE_FILE, tmp / PIPELINE_FILE.name)
             index = json.loads((tmp / "model_index.json").read_text())
             index["_class_name"] = [PIPELINE_FILE.stem, PIPELINE_CLASS]
-            if "guidance" in index:  # diffusers loads the component's class from the file in its folder
+            if (index.get("guidance") or [None])[0] is not None:  # its class comes from the file in its folder
                 shutil.copyfile(GUIDANCE_FILE, tmp / "guidance" / GUIDANCE_FILE.name)
                 index["guidance"] = [GUIDANCE_FILE.stem, GUIDANCE_CLASS]
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2))

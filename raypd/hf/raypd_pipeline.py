@@ -48,11 +48,7 @@ class RaypdDDIMPipeline(DiffusionPipeline):
             raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
         if scheduler.config.prediction_type != "sample":
             raise ValueError("the scheduler must take x_hat (prediction_type 'sample'); this pipeline computes it")
-        self.register_modules(unet=unet, scheduler=scheduler)
-        if guidance is not None:
-            self.register_modules(guidance=guidance)
-        else:
-            self.guidance = None
+        self.register_modules(unet=unet, scheduler=scheduler, guidance=guidance)
         self.register_to_config(parameterization=parameterization, sampling_steps=sampling_steps)
 
     @torch.no_grad()

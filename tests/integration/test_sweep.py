@@ -145,3 +145,33 @@ def test_a_denoising_student_sweeps_on_pairs_sampled_by_ray_tasks(tmp_path, teac
     assert summary["method"] == "denoising_student" and summary["pairs"]["count"] == 64
     chosen = next(r for r in table["trials"] if r["trial"] == table["chosen"])
     assert summary["rounds"][0]["lr"] == chosen["lr"]
+
+
+def test_guided_distillation_sweeps_its_first_stage_and_its_rounds(tmp_path):
+    """A guided teacher (label dropout), then both stages as sweeps: the w-conditioned student's trials report
+    held-out losses against the guided target at their own w, are scored at the middle weight, and the best of
+    each is promoted."""
+    from raypd.checkpoint import read_meta
+    from raypd.distill import main
+
+    guided = ["data.num_classes=10", "model.class_dropout=0.2"]
+    assert main([*BASE, *guided, "sweep.enabled=false", "teacher.updates=40", "distill.updates_per_round=1",
+                 f"run.storage_path={tmp_path}", "run.name=teacher"]) == 0
+    args = [*BASE, *guided, "sweep.lrs=[0.001,0.0003]", "distill.updates_per_round=6", "distill.guidance_max=2",
+            "distill.guidance_updates=6", "eval.guidance=[0,2]", f"teacher.checkpoint={tmp_path / 'teacher' / 'teacher'}",
+            f"run.storage_path={tmp_path}", "run.name=guided"]
+    proc = _run(args)
+    log, _ = proc.communicate(timeout=900)
+    (tmp_path / "log.txt").write_text(log)
+    assert proc.returncode == 0, log[-4000:]
+    run = tmp_path / "guided"
+    for index, steps in ((0, (2, 2)), (1, (2, 1))):
+        table = json.loads((run / "sweeps" / f"round-{index:02d}" / "trials.json").read_text())
+        assert (table["teacher_steps"], table["student_steps"]) == steps
+        assert {r["status"] for r in table["trials"]} <= {"finished", "stopped early"}, table["trials"]
+        assert all(0 < r["heldout_loss"] < 1e29 for r in table["trials"])
+        best = min((r for r in table["trials"] if r["status"] == "finished"), key=lambda r: r["fid"])
+        assert table["chosen"] == best["trial"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert all(read_meta(run / r["checkpoint"]).guidance_input for r in summary["rounds"])
+    assert {r["guidance"] for r in summary["eval"]} == {0.0, 2.0}

@@ -318,3 +318,32 @@ def test_a_w_conditioned_student_exports_as_a_pipeline_taking_class_labels_and_g
     assert (samples[0.5] - samples[3.0]).abs().max() > 1e-3  # the weight reaches the network
     with pytest.raises(ValueError, match="guidance_scale"):
         pipe(class_labels=[1, 2], num_inference_steps=2, output_type="pt")
+
+
+def test_tract_phases_distil_the_w_conditioned_student_at_its_own_w(guided_stages, tmp_path):
+    """Stage two by TRACT: the self-teacher is an average of the w-conditioned student, both stepping at w."""
+    from dataclasses import replace
+
+    cfg, _, shards, _, student_path, _ = guided_stages
+    tract = replace(cfg, distill=replace(cfg.distill, method="tract", phases=(2, 1)))
+    rounds = plan_rounds(tract.distill)
+    assert [(r.teacher_steps, r.student_steps, r.guidance) for r in rounds] == [(8, 8, True), (8, 2, False),
+                                                                                (2, 1, False)]
+    phase = _run(tract, tmp_path, round_stage(rounds[1], student_path, shards))
+    meta = read_meta(phase)
+    assert meta.guidance_input and meta.sampling_steps == 2
+    saved = next((tmp_path / "local").rglob("self_teacher.safetensors"))
+    assert any("class_embedding.guidance" in k for k in load_file(str(saved)))
+
+
+def test_an_imported_diffusers_teacher_may_carry_the_no_class_label():
+    from raypd.models.imported import UnsupportedModelError, check_unet_config
+
+    config = {"_class_name": "UNet2DModel", "in_channels": 1, "out_channels": 1, "sample_size": 8,
+              "num_class_embeds": 11}
+    check_unet_config(config, channels=1, resolution=8, num_classes=10, null_class=True)
+    with pytest.raises(UnsupportedModelError, match="'no class' label"):
+        check_unet_config({**config, "num_class_embeds": 10}, channels=1, resolution=8, num_classes=10,
+                          null_class=True)
+    with pytest.raises(UnsupportedModelError, match="num_class_embeds"):
+        check_unet_config(config, channels=1, resolution=8, num_classes=10)

@@ -214,8 +214,11 @@ def check_compatible(meta: CheckpointMeta, cfg: Config, path: str | Path) -> Non
     if (meta.schedule, meta.discrete_betas) != (cfg.diffusion.schedule, tuple(cfg.diffusion.discrete_betas)):
         problems.append(f"the noise schedule differs: checkpoint {meta.schedule!r}, config {cfg.diffusion.schedule!r}"
                         + (" (different betas)" if meta.schedule == cfg.diffusion.schedule else ""))
-    # dropout is a training setting, not part of the architecture
-    diffs = [f"model.{k}" for k, v in _section(cfg.model).items() if k != "dropout" and _section(meta.model)[k] != v]
+    # dropout is a training setting, not part of the architecture; label dropout only adds the "no class" label
+    mine, theirs = _section(cfg.model), _section(meta.model)
+    diffs = [f"model.{k}" for k, v in mine.items() if k not in ("dropout", "class_dropout") and theirs[k] != v]
+    if (mine["class_dropout"] > 0) != (theirs["class_dropout"] > 0):
+        diffs.append("model.class_dropout (a 'no class' label in one, not the other)")
     if diffs:
         problems.append(f"the model differs in {', '.join(diffs)}")
     if problems:

@@ -66,6 +66,9 @@ def main() -> None:
                                  *data_overrides(args.data, Path(args.assets)), *args.overrides])
         pd = run_pipeline(cfg)
         pd_dir, base = Path(pd["run"]), cfg.to_dict()
+    if any("guidance" in r for r in pd["rounds"]):
+        raise SystemExit("this benchmark compares unguided methods (raypd compare refuses guided runs); distil a "
+                         "guided teacher with distill.guidance_max and read its report instead")
     budget = sum(r["updates"] for r in pd["rounds"])
     per_phase = budget // len(phases)
     log(f"[bench] progressive: {len(pd['rounds'])} rounds, {budget} updates; TRACT {base['distill']['start_steps']}"

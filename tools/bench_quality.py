@@ -132,6 +132,9 @@ def main() -> None:
         raise SystemExit(f"--samples and --replicates must be >= 2, got {args.samples} and {args.replicates}")
     cfg = load_config(None, [f"run.storage_path={out.parent}", f"run.name={out.name}",
                              *data_overrides(args.data, Path(args.assets)), *args.overrides])
+    if cfg.distill.guided or cfg.eval.guidance:
+        raise SystemExit("this benchmark measures unguided samplers; a guided run's report.md has its FID and label "
+                         "accuracy at every guidance weight")
     started = time.perf_counter()
     summary = run_pipeline(cfg)
     run = Path(summary["run"])

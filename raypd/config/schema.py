@@ -649,7 +649,7 @@ class Config:
         """The guidance weights every evaluated point is scored at: ``eval.guidance``; for a guided distillation
         without them, its w range's ends and middle; else one unguided pass (None)."""
         if self.eval.guidance:
-            return [float(w) for w in self.eval.guidance]
+            return sorted(float(w) for w in self.eval.guidance)
         d = self.distill
         if d.guided:
             return sorted({d.guidance_min, (d.guidance_min + d.guidance_max) / 2, d.guidance_max})
@@ -668,6 +668,14 @@ class Config:
             _require(classes > 0 and dropout > 0, "eval.guidance",
                      f"scoring at guidance weights needs a guided teacher {why}: data.num_classes {classes}, "
                      f"model.class_dropout {dropout}")
+            d = self.distill
+            _require(d.guided, "eval.guidance", "the students of an unguided distillation never learnt the guided "
+                     "prediction; set distill.guidance_max > 0 to distil the guided teacher (its students are then "
+                     "scored at these weights), or drop eval.guidance")
+            outside = [w for w in self.eval.guidance if not d.guidance_min <= w <= d.guidance_max]
+            _require(not outside, "eval.guidance", f"weights {outside} lie outside the distilled range "
+                     f"[distill.guidance_min, distill.guidance_max] = [{d.guidance_min}, {d.guidance_max}]: the "
+                     "students never saw them")
 
     def _validate_native_unet(self) -> None:
         check_unet_shape(self.model, self.data.resolution)

@@ -95,9 +95,11 @@ class MixedPrecisionForward(nn.Module):
         super().__init__()
         self.engine, self.dtype = engine, dtype
 
-    def forward(self, z: Tensor, logsnr: Tensor, y: Tensor | None = None) -> Tensor:
+    def forward(self, z: Tensor, logsnr: Tensor, y: Tensor | None = None, w: Tensor | None = None) -> Tensor:
+        """x_hat; ``w``: the guidance weights of a w-conditioned student."""
         with torch.autocast(z.device.type, dtype=self.dtype):
-            return self.engine(z, logsnr, y).float()
+            out = self.engine(z, logsnr, y) if w is None else self.engine(z, logsnr, y, w)
+            return out.float()
 
 
 class DeepSpeedEngine:

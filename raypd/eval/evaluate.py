@@ -118,9 +118,10 @@ class Evaluator:
                     "teacher_ddim", self.full_steps, point, w), fresh=True))
             else:
                 self.rows.append(self.point(key, None))
-            for n in sorted(set(step_counts) - {self.full_steps}, reverse=True):  # a w-student may sample in it
-                self.rows.append(self.point(f"teacher_ddim-{n}{_wkey(w)}", lambda n=n, w=w: self.score(
-                    "teacher_ddim", n, self.generate(teacher, n, w=w), w)))
+            for n in sorted(set(step_counts), reverse=True):
+                if n != self.full_steps:  # a guided distillation's first student samples in the full count
+                    self.rows.append(self.point(f"teacher_ddim-{n}{_wkey(w)}", lambda n=n, w=w: self.score(
+                        "teacher_ddim", n, self.generate(teacher, n, w=w), w)))
                 if e.stochastic:
                     self.rows.append(self.point(f"teacher_stochastic-{n}{_wkey(w)}", lambda n=n, w=w: self.score(
                         "teacher_stochastic", n, self.generate(teacher, n, sampler="stochastic", w=w), w)))

@@ -279,8 +279,10 @@ def _find_fid(checkpoint: Path, meta: CheckpointMeta, steps: int) -> float | Non
         rows = json.loads(summary.read_text()).get("eval", [])
     except (OSError, ValueError):
         return None
+    w = check_weight(meta)
     for row in rows:
-        if row.get("sampler") == "distilled" and row.get("steps") == steps and row.get("fid") is not None:
+        if row.get("sampler") == "distilled" and row.get("steps") == steps and row.get("fid") is not None \
+                and row.get("guidance") == w:
             return float(row["fid"])
     return None
 
@@ -293,8 +295,10 @@ def model_card(checkpoint: Path, meta: CheckpointMeta, plan: Plan, match: float 
     teacher, data, distill, ev = (cfg.get(k, {}) for k in ("teacher", "data", "distill", "eval"))
     steps = plan.steps
     fid = _find_fid(checkpoint, meta, steps)
+    w = check_weight(meta)
     fid_text = "not measured" if fid is None else \
-        f"{fid:.3f} ({ev.get('extractor', '?')} features, {ev.get('num_samples', '?')} samples, raypd's clipped sampler)"
+        f"{fid:.3f} ({ev.get('extractor', '?')} features, {ev.get('num_samples', '?')} samples, raypd's clipped sampler" \
+        + ("" if w is None else f", guidance w = {w:g}, guidance_scale {1 + w:g}") + ")"
     source = teacher.get("diffusers_path") or teacher.get("checkpoint") or \
         f"trained by raypd ({teacher.get('updates', '?')} updates, {teacher.get('sampling_steps', '?')}-step sampler)"
     dataset = " ".join(str(v) for v in (data.get("source"), data.get("path")) if v)

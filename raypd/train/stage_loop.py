@@ -85,7 +85,7 @@ class StageLoop:
             error = err
         self.agree(error)
         self_teacher = None
-        if self.stage.distills and self.cfg.distill.method == "tract":
+        if self.stage.distills and self.cfg.distill.method == "tract" and not self.stage.guidance:
             self_teacher = EMA(setup.model, self.cfg.distill.self_teacher_ema, bias_corrected=True)
         return self.build_engine(setup), setup.teacher, setup.batch_size // self.world, self_teacher
 

@@ -147,10 +147,26 @@ def test_guidance_settings_are_checked_up_front():
                            ([*GUIDED, "distill.guidance_max=2", "distill.guidance_updates=0"],
                             "distill.guidance_updates"),
                            (["eval.guidance=[1.0]"], "eval.guidance"),
+                           ([*GUIDED, "eval.guidance=[1.0]"], "eval.guidance"),  # unguided students
+                           ([*GUIDED, "distill.guidance_max=2", "eval.guidance=[1.0,3.0]"], "eval.guidance"),
                            ([*GUIDED, "eval.guidance=[-1.0]"], "eval.guidance"),
                            ([*GUIDED, "eval.guidance=[1.0,1.0]"], "eval.guidance")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_config(None, overrides)
+    assert load_config(None, [*GUIDED, "distill.guidance_max=2", "eval.guidance=[2,0,1]"]).guidance_weights() == \
+        [0.0, 1.0, 2.0]
+    assert load_config(None, [*GUIDED, "distill.guidance_min=1", "distill.guidance_max=3"]).guidance_weights() == \
+        [1.0, 2.0, 3.0]
+    assert load_config(None, GUIDED).guidance_weights() == [None]
+
+    # a given teacher fits when both or neither have the "no class" label, whatever the dropout rate
+    from raypd.checkpoint import CheckpointError, check_compatible
+
+    meta = meta_for(load_config(None, GUIDED), kind="teacher", sampling_steps=8, round=None)
+    check_compatible(meta, load_config(None, ["data.num_classes=10", "model.class_dropout=0.1"]), "t")
+    with pytest.raises(CheckpointError, match="no class"):
+        check_compatible(meta, load_config(None, ["data.num_classes=10"]), "t")
+
     rounds = plan_rounds(DistillConfig(start_steps=8, end_steps=2, guidance_max=2.0, guidance_updates=50))
     assert [(r.teacher_steps, r.student_steps, r.updates, r.guidance) for r in rounds] == \
         [(8, 8, 50, True), (8, 4, 200, False), (4, 2, 400, False)]

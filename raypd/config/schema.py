@@ -655,6 +655,12 @@ class Config:
             return sorted({d.guidance_min, (d.guidance_min + d.guidance_max) / 2, d.guidance_max})
         return [None]
 
+    def middle_guidance_weight(self) -> float | None:
+        """The weight a single score of a run is taken at (a sweep trial's, an export's check): the middle one of
+        :meth:`guidance_weights`."""
+        weights = self.guidance_weights()
+        return weights[len(weights) // 2]
+
     def _validate_guidance(self) -> None:
         classes, dropout = self.data.num_classes, self.model.class_dropout
         _require(dropout == 0 or classes > 0, "model.class_dropout",

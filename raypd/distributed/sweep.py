@@ -140,7 +140,6 @@ def _score(student_dir: str, spec: dict) -> float:
     from raypd.checkpoint import load_checkpoint
     from raypd.config import config_from_dict
     from raypd.eval.chunks import chunks_for, collect, run_here
-    from raypd.eval.evaluate import middle_weight
 
     from raypd.storage import fetch
 
@@ -152,7 +151,7 @@ def _score(student_dir: str, spec: dict) -> float:
     chunks = chunks_for(spec.num_samples, "ddim", meta.sampling_steps, data=d, seed=spec.seed,
                         precision=meta.config.get("eval", {}).get("precision", "auto"), extractor=spec.extractor,
                         kid=False, prc=False, chunk_size=meta.config.get("eval", {}).get("chunk_size", 2048),
-                        guidance=middle_weight(config_from_dict(meta.config)) if meta.guidance_input else None)
+                        guidance=config_from_dict(meta.config).middle_guidance_weight() if meta.guidance_input else None)
     point = collect(run_here(model.to(device), chunks, logsnr_fn=meta.logsnr_fn(), device=device),
                     n=spec.num_samples, shape=(d.channels, d.resolution, d.resolution), grid_size=0, full=None)
     return spec.score(features=point.features, kid=False, prc=False)["fid"]

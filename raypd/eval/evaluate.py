@@ -197,12 +197,6 @@ class Evaluator:
         return rows
 
 
-def middle_weight(cfg: Config) -> float | None:
-    """The guidance weight a single score of a run is taken at (a sweep trial's): the middle one it scores."""
-    weights = cfg.guidance_weights()
-    return weights[len(weights) // 2]
-
-
 def _wkey(w: float | None) -> str:
     return "" if w is None else f"-w{w:g}"
 

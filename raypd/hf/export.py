@@ -242,8 +242,7 @@ def check_weight(meta: CheckpointMeta) -> float | None:
         return None
     from raypd.config import config_from_dict
 
-    weights = config_from_dict(meta.config).guidance_weights()
-    return weights[len(weights) // 2]
+    return config_from_dict(meta.config).middle_guidance_weight()
 
 
 def tolerance(parameterization: str, clip: bool, scale: float) -> float:

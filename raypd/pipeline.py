@@ -244,8 +244,9 @@ def round_row(rnd, stats: dict, path: Path, cfg: Config, spent: float) -> dict:
     updates = int(stats.get("updates", rnd.updates))
     # a swept round reports every trial's examples; a plain one trained on updates x batch
     examples = int(stats.get("examples", updates * cfg.distill.batch_size))
+    lr = cfg.distill.guidance_lr if rnd.guidance else cfg.distill.lr
     return {"round": rnd.index, "teacher_steps": rnd.teacher_steps, "student_steps": rnd.student_steps,
-            "updates": updates, "lr": stats.get("lr", cfg.distill.lr), "examples": examples,
+            "updates": updates, "lr": stats.get("lr", lr), "examples": examples,
             "compute": spent + forwards_per_example(cfg.distill) * examples,
             "wall_seconds": stats.get("wall_seconds", stats["seconds"]), "final_loss": stats["final_loss"],
             "skipped_samples": stats.get("skipped_samples", 0), "checkpoint": path.name,
@@ -300,7 +301,7 @@ def _stages(ctx: Context, manifest: dict | None, cluster) -> dict:
         summary["rounds"].append(round_row(rnd, stats, path, cfg, spent))
         spent = summary["rounds"][-1]["compute"]
         if hasattr(runner, "chose"):
-            runner.chose(rnd.index, rnd.teacher_steps, rnd.student_steps, stats)
+            runner.chose(rnd.index, rnd.teacher_steps, rnd.student_steps, stats, guidance=rnd.guidance)
         teacher_path = path  # promotion: the student is the next round's teacher
         ctx.sync()
     sweeps = runner.finish() if hasattr(runner, "finish") else None

@@ -123,6 +123,7 @@ def _combo(cfg, spec: dict, root: Path, rank: int, world: int, pairs: list[str],
 
     resumed = _loop(cfg, stage, rank, world, SharedFolderStore(root / "resumed"), root / f"staging{rank}")
     start = int(resumed.restore(store.root / f"checkpoint_{EVERY:06d}")["updates"])
+    out["group_lrs"] = [float(g["lr"]) for g in resumed.engine.engine.optimizer.param_groups]
     resumed.run(start)
     out["resumed_at"], out["resumed_losses"] = start, resumed.losses
 

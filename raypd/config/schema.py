@@ -299,6 +299,18 @@ class DistillConfig:
     class-conditional teacher trained with ``model.class_dropout``."""
     guidance_updates: int = 400
     """Guided distillation: optimizer updates of the first stage (the w-conditioned student)."""
+    guidance_lr: float = 1e-4
+    """Guided distillation: the first stage's learning rate (the rounds keep ``lr``), decayed linearly to 0. The
+    network it trains already is the teacher: a lower rate than a round's keeps it from drifting away from the
+    teacher's own (w = 0) prediction while it learns the others. A sweep of the first stage sweeps this one."""
+    guidance_embedding_lr_factor: float = 10.0
+    """Guided distillation: in the first stage the w embedding, which starts at zero and has everything to
+    learn, trains at this multiple of ``guidance_lr`` (the rest of the network at ``guidance_lr``)."""
+    guidance_endpoints: float = 0.5
+    """Guided distillation: the share of training examples whose w is one end of the range, half at
+    ``guidance_min`` and half at ``guidance_max``; the others draw w uniformly in between (0: all uniform, as
+    Meng et al.). Weight on w = guidance_min keeps the student's least-guided samples, the ones most sensitive to
+    any error, anchored to the teacher's."""
     updates_per_round: int = 200
     """Optimizer updates per round or TRACT phase (the paper: 50,000)."""
     late_rounds_factor: float = 2.0
@@ -324,6 +336,11 @@ class DistillConfig:
         _require(0.0 <= self.guidance_min <= self.guidance_max, "guidance_min",
                  f"must lie in [0, guidance_max ({self.guidance_max})], got {self.guidance_min}")
         _require(self.guidance_updates >= 1, "guidance_updates", f"must be >= 1, got {self.guidance_updates}")
+        _require(self.guidance_lr > 0, "guidance_lr", f"must be positive, got {self.guidance_lr}")
+        _require(self.guidance_embedding_lr_factor > 0, "guidance_embedding_lr_factor",
+                 f"must be positive, got {self.guidance_embedding_lr_factor}")
+        _require(0.0 <= self.guidance_endpoints <= 1.0, "guidance_endpoints",
+                 f"must lie in [0, 1], got {self.guidance_endpoints}")
         _require(not self.guided or self.method != "denoising_student", "method",
                  "guided distillation (guidance_max > 0) distils a w-conditioned student by progressive or tract "
                  "rounds; the Denoising Student's pairs are sampled at no particular w")

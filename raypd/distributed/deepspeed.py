@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from raypd.checkpoint import CheckpointError
 from raypd.models import Denoiser
 from raypd.train.ema import EMA
+from raypd.train.engine import param_groups
 from raypd.train.lr import LrSchedule
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -106,8 +107,10 @@ class DeepSpeedEngine:
     """The Engine interface (model, backward, step) over a deepspeed engine."""
 
     def __init__(self, engine, schedule: LrSchedule, base_lr: float, ema: EMA | None = None,
-                 precision: Precision = "fp32", keeps_ema: bool | None = None):
+                 precision: Precision = "fp32", keeps_ema: bool | None = None, lr_factors: list[float] | None = None):
         self.engine, self.schedule, self.base_lr, self.ema = engine, schedule, base_lr, ema
+        # each parameter group's multiple of the stage's learning rate, in the order the groups were given
+        self.lr_factors = lr_factors or [1.0] * len(engine.optimizer.param_groups)
         # the EMA lives on rank 0 only (it saves and hands it on); every rank still joins its ZeRO-3 gather
         self.keeps_ema = ema is not None if keeps_ema is None else keeps_ema
         self.precision = precision
@@ -119,8 +122,9 @@ class DeepSpeedEngine:
         self.set_lr()
 
     def set_lr(self) -> None:
-        for group in self.engine.optimizer.param_groups:
-            group["lr"] = self.base_lr * self.schedule(self.updates)
+        lr = self.base_lr * self.schedule(self.updates)
+        for group, factor in zip(self.engine.optimizer.param_groups, self.lr_factors, strict=True):
+            group["lr"] = lr * factor
 
     def backward(self, loss: Tensor) -> None:
         self.engine.backward(loss)
@@ -254,8 +258,9 @@ class DeepSpeedEngine:
 
 
 def build_deepspeed_engine(model: Denoiser, *, lr: float, betas: tuple[float, float], schedule: LrSchedule,
-                           config: dict, ema_decay: float | None = None) -> DeepSpeedEngine:
-    """Initialise DeepSpeed around the student.
+                           config: dict, ema_decay: float | None = None,
+                           embedding_lr_factor: float = 1.0) -> DeepSpeedEngine:
+    """Initialise DeepSpeed around the student (parameter groups as ``raypd.train.engine.param_groups``).
 
     The optimizer is torch's Adam (no C++ op to build at start-up), except with ZeRO-Offload where
     DeepSpeed's CPU Adam is compiled into the install: then that one, which is much faster on CPU
@@ -263,7 +268,7 @@ def build_deepspeed_engine(model: Denoiser, *, lr: float, betas: tuple[float, fl
     """
     import deepspeed
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = param_groups(model, embedding_lr_factor)
     zero = config["zero_optimization"]
     offload = "offload_optimizer" in zero or "offload_param" in zero
     if offload and ds_cpu_adam_prebuilt():
@@ -283,7 +288,8 @@ def build_deepspeed_engine(model: Denoiser, *, lr: float, betas: tuple[float, fl
     if engine.zero_optimization_stage() != want:
         raise RuntimeError(f"DeepSpeed runs ZeRO stage {engine.zero_optimization_stage()}, the config asked for {want}")
     precision: Precision = "bf16" if config["bf16"]["enabled"] else "fp16" if config["fp16"]["enabled"] else "fp32"
-    wrapped = DeepSpeedEngine(engine, schedule, lr, ema, precision, keeps_ema=ema_decay is not None)
+    wrapped = DeepSpeedEngine(engine, schedule, lr, ema, precision, keeps_ema=ema_decay is not None,
+                              lr_factors=[g["lr_factor"] for g in params])
     if exact is not None:
         wrapped.set_master(exact)
     return wrapped
@@ -310,6 +316,7 @@ def stage_engine(cfg, world: int):
                            offload_params=d.offload_params, bucket_elements=d.bucket_elements,
                            overlap_comm=d.overlap_comm)
         return build_deepspeed_engine(setup.model, lr=setup.lr, betas=setup.betas, schedule=setup.schedule,
-                                      config=config, ema_decay=setup.ema_decay)
+                                      config=config, ema_decay=setup.ema_decay,
+                                      embedding_lr_factor=setup.embedding_lr_factor)
 
     return build

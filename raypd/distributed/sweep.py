@@ -56,7 +56,12 @@ def log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def search_space(cfg: Config, planned_updates: int, centre: dict[str, Any] | None):
+def stage_lr_key(guidance: bool) -> str:
+    """The setting a trial's learning rate overrides: a guided first stage has its own (``distill.guidance_lr``)."""
+    return "distill.guidance_lr" if guidance else "distill.lr"
+
+
+def search_space(cfg: Config, planned_updates: int, centre: dict[str, Any] | None, guidance: bool = False):
     """Tune's param space and the first point to evaluate (the centre: configured or previously chosen)."""
     from ray import tune
 
@@ -74,16 +79,18 @@ def search_space(cfg: Config, planned_updates: int, centre: dict[str, Any] | Non
     if s.lrs:  # an explicit grid: one trial per learning rate, no centre point
         return {"lr": tune.grid_search(list(s.lrs)), "updates": tune.choice(budgets), **choices}, None
     space: dict[str, Any] = {"lr": tune.loguniform(lo, hi), "updates": tune.choice(budgets), **choices}
-    first: dict[str, Any] = {"lr": centre["lr"] if centre else min(max(cfg.distill.lr, lo), hi),
+    configured = cfg.distill.guidance_lr if guidance else cfg.distill.lr
+    first: dict[str, Any] = {"lr": centre["lr"] if centre else min(max(configured, lo), hi),
                              "updates": centre["updates"] if centre and centre["updates"] in budgets else budgets[-1],
                              **{key: options[0] for key, options in extra.items()}}
     return space, first
 
 
-def trial_config(base: dict[str, Any], params: dict[str, Any]) -> Config:
-    """The run's config with one trial's settings applied (and at least one Train worker)."""
-    overrides = [f"distill.lr={params['lr']!r}"] + [f"{k}={json.dumps(v)}" for k, v in params.items()
-                                                     if k not in ("lr", "updates")]
+def trial_config(base: dict[str, Any], params: dict[str, Any], guidance: bool = False) -> Config:
+    """The run's config with one trial's settings applied (and at least one Train worker); ``guidance``: the trial
+    trains a guided distillation's first stage."""
+    overrides = [f"{stage_lr_key(guidance)}={params['lr']!r}"] + [f"{k}={json.dumps(v)}" for k, v in params.items()
+                                                                  if k not in ("lr", "updates")]
     cfg = config_from_dict(base, overrides)
     if cfg.dist.workers == 0:
         cfg = config_from_dict(cfg.to_dict(), ["dist.workers=1"])
@@ -100,7 +107,8 @@ def _trial(params: dict[str, Any], static: dict[str, Any]) -> None:
     from raypd.storage import child, is_uri, read_text, upload_dir, write_text
 
     trial_id = tune.get_context().get_trial_id()
-    cfg = trial_config(static["config"], params)
+    stage = Stage.from_dict(static["stage"])
+    cfg = trial_config(static["config"], params, guidance=stage.guidance)
     sweep_dir = static["sweep_dir"]  # a directory every node shares, or the run's bucket
     trial_dir = child(sweep_dir, "trials", trial_id)
     done = read_text(child(trial_dir, "final.json"))
@@ -110,7 +118,7 @@ def _trial(params: dict[str, Any], static: dict[str, Any]) -> None:
     # one line per time this trial's driver started
     write_text(child(trial_dir, "starts.log"), (read_text(child(trial_dir, "starts.log")) or "") + f"{time.time():.0f}\n")
     updates = int(params["updates"])
-    stage = Stage.from_dict(static["stage"]).with_(name=f"trial-{trial_id}", updates=updates)
+    stage = stage.with_(name=f"trial-{trial_id}", updates=updates)
     remote = is_uri(sweep_dir)
     output = Path(tempfile.mkdtemp(prefix="raypd-trial-")) / "student" if remote else Path(trial_dir) / "student"
     last = run_stage(cfg, stage, storage=child(sweep_dir, "train"), output=output, callbacks=[TuneReportCallback()])
@@ -232,7 +240,7 @@ def sweep_round(cfg: Config, *, rnd: Round, stage: Stage, sweep_dir: Path, eval_
 
     sweep_dir = sweep_dir.resolve()
     store = store or str(sweep_dir)
-    space, first = search_space(cfg, rnd.updates, centre)
+    space, first = search_space(cfg, rnd.updates, centre, guidance=rnd.guidance)
     static = {"config": cfg.to_dict(), "stage": stage.to_dict(), "sweep_dir": store,
               "eval": eval_spec.to_dict() if s.fid and eval_spec is not None else None}
     # a trial's own process only waits for its Train run: it asks for memory, no CPU or GPU, so the
@@ -332,11 +340,14 @@ class SweepRunner:
             "sweep_reason": outcome.reason, "sweep_report": report})
         return dict(read_meta(output).metrics)
 
-    def chose(self, round_index: int, teacher_steps: int, student_steps: int, metrics: dict) -> None:
-        """Record a round's choice (also for a round finished before this driver started)."""
+    def chose(self, round_index: int, teacher_steps: int, student_steps: int, metrics: dict,
+              guidance: bool = False) -> None:
+        """Record a round's choice (also for a round finished before this driver started). The next round's
+        search is centred on it, unless it was a guided first stage, whose learning rate is its own."""
         if "sweep_report" not in metrics:
             return
-        self.centre = {"lr": metrics["lr"], "updates": int(metrics["updates"])}
+        if not guidance:
+            self.centre = {"lr": metrics["lr"], "updates": int(metrics["updates"])}
         self.choices.append({"round": round_index, "teacher_steps": teacher_steps, "student_steps": student_steps,
                              "lr": metrics["lr"], "updates": int(metrics["updates"]),
                              "trials": int(metrics["sweep_trials"]), "reason": metrics["sweep_reason"],

@@ -20,7 +20,7 @@ class GuidanceEmbedding(ModelMixin, ConfigMixin):
     """(class labels [B], guidance weights w [B]) -> the UNet's class conditioning [B, embedding_dim]."""
 
     @register_to_config
-    def __init__(self, num_classes: int, num_embeddings: int, embedding_dim: int, frequencies: int = 16):
+    def __init__(self, num_classes: int, num_embeddings: int, embedding_dim: int, frequencies: int = 6):
         super().__init__()
         self.classes = nn.Embedding(num_embeddings, embedding_dim)
         self.guidance = nn.Sequential(nn.Linear(2 * frequencies, embedding_dim), nn.SiLU(),

@@ -13,6 +13,7 @@ from typing import Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from raypd.checkpoint import CheckpointError
 from raypd.models import Denoiser
@@ -64,14 +65,16 @@ class PlainEngine:
                  base_lr: float, grad_clip: float, ema: EMA | None = None):
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
         self.base_lr, self.grad_clip, self.ema = base_lr, grad_clip, ema
+        self.lr_factors = [float(g.get("lr_factor", 1.0)) for g in optimizer.param_groups]
+        """Each parameter group's learning rate as a multiple of the stage's (group 0, the network, at 1)."""
         self.updates = 0
         self.skipped_updates = 0
         self.set_lr()
 
     def set_lr(self) -> None:
         lr = self.base_lr * self.schedule(self.updates)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for group, factor in zip(self.optimizer.param_groups, self.lr_factors, strict=True):
+            group["lr"] = lr * factor
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -135,9 +138,25 @@ class PlainEngine:
         return {k: v.detach().float().cpu().clone() for k, v in source.state_dict().items()}
 
 
+def param_groups(model: nn.Module, embedding_lr_factor: float = 1.0) -> list[dict]:
+    """The optimizer's parameter groups: the network's trainable weights at the stage's learning rate, and, with an
+    ``embedding_lr_factor`` other than 1, a w-conditioned network's w embedding in a second group at that
+    multiple of it (``lr_factor``)."""
+    network, embedding = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            fast = embedding_lr_factor != 1.0 and ".class_embedding.guidance." in f".{name}"
+            (embedding if fast else network).append(p)
+    groups = [{"params": network, "lr_factor": 1.0}]
+    if embedding:
+        groups.append({"params": embedding, "lr_factor": float(embedding_lr_factor)})
+    return groups
+
+
 def build_plain_engine(model: Denoiser, *, lr: float, betas: tuple[float, float], grad_clip: float,
-                       schedule: LrSchedule, ema_decay: float | None = None) -> PlainEngine:
-    """Adam (the paper's optimizer) over the model's trainable weights."""
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, betas=betas)
+                       schedule: LrSchedule, ema_decay: float | None = None,
+                       embedding_lr_factor: float = 1.0) -> PlainEngine:
+    """Adam (the paper's optimizer) over the model's trainable weights (see :func:`param_groups`)."""
+    optimizer = torch.optim.Adam(param_groups(model, embedding_lr_factor), lr=lr, betas=betas)
     ema = EMA(model, ema_decay) if ema_decay is not None else None
     return PlainEngine(model, optimizer, schedule, lr, grad_clip, ema)

@@ -27,6 +27,8 @@ class StageSetup:
     batch_size: int
     """The global batch (all ranks together)."""
     grad_clip: float
+    embedding_lr_factor: float = 1.0
+    """The learning rate of a w-conditioned student's w embedding, as a multiple of ``lr`` (a guided first stage)."""
 
 
 def prepare_stage(cfg: Config, stage: Stage, device: torch.device) -> StageSetup:
@@ -44,6 +46,9 @@ def prepare_stage(cfg: Config, stage: Stage, device: torch.device) -> StageSetup
     model = make_student(teacher, cfg.model.parameterization, guidance_input=s.guided)
     if cfg.dist.gradient_checkpointing:
         model.enable_gradient_checkpointing()
+    if stage.guidance:  # the first stage of a guided distillation: its own rate, a faster one for the w embedding
+        return StageSetup(model, teacher, s.guidance_lr, s.adam_betas, linear_decay(stage.updates), None,
+                          s.batch_size, s.grad_clip, s.guidance_embedding_lr_factor)
     return StageSetup(model, teacher, s.lr, s.adam_betas, linear_decay(stage.updates), None, s.batch_size,
                       s.grad_clip)
 
@@ -53,4 +58,5 @@ def plain_engine(setup: StageSetup, world: int = 1) -> PlainEngine:
     if world != 1:
         raise ValueError("the plain-PyTorch engine runs on one rank; several ranks run DeepSpeed")
     return build_plain_engine(setup.model, lr=setup.lr, betas=setup.betas, grad_clip=setup.grad_clip,
-                              schedule=setup.schedule, ema_decay=setup.ema_decay)
+                              schedule=setup.schedule, ema_decay=setup.ema_decay,
+                              embedding_lr_factor=setup.embedding_lr_factor)

@@ -29,20 +29,26 @@ from raypd.train.engine import Engine
 
 @dataclass(frozen=True)
 class Guidance:
-    """A guided distillation step: w ~ U(low, high) per example; ``first_stage``: the target is the teacher's
-    guided x_hat itself at t ~ U(0, 1) (else the round's two-step target, every teacher step at w)."""
+    """A guided distillation step: w per example, ``endpoints`` of them at the ends of [low, high] (half each) and
+    the rest ~ U(low, high); ``first_stage``: the target is the teacher's guided x_hat itself at t ~ U(0, 1)
+    (else the round's two-step target, every teacher step at w)."""
     low: float
     high: float
     first_stage: bool = False
+    endpoints: float = 0.0
 
     def draw(self, batch: int, generator: torch.Generator | None, device) -> Tensor:
         u = torch.rand(batch, generator=generator, dtype=torch.float32, device=device)
-        return self.low + (self.high - self.low) * u
+        w = self.low + (self.high - self.low) * u
+        if self.endpoints > 0:
+            e = torch.rand(batch, generator=generator, dtype=torch.float32, device=device)
+            w = torch.where(e < self.endpoints / 2, self.low, torch.where(e < self.endpoints, self.high, w))
+        return w
 
 
 def guidance_for(cfg: DistillConfig, first_stage: bool) -> Guidance | None:
     """The w draw of a distillation stage under these settings (None: the distillation is not guided)."""
-    return Guidance(cfg.guidance_min, cfg.guidance_max, first_stage) if cfg.guided else None
+    return Guidance(cfg.guidance_min, cfg.guidance_max, first_stage, cfg.guidance_endpoints) if cfg.guided else None
 
 
 def drop_labels(y: Tensor, p: float, null_class: int, generator: torch.Generator | None) -> Tensor:

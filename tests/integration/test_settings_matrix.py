@@ -31,7 +31,8 @@ from tests.teachers import perturbed_denoiser  # noqa: E402
 
 LR = 1e-3
 TRACT = ["distill.method=tract", "distill.phases=[8,1]"]
-GUIDED = ["data.num_classes=10", "model.class_dropout=0.5", "distill.guidance_max=2"]
+GUIDED = ["data.num_classes=10", "model.class_dropout=0.5", "distill.guidance_max=2", f"distill.guidance_lr={LR}",
+          "distill.guidance_embedding_lr_factor=4"]
 COMBOS = [(f"z{stage}-{precision}-{offload}", [f"dist.zero_stage={stage}", f"dist.precision={precision}",
                                                 f"dist.offload_optimizer={str(offload in ('opt', 'params')).lower()}",
                                                 f"dist.offload_params={str(offload == 'params').lower()}",
@@ -152,6 +153,12 @@ def _check(results: list[dict], workers: int, numels: dict) -> list[str]:
             assert all("self_teacher" not in r for r in ranks), name
         if "guided" in name:  # the w embedding learned, and the teacher's labels were dropped to 'no class'
             assert ranks[0]["guidance_moved"] > 0 and sum(r["teacher"]["dropped_labels"] for r in ranks) > 0, name
+            # the w embedding trains in a group of its own at 4x the network's rate, also once resumed
+            for r in ranks:
+                network, embedding = r["group_lrs"]
+                assert network == pytest.approx(LR * (1 - EVERY / UPDATES)) and embedding == pytest.approx(4 * network)
+        else:
+            assert all(len(r["group_lrs"]) == 1 for r in ranks), name
         r0 = ranks[0]
         assert r0["consolidated_keys"] and r0["consolidated_numel"] == numel, name
         assert r0["consolidated_dtypes"] == ["torch.float32"], name

@@ -172,6 +172,11 @@ def test_guided_distillation_sweeps_its_first_stage_and_its_rounds(tmp_path):
         assert all(0 < r["heldout_loss"] < 1e29 for r in table["trials"])
         best = min((r for r in table["trials"] if r["status"] == "finished"), key=lambda r: r["fid"])
         assert table["chosen"] == best["trial"]
+        # each trial trained at its learning rate: the first stage's own setting, then the rounds'
+        key = "guidance_lr" if index == 0 else "lr"
+        for r in table["trials"]:
+            trained = read_meta(run / "sweeps" / f"round-{index:02d}" / "trials" / r["trial"] / "student").config
+            assert trained["distill"][key] == r["lr"], (index, r)
     summary = json.loads((run / "summary.json").read_text())
     assert all(read_meta(run / r["checkpoint"]).guidance_input for r in summary["rounds"])
     assert {r["guidance"] for r in summary["eval"]} == {0.0, 2.0}

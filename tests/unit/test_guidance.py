@@ -146,6 +146,13 @@ def test_guidance_settings_are_checked_up_front():
                            ([*GUIDED, "distill.guidance_max=2", "distill.method=denoising_student"], "distill.method"),
                            ([*GUIDED, "distill.guidance_max=2", "distill.guidance_updates=0"],
                             "distill.guidance_updates"),
+                           ([*GUIDED, "distill.guidance_max=2", "distill.guidance_lr=0"], "distill.guidance_lr"),
+                           ([*GUIDED, "distill.guidance_max=2", "distill.guidance_embedding_lr_factor=0"],
+                            "distill.guidance_embedding_lr_factor"),
+                           ([*GUIDED, "distill.guidance_max=2", "distill.guidance_endpoints=1.5"],
+                            "distill.guidance_endpoints"),
+                           ([*GUIDED, "distill.guidance_max=2", "distill.guidance_endpoints=-0.1"],
+                            "distill.guidance_endpoints"),
                            (["eval.guidance=[1.0]"], "eval.guidance"),
                            ([*GUIDED, "eval.guidance=[1.0]"], "eval.guidance"),  # unguided students
                            ([*GUIDED, "distill.guidance_max=2", "eval.guidance=[1.0,3.0]"], "eval.guidance"),
@@ -170,6 +177,45 @@ def test_guidance_settings_are_checked_up_front():
     rounds = plan_rounds(DistillConfig(start_steps=8, end_steps=2, guidance_max=2.0, guidance_updates=50))
     assert [(r.teacher_steps, r.student_steps, r.updates, r.guidance) for r in rounds] == \
         [(8, 8, 50, True), (8, 4, 200, False), (4, 2, 400, False)]
+
+
+@pytest.mark.parametrize("endpoints", [0.0, 0.5, 1.0])
+def test_w_draws_put_their_endpoints_share_at_the_ends_half_each_and_the_rest_uniform(endpoints):
+    g = torch.Generator().manual_seed(0)
+    w = Guidance(0.5, 3.0, endpoints=endpoints).draw(40_000, g, "cpu")
+    low, high = (w == 0.5).float().mean().item(), (w == 3.0).float().mean().item()
+    assert low == pytest.approx(endpoints / 2, abs=0.01) and high == pytest.approx(endpoints / 2, abs=0.01)
+    inside = w[(w > 0.5) & (w < 3.0)]
+    assert inside.numel() == pytest.approx(40_000 * (1 - endpoints), abs=400)
+    if inside.numel():  # uniform in between: each quarter of the range holds a quarter of them
+        counts = torch.histc(inside, bins=4, min=0.5, max=3.0) / inside.numel()
+        assert torch.allclose(counts, torch.full((4,), 0.25), atol=0.02), counts
+    again = Guidance(0.5, 3.0, endpoints=endpoints).draw(40_000, torch.Generator().manual_seed(0), "cpu")
+    assert torch.equal(w, again)  # the step's generator alone decides them (a resumed stage draws the same)
+    cfg = load_config(None, [*GUIDED, "distill.guidance_max=3", f"distill.guidance_endpoints={endpoints}"])
+    from raypd.train.step import guidance_for
+
+    assert guidance_for(cfg.distill, True).endpoints == guidance_for(cfg.distill, False).endpoints == endpoints
+
+
+def test_a_sweep_of_the_first_stage_sweeps_its_own_learning_rate_and_does_not_centre_the_rounds_on_it():
+    from raypd.distributed.sweep import SweepRunner, search_space, trial_config
+
+    cfg = load_config(None, [*GUIDED, "distill.guidance_max=2", "distill.guidance_lr=5e-5", "distill.lr=3e-4",
+                             "sweep.lr_min=1e-5", "sweep.lr_max=1e-2"])
+    assert search_space(cfg, 10, None, guidance=True)[1]["lr"] == 5e-5
+    assert search_space(cfg, 10, None)[1]["lr"] == 3e-4
+    first = trial_config(cfg.to_dict(), {"lr": 2e-5, "updates": 10}, guidance=True)
+    assert (first.distill.guidance_lr, first.distill.lr) == (2e-5, 3e-4)
+    later = trial_config(cfg.to_dict(), {"lr": 2e-3, "updates": 10})
+    assert (later.distill.guidance_lr, later.distill.lr) == (5e-5, 2e-3)
+    runner = SweepRunner.__new__(SweepRunner)
+    runner.centre, runner.choices = None, []
+    chosen = {"sweep_report": "r.md", "lr": 2e-5, "updates": 10, "sweep_trials": 2, "sweep_reason": "lowest FID"}
+    runner.chose(0, 8, 8, chosen, guidance=True)
+    assert runner.centre is None and len(runner.choices) == 1
+    runner.chose(1, 8, 4, {**chosen, "lr": 2e-3})
+    assert runner.centre == {"lr": 2e-3, "updates": 10}
 
 
 class ClassMixture:
@@ -287,6 +333,42 @@ def test_the_guided_stages_train_a_w_conditioned_student_and_distil_it(guided_st
     rnd = _run(cfg, root, round_stage(second, student_path, shards))
     meta = read_meta(rnd)
     assert meta.guidance_input and meta.sampling_steps == second.student_steps == 4
+
+
+def test_the_first_stage_trains_at_its_own_rate_with_the_w_embedding_faster_and_the_rounds_at_theirs(
+        guided_stages):
+    from raypd.train.setup import plain_engine, prepare_stage
+
+    cfg, root, shards, teacher_path, student_path, second = guided_stages
+    cfg = load_config(None, [*TINY, "distill.guidance_lr=2e-4", "distill.guidance_embedding_lr_factor=5",
+                             "distill.lr=1e-3"])
+    first = round_stage(plan_rounds(cfg.distill)[0], teacher_path, shards)
+    engine = plain_engine(prepare_stage(cfg, first, torch.device("cpu")))
+    network, embedding = engine.optimizer.param_groups
+    assert all(".guidance." not in n for n, p in engine.model.named_parameters()
+               if any(p is q for q in network["params"]))
+    names = {n for n, p in engine.model.named_parameters() if any(p is q for q in embedding["params"])}
+    assert names and all(".class_embedding.guidance." in n for n in names)
+    assert (network["lr"], embedding["lr"]) == (pytest.approx(2e-4), pytest.approx(1e-3))
+    before = {n: p.detach().clone() for n, p in engine.model.named_parameters()}
+    batch = next(iter(training_loader_of(cfg, shards)))
+    train_step(engine, batch, weighting="snr_trunc", logsnr_fn=logsnr_schedule, teacher=load_checkpoint(teacher_path)[0],
+               generator=torch.Generator().manual_seed(0), guidance=Guidance(0.5, 3.0, first_stage=True))
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in engine.model.named_parameters()}
+    assert max(moved[n] for n in names) > 0 and max(v for n, v in moved.items() if n not in names) > 0
+    # the schedule scales both groups alike: halfway through the stage each is at half its rate
+    engine.updates = first.updates // 2
+    engine.set_lr()
+    assert embedding["lr"] == pytest.approx(5 * network["lr"]) and network["lr"] == pytest.approx(1e-4)
+    # a round after it: one group, at distill.lr
+    later = plain_engine(prepare_stage(cfg, round_stage(second, student_path, shards), torch.device("cpu")))
+    assert [g["lr"] for g in later.optimizer.param_groups] == [pytest.approx(1e-3)]
+
+
+def training_loader_of(cfg, shards):
+    from raypd.data.shards import training_loader
+
+    return training_loader(list(shards), cfg.data, batch_size=cfg.distill.batch_size, seed=0, stream=1)
 
 
 def test_a_guided_stage_interrupted_resumes_bit_for_bit(guided_stages, tmp_path, monkeypatch, capsys):

@@ -158,7 +158,8 @@ def test_guided_distillation_sweeps_its_first_stage_and_its_rounds(tmp_path):
     assert main([*BASE, *guided, "sweep.enabled=false", "teacher.updates=40", "distill.updates_per_round=1",
                  f"run.storage_path={tmp_path}", "run.name=teacher"]) == 0
     args = [*BASE, *guided, "sweep.lrs=[0.001,0.0003]", "distill.updates_per_round=6", "distill.guidance_max=2",
-            "distill.guidance_updates=6", "eval.guidance=[0,2]", f"teacher.checkpoint={tmp_path / 'teacher' / 'teacher'}",
+            "distill.guidance_updates=6", "distill.guidance_lr=5e-5", "distill.lr=2e-4", "eval.guidance=[0,2]",
+            f"teacher.checkpoint={tmp_path / 'teacher' / 'teacher'}",
             f"run.storage_path={tmp_path}", "run.name=guided"]
     proc = _run(args)
     log, _ = proc.communicate(timeout=900)
@@ -173,10 +174,10 @@ def test_guided_distillation_sweeps_its_first_stage_and_its_rounds(tmp_path):
         best = min((r for r in table["trials"] if r["status"] == "finished"), key=lambda r: r["fid"])
         assert table["chosen"] == best["trial"]
         # each trial trained at its learning rate: the first stage's own setting, then the rounds'
-        key = "guidance_lr" if index == 0 else "lr"
-        for r in table["trials"]:
+        key, other, kept = ("guidance_lr", "lr", 2e-4) if index == 0 else ("lr", "guidance_lr", 5e-5)
+        for r in (r for r in table["trials"] if r["status"] == "finished"):  # a stopped trial keeps no student
             trained = read_meta(run / "sweeps" / f"round-{index:02d}" / "trials" / r["trial"] / "student").config
-            assert trained["distill"][key] == r["lr"], (index, r)
+            assert trained["distill"][key] == r["lr"] and trained["distill"][other] == kept, (index, r)
     summary = json.loads((run / "summary.json").read_text())
     assert all(read_meta(run / r["checkpoint"]).guidance_input for r in summary["rounds"])
     assert {r["guidance"] for r in summary["eval"]} == {0.0, 2.0}

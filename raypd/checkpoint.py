@@ -26,6 +26,7 @@ from raypd.config import Config, ConfigError, DataConfig, ModelConfig, _build, _
 from raypd.diffusion import make_logsnr_fn
 from raypd.models import Denoiser, build_denoiser
 from raypd.models.convert import convert_state, is_legacy
+from raypd.models.guidance import fit_frequencies
 
 FORMAT = "raypd-checkpoint"
 VERSION = 1
@@ -194,6 +195,8 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
             state = convert_state(state, meta.model, meta.data)
         except KeyError as err:
             raise CheckpointError(f"{path}: weights do not match the model in its metadata ({err.args[0]})") from None
+    if meta.guidance_input:
+        fit_frequencies(model, state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not match the model in its metadata "

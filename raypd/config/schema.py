@@ -291,7 +291,7 @@ class DistillConfig:
     GPUs with dist.use_gpu), kept as shards in the run and reused when it resumes."""
     guidance_min: float = 0.0
     """Guided distillation (Meng et al. 2023), with ``guidance_max``: the range of classifier-free guidance
-    weights w the students learn, each training example drawing its w uniformly from it."""
+    weights w the students learn, each training example drawing its w from it (``guidance_endpoints``)."""
     guidance_max: float = 0.0
     """Above 0, the distillation is guided: a first stage (``guidance_updates``) trains a student that takes w as
     an input to match the teacher's guided prediction (1 + w) x_hat(z, c) - w x_hat(z, no class) at t ~ U(0, 1),
@@ -307,7 +307,7 @@ class DistillConfig:
     """Guided distillation: in the first stage the w embedding, which starts at zero and has everything to
     learn, trains at this multiple of ``guidance_lr`` (the rest of the network at ``guidance_lr``)."""
     guidance_endpoints: float = 0.5
-    """Guided distillation: the share of training examples whose w is one end of the range, half at
+    """Guided distillation, both stages: the share of training examples whose w is one end of the range, half at
     ``guidance_min`` and half at ``guidance_max``; the others draw w uniformly in between (0: all uniform, as
     Meng et al.). Weight on w = guidance_min keeps the student's least-guided samples, the ones most sensitive to
     any error, anchored to the teacher's."""

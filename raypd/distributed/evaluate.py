@@ -47,12 +47,13 @@ def _generate_and_extract(config: dict, key: str, state: dict, chunk: dict) -> t
 def _built(cfg: Config, key: str, state: dict, device: torch.device) -> Denoiser:
     """The network of ``state``, built once per worker process for consecutive tasks of the same ``key``."""
     from raypd.models import build_denoiser
-    from raypd.models.guidance import takes_guidance
+    from raypd.models.guidance import fit_frequencies, takes_guidance
 
     model = _BUILT.get(key)
     if model is None:
         _BUILT.clear()
         model = build_denoiser(cfg.model, cfg.data, guidance_input=takes_guidance(state))
+        fit_frequencies(model, state)
         model.load_state_dict(state)
         model = _BUILT.setdefault(key, model.to(device).eval())
     return model

@@ -6,7 +6,8 @@ fixed held-out set of (x, noise, t), so trials compare fairly, and ASHA stops th
 A finished trial's student is scored by FID (the run's extractor and reference statistics) when
 ``sweep.fid`` is on. The chosen trial (lowest FID, else lowest held-out loss, among the trials that
 finished their budget) is promoted to the round's checkpoint; its learning rate centres the next
-round's search.
+round's search. A guided distillation's first stage sweeps its own rate (``distill.guidance_lr``) and centres
+nothing: the rounds after it search around ``distill.lr``.
 
 Ray 2.60 no longer takes a Trainer inside a Tuner: the trainable is a function that fits a
 ``TorchTrainer`` whose reports reach Tune through ``TuneReportCallback``. Each trial's Train run
@@ -281,7 +282,7 @@ class SweepRunner:
     """Every round as a Tune sweep of Ray Train trials; other stages (the teacher) through ``base``.
 
     The chosen trial's student becomes the round's checkpoint, and its learning rate and budget centre
-    the next round's search.
+    the next round's search (not after a guided first stage, whose rate is a setting of its own).
     """
 
     mode = "tune"

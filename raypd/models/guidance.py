@@ -26,9 +26,9 @@ scale guidance weights vary on (w in [0, 2] on the digits, [0, 4] in the paper).
 its teacher."""
 
 
-def guidance_features(w: Tensor) -> Tensor:
-    """[B] -> [B, 2 * GUIDANCE_FREQUENCIES] Fourier features (fp32)."""
-    k = torch.arange(GUIDANCE_FREQUENCIES, device=w.device, dtype=torch.float32)
+def guidance_features(w: Tensor, frequencies: int = GUIDANCE_FREQUENCIES) -> Tensor:
+    """[B] -> [B, 2 * frequencies] Fourier features (fp32)."""
+    k = torch.arange(frequencies, device=w.device, dtype=torch.float32)
     angles = w.float()[:, None] * (math.pi / 4) * torch.exp2(k / 2)[None]
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
@@ -52,10 +52,26 @@ class GuidedClassEmbedding(nn.Embedding):
                 self.guidance[-1].weight.zero_()
                 self.guidance[-1].bias.zero_()
 
+    @property
+    def frequencies(self) -> int:
+        """The Fourier frequencies of w this embedding reads (its first layer's width says)."""
+        return self.guidance[0].in_features // 2
+
     def forward(self, packed: Tensor) -> Tensor:
         labels, w = packed[:, 0].round().long(), packed[:, 1]
-        features = guidance_features(w).to(self.weight.dtype)
+        features = guidance_features(w, self.frequencies).to(self.weight.dtype)
         return F.embedding(labels, self.weight) + self.guidance(features)
+
+
+def fit_frequencies(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Give each w embedding of ``model`` the frequency count of the weights in ``state`` it is about to load (a
+    network saved when raypd embedded w with 16 frequencies), so they load and it samples as it did."""
+    for name, module in model.named_modules():
+        weight = state.get(f"{name}.guidance.0.weight")
+        if isinstance(module, GuidedClassEmbedding) and weight is not None and weight.shape[1] != 2 * module.frequencies:
+            first = module.guidance[0]
+            module.guidance[0] = nn.Linear(weight.shape[1], first.out_features, device=first.weight.device,
+                                           dtype=first.weight.dtype)
 
 
 def takes_guidance(state: dict) -> bool:

@@ -139,14 +139,13 @@ class PlainEngine:
 
 
 def param_groups(model: nn.Module, embedding_lr_factor: float = 1.0) -> list[dict]:
-    """The optimizer's parameter groups: the network's trainable weights at the stage's learning rate, and, with an
-    ``embedding_lr_factor`` other than 1, a w-conditioned network's w embedding in a second group at that
-    multiple of it (``lr_factor``)."""
+    """The optimizer's parameter groups: the network's trainable weights at the stage's learning rate and, for a
+    w-conditioned network, its w embedding in a second group at ``embedding_lr_factor`` times that rate
+    (``lr_factor``; the group is there whatever the factor, so a stage checkpoint's layout does not hang on it)."""
     network, embedding = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            fast = embedding_lr_factor != 1.0 and ".class_embedding.guidance." in f".{name}"
-            (embedding if fast else network).append(p)
+            (embedding if ".class_embedding.guidance." in f".{name}" else network).append(p)
     groups = [{"params": network, "lr_factor": 1.0}]
     if embedding:
         groups.append({"params": embedding, "lr_factor": float(embedding_lr_factor)})

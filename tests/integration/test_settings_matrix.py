@@ -51,6 +51,10 @@ COMBOS = [(f"z{stage}-{precision}-{offload}", [f"dist.zero_stage={stage}", f"dis
     ("z2-bf16-denoising-student", ["dist.zero_stage=2", "dist.precision=bf16", "distill.method=denoising_student"]),
     # guided distillation's first stage: a w-conditioned student (its w embedding partitioned like the rest)
     ("z3-bf16-guided", ["dist.zero_stage=3", "dist.precision=bf16", "dist.teacher_dtype=bf16", *GUIDED]),
+    # ... and under ZeRO-2 with the optimizer offloaded (the ImageNet 64 guided config's stage, plus offload):
+    # its two parameter groups, each at its own rate, go through DeepSpeed's offloaded optimizer
+    ("z2-bf16-opt-guided", ["dist.zero_stage=2", "dist.precision=bf16", "dist.teacher_dtype=bf16",
+                            "dist.offload_optimizer=true", *GUIDED]),
 ]
 BASE = ["data.resolution=8", "model.attn_resolutions=[4]", "model.ch=32", "data.loader_workers=0",
         "distill.batch_size=8", "teacher.batch_size=8", "teacher.warmup_updates=1", f"distill.lr={LR}", f"dist.checkpoint_every={EVERY}", "dist.nonfinite_patience=2",

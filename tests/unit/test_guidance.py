@@ -110,6 +110,17 @@ def test_a_student_made_w_conditioned_starts_as_the_teacher_and_its_checkpoint_s
     assert "guidance_input" not in json.loads((teacher_path / "meta.json").read_text())
     assert not read_meta(teacher_path).guidance_input
 
+    # a student saved when w had 16 Fourier frequencies loads with them and samples as it did
+    embedding = student.backbone.unet.class_embedding
+    embedding.guidance[0] = nn.Linear(32, embedding.embedding_dim)
+    assert embedding.frequencies == 16 != GUIDANCE_FREQUENCIES
+    old = save_checkpoint(tmp_path / "old", student, meta_for(cfg, kind="student", sampling_steps=8, round=0,
+                                                               guidance_input=True))
+    loaded = load_checkpoint(old)[0]
+    assert loaded.backbone.unet.class_embedding.frequencies == 16
+    with torch.no_grad():
+        assert torch.equal(freeze(loaded)(z, logsnr, y, torch.ones(3)), freeze(student)(z, logsnr, y, torch.ones(3)))
+
 
 def test_label_dropout_replaces_that_share_of_labels_by_the_no_class_label():
     y = torch.randint(0, 10, (20_000,), generator=torch.Generator().manual_seed(0))
@@ -360,9 +371,9 @@ def test_the_first_stage_trains_at_its_own_rate_with_the_w_embedding_faster_and_
     engine.updates = first.updates // 2
     engine.set_lr()
     assert embedding["lr"] == pytest.approx(5 * network["lr"]) and network["lr"] == pytest.approx(1e-4)
-    # a round after it: one group, at distill.lr
+    # a round after it: both groups at distill.lr
     later = plain_engine(prepare_stage(cfg, round_stage(second, student_path, shards), torch.device("cpu")))
-    assert [g["lr"] for g in later.optimizer.param_groups] == [pytest.approx(1e-3)]
+    assert [g["lr"] for g in later.optimizer.param_groups] == [pytest.approx(1e-3)] * 2
 
 
 def training_loader_of(cfg, shards):

@@ -244,9 +244,8 @@ def round_row(rnd, stats: dict, path: Path, cfg: Config, spent: float) -> dict:
     updates = int(stats.get("updates", rnd.updates))
     # a swept round reports every trial's examples; a plain one trained on updates x batch
     examples = int(stats.get("examples", updates * cfg.distill.batch_size))
-    lr = cfg.distill.guidance_lr if rnd.guidance else cfg.distill.lr
     return {"round": rnd.index, "teacher_steps": rnd.teacher_steps, "student_steps": rnd.student_steps,
-            "updates": updates, "lr": stats.get("lr", lr), "examples": examples,
+            "updates": updates, "lr": stats.get("lr", cfg.distill.stage_lr(rnd.guidance)), "examples": examples,
             "compute": spent + forwards_per_example(cfg.distill) * examples,
             "wall_seconds": stats.get("wall_seconds", stats["seconds"]), "final_loss": stats["final_loss"],
             "skipped_samples": stats.get("skipped_samples", 0), "checkpoint": path.name,

@@ -196,7 +196,7 @@ def describe_plan(cfg: Config, checks: Checks | None = None) -> list[str]:
         steps = f"{rnd.teacher_steps}->{rnd.student_steps}" + (" (w input)" if rnd.guidance else "")
         rows.append((f"round {rnd.index}", steps, f"{rnd.updates:,}",
                      str(s.batch_size), str(s.batch_size // workers),
-                     f"{s.guidance_lr if rnd.guidance else s.lr:g}", _fmt_flops(flops)))
+                     f"{s.stage_lr(rnd.guidance):g}", _fmt_flops(flops)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
     evals = eval_forwards(cfg)

@@ -326,6 +326,10 @@ class DistillConfig:
     grad_clip: float = 1.0
     """Gradient-norm clipping threshold."""
 
+    def stage_lr(self, guidance: bool) -> float:
+        """The learning rate of a distillation stage: a guided first stage's own (``guidance``), else a round's."""
+        return self.guidance_lr if guidance else self.lr
+
     @property
     def guided(self) -> bool:
         """Whether the distillation is guided (a w-conditioned student first, then the rounds)."""

@@ -80,8 +80,7 @@ def search_space(cfg: Config, planned_updates: int, centre: dict[str, Any] | Non
     if s.lrs:  # an explicit grid: one trial per learning rate, no centre point
         return {"lr": tune.grid_search(list(s.lrs)), "updates": tune.choice(budgets), **choices}, None
     space: dict[str, Any] = {"lr": tune.loguniform(lo, hi), "updates": tune.choice(budgets), **choices}
-    configured = cfg.distill.guidance_lr if guidance else cfg.distill.lr
-    first: dict[str, Any] = {"lr": centre["lr"] if centre else min(max(configured, lo), hi),
+    first: dict[str, Any] = {"lr": centre["lr"] if centre else min(max(cfg.distill.stage_lr(guidance), lo), hi),
                              "updates": centre["updates"] if centre and centre["updates"] in budgets else budgets[-1],
                              **{key: options[0] for key, options in extra.items()}}
     return space, first

@@ -173,7 +173,7 @@ def export_guidance(model: Denoiser, meta: CheckpointMeta):
     embedding = model.backbone.unet.class_embedding
     component = GuidanceEmbedding(num_classes=meta.data.num_classes, num_embeddings=embedding.num_embeddings,
                                   embedding_dim=embedding.embedding_dim,
-                                  frequencies=embedding.guidance[0].in_features // 2)
+                                  frequencies=embedding.frequencies)
     state = {("classes.weight" if k == "weight" else k): v.detach().clone() for k, v in embedding.state_dict().items()}
     component.load_state_dict(state, strict=True)
     return component.eval()

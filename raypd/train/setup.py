@@ -46,11 +46,9 @@ def prepare_stage(cfg: Config, stage: Stage, device: torch.device) -> StageSetup
     model = make_student(teacher, cfg.model.parameterization, guidance_input=s.guided)
     if cfg.dist.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    if stage.guidance:  # the first stage of a guided distillation: its own rate, a faster one for the w embedding
-        return StageSetup(model, teacher, s.guidance_lr, s.adam_betas, linear_decay(stage.updates), None,
-                          s.batch_size, s.grad_clip, s.guidance_embedding_lr_factor)
-    return StageSetup(model, teacher, s.lr, s.adam_betas, linear_decay(stage.updates), None, s.batch_size,
-                      s.grad_clip)
+    # a guided first stage has its own rate, and a faster one for the w embedding
+    return StageSetup(model, teacher, s.stage_lr(stage.guidance), s.adam_betas, linear_decay(stage.updates), None,
+                      s.batch_size, s.grad_clip, s.guidance_embedding_lr_factor if stage.guidance else 1.0)
 
 
 def plain_engine(setup: StageSetup, world: int = 1) -> PlainEngine:

@@ -47,20 +47,22 @@ class Denoiser(nn.Module):
 
     def guided(self, z: Tensor, logsnr: Tensor, y: Tensor, w: float | Tensor) -> Tensor:
         """The classifier-free-guided x_hat at weight w (a number, or [B]): a w-conditioned network's own output,
-        else (1 + w) x_hat(z, y) - w x_hat(z, no class), both halves in one forward of twice the batch."""
+        else (1 + w) x_hat(z, y) - w x_hat(z, no class), both halves in one forward of twice the batch (w = 0 given
+        as a number is the conditional prediction alone: one forward of the batch)."""
         if y is None:
             raise ValueError("classifier-free guidance needs class labels y")
-        w = as_weights(w, z)
         if self.guidance_input:
-            return self(z, logsnr, y, w)
+            return self(z, logsnr, y, as_weights(w, z))
         if self.null_class is None:
             raise ValueError("this network has no 'no class' label to guide with: guidance needs a teacher trained "
                              "with label dropout (model.class_dropout > 0)")
+        if not isinstance(w, Tensor) and w == 0:
+            return self(z, logsnr, y)
         if logsnr.ndim == 0:
             logsnr = logsnr.expand(z.shape[0])
         x_both = self(torch.cat([z, z]), torch.cat([logsnr, logsnr]), torch.cat([y, torch.full_like(y, self.null_class)]))
         x_cond, x_uncond = x_both.chunk(2)
-        return combine(x_cond, x_uncond, w)
+        return combine(x_cond, x_uncond, as_weights(w, z))
 
     def predict(self, z: Tensor, logsnr: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(x_hat, eps_hat)."""

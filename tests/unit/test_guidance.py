@@ -55,6 +55,23 @@ def test_the_guided_prediction_is_one_plus_w_conditional_minus_w_unconditional_b
         model.guided(z, logsnr, None, 1.0)
 
 
+def test_guidance_at_w_zero_is_the_conditional_prediction_from_one_forward_of_the_batch():
+    calls = []
+
+    class Counting(Scaling):
+        def forward(self, z, logsnr, y=None):
+            calls.append(z.shape[0])
+            return super().forward(z, logsnr, y)
+
+    model = Denoiser(Counting(), "x", null_class=10)
+    z, y, logsnr = torch.randn(3, 1, 2, 2), torch.tensor([0, 4, 9]), torch.zeros(3)
+    assert torch.equal(model.guided(z, logsnr, y, 0.0), model(z, logsnr, y)) and calls == [3, 3]
+    calls.clear()  # a tensor of weights, even all zero, takes both halves (no device sync to look at it)
+    assert torch.equal(model.guided(z, logsnr, y, torch.zeros(3)), model(z, logsnr, y)) and calls == [6, 3]
+    with pytest.raises(ValueError, match="label dropout"):
+        Denoiser(Scaling(), "x").guided(z, logsnr, y, 0.0)
+
+
 def test_the_w_input_is_fourier_features_through_a_zero_started_mlp_added_to_the_class_embedding():
     f = guidance_features(torch.tensor([0.0, 2.0]))
     assert f.shape == (2, 2 * GUIDANCE_FREQUENCIES)

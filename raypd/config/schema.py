@@ -311,6 +311,11 @@ class DistillConfig:
     ``guidance_min`` and half at ``guidance_max``; the others draw w uniformly in between (0: all uniform, as
     Meng et al.). Weight on w = guidance_min keeps the student's least-guided samples, the ones most sensitive to
     any error, anchored to the teacher's."""
+    guidance_loss_power: float = 0.0
+    """Guided distillation, first stage: each example's loss is scaled by (1 + w)^-p. The guided target
+    (1 + w) x_hat(z, c) - w x_hat(z, no class) and the student's error on it grow with w, so an unweighted loss
+    (0, as Meng et al.) spends the shared network on the most guided examples and lets the w = 0 prediction, the
+    teacher's own, drift; a power above 0 gives the less guided examples back their share."""
     updates_per_round: int = 200
     """Optimizer updates per round or TRACT phase (the paper: 50,000)."""
     late_rounds_factor: float = 2.0
@@ -345,6 +350,8 @@ class DistillConfig:
                  f"must be positive, got {self.guidance_embedding_lr_factor}")
         _require(0.0 <= self.guidance_endpoints <= 1.0, "guidance_endpoints",
                  f"must lie in [0, 1], got {self.guidance_endpoints}")
+        _require(self.guidance_loss_power >= 0, "guidance_loss_power",
+                 f"must be >= 0 (0: every w weighs the same), got {self.guidance_loss_power}")
         _require(not self.guided or self.method != "denoising_student", "method",
                  "guided distillation (guidance_max > 0) distils a w-conditioned student by progressive or tract "
                  "rounds; the Denoising Student's pairs are sampled at no particular w")

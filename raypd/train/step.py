@@ -31,11 +31,13 @@ from raypd.train.engine import Engine
 class Guidance:
     """A guided distillation step: w per example, ``endpoints`` of them at the ends of [low, high] (half each) and
     the rest ~ U(low, high); ``first_stage``: the target is the teacher's guided x_hat itself at t ~ U(0, 1)
-    (else the round's two-step target, every teacher step at w)."""
+    (else the round's two-step target, every teacher step at w); ``loss_power``: the first stage scales each
+    example's loss by (1 + w)^-loss_power."""
     low: float
     high: float
     first_stage: bool = False
     endpoints: float = 0.0
+    loss_power: float = 0.0
 
     def draw(self, batch: int, generator: torch.Generator | None, device) -> Tensor:
         u = torch.rand(batch, generator=generator, dtype=torch.float32, device=device)
@@ -45,10 +47,18 @@ class Guidance:
             w = torch.where(e < self.endpoints / 2, self.low, torch.where(e < self.endpoints, self.high, w))
         return w
 
+    def loss_weight(self, w: Tensor) -> Tensor | None:
+        """Per-example factor on the loss at guidance weights ``w`` (None: all 1)."""
+        if not self.first_stage or self.loss_power == 0:
+            return None
+        return (1 + w) ** -self.loss_power
+
 
 def guidance_for(cfg: DistillConfig, first_stage: bool) -> Guidance | None:
     """The w draw of a distillation stage under these settings (None: the distillation is not guided)."""
-    return Guidance(cfg.guidance_min, cfg.guidance_max, first_stage, cfg.guidance_endpoints) if cfg.guided else None
+    if not cfg.guided:
+        return None
+    return Guidance(cfg.guidance_min, cfg.guidance_max, first_stage, cfg.guidance_endpoints, cfg.guidance_loss_power)
 
 
 def drop_labels(y: Tensor, p: float, null_class: int, generator: torch.Generator | None) -> Tensor:
@@ -93,10 +103,11 @@ def diffusion_loss(
         grid = n_steps if self_teacher is None else _teacher_grid(teacher_steps)
         t = student_times(b, grid, generator=generator, dtype=x.dtype, device=x.device)
     w = None if guidance is None or teacher is None else guidance.draw(b, generator, x.device)
-    return loss_at(student, x, eps, t, y, weighting=weighting, logsnr_fn=logsnr_fn, teacher=teacher,
+    loss = loss_at(student, x, eps, t, y, weighting=weighting, logsnr_fn=logsnr_fn, teacher=teacher,
                    n_steps=n_steps, teacher_dtype=teacher_dtype, self_teacher=self_teacher,
-                   teacher_steps=teacher_steps, w=w, guided_target=guidance is not None and guidance.first_stage
-                   ).mean()
+                   teacher_steps=teacher_steps, w=w, guided_target=guidance is not None and guidance.first_stage)
+    scale = None if w is None else guidance.loss_weight(w)
+    return (loss if scale is None else loss * scale.to(loss.dtype)).mean()
 
 
 def _teacher_grid(teacher_steps: int | None) -> int:

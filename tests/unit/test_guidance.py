@@ -181,6 +181,8 @@ def test_guidance_settings_are_checked_up_front():
                             "distill.guidance_endpoints"),
                            ([*GUIDED, "distill.guidance_max=2", "distill.guidance_endpoints=-0.1"],
                             "distill.guidance_endpoints"),
+                           ([*GUIDED, "distill.guidance_max=2", "distill.guidance_loss_power=-1"],
+                            "distill.guidance_loss_power"),
                            (["eval.guidance=[1.0]"], "eval.guidance"),
                            ([*GUIDED, "eval.guidance=[1.0]"], "eval.guidance"),  # unguided students
                            ([*GUIDED, "distill.guidance_max=2", "eval.guidance=[1.0,3.0]"], "eval.guidance"),
@@ -224,6 +226,36 @@ def test_w_draws_put_their_endpoints_share_at_the_ends_half_each_and_the_rest_un
     from raypd.train.step import guidance_for
 
     assert guidance_for(cfg.distill, True).endpoints == guidance_for(cfg.distill, False).endpoints == endpoints
+
+
+def test_the_first_stage_scales_each_examples_loss_by_one_plus_w_to_the_minus_power_and_the_rounds_do_not():
+    w = torch.tensor([0.0, 1.0, 3.0])
+    assert Guidance(0.0, 3.0, first_stage=True, loss_power=2.0).loss_weight(w).tolist() == [1.0, 0.25, 1 / 16]
+    assert Guidance(0.0, 3.0, first_stage=True, loss_power=0.5).loss_weight(w).tolist() == \
+        pytest.approx([1.0, 2 ** -0.5, 0.5])
+    assert Guidance(0.0, 3.0, first_stage=True).loss_weight(w) is None
+    assert Guidance(0.0, 3.0, loss_power=2.0).loss_weight(w) is None  # a round's loss is never scaled
+    from raypd.train.step import guidance_for
+
+    cfg = load_config(None, [*GUIDED, "distill.guidance_max=3", "distill.guidance_loss_power=1.5"])
+    assert guidance_for(cfg.distill, True).loss_power == guidance_for(cfg.distill, False).loss_power == 1.5
+
+    # in the step's loss: every draw at w = 1 (both ends of the range there), so the scaled loss is the
+    # unscaled one, at the same noise, times 2^-p
+    mixture = ClassMixture()
+    teacher, student, round_teacher = ExactGuidedTeacher(mixture), Denoiser(WMLP(), "v"), Denoiser(WMLP(), "v")
+    batch = mixture.sample(64, torch.Generator().manual_seed(0))
+
+    def loss(p, first_stage=True):
+        g = torch.Generator().manual_seed(1)  # a round's teacher is a w-conditioned student
+        return diffusion_loss(student, batch, weighting="snr_trunc", logsnr_fn=logsnr_schedule, generator=g,
+                              teacher=teacher if first_stage else round_teacher, n_steps=4,
+                              guidance=Guidance(1.0, 1.0, first_stage, loss_power=p)).item()
+
+    assert loss(0.0) > 0
+    assert loss(2.0) == pytest.approx(loss(0.0) / 4, rel=1e-6)
+    assert loss(3.0) == pytest.approx(loss(0.0) / 8, rel=1e-6)
+    assert loss(2.0, first_stage=False) == loss(0.0, first_stage=False)
 
 
 def test_a_sweep_of_the_first_stage_sweeps_its_own_learning_rate_and_does_not_centre_the_rounds_on_it():
@@ -339,7 +371,8 @@ def _run(cfg, root, stage):
 def guided_stages(tmp_path_factory):
     """A guided teacher (label dropout), its w-conditioned student (the first stage) and one round after it."""
     root = tmp_path_factory.mktemp("guided")
-    cfg = load_config(None, [*TINY, "data.source=digits", "distill.guidance_updates=8", "distill.updates_per_round=8"])
+    cfg = load_config(None, [*TINY, "data.source=digits", "distill.guidance_updates=8", "distill.updates_per_round=8",
+                             "distill.guidance_loss_power=2"])
     shards = training_shards(cfg.data, root / "data", seed=cfg.run.seed)
     teacher = _run(cfg, root, teacher_stage(8, 8, shards))
     first, second = plan_rounds(cfg.distill)[:2]

@@ -130,12 +130,13 @@ def test_the_guided_imagenet_config_is_imagenet64_with_guidance_and_its_dry_run_
     for cfg in (a, b):
         del cfg["model"]["class_dropout"], cfg["run"]["name"], cfg["eval"]["guidance"]
         for key in ("guidance_min", "guidance_max", "guidance_updates", "guidance_lr", "guidance_embedding_lr_factor",
-                    "guidance_endpoints"):
+                    "guidance_endpoints", "guidance_loss_power"):
             del cfg["distill"][key]
     assert a == b  # the paper's network, schedule and budgets otherwise
-    # stage one as the paper: at the rounds' rate, the w embedding too, w uniform
+    # stage one as the paper: at the rounds' rate, the w embedding too, w uniform, every w's loss alike
     d = guided.distill
     assert (d.guidance_lr, d.guidance_embedding_lr_factor, d.guidance_endpoints) == (d.lr, 1.0, 0.0)
+    assert d.guidance_loss_power == 0.0
     rounds = plan_rounds(guided.distill)
     assert rounds[0].guidance and (rounds[0].teacher_steps, rounds[0].student_steps) == (1024, 1024)
     assert [r.student_steps for r in rounds[1:]] == [512, 256, 128, 64, 32, 16, 8, 4, 2, 1]

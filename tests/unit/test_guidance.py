@@ -247,9 +247,9 @@ def test_the_first_stage_scales_each_examples_loss_by_one_plus_w_to_the_minus_po
     batch = mixture.sample(64, torch.Generator().manual_seed(0))
 
     def loss(p, first_stage=True):
-        g = torch.Generator().manual_seed(1)  # a round's teacher is a w-conditioned student
+        g = torch.Generator().manual_seed(1)
         return diffusion_loss(student, batch, weighting="snr_trunc", logsnr_fn=logsnr_schedule, generator=g,
-                              teacher=teacher if first_stage else round_teacher, n_steps=4,
+                              teacher=teacher if first_stage else round_teacher, n_steps=4,  # a round's: w-conditioned
                               guidance=Guidance(1.0, 1.0, first_stage, loss_power=p)).item()
 
     assert loss(0.0) > 0

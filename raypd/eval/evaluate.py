@@ -99,7 +99,7 @@ class Evaluator:
             # the same samples at any chunk size; an unguided run's record is the one it kept before guidance existed
             settings = {k: v for k, v in plain["eval"].items() if k != "chunk_size" and (k != "guidance" or v)}
             self.record = EvalRecord(out / "eval", fingerprint(
-                eval=settings, diffusion=plain["diffusion"], spec=self.spec.to_dict(), teacher=teacher_digest,
+                eval=settings, diffusion=plain["diffusion"], spec=self.spec.identity(), teacher=teacher_digest,
                 full_steps=self.full_steps, noise=NOISE_SCHEME, sampling=self.sampling))
         self.weights = cfg.guidance_weights()
         self.full: dict[float | None, FullSamples] = {}

@@ -81,6 +81,17 @@ class EvalSpec:
                                    reference_urls=tuple(where(u) for u in self.reference_urls),
                                    cache_root=where(self.cache_root))
 
+    def identity(self) -> dict[str, Any]:
+        """What decides the scores, without where the files live: the extractor and its weights' digest, the
+        reference set's name (data set, resolution, extractor, count) and the sampling settings. A run moved to
+        another directory or bucket keeps the same identity, so its evaluation record still applies."""
+        from raypd.eval.protocol import extractor_identity
+
+        extractor = {k: v for k, v in extractor_identity(self.extractor).items() if k != "weights"}
+        return {"extractor": extractor, "reference": self.cache_name, "channels": self.channels,
+                "resolution": self.resolution, "num_samples": self.num_samples, "seed": self.seed, "kid": self.kid,
+                "prc": self.prc}
+
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["reference_urls"] = list(self.reference_urls)

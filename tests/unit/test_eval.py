@@ -334,3 +334,29 @@ def test_every_fid_names_its_protocol_and_the_reference_digest_survives_the_cach
                      reference_source="digits")
     assert other.score(images[200:264])["protocol"]["reference"]["sha256"] != p["reference"]["sha256"]
 
+
+
+def test_the_record_s_set_up_is_the_same_wherever_the_run_lives(digits, tmp_path):
+    import dataclasses
+    import shutil
+
+    from raypd.config import DataConfig
+    from raypd.eval.setup import EvalSpec
+
+    root, extractor, _, _ = digits
+    urls = training_shards(DataConfig(resolution=8, num_classes=10, loader_workers=0), root)
+    spec = EvalSpec(extractor, tuple(urls), 100, 1, 8, str(tmp_path / "cache"), "ref-p", 64, 7)
+    moved_weights = tmp_path / "elsewhere" / "clf"
+    shutil.copytree(extractor.weights, moved_weights)
+    moved = spec.with_locations(lambda p: str(moved_weights) if p == extractor.weights else f"/moved{p}")
+    assert moved.to_dict() != spec.to_dict() and moved.identity() == spec.identity()
+    # what changes the scores changes the set-up
+    assert dataclasses.replace(spec, num_samples=128).identity() != spec.identity()
+    assert dataclasses.replace(spec, seed=8).identity() != spec.identity()
+    assert dataclasses.replace(spec, cache_name="ref-q").identity() != spec.identity()
+    retrained = tmp_path / "retrained"
+    shutil.copytree(extractor.weights, retrained)
+    blob = (retrained / "model.safetensors").read_bytes()
+    (retrained / "model.safetensors").write_bytes(blob[:-1] + bytes([blob[-1] ^ 1]))
+    other = dataclasses.replace(spec, extractor=dataclasses.replace(extractor, weights=str(retrained)))
+    assert other.identity() != spec.identity()

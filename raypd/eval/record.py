@@ -2,10 +2,10 @@
 teacher's baselines and the finished rounds' scores instead of sampling and scoring them again.
 
 A record belongs to one evaluation set-up (its fingerprint: the eval settings, the reference set and
-extractor, the teacher's weights, none of them by where their files live); a record made under another set-up is set aside, never mixed in. A
-student's score is keyed by its weights' digest, so a round trained again is scored again. The teacher's
-full-sampler images (what every later point's distance is measured to) are kept beside it as uint8, named by
-the same fingerprint (``raypd.eval.chunks.FullSamples``).
+extractor, the teacher's weights, none of them by where their files live); a record made under another
+set-up is set aside, never mixed in. A student's score is keyed by its weights' digest, so a round trained
+again is scored again. The teacher's full-sampler images (what every later point's distance is measured to)
+are kept beside it as uint8, named by the same fingerprint (``raypd.eval.chunks.FullSamples``).
 """
 
 from __future__ import annotations

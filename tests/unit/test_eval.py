@@ -335,7 +335,6 @@ def test_every_fid_names_its_protocol_and_the_reference_digest_survives_the_cach
     assert other.score(images[200:264])["protocol"]["reference"]["sha256"] != p["reference"]["sha256"]
 
 
-
 def test_the_record_s_set_up_is_the_same_wherever_the_run_lives(digits, tmp_path):
     import dataclasses
     import shutil

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch_fidelity.metric_fid import fid_statistics_to_metric
 
-from raypd.eval.bootstrap import Reference, fid, paired_bootstrap
+from raypd.eval.bootstrap import Reference, across_seeds, fid, paired_bootstrap
 
 
 def _stats(x: torch.Tensor) -> dict:
@@ -47,3 +47,30 @@ def test_paired_bootstrap_refuses_unpaired_sets():
         paired_bootstrap({"a": torch.randn(50, 4), "b": torch.randn(60, 4)}, ref, replicates=10)
     with pytest.raises(ValueError, match="replicates"):
         paired_bootstrap({"a": torch.randn(50, 4)}, ref, replicates=1)
+
+
+def test_across_seeds_is_the_mean_with_a_student_t_interval():
+    interval = across_seeds([1.0, 2.0, 3.0])
+    # sd 1 over 3 seeds, t(0.975, 2) = 4.303
+    assert interval.value == pytest.approx(2.0)
+    assert (interval.low, interval.high) == pytest.approx((2.0 - 4.303 / 3**0.5, 2.0 + 4.303 / 3**0.5), abs=1e-3)
+    assert across_seeds([5.0, 5.0, float("nan")]).low == 5.0
+    with pytest.raises(ValueError, match=">= 2"):
+        across_seeds([1.0, float("nan")])
+    # over many draws of five seeds, the 95% interval covers the true mean about 95% of the time
+    g = torch.Generator().manual_seed(3)
+    intervals = [across_seeds(torch.randn(5, generator=g).tolist()) for _ in range(400)]
+    covered = [i.low <= 0.0 <= i.high for i in intervals]
+    assert 0.91 <= sum(covered) / len(covered) <= 0.99
+
+
+def test_in_high_dimension_resampled_fids_sit_far_from_fresh_draws():
+    """Why the benchmark scores Inception features from several seeds: with about as many samples as features, a
+    resample's repeated rows inflate its FID far beyond how much the FID moves between independent draws."""
+    g = torch.Generator().manual_seed(4)
+    d = n = 64
+    ref = Reference.of(torch.randn(4000, d, generator=g))
+    fresh = [fid(torch.randn(n, d, generator=g) + 0.1, ref) for _ in range(8)]
+    spread = across_seeds(fresh)
+    resampled = paired_bootstrap({"x": torch.randn(n, d, generator=g) + 0.1}, ref, replicates=40, seed=0)["x"]
+    assert resampled.low > spread.high + 10 * (spread.high - spread.low)

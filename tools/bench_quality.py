@@ -6,13 +6,16 @@ digits, then samples the teacher's full sampler, its DDIM at N steps and the dis
 from the same noise with ``--samples`` samples each (the run's own evaluation noise, extended), and scores
 them with each extractor. Every FID, the share of the gap the student closes,
 ``(FID_ddim - FID_distilled) / (FID_ddim - FID_full)``, and the student's FID over the teacher's full-step
-FID come with a 95% paired-bootstrap interval over the samples (``raypd.eval.bootstrap``). The cost line
+FID come with a 95% paired-bootstrap interval over the samples (``raypd.eval.bootstrap``). ``--seeds K``
+scores every point again from K independent noise seeds and states the mean with a 95% t-interval: the
+interval to trust for Inception's 2,048-d features, where the bootstrap's resamples are not like fresh noise
+(each seed costs another full set of samples and features). The cost line
 is the paper's other claim: the distillation's compute down to N steps against the teacher's training
 compute, in forward-equivalents of the network (a distillation example costs two teacher forwards and the
 student's forward and backward, 5; a training example 3).
 
     python tools/bench_quality.py [--data digits|mnist] [--samples 2048] [--replicates 200]
-        [--extractors classifier,inception] [--inception-steps 4] [--inception-weights PATH] [--no-fits]
+        [--seeds 1] [--extractors classifier,inception] [--inception-steps 4] [--inception-weights PATH] [--no-fits]
         [--out runs/bench-quality-DATA] [section.key=value ...]
 
 ``--out`` naming a finished run (the README's ``raypd_runs/local``, say) rescores it without training again.
@@ -37,7 +40,7 @@ from raypd.config import config_from_dict, load_config
 from raypd.data.prepare import training_shards
 from raypd.data.shards import read_manifest
 from raypd.diffusion import logsnr_schedule
-from raypd.eval.bootstrap import Reference, paired_bootstrap
+from raypd.eval.bootstrap import Reference, across_seeds, fid, paired_bootstrap
 from raypd.eval.fid import Extractor, fid_features, reference_fid_features, to_uint8
 from raypd.eval.samples import NOISE_BLOCK, fixed_noise, sample_ddim
 from raypd.eval.setup import fid_setup
@@ -62,10 +65,12 @@ def data_overrides(data: str, assets: Path) -> list[str]:
     return ["data.source=mnist", f"data.path={images}", f"data.labels_path={labels}", "data.num_classes=0"]
 
 
-def generate(model, n: int, steps: int, *, cfg, logsnr_fn, device) -> torch.Tensor:
-    """uint8 DDIM samples from the run's evaluation noise (the first ``n`` of it), a noise block at a time."""
+def generate(model, n: int, steps: int, *, cfg, logsnr_fn, device, seed: int | None = None) -> torch.Tensor:
+    """uint8 DDIM samples from the first ``n`` of the noise of ``seed`` (default: the run's evaluation noise),
+    a noise block at a time."""
     d, parts = cfg.data, []
-    z, y = fixed_noise(n, d.channels, d.resolution, seed=cfg.eval.seed, num_classes=d.num_classes)
+    seed = cfg.eval.seed if seed is None else seed
+    z, y = fixed_noise(n, d.channels, d.resolution, seed=seed, num_classes=d.num_classes)
     for lo in range(0, n, NOISE_BLOCK):
         hi = min(n, lo + NOISE_BLOCK)
         parts.append(to_uint8(sample_ddim(model, z[lo:hi], None if y is None else y[lo:hi], steps,
@@ -109,6 +114,28 @@ def pct(interval) -> str:
     return f"{100 * interval.value:.1f}% [{100 * interval.low:.1f}, {100 * interval.high:.1f}]"
 
 
+def across_noise_seeds(seeds, result, keys, stats, scored, full, reference, extractor, point) -> list[str]:
+    """Every point scored again from each further noise seed: the mean over the seeds with a 95% t-interval, and
+    the gap closed under each seed (the first seed's FIDs are the bootstrap's values)."""
+    began = time.perf_counter()
+    per_seed = [{name: interval.value for name, interval in result.items()}]
+    for seed in seeds[1:]:
+        fids = {f"{s}@{n}": fid(fid_features(point(s, n, seed), extractor), reference) for s, n in keys}
+        per_seed.append({**fids, **{name: stat(fids) for name, stat in stats.items()}})
+    across = {name: across_seeds([p[name] for p in per_seed]) for name in per_seed[0]}
+    ratio = lambda i: f"{i.value:.3f}x [{i.low:.3f}, {i.high:.3f}]"  # noqa: E731
+    lines = [f"Across {len(seeds)} noise seeds ({', '.join(map(str, seeds))}): mean and 95% t-interval of the mean; "
+             f"teacher at {full} steps: FID {fmt(across[f'teacher_ddim@{full}'])}; scored in "
+             f"{time.perf_counter() - began:.0f} s", "",
+             "| steps | teacher DDIM FID | distilled FID | gap closed | distilled / full | gap closed, seed by seed |",
+             "|---|---|---|---|---|---|"]
+    for n in scored:
+        each = ", ".join(f"{100 * p[f'gap@{n}']:.1f}%" for p in per_seed)
+        lines.append(f"| {n} | {fmt(across[f'teacher_ddim@{n}'])} | {fmt(across[f'distilled@{n}'])} | "
+                     f"{pct(across[f'gap@{n}'])} | {ratio(across[f'ratio@{n}'])} | {each} |")
+    return lines + [""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", choices=("digits", "mnist"), default="digits")
@@ -116,6 +143,8 @@ def main() -> None:
     parser.add_argument("--out", help="the run's directory (default runs/bench-quality-DATA)")
     parser.add_argument("--samples", type=int, default=2048, help="samples per point (>= 2000 for a tight interval)")
     parser.add_argument("--replicates", type=int, default=200, help="bootstrap replicates")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="independent noise seeds to score every point from (>= 2: an interval across seeds)")
     parser.add_argument("--extractors", default="classifier,inception")
     parser.add_argument("--inception-steps", default="4",
                         help="step counts Inception scores besides the full sampler ('all' for every round's)")
@@ -130,6 +159,8 @@ def main() -> None:
             raise SystemExit(f"--extractors: unknown extractor {e!r} (classifier, inception)")
     if args.samples < 2 or args.replicates < 2:
         raise SystemExit(f"--samples and --replicates must be >= 2, got {args.samples} and {args.replicates}")
+    if args.seeds < 1:
+        raise SystemExit(f"--seeds must be >= 1, got {args.seeds}")
     cfg = load_config(None, [f"run.storage_path={out.parent}", f"run.name={out.name}",
                              *data_overrides(args.data, Path(args.assets)), *args.overrides])
     if cfg.distill.guided or cfg.eval.guidance:
@@ -144,21 +175,25 @@ def main() -> None:
     manifest = read_manifest(urls)
     full = summary["teacher"]["full_steps"]
     steps = sorted({r["student_steps"] for r in summary["rounds"]}, reverse=True)
-    teacher = freeze(load_checkpoint(run / "teacher", map_location=device)[0])
+    teacher_path = Path(cfg.teacher.checkpoint) if cfg.teacher.checkpoint else run / "teacher"  # given, or trained
+    teacher = freeze(load_checkpoint(teacher_path, map_location=device)[0])
 
-    images: dict[tuple[str, int], torch.Tensor] = {}
+    images: dict[tuple[str, int, int], torch.Tensor] = {}
+    seeds = [cfg.eval.seed + i for i in range(args.seeds)]
 
-    def point(sampler: str, n: int) -> torch.Tensor:
-        if (sampler, n) not in images:
+    def point(sampler: str, n: int, seed: int = seeds[0]) -> torch.Tensor:
+        if (sampler, n, seed) not in images:
             began = time.perf_counter()
             if sampler == "teacher_ddim":
                 model = teacher
             else:
                 checkpoint = next(r["checkpoint"] for r in summary["rounds"] if r["student_steps"] == n)
                 model = freeze(load_checkpoint(run / checkpoint, map_location=device)[0])
-            images[sampler, n] = generate(model, args.samples, n, cfg=cfg, logsnr_fn=logsnr_fn, device=device)
-            log(f"[bench] {sampler} at {n} steps: {args.samples} samples in {time.perf_counter() - began:.0f} s")
-        return images[sampler, n]
+            images[sampler, n, seed] = generate(model, args.samples, n, cfg=cfg, logsnr_fn=logsnr_fn, device=device,
+                                                seed=seed)
+            log(f"[bench] {sampler} at {n} steps, noise seed {seed}: {args.samples} samples in "
+                f"{time.perf_counter() - began:.0f} s")
+        return images[sampler, n, seed]
 
     report = [f"# Quality benchmark: {args.data}", "",
               f"run `{run}` (pipeline {summary['seconds']:.0f} s); {args.samples} samples per point from the run's "
@@ -192,6 +227,8 @@ def main() -> None:
                           f"{pct(result[f'gap@{n}'])} | {result[f'ratio@{n}'].value:.3f}x "
                           f"[{result[f'ratio@{n}'].low:.3f}, {result[f'ratio@{n}'].high:.3f}] |")
         report.append("")
+        if len(seeds) > 1:
+            report += across_noise_seeds(seeds, result, keys, stats, scored, full, reference, extractor, point)
     report += [] if args.no_fits else where_the_gap_comes_from(summary, run, teacher, point, full, min(args.samples, 1024), cfg=cfg,
                                        logsnr_fn=logsnr_fn, device=device)
     teacher_cost = summary["teacher"].get("compute")

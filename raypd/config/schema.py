@@ -316,13 +316,13 @@ class DistillConfig:
     (1 + w) x_hat(z, c) - w x_hat(z, no class) and the student's error on it grow with w, so an unweighted loss
     (0, as Meng et al.) spends the shared network on the most guided examples and lets the w = 0 prediction, the
     teacher's own, drift; a power above 0 gives the less guided examples back their share."""
-    updates_per_round: int = 200
+    updates_per_round: int = 800
     """Optimizer updates per round or TRACT phase (the paper: 50,000)."""
-    late_rounds_factor: float = 2.0
+    late_rounds_factor: float = 1.0
     """Update-budget multiplier for the hardest rounds (the paper doubles the rounds to 2 and to 1 step)."""
     late_rounds_max_steps: int = 2
     """Rounds whose student samples in at most this many steps get ``late_rounds_factor``."""
-    batch_size: int = 32
+    batch_size: int = 16
     """Global batch size of each round."""
     lr: float = 3e-4
     """Initial learning rate of each round, decayed linearly to 0 with no warm-up."""

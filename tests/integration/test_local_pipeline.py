@@ -13,7 +13,8 @@ from raypd.distill import main
 
 TINY = ["data.resolution=8", "model.attn_resolutions=[4]", "teacher.updates=30", "teacher.sampling_steps=4",
         "distill.start_steps=4", "distill.updates_per_round=5", "eval.num_samples=16", "eval.grid_size=16",
-        "eval.reference_samples=64", "eval.classifier_updates=20", "run.log_every=10", "run.device=cpu"]
+        "eval.reference_samples=64", "eval.classifier_updates=20", "run.log_every=10", "run.device=cpu",
+        "distill.batch_size=32", "distill.late_rounds_factor=2.0"]  # the round shapes the assertions below count
 
 
 def test_pipeline_runs_resumes_and_reports(tmp_path, capsys):

@@ -17,7 +17,7 @@ BASE = ["data.resolution=8", "model.attn_resolutions=[4]", "teacher.sampling_ste
         "run.device=cpu", "data.loader_workers=0", "dist.collective_timeout_s=120", "dist.zero_stage=2",
         "sweep.enabled=true", "sweep.lrs=[0.001,0.0003,10.0]", "sweep.grace_updates=4", "sweep.report_every=2",
         "sweep.max_concurrent=2", "sweep.heldout_samples=32", "distill.updates_per_round=12",
-        "distill.late_rounds_factor=1.0"]
+        "distill.late_rounds_factor=1.0", "distill.batch_size=32"]
 
 
 @pytest.fixture(scope="module")

@@ -31,13 +31,15 @@ TINY = ["data.resolution=8", "model.attn_resolutions=[4]", "model.ch=32", "model
 
 
 def test_denoising_student_settings_are_checked_up_front():
-    cfg = DistillConfig(method="denoising_student", start_steps=16, pairs=1000, updates_per_round=100)
+    cfg = DistillConfig(method="denoising_student", start_steps=16, pairs=1000, updates_per_round=100,
+                        late_rounds_factor=2.0)
     assert [(r.teacher_steps, r.student_steps, r.updates) for r in plan_rounds(cfg)] == [(16, 1, 200)]
     assert upfront_forwards(cfg) == 16_000 and forwards_per_example(cfg) == 3
     assert upfront_forwards(DistillConfig()) == 0 and forwards_per_example(DistillConfig()) == 5
     for overrides, message in [
         (["distill.method=denoising_student", "distill.end_steps=2"], "distill.end_steps: the Denoising Student"),
-        (["distill.method=denoising_student", "distill.pairs=8"], r"distill.pairs: must be at least .*\(32\)"),
+        (["distill.method=denoising_student", "distill.pairs=8"],
+         r"distill.pairs: must be at least distill.batch_size \(16\)"),
         (["distill.method=denoising_student", "distill.phases=[1]"], "distill.phases: only distill.method=tract"),
     ]:
         with pytest.raises(ConfigError, match=message):

@@ -204,7 +204,8 @@ def test_guidance_settings_are_checked_up_front():
     with pytest.raises(CheckpointError, match="no class"):
         check_compatible(meta, load_config(None, ["data.num_classes=10"]), "t")
 
-    rounds = plan_rounds(DistillConfig(start_steps=8, end_steps=2, guidance_max=2.0, guidance_updates=50))
+    rounds = plan_rounds(DistillConfig(start_steps=8, end_steps=2, guidance_max=2.0, guidance_updates=50,
+                                       updates_per_round=200, late_rounds_factor=2.0))
     assert [(r.teacher_steps, r.student_steps, r.updates, r.guidance) for r in rounds] == \
         [(8, 8, 50, True), (8, 4, 200, False), (4, 2, 400, False)]
 

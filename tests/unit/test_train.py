@@ -26,7 +26,7 @@ def test_lr_schedules():
 
 
 def test_plan_rounds_paper_schedule():
-    rounds = plan_rounds(DistillConfig(start_steps=8192, end_steps=1, updates_per_round=50_000))
+    rounds = plan_rounds(DistillConfig(start_steps=8192, end_steps=1, updates_per_round=50_000, late_rounds_factor=2.0))
     assert len(rounds) == 13
     assert [r.student_steps for r in rounds] == [4096 // 2**k for k in range(13)]
     assert [r.updates for r in rounds[-3:]] == [50_000, 100_000, 100_000]

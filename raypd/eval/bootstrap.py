@@ -106,7 +106,7 @@ def _interval(value: float, draws: list[float], level: float) -> Interval:
 def across_seeds(values: list[float], level: float = 0.95) -> Interval:
     """A statistic measured once per independent noise seed: its mean, with the Student-t interval of that
     mean (``level``, ``len(values) - 1`` degrees of freedom). Needs two seeds or more."""
-    from scipy import stats as scipy_stats  # imported here: only the benchmark asks for it
+    from scipy import stats as scipy_stats  # scikit-learn brings scipy; imported here: only the benchmark asks
 
     finite = [v for v in values if math.isfinite(v)]
     if len(finite) < 2:

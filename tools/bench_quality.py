@@ -114,6 +114,10 @@ def pct(interval) -> str:
     return f"{100 * interval.value:.1f}% [{100 * interval.low:.1f}, {100 * interval.high:.1f}]"
 
 
+def ratio(interval) -> str:
+    return f"{interval.value:.3f}x [{interval.low:.3f}, {interval.high:.3f}]"
+
+
 def across_noise_seeds(seeds, result, keys, stats, scored, full, reference, extractor, point) -> list[str]:
     """Every point scored again from each further noise seed: the mean over the seeds with a 95% t-interval, and
     the gap closed under each seed (the first seed's FIDs are the bootstrap's values)."""
@@ -123,7 +127,6 @@ def across_noise_seeds(seeds, result, keys, stats, scored, full, reference, extr
         fids = {f"{s}@{n}": fid(fid_features(point(s, n, seed), extractor), reference) for s, n in keys}
         per_seed.append({**fids, **{name: stat(fids) for name, stat in stats.items()}})
     across = {name: across_seeds([p[name] for p in per_seed]) for name in per_seed[0]}
-    ratio = lambda i: f"{i.value:.3f}x [{i.low:.3f}, {i.high:.3f}]"  # noqa: E731
     lines = [f"Across {len(seeds)} noise seeds ({', '.join(map(str, seeds))}): mean and 95% t-interval of the mean; "
              f"teacher at {full} steps: FID {fmt(across[f'teacher_ddim@{full}'])}; scored in "
              f"{time.perf_counter() - began:.0f} s", "",
@@ -224,8 +227,7 @@ def main() -> None:
                    "| steps | teacher DDIM FID | distilled FID | gap closed | distilled / full |", "|---|---|---|---|---|"]
         for n in scored:
             report.append(f"| {n} | {fmt(result[f'teacher_ddim@{n}'])} | {fmt(result[f'distilled@{n}'])} | "
-                          f"{pct(result[f'gap@{n}'])} | {result[f'ratio@{n}'].value:.3f}x "
-                          f"[{result[f'ratio@{n}'].low:.3f}, {result[f'ratio@{n}'].high:.3f}] |")
+                          f"{pct(result[f'gap@{n}'])} | {ratio(result[f'ratio@{n}'])} |")
         report.append("")
         if len(seeds) > 1:
             report += across_noise_seeds(seeds, result, keys, stats, scored, full, reference, extractor, point)
@@ -238,8 +240,8 @@ def main() -> None:
         if "compute" not in r:  # a summary written before raypd counted compute
             report.append(f"| {r['student_steps']} steps | - | - |")
             continue
-        ratio = f"{r['compute'] / teacher_cost:.3f}" if teacher_cost else "-"
-        report.append(f"| {r['student_steps']} steps | {r['compute']:,.0f} | {ratio} |")
+        share = f"{r['compute'] / teacher_cost:.3f}" if teacher_cost else "-"
+        report.append(f"| {r['student_steps']} steps | {r['compute']:,.0f} | {share} |")
     report += ["", f"The teacher's training: {teacher_cost:,.0f} forward-equivalents." if teacher_cost else
                "The teacher's training cost is unknown (a given or imported teacher).",
                "", f"benchmark wall time {time.perf_counter() - started:.0f} s"]

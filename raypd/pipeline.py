@@ -142,6 +142,12 @@ def obtain_teacher(ctx: Context) -> tuple[Denoiser, Path]:
     return load_frozen(path, ctx.device), path
 
 
+def checkpoint_name(path: Path, out: Path) -> str:
+    """Where a checkpoint lies, as the summary records it: relative to the run when inside it, else absolute."""
+    path = Path(path).resolve()
+    return str(path.relative_to(out.resolve())) if path.is_relative_to(out.resolve()) else str(path)
+
+
 def copy_given_teacher(source: Path, target: Path) -> Path:
     """A given teacher checkpoint copied into the run (once; again if its weights changed)."""
     import shutil
@@ -280,7 +286,7 @@ def _stages(ctx: Context, manifest: dict | None, cluster) -> dict:
                              mirror=ctx.mirror)
     summary = {"run": str(out), "method": cfg.distill.method,
                "teacher": {"full_steps": evaluator.full_steps, "digest": teacher_digest,
-                           **teacher_compute(teacher_path)},
+                           "checkpoint": checkpoint_name(teacher_path, out), **teacher_compute(teacher_path)},
                "eval_seed": cfg.eval.seed, "rounds": [], "eval": list(evaluator.rows)}
     spent, shards = 0.0, ctx.shards
     if cfg.distill.method == "denoising_student":

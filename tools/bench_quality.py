@@ -178,7 +178,8 @@ def main() -> None:
     manifest = read_manifest(urls)
     full = summary["teacher"]["full_steps"]
     steps = sorted({r["student_steps"] for r in summary["rounds"]}, reverse=True)
-    teacher_path = Path(cfg.teacher.checkpoint) if cfg.teacher.checkpoint else run / "teacher"  # given, or trained
+    teacher_path = run / summary["teacher"]["checkpoint"] if "checkpoint" in summary["teacher"] else \
+        Path(cfg.teacher.checkpoint or run / "teacher")  # a summary written before it named the teacher's
     teacher = freeze(load_checkpoint(teacher_path, map_location=device)[0])
 
     images: dict[tuple[str, int, int], torch.Tensor] = {}

@@ -32,6 +32,7 @@ def test_pipeline_runs_resumes_and_reports(tmp_path, capsys):
         assert set(r) >= {"student_steps", "updates", "lr", "wall_seconds", "final_loss"}
     # compute in forward-equivalents: 3 per teacher training example, 5 per distillation example, cumulative
     assert summary["teacher"]["compute"] == 3 * 30 * 64
+    assert summary["teacher"]["checkpoint"] == "teacher"  # trained by the run: inside it
     assert [r["compute"] for r in summary["rounds"]] == [5 * 10 * 32, 2 * 5 * 10 * 32]
     assert summary["final_checkpoint"] == "round-01-1steps"
     assert (run / summary["final_checkpoint"] / "model.safetensors").is_file()
@@ -110,6 +111,7 @@ def test_pipeline_runs_resumes_and_reports(tmp_path, capsys):
                         "distill.method=tract", "distill.phases=[1]"]) == 0
     tract = json.loads((tmp_path / "tract" / "summary.json").read_text())
     assert tract["method"] == "tract" and summary["method"] == "progressive"
+    assert tract["teacher"]["checkpoint"] == str((run / "teacher").resolve())  # given: where it lies
     assert [(r["teacher_steps"], r["student_steps"], r["updates"]) for r in tract["rounds"]] == [(4, 1, 10)]
     assert [(r["sampler"], r["steps"]) for r in tract["eval"]] == [
         ("teacher_ddim", 4), ("teacher_ddim", 1), ("distilled", 1)]

@@ -127,7 +127,24 @@ def config_from_dict(data: dict[str, Any] | None, overrides: typing.Sequence[str
         except yaml.YAMLError as err:
             raise ConfigError(key.strip(), f"value {raw!r} is not valid YAML ({str(err).splitlines()[0]})") from None
         _set_dotted(data, key.strip(), value)
-    return _build(Config, data)
+    cfg = _build(Config, data)
+    _check_sweep_choices(cfg)
+    return cfg
+
+
+def _check_sweep_choices(cfg: Config) -> None:
+    """Every value ``sweep.choices`` offers makes a valid config, refused here rather than in a failed trial."""
+    if not cfg.sweep.enabled:
+        return
+    base = cfg.to_dict()
+    base["sweep"] = {**base["sweep"], "choices": []}
+    for i, item in enumerate(cfg.sweep.choices):
+        key, _, values = item.partition("=")
+        for raw in values.split("|"):
+            try:
+                config_from_dict(base, [f"{key.strip()}={raw}"])
+            except ConfigError as err:
+                raise ConfigError(f"sweep.choices[{i}]", f"{key.strip()}={raw.strip()}: {err}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:

@@ -8,6 +8,7 @@ in minutes.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -555,13 +556,16 @@ class SweepConfig:
     """Upper end of the first round's log-uniform learning-rate range; later rounds centre the same span
     on the learning rate chosen before."""
     lrs: tuple[float, ...] = ()
-    """Explicit learning rates to try, one trial each (a grid; replaces lr_min/lr_max and trials)."""
+    """Explicit learning rates to try: a grid, one trial for every learning rate, budget (``updates``) and value
+    of each of ``choices`` together (replaces lr_min/lr_max and trials)."""
     updates: tuple[int, ...] = ()
-    """Update budgets to choose from per trial; empty: the round's planned budget only."""
+    """Update budgets to search (each trial draws one; every one with ``lrs``); empty: the round's planned
+    budget only."""
     choices: tuple[str, ...] = ()
-    """Further settings to search, each ``dotted.key=v1|v2|...`` (e.g. ``distill.batch_size=16|32``)."""
+    """Further settings to search, each ``dotted.key=v1|v2|...`` (e.g. ``distill.batch_size=16|32``): each trial
+    draws a value (every one with ``lrs``); without ``lrs``, the chosen value starts the next round's search."""
     grace_updates: int = 50
-    """ASHA: updates every trial gets before it can be stopped early."""
+    """ASHA: updates every trial gets before it can be stopped early (at or above the largest budget: none is)."""
     reduction_factor: int = 2
     """ASHA: only the best 1/reduction_factor of the trials at a milestone go on."""
     heldout_samples: int = 256
@@ -570,10 +574,23 @@ class SweepConfig:
     """Trials report the held-out loss (and checkpoint) every this many updates."""
     fid: bool = True
     """Score each finished trial's student by FID (the run's extractor) and choose by it; else by held-out loss."""
+    fid_seeds: int = 1
+    """Noise seeds each finished trial's student is scored from, ``eval.num_samples`` samples each; the choice
+    goes by the mean FID. Every trial draws the same noise, so trials compare paired; more seeds keep one draw
+    of noise from favouring a trial by chance. The seeds are ``eval.seed`` + 10,000, +1, ...: not the noise of
+    the run's reported FIDs, which would otherwise favour the trial chosen on it."""
     max_concurrent: int = 0
     """Trials run at once; 0: as many as the cluster's GPUs (or CPUs) hold at dist.workers each."""
     seed: int = 0
     """Seed of the search (which learning rates are tried)."""
+
+    def trials_per_round(self) -> int:
+        """Trials a swept round runs: the grid's size with ``lrs`` (every rate, budget and choice together), else
+        ``trials``."""
+        if not self.lrs:
+            return self.trials
+        return math.prod([len(self.lrs), max(1, len(self.updates)),
+                          *(len(item.partition("=")[2].split("|")) for item in self.choices)])
 
     def validate(self) -> None:
         _require(self.trials >= 1, "trials", f"must be >= 1, got {self.trials}")
@@ -592,6 +609,7 @@ class SweepConfig:
         _require(self.reduction_factor >= 2, "reduction_factor", f"must be >= 2, got {self.reduction_factor}")
         _require(self.heldout_samples >= 1, "heldout_samples", f"must be >= 1, got {self.heldout_samples}")
         _require(self.report_every >= 1, "report_every", f"must be >= 1, got {self.report_every}")
+        _require(self.fid_seeds >= 1, "fid_seeds", f"must be >= 1, got {self.fid_seeds}")
         _require(self.max_concurrent >= 0, "max_concurrent", f"must be >= 0, got {self.max_concurrent}")
 
 

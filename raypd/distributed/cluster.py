@@ -69,8 +69,7 @@ def placeable_workers(nodes: list[dict], bundle: dict[str, float]) -> int:
 
 def sweep_trials(cfg: Config) -> int:
     """Trials a sweep wants to run at once: ``sweep.max_concurrent``, else every trial of a round."""
-    s = cfg.sweep
-    return s.max_concurrent or (len(s.lrs) if s.lrs else s.trials)
+    return cfg.sweep.max_concurrent or cfg.sweep.trials_per_round()
 
 
 def _autoscaler_config():

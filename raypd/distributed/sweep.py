@@ -1,13 +1,16 @@
 """One halving round as a Ray Tune sweep: every trial a full Ray Train run of that round.
 
 The search covers the round's learning rate (log-uniform), its update budget (a choice) and any
-other setting given as ``dotted.key=v1|v2``. Every trial reports the distillation loss on one
-fixed held-out set of (x, noise, t), so trials compare fairly, and ASHA stops the poor ones early.
-A finished trial's student is scored by FID (the run's extractor and reference statistics) when
-``sweep.fid`` is on. The chosen trial (lowest FID, else lowest held-out loss, among the trials that
-finished their budget) is promoted to the round's checkpoint; its learning rate centres the next
-round's search. A guided distillation's first stage sweeps its own rate (``distill.guidance_lr``) and centres
-nothing: the rounds after it search around ``distill.lr``.
+other setting given as ``dotted.key=v1|v2``; with ``sweep.lrs`` it is a grid over all three. Every
+trial reports the distillation loss on one fixed held-out set of (x, noise, t), so trials compare
+fairly, and ASHA stops the poor ones early. A finished trial's student is scored by FID (the run's
+extractor and reference statistics) when ``sweep.fid`` is on, from ``sweep.fid_seeds`` noise seeds:
+the same noise for every trial, so the trials compare paired, and the mean over seeds keeps one draw
+from deciding. The chosen trial (lowest FID, else lowest held-out loss, among the trials that
+finished their budget) is promoted to the round's checkpoint; without a grid, its learning rate
+centres the next round's search, and its budget and choices are the next round's first point. A guided distillation's
+first stage sweeps its own rate (``distill.guidance_lr``) and centres nothing: the rounds after it
+search around ``distill.lr``.
 
 Ray 2.60 no longer takes a Trainer inside a Tuner: the trainable is a function that fits a
 ``TorchTrainer`` whose reports reach Tune through ``TuneReportCallback``. Each trial's Train run
@@ -37,6 +40,9 @@ from raypd.train.rounds import Round
 from raypd.train.stage import Stage
 
 DIVERGED = 1e30
+SWEEP_NOISE = 10_000
+"""Offset of the noise seeds trials are scored from, away from the evaluation's own (``eval.seed``): the run
+reports the chosen student's FID from noise the choice was not made on."""
 
 
 class SweepError(RuntimeError):
@@ -76,13 +82,16 @@ def search_space(cfg: Config, planned_updates: int, centre: dict[str, Any] | Non
     for item in s.choices:
         key, _, values = item.partition("=")
         extra[key.strip()] = [yaml.safe_load(v) for v in values.split("|")]
-    choices = {key: tune.choice(options) for key, options in extra.items()}
-    if s.lrs:  # an explicit grid: one trial per learning rate, no centre point
-        return {"lr": tune.grid_search(list(s.lrs)), "updates": tune.choice(budgets), **choices}, None
-    space: dict[str, Any] = {"lr": tune.loguniform(lo, hi), "updates": tune.choice(budgets), **choices}
+    if s.lrs:  # an explicit grid: one trial per learning rate, budget and choice together, no centre point
+        return {"lr": tune.grid_search(list(s.lrs)), "updates": tune.grid_search(budgets),
+                **{key: tune.grid_search(options) for key, options in extra.items()}}, None
+    space: dict[str, Any] = {"lr": tune.loguniform(lo, hi), "updates": tune.choice(budgets),
+                             **{key: tune.choice(options) for key, options in extra.items()}}
+    centre = centre or {}
     first: dict[str, Any] = {"lr": centre["lr"] if centre else min(max(cfg.distill.stage_lr(guidance), lo), hi),
-                             "updates": centre["updates"] if centre and centre["updates"] in budgets else budgets[-1],
-                             **{key: options[0] for key, options in extra.items()}}
+                             "updates": centre["updates"] if centre.get("updates") in budgets else budgets[-1],
+                             **{key: centre[key] if key in centre and centre[key] in options else options[0]
+                                for key, options in extra.items()}}
     return space, first
 
 
@@ -135,14 +144,18 @@ def _trial(params: dict[str, Any], static: dict[str, Any]) -> None:
         # outside the trial's own placement group (which holds memory only)
         score = ray.remote(_score).options(**task_options(worker_bundle(cfg)), max_retries=2,
                                            scheduling_strategy="DEFAULT")
-        final["fid"] = ray.get(score.remote(child(trial_dir, "student"), static["eval"]))
+        fids = ray.get(score.remote(child(trial_dir, "student"), static["eval"], cfg.sweep.fid_seeds))
+        final["fid"] = sum(fids) / len(fids)
+        if len(fids) > 1:
+            final["fid_by_seed"] = fids
     write_text(child(trial_dir, "final.json"), json.dumps(final))
     tune.report(final)
 
 
-def _score(student_dir: str, spec: dict) -> float:
-    """FID of the trial's student at its steps, against the run's cached reference statistics (on the GPU the
-    task holds, when it holds one); a guided distillation's at the middle of its scored guidance weights."""
+def _score(student_dir: str, spec: dict, seeds: int = 1) -> list[float]:
+    """FIDs of the trial's student at its steps from ``seeds`` noise seeds (``SWEEP_NOISE`` past the
+    evaluation's, +1, ...), against the run's cached reference statistics (on the GPU the task holds, when it
+    holds one); a guided distillation's at the middle of its scored guidance weights."""
     import torch
 
     from raypd.checkpoint import load_checkpoint
@@ -156,13 +169,18 @@ def _score(student_dir: str, spec: dict) -> float:
     model, meta = load_checkpoint(Path(fetch(student_dir, cache)))
     d = meta.data
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    chunks = chunks_for(spec.num_samples, "ddim", meta.sampling_steps, data=d, seed=spec.seed,
-                        precision=meta.config.get("eval", {}).get("precision", "auto"), extractor=spec.extractor,
-                        kid=False, prc=False, chunk_size=meta.config.get("eval", {}).get("chunk_size", 2048),
-                        guidance=config_from_dict(meta.config).middle_guidance_weight() if meta.guidance_input else None)
-    point = collect(run_here(model.to(device), chunks, logsnr_fn=meta.logsnr_fn(), device=device),
-                    n=spec.num_samples, shape=(d.channels, d.resolution, d.resolution), grid_size=0, full=None)
-    return spec.score(features=point.features, kid=False, prc=False)["fid"]
+    model = model.to(device)
+    guidance = config_from_dict(meta.config).middle_guidance_weight() if meta.guidance_input else None
+    fids = []
+    for seed in range(spec.seed + SWEEP_NOISE, spec.seed + SWEEP_NOISE + seeds):
+        chunks = chunks_for(spec.num_samples, "ddim", meta.sampling_steps, data=d, seed=seed,
+                            precision=meta.config.get("eval", {}).get("precision", "auto"), extractor=spec.extractor,
+                            kid=False, prc=False, chunk_size=meta.config.get("eval", {}).get("chunk_size", 2048),
+                            guidance=guidance)
+        point = collect(run_here(model, chunks, logsnr_fn=meta.logsnr_fn(), device=device),
+                        n=spec.num_samples, shape=(d.channels, d.resolution, d.resolution), grid_size=0, full=None)
+        fids.append(float(spec.score(features=point.features, kid=False, prc=False)["fid"]))
+    return fids
 
 
 def _trial_id(result) -> str:
@@ -204,7 +222,8 @@ def _rows(grid, store: str) -> tuple[list[dict[str, Any]], dict[str, list[tuple[
             **{k: v for k, v in params.items() if k not in ("lr", "updates")},
             "status": status, "updates_done": int(final.get("update", max(points, default=0))),
             "heldout_loss": final.get("heldout_loss", curves[trial_id][-1][1] if points else None),
-            "fid": final.get("fid"), "starts": starts,
+            "fid": final.get("fid"), **({"fid_by_seed": final["fid_by_seed"]} if "fid_by_seed" in final else {}),
+            "starts": starts,
             "wall_seconds": round(float((result.metrics or {}).get("time_total_s", 0.0)), 1),
             "error": None if result.error is None else str(result.error).strip().splitlines()[-1][:300]})
     return rows, curves
@@ -219,7 +238,9 @@ def choose(rows: list[dict[str, Any]], by_fid: bool) -> tuple[dict[str, Any], st
                          "or raise sweep.grace_updates")
     if by_fid and all(r.get("fid") is not None for r in done):
         best = min(done, key=lambda r: r["fid"])
-        return best, f"lowest FID ({best['fid']:.3f}) among {len(done)} finished trials"
+        seeds = len(best.get("fid_by_seed") or [0])
+        what = f"lowest mean FID over {seeds} noise seeds" if seeds > 1 else "lowest FID"
+        return best, f"{what} ({best['fid']:.3f}) among {len(done)} finished trials"
     best = min(done, key=lambda r: r["heldout_loss"])
     return best, f"lowest held-out loss ({best['heldout_loss']:.5f}) among {len(done)} finished trials"
 
@@ -253,9 +274,10 @@ def sweep_round(cfg: Config, *, rnd: Round, stage: Stage, sweep_dir: Path, eval_
     else:
         budgets = list(s.updates) or [rnd.updates]
         # max_t one past the largest budget: ASHA stops a trial that reaches max_t, and a trial still
-        # has its student to hand over and score after its last Train report
-        scheduler = ASHAScheduler(time_attr="update", metric="heldout_loss", mode="min", max_t=max(budgets) + 1,
-                                  grace_period=min(s.grace_updates, max(budgets)), reduction_factor=s.reduction_factor)
+        # has its student to hand over and score after its last Train report; a grace of max_t stops none
+        top = max(budgets) + 1
+        scheduler = ASHAScheduler(time_attr="update", metric="heldout_loss", mode="min", max_t=top,
+                                  grace_period=min(s.grace_updates, top), reduction_factor=s.reduction_factor)
         tuner = tune.Tuner(
             trainable, param_space=space,
             tune_config=tune.TuneConfig(num_samples=1 if s.lrs else s.trials, scheduler=scheduler,
@@ -266,8 +288,8 @@ def sweep_round(cfg: Config, *, rnd: Round, stage: Stage, sweep_dir: Path, eval_
                                                                          max_concurrent=concurrency)),
             run_config=tune.RunConfig(name="tune", storage_path=store, verbose=0))
         lrs = list(s.lrs) or f"[{space['lr'].lower:.2e}, {space['lr'].upper:.2e}]"
-        log(f"[round {rnd.index}] Tune sweep: {len(s.lrs) or s.trials} trials, lr in {lrs}, updates in {budgets}, "
-            f"ASHA grace {s.grace_updates} updates")
+        log(f"[round {rnd.index}] Tune sweep: {s.trials_per_round()} trials, lr in {lrs}, updates in {budgets}, "
+            f"{''.join(f'{c}, ' for c in s.choices)}ASHA grace {s.grace_updates} updates")
     grid = tuner.fit()
     rows, curves = _rows(grid, store)
     chosen, reason = choose(rows, by_fid=s.fid and eval_spec is not None)
@@ -280,8 +302,9 @@ def sweep_round(cfg: Config, *, rnd: Round, stage: Stage, sweep_dir: Path, eval_
 class SweepRunner:
     """Every round as a Tune sweep of Ray Train trials; other stages (the teacher) through ``base``.
 
-    The chosen trial's student becomes the round's checkpoint, and its learning rate and budget centre
-    the next round's search (not after a guided first stage, whose rate is a setting of its own).
+    The chosen trial's student becomes the round's checkpoint, and its learning rate, budget and choices
+    centre the next round's search (a random one: a grid has no centre; not after a guided first stage,
+    whose rate is a setting of its own).
     """
 
     mode = "tune"
@@ -292,6 +315,7 @@ class SweepRunner:
         self.concurrency, self.mirror = concurrency, mirror
         self.centre: dict[str, Any] | None = None
         self.choices: list[dict[str, Any]] = []
+        self.searched = [item.partition("=")[0].strip() for item in cfg.sweep.choices]
 
     def heldout(self, stage: Stage, sweep_dir: Path) -> Path:
         """The round's fixed held-out set (the same images, noise and times for every trial), made once."""
@@ -337,7 +361,8 @@ class SweepRunner:
             "heldout_loss": chosen["heldout_loss"], "sweep_trials": len(outcome.rows),
             "examples": sum(int(r["updates_done"]) * int(r.get("distill.batch_size") or self.cfg.distill.batch_size)
                             for r in outcome.rows),
-            "sweep_reason": outcome.reason, "sweep_report": report})
+            "sweep_reason": outcome.reason, "sweep_report": report,
+            "sweep_settings": {k: chosen[k] for k in chosen if k in self.searched}})
         return dict(read_meta(output).metrics)
 
     def chose(self, round_index: int, teacher_steps: int, student_steps: int, metrics: dict,
@@ -346,10 +371,11 @@ class SweepRunner:
         search is centred on it, unless it was a guided first stage, whose learning rate is its own."""
         if "sweep_report" not in metrics:
             return
+        settings = metrics.get("sweep_settings") or {}
         if not guidance:
-            self.centre = {"lr": metrics["lr"], "updates": int(metrics["updates"])}
+            self.centre = {"lr": metrics["lr"], "updates": int(metrics["updates"]), **settings}
         self.choices.append({"round": round_index, "teacher_steps": teacher_steps, "student_steps": student_steps,
-                             "lr": metrics["lr"], "updates": int(metrics["updates"]),
+                             "lr": metrics["lr"], "updates": int(metrics["updates"]), "settings": settings,
                              "trials": int(metrics["sweep_trials"]), "reason": metrics["sweep_reason"],
                              "report": metrics["sweep_report"]})
 

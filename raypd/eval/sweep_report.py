@@ -75,14 +75,16 @@ def write_round_report(sweep_dir: Path, *, rnd, rows: list[dict[str, Any]], curv
                                                        "reason": reason, "trials": rows}, indent=2))
     title = f"round {rnd.index}: {rnd.teacher_steps} -> {rnd.student_steps} steps"
     plot_curves(curves, rows, chosen["trial"], sweep_dir / "curves.png", title)
-    extra = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in COLUMNS and k != "error"]
-    cols = list(COLUMNS[:3]) + extra + list(COLUMNS[3:])
+    seeded = any("fid_by_seed" in r for r in rows)
+    extra = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in (*COLUMNS, "error", "fid_by_seed")]
+    cols = list(COLUMNS[:3]) + extra + list(COLUMNS[3:7]) + ["fid_by_seed"] * seeded + list(COLUMNS[7:])
     lines = [f"# Sweep of {title}", "",
              f"Chosen: **{chosen['trial']}** (lr {chosen['lr']:.3g}, {chosen['updates']} updates): {reason}.", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in sorted(rows, key=lambda r: (r["status"] != "finished", r.get("fid") or r.get("heldout_loss") or 1e30)):
         mark = " **(chosen)**" if r["trial"] == chosen["trial"] else ""
-        lines.append("| " + " | ".join(_fmt(r.get(c)) + (mark if c == "trial" else "") for c in cols) + " |")
+        cells = [" / ".join(map(_fmt, r.get(c) or [])) or "-" if c == "fid_by_seed" else _fmt(r.get(c)) for c in cols]
+        lines.append("| " + " | ".join(cell + (mark if c == "trial" else "") for c, cell in zip(cols, cells)) + " |")
     failed = [r for r in rows if r.get("error")]
     if failed:
         lines += ["", "Failures:", ""] + [f"- {r['trial']}: {r['error']}" for r in failed]
@@ -116,10 +118,13 @@ def write_sweeps_summary(sweeps_dir: Path, choices: list[dict[str, Any]]) -> Pat
     fig.savefig(sweeps_dir / "choices.png")
     plt.close(fig)
     lines = ["# Tune sweeps: what each round chose", "",
-             "| round | steps | chosen lr | chosen updates | trials | why | report |", "|---|---|---|---|---|---|---|"]
+             "| round | steps | chosen lr | chosen updates | other settings | trials | why | report |",
+             "|---|---|---|---|---|---|---|---|"]
     for c in choices:
+        settings = ", ".join(f"{k}={v}" for k, v in (c.get("settings") or {}).items()) or "-"
         lines.append(f"| {c['round']} | {c['teacher_steps']} -> {c['student_steps']} | {c['lr']:.3g} | {c['updates']} "
-                     f"| {c['trials']} | {c['reason']} | [round {c['round']}]({c['report'].removeprefix('sweeps/')}) |")
+                     f"| {settings} | {c['trials']} | {c['reason']} | "
+                     f"[round {c['round']}]({c['report'].removeprefix('sweeps/')}) |")
     lines += ["", "![chosen settings per round](choices.png)", ""]
     path = sweeps_dir / "summary.md"
     path.write_text("\n".join(lines))

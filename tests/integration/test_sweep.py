@@ -37,22 +37,37 @@ def _run(args, **kw):
                             stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
 
 
-def test_sweep_stops_the_bad_lr_promotes_the_best_and_reports(tmp_path, teacher):
-    args = [*BASE, f"teacher.checkpoint={teacher}", f"run.storage_path={tmp_path}", "run.name=s"]
+def _finish(args, tmp_path) -> str:
+    """Run the driver to its end (its log kept beside the run) and require success; returns the log."""
     proc = _run(args)
     log, _ = proc.communicate(timeout=900)
     (tmp_path / "log.txt").write_text(log)
     assert proc.returncode == 0, log[-4000:]
+    return log
+
+
+def _trials(run, index: int = 0) -> dict:
+    return json.loads((run / "sweeps" / f"round-{index:02d}" / "trials.json").read_text())
+
+
+def test_sweep_stops_the_bad_lr_promotes_the_best_and_reports(tmp_path, teacher):
+    args = [*BASE, "sweep.fid_seeds=2", f"teacher.checkpoint={teacher}", f"run.storage_path={tmp_path}", "run.name=s"]
+    _finish(args, tmp_path)
     run = tmp_path / "s"
-    table = json.loads((run / "sweeps" / "round-00" / "trials.json").read_text())
+    table = _trials(run)
     rows = {r["lr"]: r for r in table["trials"]}
     assert sorted(rows) == [0.0003, 0.001, 10.0]
     assert rows[10.0]["status"] in ("stopped early", "failed", "diverged"), rows[10.0]
     assert rows[10.0]["updates_done"] < 12 or rows[10.0]["status"] != "stopped early"
     finished = [r for r in table["trials"] if r["status"] == "finished"]
     assert finished and all(r["fid"] is not None and r["updates_done"] == 12 for r in finished)
+    # scored from two noise seeds (different noise, different FIDs) and chosen by their mean
+    for r in finished:
+        assert len(r["fid_by_seed"]) == 2 and r["fid_by_seed"][0] != r["fid_by_seed"][1], r
+        assert r["fid"] == pytest.approx(sum(r["fid_by_seed"]) / 2)
     best = min(finished, key=lambda r: r["fid"])
     assert table["chosen"] == best["trial"] and best["lr"] != 10.0
+    assert table["reason"].startswith("lowest mean FID over 2 noise seeds")
     # the promoted student is the chosen trial's, bit for bit
     promoted = (run / "round-00-1steps" / "model.safetensors").read_bytes()
     assert promoted == (run / "sweeps" / "round-00" / "trials" / best["trial"] / "student" / "model.safetensors").read_bytes()
@@ -61,7 +76,7 @@ def test_sweep_stops_the_bad_lr_promotes_the_best_and_reports(tmp_path, teacher)
     for name in ("sweeps/round-00/curves.png", "sweeps/choices.png"):
         assert (run / name).read_bytes()[:4] == b"\x89PNG", name
     report = (run / "sweeps" / "round-00" / "report.md").read_text()
-    assert f"Chosen: **{best['trial']}**" in report and report.count("\n| ") == 4
+    assert f"Chosen: **{best['trial']}**" in report and report.count("\n| ") == 4 and "| fid_by_seed |" in report
     summary = json.loads((run / "summary.json").read_text())
     assert summary["sweeps"] == "sweeps/summary.md" and summary["rounds"][0]["lr"] == best["lr"]
     # the round's compute counts every trial's updates, the stopped ones' too, not only the chosen trial's
@@ -72,6 +87,33 @@ def test_sweep_stops_the_bad_lr_promotes_the_best_and_reports(tmp_path, teacher)
     from ray.tune import Tuner
 
     assert Tuner.can_restore(run / "sweeps" / "round-00" / "tune")
+
+
+def test_a_grid_crosses_learning_rates_budgets_and_choices(tmp_path, teacher):
+    """``sweep.lrs`` with ``sweep.updates`` and ``sweep.choices``: one trial for every combination, each trained
+    with its own budget and batch; the round's compute counts each trial's examples at its own batch, and the
+    summary names the chosen batch."""
+    from raypd.checkpoint import read_meta
+
+    args = [*BASE, "sweep.lrs=[0.001]", "sweep.updates=[4,8]", "sweep.choices=[distill.batch_size=16|32]",
+            "sweep.grace_updates=100", f"teacher.checkpoint={teacher}", f"run.storage_path={tmp_path}", "run.name=g"]
+    _finish(args, tmp_path)
+    run = tmp_path / "g"
+    table = _trials(run)
+    rows = table["trials"]
+    assert sorted((r["updates"], r["distill.batch_size"]) for r in rows) == [(4, 16), (4, 32), (8, 16), (8, 32)]
+    for r in rows:
+        assert r["status"] == "finished" and r["updates_done"] == r["updates"] and r["fid"] is not None, r
+        trained = read_meta(run / "sweeps" / "round-00" / "trials" / r["trial"] / "student").config
+        assert trained["distill"]["batch_size"] == r["distill.batch_size"], r
+    chosen = next(r for r in rows if r["trial"] == table["chosen"])
+    assert chosen["fid"] == min(r["fid"] for r in rows)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["rounds"][0]["examples"] == 4 * 16 + 4 * 32 + 8 * 16 + 8 * 32
+    assert summary["rounds"][0]["updates"] == chosen["updates"]
+    choices = json.loads((run / "sweeps" / "choices.json").read_text())
+    assert choices[0]["settings"] == {"distill.batch_size": chosen["distill.batch_size"]}
+    assert f"distill.batch_size={chosen['distill.batch_size']}" in (run / "sweeps" / "summary.md").read_text()
 
 
 def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, teacher):
@@ -93,15 +135,12 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, teac
     finished_before = {p.parent.name: p.stat().st_mtime for p in trials.glob("*/final.json")}
     assert finished_before
 
-    again = _run(args)
-    log, _ = again.communicate(timeout=900)
-    (tmp_path / "log.txt").write_text(log)
-    assert again.returncode == 0, log[-4000:]
+    log = _finish(args, tmp_path)
     assert "restoring the interrupted sweep" in log
     for trial, mtime in finished_before.items():
         assert (trials / trial / "starts.log").read_text().count("\n") == 1, trial  # trained once only
         assert (trials / trial / "final.json").stat().st_mtime == mtime
-    table = json.loads((tmp_path / "k" / "sweeps" / "round-00" / "trials.json").read_text())
+    table = _trials(tmp_path / "k")
     assert len(table["trials"]) == 3 and table["chosen"]
 
 
@@ -110,12 +149,9 @@ def test_a_tract_phase_sweeps_like_a_round(tmp_path, teacher):
     the trials report their held-out loss against their own self-teacher, and the best is promoted."""
     args = [*BASE, "sweep.lrs=[0.001,0.0003]", "distill.updates_per_round=6", "distill.method=tract",
             "distill.phases=[1]", f"teacher.checkpoint={teacher}", f"run.storage_path={tmp_path}", "run.name=tr"]
-    proc = _run(args)
-    log, _ = proc.communicate(timeout=900)
-    (tmp_path / "log.txt").write_text(log)
-    assert proc.returncode == 0, log[-4000:]
+    _finish(args, tmp_path)
     run = tmp_path / "tr"
-    table = json.loads((run / "sweeps" / "round-00" / "trials.json").read_text())
+    table = _trials(run)
     assert table["teacher_steps"] == 2 and table["student_steps"] == 1
     assert {r["status"] for r in table["trials"]} <= {"finished", "stopped early"}, table["trials"]
     assert all(0 < r["heldout_loss"] < 1e29 for r in table["trials"])
@@ -132,13 +168,10 @@ def test_a_denoising_student_sweeps_on_pairs_sampled_by_ray_tasks(tmp_path, teac
     args = [*BASE, "sweep.lrs=[0.001,0.0003]", "distill.updates_per_round=6", "distill.method=denoising_student",
             "distill.pairs=64", "dist.workers=1", f"teacher.checkpoint={teacher}", f"run.storage_path={tmp_path}",
             "run.name=ds"]
-    proc = _run(args)
-    log, _ = proc.communicate(timeout=900)
-    (tmp_path / "log.txt").write_text(log)
-    assert proc.returncode == 0, log[-4000:]
+    log = _finish(args, tmp_path)
     assert "[pairs] wrote 64 pairs" in log and "1 Ray task(s) at a time" in log
     run = tmp_path / "ds"
-    table = json.loads((run / "sweeps" / "round-00" / "trials.json").read_text())
+    table = _trials(run)
     assert {r["status"] for r in table["trials"]} <= {"finished", "stopped early"}, table["trials"]
     assert all(0 < r["heldout_loss"] < 1e29 for r in table["trials"])
     summary = json.loads((run / "summary.json").read_text())
@@ -161,13 +194,10 @@ def test_guided_distillation_sweeps_its_first_stage_and_its_rounds(tmp_path):
             "distill.guidance_updates=6", "distill.guidance_lr=5e-5", "distill.lr=2e-4", "eval.guidance=[0,2]",
             f"teacher.checkpoint={tmp_path / 'teacher' / 'teacher'}",
             f"run.storage_path={tmp_path}", "run.name=guided"]
-    proc = _run(args)
-    log, _ = proc.communicate(timeout=900)
-    (tmp_path / "log.txt").write_text(log)
-    assert proc.returncode == 0, log[-4000:]
+    _finish(args, tmp_path)
     run = tmp_path / "guided"
     for index, steps in ((0, (2, 2)), (1, (2, 1))):
-        table = json.loads((run / "sweeps" / f"round-{index:02d}" / "trials.json").read_text())
+        table = _trials(run, index)
         assert (table["teacher_steps"], table["student_steps"]) == steps
         assert {r["status"] for r in table["trials"]} <= {"finished", "stopped early"}, table["trials"]
         assert all(0 < r["heldout_loss"] < 1e29 for r in table["trials"])

@@ -52,6 +52,11 @@ def test_config_is_frozen():
     (["teacher.sampling_steps=16"], "distill.start_steps", "must not exceed teacher.sampling_steps"),
     (["distill=3"], "distill", "must be a mapping"),
     (["distill.lr.x=3"], "distill.lr", "is a value, not a section"),
+    (["sweep.fid_seeds=0"], "sweep.fid_seeds", "must be >= 1"),
+    (["sweep.enabled=true", "sweep.choices=[distill.batch_sise=16|32]"], "sweep.choices[0]",
+     "distill.batch_sise: unknown key"),
+    (["sweep.enabled=true", "sweep.choices=[distill.lr=1e-3, distill.batch_size=16|0]"], "sweep.choices[1]",
+     "distill.batch_size=0: distill.batch_size"),
 ])
 def test_bad_values_name_the_key(overrides, key, reason):
     with pytest.raises(ConfigError) as info:

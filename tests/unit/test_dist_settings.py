@@ -99,6 +99,11 @@ def test_an_autoscalers_published_maximum_bounds_the_workers_and_the_sweep():
     assert Cluster(cfg, autoscaled=True, most=None, request=None).concurrent_trials() == 8  # Tune queues the rest
     capped = load_config(None, ["dist.workers=4", "sweep.enabled=true", "sweep.max_concurrent=2"])
     assert Cluster(capped, autoscaled=True, most=None, request=None).concurrent_trials() == 2
+    # a grid runs every learning rate with every budget and every choice: 2 x 3 x 2 x 3 trials
+    grid = load_config(None, ["dist.workers=1", "sweep.enabled=true", "sweep.lrs=[1e-3,3e-4]", "sweep.updates=[1,2,4]",
+                              "sweep.choices=[distill.batch_size=16|32, distill.grad_clip=0.5|1.0|2.0]"])
+    assert grid.sweep.trials_per_round() == 36
+    assert Cluster(grid, autoscaled=True, most=None, request=None).concurrent_trials() == 36
 
 
 def test_the_autoscaler_is_asked_for_every_worker_and_for_evaluation_tasks_no_worker_bundle_holds():

@@ -12,7 +12,9 @@ interval to trust for Inception's 2,048-d features, where the bootstrap's resamp
 (each seed costs another full set of samples and features). The cost line
 is the paper's other claim: the distillation's compute down to N steps against the teacher's training
 compute, in forward-equivalents of the network (a distillation example costs two teacher forwards and the
-student's forward and backward, 5; a training example 3).
+student's forward and backward, 5; a training example 3). A table of plain pixel statistics (intensity,
+near-black and near-white shares, edge sharpness) of the training images and of the points Inception scores
+tells a blurrier or greyer sampler from a difference only an extractor's features see.
 
     python tools/bench_quality.py [--data digits|mnist] [--samples 2048] [--replicates 200]
         [--seeds 1] [--extractors classifier,inception] [--inception-steps 4] [--inception-weights PATH] [--no-fits]
@@ -41,6 +43,7 @@ from raypd.data.prepare import training_shards
 from raypd.data.shards import read_manifest
 from raypd.diffusion import logsnr_schedule
 from raypd.eval.bootstrap import Reference, across_seeds, fid, paired_bootstrap
+from raypd.eval.evaluate import read_images
 from raypd.eval.fid import Extractor, fid_features, reference_fid_features, to_uint8
 from raypd.eval.samples import NOISE_BLOCK, fixed_noise, sample_ddim
 from raypd.eval.setup import fid_setup
@@ -81,6 +84,22 @@ def generate(model, n: int, steps: int, *, cfg, logsnr_fn, device, seed: int | N
 def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
     """Root-mean-square distance of two uint8 image sets, in [-1, 1] units."""
     return float((a.double() - b.double()).square().mean().sqrt() / 127.5)
+
+
+def pixel_statistics(sets: dict[str, torch.Tensor]) -> list[str]:
+    """Plain pixel statistics of uint8 image sets: whether a sampler is blurrier, greyer or more saturated than
+    the data, which would show in FID without being a feature of any extractor."""
+    lines = ["## Pixels", "",
+             "Intensity in [0, 1]: mean, share of pixels near black (< 8/255), near white (> 247/255) and mid-grey "
+             "(64..191), and the mean absolute difference of neighbouring pixels (edge sharpness).", "",
+             "| images | mean | near black | near white | mid-grey | neighbour difference |", "|---|---|---|---|---|---|"]
+    for name, images in sets.items():
+        x = images.double()
+        edges = ((x[..., :, 1:] - x[..., :, :-1]).abs().mean() + (x[..., 1:, :] - x[..., :-1, :]).abs().mean()) / 2
+        lines.append(f"| {name} | {x.mean() / 255:.4f} | {(x < 8).double().mean():.4f} | "
+                     f"{(x > 247).double().mean():.4f} | {((x >= 64) & (x <= 191)).double().mean():.4f} | "
+                     f"{edges / 255:.4f} |")
+    return lines + [""]
 
 
 def where_the_gap_comes_from(summary, run, teacher, point, full, n, *, cfg, logsnr_fn, device) -> list[str]:
@@ -203,13 +222,13 @@ def main() -> None:
               f"run `{run}` (pipeline {summary['seconds']:.0f} s); {args.samples} samples per point from the run's "
               f"noise (seed {cfg.eval.seed}); 95% paired-bootstrap intervals over {args.replicates} resamplings of "
               "the samples, the reference statistics fixed", ""]
+    few = steps if args.inception_steps == "all" else [n for n in steps if str(n) in args.inception_steps.split(",")]
     for kind in extractors:
         ecfg = config_from_dict(cfg.to_dict(), [f"eval.extractor={kind}", f"eval.num_samples={args.samples}"]
                                 + ([f"eval.inception_weights={args.inception_weights}"] if args.inception_weights else []))
         spec = fid_setup(ecfg, urls, manifest, run)
         extractor: Extractor = spec.extractor
-        scored = steps if kind == "classifier" or args.inception_steps == "all" else \
-            [n for n in steps if str(n) in args.inception_steps.split(",")]
+        scored = steps if kind == "classifier" else few
         began = time.perf_counter()
         reference = Reference.of(reference_fid_features(spec.reference(), extractor, cache_root=Path(spec.cache_root),
                                                         cache_name=spec.cache_name))
@@ -232,6 +251,10 @@ def main() -> None:
         report.append("")
         if len(seeds) > 1:
             report += across_noise_seeds(seeds, result, keys, stats, scored, full, reference, extractor, point)
+    data = read_images(urls, cfg.eval.reference_samples, channels=cfg.data.channels, resolution=cfg.data.resolution)
+    report += pixel_statistics({f"training images ({len(data)})": data, f"teacher_ddim at {full} steps":
+                                point("teacher_ddim", full),
+                                **{f"{s} at {n} steps": point(s, n) for n in few for s in ("teacher_ddim", "distilled")}})
     report += [] if args.no_fits else where_the_gap_comes_from(summary, run, teacher, point, full, min(args.samples, 1024), cfg=cfg,
                                        logsnr_fn=logsnr_fn, device=device)
     teacher_cost = summary["teacher"].get("compute")

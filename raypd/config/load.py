@@ -137,7 +137,7 @@ def _check_sweep_choices(cfg: Config) -> None:
     if not cfg.sweep.enabled:
         return
     base = cfg.to_dict()
-    base["sweep"] = {**base["sweep"], "choices": []}
+    base["sweep"] = {**base["sweep"], "choices": [], "examples": 0}
     for i, item in enumerate(cfg.sweep.choices):
         key, _, values = item.partition("=")
         for raw in values.split("|"):
@@ -145,6 +145,22 @@ def _check_sweep_choices(cfg: Config) -> None:
                 config_from_dict(base, [f"{key.strip()}={raw}"])
             except ConfigError as err:
                 raise ConfigError(f"sweep.choices[{i}]", f"{key.strip()}={raw.strip()}: {err}") from None
+    if cfg.sweep.examples:
+        batches = dict(sweep_batches(cfg))
+        small = {where: b for where, b in batches.items() if b > cfg.sweep.examples}
+        if small:
+            where, b = next(iter(small.items()))
+            raise ConfigError("sweep.examples", f"{cfg.sweep.examples} examples is less than one update at a "
+                              f"batch of {b} ({where})")
+
+
+def sweep_batches(cfg: Config) -> list[tuple[str, int]]:
+    """The batch sizes a sweep's trials train at, each with the setting it comes from."""
+    for i, item in enumerate(cfg.sweep.choices):
+        key, _, values = item.partition("=")
+        if key.strip() == "distill.batch_size":
+            return [(f"sweep.choices[{i}]", int(yaml.safe_load(v))) for v in values.split("|")]
+    return [("distill.batch_size", cfg.distill.batch_size)]
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:

@@ -561,6 +561,10 @@ class SweepConfig:
     updates: tuple[int, ...] = ()
     """Update budgets to search (each trial draws one; every one with ``lrs``); empty: the round's planned
     budget only."""
+    examples: int = 0
+    """Above 0, every trial trains on this many examples: its update budget is ``examples`` over its
+    ``distill.batch_size`` (rounded down), so batch sizes searched in ``choices`` trade against updates at equal
+    compute, in every swept round. Replaces ``updates``."""
     choices: tuple[str, ...] = ()
     """Further settings to search, each ``dotted.key=v1|v2|...`` (e.g. ``distill.batch_size=16|32``): each trial
     draws a value (every one with ``lrs``); without ``lrs``, the chosen value starts the next round's search."""
@@ -600,6 +604,10 @@ class SweepConfig:
             _require(lr > 0, f"lrs[{i}]", f"must be positive, got {lr}")
         for i, u in enumerate(self.updates):
             _require(u >= 1, f"updates[{i}]", f"must be >= 1, got {u}")
+        _require(self.examples >= 0, "examples", f"must be >= 0 (0: off), got {self.examples}")
+        _require(not (self.examples and self.updates), "examples",
+                 f"sets each trial's budget from its batch size; drop sweep.updates ({list(self.updates)}) or set "
+                 "sweep.examples=0")
         for i, item in enumerate(self.choices):
             key, sep, values = item.partition("=")
             _require(bool(sep and key.strip() and values.strip()), f"choices[{i}]",

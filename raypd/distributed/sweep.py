@@ -77,22 +77,45 @@ def search_space(cfg: Config, planned_updates: int, centre: dict[str, Any] | Non
     if centre is not None:  # keep the span, move it to the learning rate chosen last round
         span = math.sqrt(hi / lo)
         lo, hi = centre["lr"] / span, centre["lr"] * span
-    budgets = list(s.updates) or [planned_updates]
+    budgets = round_budgets(cfg, planned_updates)
     extra = {}
     for item in s.choices:
         key, _, values = item.partition("=")
         extra[key.strip()] = [yaml.safe_load(v) for v in values.split("|")]
+    batch_key, examples = "distill.batch_size", s.examples
+    if examples:  # the budget follows the trial's batch size: a value of its own, not a dimension of the search
+        def budget(config: dict[str, Any]) -> int:
+            from ray.tune.search.sample import Domain
+            from ray.tune.search.variant_generator import RecursiveDependencyError
+
+            if isinstance(config[batch_key], Domain):  # not drawn yet: Tune comes back once it is
+                raise RecursiveDependencyError(f"{batch_key} is not drawn yet")
+            return examples // int(config[batch_key])
+
+        updates: Any = tune.sample_from(budget) if batch_key in extra else budgets[0]
     if s.lrs:  # an explicit grid: one trial per learning rate, budget and choice together, no centre point
-        return {"lr": tune.grid_search(list(s.lrs)), "updates": tune.grid_search(budgets),
+        return {"lr": tune.grid_search(list(s.lrs)), "updates": updates if examples else tune.grid_search(budgets),
                 **{key: tune.grid_search(options) for key, options in extra.items()}}, None
-    space: dict[str, Any] = {"lr": tune.loguniform(lo, hi), "updates": tune.choice(budgets),
+    space: dict[str, Any] = {"lr": tune.loguniform(lo, hi), "updates": updates if examples else tune.choice(budgets),
                              **{key: tune.choice(options) for key, options in extra.items()}}
     centre = centre or {}
     first: dict[str, Any] = {"lr": centre["lr"] if centre else min(max(cfg.distill.stage_lr(guidance), lo), hi),
                              "updates": centre["updates"] if centre.get("updates") in budgets else budgets[-1],
                              **{key: centre[key] if key in centre and centre[key] in options else options[0]
                                 for key, options in extra.items()}}
+    if examples:  # Tune works the budget out from the first point's batch size (it refuses one given with it)
+        first.pop("updates") if batch_key in extra else first.update(updates=budgets[0])
     return space, first
+
+
+def round_budgets(cfg: Config, planned_updates: int) -> list[int]:
+    """The update budgets a swept round's trials can have: ``sweep.updates``, or one per batch size at
+    ``sweep.examples`` examples, or the round's planned budget."""
+    from raypd.config.load import sweep_batches
+
+    if cfg.sweep.examples:
+        return [cfg.sweep.examples // b for _, b in sweep_batches(cfg)]
+    return list(cfg.sweep.updates) or [planned_updates]
 
 
 def trial_config(base: dict[str, Any], params: dict[str, Any], guidance: bool = False) -> Config:
@@ -272,7 +295,7 @@ def sweep_round(cfg: Config, *, rnd: Round, stage: Stage, sweep_dir: Path, eval_
         log(f"[round {rnd.index}] restoring the interrupted sweep in {path}")
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=False)
     else:
-        budgets = list(s.updates) or [rnd.updates]
+        budgets = round_budgets(cfg, rnd.updates)
         # max_t one past the largest budget: ASHA stops a trial that reaches max_t, and a trial still
         # has its student to hand over and score after its last Train report; a grace of max_t stops none
         top = max(budgets) + 1

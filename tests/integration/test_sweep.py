@@ -116,6 +116,32 @@ def test_a_grid_crosses_learning_rates_budgets_and_choices(tmp_path, teacher):
     assert f"distill.batch_size={chosen['distill.batch_size']}" in (run / "sweeps" / "summary.md").read_text()
 
 
+def test_a_random_search_at_equal_examples_draws_batches_and_budgets_together(tmp_path, teacher):
+    """The search without a grid (``sweep.trials`` draws rates from ``lr_min..lr_max``), with ``sweep.examples``:
+    each trial trains its drawn batch size for the examples' worth of updates; the first trial is the configured
+    point (``distill.lr``, the first batch size)."""
+    from raypd.checkpoint import read_meta
+
+    args = [*BASE, "sweep.lrs=[]", "sweep.trials=3", "sweep.lr_min=1e-4", "sweep.lr_max=1e-3", "distill.lr=3e-4",
+            "sweep.examples=192", "sweep.choices=[distill.batch_size=16|32]", "sweep.grace_updates=100",
+            "sweep.seed=1", f"teacher.checkpoint={teacher}", f"run.storage_path={tmp_path}", "run.name=r"]
+    log = _finish(args, tmp_path)
+    assert "Tune sweep: 3 trials, lr in [1.00e-04, 1.00e-03], updates in [12, 6]" in log
+    run = tmp_path / "r"
+    rows = sorted(_trials(run)["trials"], key=lambda r: r["trial"].split("_")[-1])
+    assert len(rows) == 3
+    for r in rows:
+        assert r["updates"] == 192 // r["distill.batch_size"], r
+        assert r["status"] == "finished" and r["updates_done"] == r["updates"], r
+        assert 1e-4 <= r["lr"] <= 1e-3, r
+        trained = read_meta(run / "sweeps" / "round-00" / "trials" / r["trial"] / "student").config
+        assert trained["distill"]["batch_size"] == r["distill.batch_size"] and trained["distill"]["lr"] == r["lr"]
+    assert (rows[0]["lr"], rows[0]["distill.batch_size"], rows[0]["updates"]) == (3e-4, 16, 12)
+    assert len({r["lr"] for r in rows}) == 3  # drawn, not repeated
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["rounds"][0]["examples"] == 3 * 192  # equal compute: every trial the same examples
+
+
 def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, teacher):
     args = [*BASE, "sweep.lrs=[0.001,0.0003,0.0001]", "sweep.max_concurrent=1", "distill.updates_per_round=8",
             f"teacher.checkpoint={teacher}", f"run.storage_path={tmp_path}", "run.name=k"]

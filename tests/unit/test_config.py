@@ -57,6 +57,12 @@ def test_config_is_frozen():
      "distill.batch_sise: unknown key"),
     (["sweep.enabled=true", "sweep.choices=[distill.lr=1e-3, distill.batch_size=16|0]"], "sweep.choices[1]",
      "distill.batch_size=0: distill.batch_size"),
+    (["sweep.examples=-1"], "sweep.examples", "must be >= 0"),
+    (["sweep.examples=64", "sweep.updates=[4]"], "sweep.examples", "drop sweep.updates ([4])"),
+    (["sweep.enabled=true", "sweep.examples=24", "sweep.choices=[distill.batch_size=16|32]"], "sweep.examples",
+     "24 examples is less than one update at a batch of 32 (sweep.choices[0])"),
+    (["sweep.enabled=true", "sweep.examples=24", "distill.batch_size=32"], "sweep.examples",
+     "at a batch of 32 (distill.batch_size)"),
 ])
 def test_bad_values_name_the_key(overrides, key, reason):
     with pytest.raises(ConfigError) as info:

@@ -106,6 +106,34 @@ def test_an_autoscalers_published_maximum_bounds_the_workers_and_the_sweep():
     assert Cluster(grid, autoscaled=True, most=None, request=None).concurrent_trials() == 36
 
 
+def test_a_sweep_at_equal_examples_gives_each_batch_size_its_own_budget():
+    """``sweep.examples``: a trial's budget is the examples over its batch size, in a grid and in a random search
+    (where Tune draws the batch first), and ASHA's horizon is the largest of those budgets."""
+    from ray.tune.search.variant_generator import generate_variants
+
+    from raypd.distributed.sweep import round_budgets, search_space
+
+    fixed = ["sweep.enabled=true", "sweep.examples=12800", "sweep.choices=[distill.batch_size=8|16|32]"]
+    grid = load_config(None, [*fixed, "sweep.lrs=[3e-4,1e-3]"])
+    assert grid.sweep.trials_per_round() == 6
+    assert round_budgets(grid, planned_updates=800) == [1600, 800, 400]
+    space, first = search_space(grid, 800, None)
+    drawn = sorted((v["lr"], v["distill.batch_size"], v["updates"]) for _, v in generate_variants(space))
+    assert drawn == sorted((lr, b, 12800 // b) for lr in (3e-4, 1e-3) for b in (8, 16, 32)) and first is None
+    random = load_config(None, [*fixed, "sweep.trials=6"])
+    space, first = search_space(random, 800, {"lr": 1e-3, "updates": 800, "distill.batch_size": 16})
+    assert first == {"lr": 1e-3, "distill.batch_size": 16}  # Tune works its budget out
+    for _ in range(6):
+        for _, v in generate_variants(space):
+            assert v["updates"] == 12800 // v["distill.batch_size"], v
+    for _, v in generate_variants({**space, **first}):
+        assert (v["lr"], v["distill.batch_size"], v["updates"]) == (1e-3, 16, 800)
+    alone = load_config(None, ["sweep.enabled=true", "sweep.examples=100", "distill.batch_size=32"])
+    assert round_budgets(alone, planned_updates=800) == [3] and search_space(alone, 800, None)[1]["updates"] == 3
+    assert round_budgets(load_config(None, ["sweep.updates=[4,8]"]), 800) == [4, 8]
+    assert round_budgets(load_config(None, []), 800) == [800]
+
+
 def test_the_autoscaler_is_asked_for_every_worker_and_for_evaluation_tasks_no_worker_bundle_holds():
     from raypd.distributed.cluster import request_bundles
 

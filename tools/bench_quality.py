@@ -14,7 +14,9 @@ is the paper's other claim: the distillation's compute down to N steps against t
 compute, in forward-equivalents of the network (a distillation example costs two teacher forwards and the
 student's forward and backward, 5; a training example 3). A table of plain pixel statistics (intensity,
 near-black and near-white shares, edge sharpness) of the training images and of the points Inception scores
-tells a blurrier or greyer sampler from a difference only an extractor's features see.
+tells a blurrier or greyer sampler from a difference only an extractor's features see; precision and recall
+in each extractor's features tell samples unlike the training images (fidelity) from training images the
+samples miss (diversity).
 
     python tools/bench_quality.py [--data digits|mnist] [--samples 2048] [--replicates 200]
         [--seeds 1] [--extractors classifier,inception] [--inception-steps 4] [--inception-weights PATH] [--no-fits]
@@ -44,7 +46,7 @@ from raypd.data.shards import read_manifest
 from raypd.diffusion import logsnr_schedule
 from raypd.eval.bootstrap import Reference, across_seeds, fid, paired_bootstrap
 from raypd.eval.evaluate import read_images
-from raypd.eval.fid import Extractor, fid_features, reference_fid_features, to_uint8
+from raypd.eval.fid import Extractor, fid_features, precision_recall, reference_fid_features, to_uint8
 from raypd.eval.samples import NOISE_BLOCK, fixed_noise, sample_ddim
 from raypd.eval.setup import fid_setup
 from raypd.pipeline import pick_device, run_pipeline
@@ -159,6 +161,21 @@ def across_noise_seeds(seeds, result, keys, stats, scored, full, reference, extr
     return lines + [""]
 
 
+def fidelity_and_diversity(features, ref_features, extractor, full, scored) -> list[str]:
+    """What a point's FID is made of (first noise seed): precision (samples that look like training images),
+    recall (training images the samples cover) and the FID to the teacher's full sampler's own samples."""
+    teacher = Reference.of(features[f"teacher_ddim@{full}"])
+    lines = [f"Fidelity and diversity ({extractor.name}, the first noise seed): precision and recall against the "
+             "reference (k = 3 neighbours), and the FID to the teacher's full-step samples", "",
+             "| sampler | precision | recall | FID to the teacher's samples |", "|---|---|---|---|"]
+    for key in [f"teacher_ddim@{full}"] + [f"{s}@{n}" for n in scored for s in ("teacher_ddim", "distilled")]:
+        precision, recall = precision_recall(features[key], ref_features, extractor)
+        sampler, n = key.split("@")
+        lines.append(f"| {sampler} at {n} steps | {precision:.3f} | {recall:.3f} | "
+                     f"{fid(features[key], teacher) if key != f'teacher_ddim@{full}' else 0.0:.2f} |")
+    return lines + [""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", choices=("digits", "mnist"), default="digits")
@@ -231,8 +248,9 @@ def main() -> None:
         extractor: Extractor = spec.extractor
         scored = steps if kind == "classifier" else few
         began = time.perf_counter()
-        reference = Reference.of(reference_fid_features(spec.reference(), extractor, cache_root=Path(spec.cache_root),
-                                                        cache_name=spec.cache_name))
+        ref_features = reference_fid_features(spec.reference(), extractor, cache_root=Path(spec.cache_root),
+                                              cache_name=spec.cache_name)
+        reference = Reference.of(ref_features)
         keys = [("teacher_ddim", full)] + [(s, n) for n in scored for s in ("teacher_ddim", "distilled")]
         features = {f"{s}@{n}": fid_features(point(s, n), extractor) for s, n in keys}
         stats = {}
@@ -252,6 +270,7 @@ def main() -> None:
         report.append("")
         if len(seeds) > 1:
             report += across_noise_seeds(seeds, result, keys, stats, scored, full, reference, extractor, point)
+        report += fidelity_and_diversity(features, ref_features, extractor, full, scored)
     data = read_images(urls, cfg.eval.reference_samples, channels=cfg.data.channels, resolution=cfg.data.resolution)
     shown = {f"training images ({len(data)})": data, f"teacher_ddim at {full} steps": point("teacher_ddim", full)}
     shown.update({f"{s} at {n} steps": point(s, n) for n in few for s in ("teacher_ddim", "distilled")})

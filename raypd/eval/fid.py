@@ -166,6 +166,19 @@ def fid_features(images: Tensor, extractor: Extractor) -> Tensor:
     return extract_features(images, extractor, kid=False)[_layers(kwargs)["fid"]]
 
 
+def precision_recall(features: Tensor, reference: Tensor, extractor: Extractor) -> tuple[float, float]:
+    """torch-fidelity's precision (the share of samples inside the reference's k-NN manifold: fidelity) and recall
+    (the share of reference images inside the samples': diversity), from FID features [N, D] and [M, D]."""
+    from torch_fidelity.metric_prc import prc_featuresdict_to_metric
+
+    kwargs = _fidelity_kwargs(extractor, kid=False, prc=True, n=min(len(features), len(reference)))
+    layers = _layers(kwargs)
+    if layers["prc"] != layers["fid"]:
+        raise ValueError(f"{extractor.name}: precision/recall read layer {layers['prc']}, not FID's {layers['fid']}")
+    pr = prc_featuresdict_to_metric({layers["prc"]: features}, {layers["prc"]: reference}, layers["prc"], **kwargs)
+    return float(pr["precision"]), float(pr["recall"])
+
+
 def reference_fid_features(reference: ImageSet, extractor: Extractor, *, cache_root: Path, cache_name: str) -> Tensor:
     """The reference set's FID features, [M, D], through the same cache the run's scores use."""
     kwargs = _fidelity_kwargs(extractor, kid=False, prc=False, n=len(reference))

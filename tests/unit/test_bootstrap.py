@@ -74,3 +74,26 @@ def test_in_high_dimension_resampled_fids_sit_far_from_fresh_draws():
     spread = across_seeds(fresh)
     resampled = paired_bootstrap({"x": torch.randn(n, d, generator=g) + 0.1}, ref, replicates=40, seed=0)["x"]
     assert resampled.low > spread.high + 10 * (spread.high - spread.low)
+
+
+def test_precision_tells_samples_off_the_data_and_recall_the_data_the_samples_miss():
+    """torch-fidelity's k-NN precision and recall on a two-cluster reference: a sampler covering both clusters
+    scores high on both; one collapsed onto a cluster keeps its precision and loses half its recall; one off
+    the data loses its precision."""
+    from raypd.eval.fid import Extractor, precision_recall
+
+    g = torch.Generator().manual_seed(5)
+    centres = torch.zeros(2, 8)
+    centres[1, 0] = 20.0
+
+    def draw(n, which):
+        return centres[which] + torch.randn(n, 8, generator=g)
+
+    ref = draw(400, torch.arange(400) % 2)
+    inception = Extractor("inception", None)
+    p, r = precision_recall(draw(400, torch.arange(400) % 2), ref, inception)
+    assert p > 0.8 and r > 0.8
+    p, r = precision_recall(draw(400, torch.zeros(400, dtype=torch.long)), ref, inception)
+    assert p > 0.8 and 0.35 < r < 0.55
+    p, _ = precision_recall(draw(400, torch.arange(400) % 2) + 6.0, ref, inception)
+    assert p < 0.2

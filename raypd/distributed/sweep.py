@@ -40,6 +40,9 @@ from raypd.train.rounds import Round
 from raypd.train.stage import Stage
 
 DIVERGED = 1e30
+STARTED = "trials-started"
+"""Written where the trials keep their files once the first trial starts: a sweep without it has nothing to
+resume."""
 SWEEP_NOISE = 10_000
 """Offset of the noise seeds trials are scored from, away from the evaluation's own (``eval.seed``): the run
 reports the chosen student's FID from noise the choice was not made on."""
@@ -147,6 +150,7 @@ def _trial(params: dict[str, Any], static: dict[str, Any]) -> None:
     if done is not None:  # finished before the sweep's driver died: report, never retrain
         tune.report(json.loads(done))
         return
+    write_text(child(sweep_dir, STARTED), trial_id)  # a restored sweep has trials to resume
     # one line per time this trial's driver started
     write_text(child(trial_dir, "starts.log"), (read_text(child(trial_dir, "starts.log")) or "") + f"{time.time():.0f}\n")
     updates = int(params["updates"])
@@ -280,7 +284,7 @@ def sweep_round(cfg: Config, *, rnd: Round, stage: Stage, sweep_dir: Path, eval_
     from raypd.eval.sweep_report import write_round_report
 
     s = cfg.sweep
-    from raypd.storage import child
+    from raypd.storage import child, is_uri, read_text
 
     sweep_dir = sweep_dir.resolve()
     store = store or str(sweep_dir)
@@ -291,7 +295,15 @@ def sweep_round(cfg: Config, *, rnd: Round, stage: Stage, sweep_dir: Path, eval_
     # workers get all of those (Tune refuses an empty request)
     trainable = tune.with_resources(tune.with_parameters(_trial, static=static), {"memory": 256 * 1024**2})
     path = child(store, "tune")
-    if tune.Tuner.can_restore(path):
+    restore = tune.Tuner.can_restore(path)
+    if restore and read_text(child(store, STARTED)) is None:
+        # the driver died before any trial started (Tune may not even have written the trials' settings): there
+        # is nothing to resume, and a restore would run trials without their settings
+        log(f"[round {rnd.index}] the interrupted sweep had started no trial: starting it again")
+        restore = False
+        if not is_uri(path):
+            shutil.rmtree(path)
+    if restore:
         log(f"[round {rnd.index}] restoring the interrupted sweep in {path}")
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=False)
     else:

@@ -119,15 +119,20 @@ def test_a_grid_crosses_learning_rates_budgets_and_choices(tmp_path, teacher):
 def test_a_random_search_at_equal_examples_draws_batches_and_budgets_together(tmp_path, teacher):
     """The search without a grid (``sweep.trials`` draws rates from ``lr_min..lr_max``), with ``sweep.examples``:
     each trial trains its drawn batch size for the examples' worth of updates; the first trial is the configured
-    point (``distill.lr``, the first batch size)."""
+    point (``distill.lr``, the first batch size). The round's Tune state is left behind by a driver that died
+    before any trial started: with nothing to resume, the sweep starts again rather than restoring trials that
+    have no settings."""
     from raypd.checkpoint import read_meta
 
     args = [*BASE, "sweep.lrs=[]", "sweep.trials=3", "sweep.lr_min=1e-4", "sweep.lr_max=1e-3", "distill.lr=3e-4",
             "sweep.examples=192", "sweep.choices=[distill.batch_size=16|32]", "sweep.grace_updates=100",
             "sweep.seed=1", f"teacher.checkpoint={teacher}", f"run.storage_path={tmp_path}", "run.name=r"]
-    log = _finish(args, tmp_path)
-    assert "Tune sweep: 3 trials, lr in [1.00e-04, 1.00e-03], updates in [12, 6]" in log
     run = tmp_path / "r"
+    (run / "sweeps" / "round-00" / "tune").mkdir(parents=True)
+    (run / "sweeps" / "round-00" / "tune" / "tuner.pkl").write_bytes(b"written by a driver that died")
+    log = _finish(args, tmp_path)
+    assert "the interrupted sweep had started no trial: starting it again" in log
+    assert "Tune sweep: 3 trials, lr in [1.00e-04, 1.00e-03], updates in [12, 6]" in log
     rows = sorted(_trials(run)["trials"], key=lambda r: r["trial"].split("_")[-1])
     assert len(rows) == 3
     for r in rows:

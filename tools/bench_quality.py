@@ -161,18 +161,20 @@ def across_noise_seeds(seeds, result, keys, stats, scored, full, reference, extr
     return lines + [""]
 
 
-def fidelity_and_diversity(features, ref_features, extractor, full, scored) -> list[str]:
+def fidelity_and_diversity(features, ref_features, extractor, keys) -> list[str]:
     """What a point's FID is made of (first noise seed): precision (samples that look like training images),
-    recall (training images the samples cover) and the FID to the teacher's full sampler's own samples."""
-    teacher = Reference.of(features[f"teacher_ddim@{full}"])
+    recall (training images the samples cover) and the FID to the teacher's full sampler's own samples (``keys``:
+    the scored points, the teacher's full sampler first)."""
+    full = f"{keys[0][0]}@{keys[0][1]}"
+    teacher = Reference.of(features[full])
     lines = [f"Fidelity and diversity ({extractor.name}, the first noise seed): precision and recall against the "
              "reference (k = 3 neighbours), and the FID to the teacher's full-step samples", "",
              "| sampler | precision | recall | FID to the teacher's samples |", "|---|---|---|---|"]
-    for key in [f"teacher_ddim@{full}"] + [f"{s}@{n}" for n in scored for s in ("teacher_ddim", "distilled")]:
+    for sampler, n in keys:
+        key = f"{sampler}@{n}"
         precision, recall = precision_recall(features[key], ref_features, extractor)
-        sampler, n = key.split("@")
         lines.append(f"| {sampler} at {n} steps | {precision:.3f} | {recall:.3f} | "
-                     f"{fid(features[key], teacher) if key != f'teacher_ddim@{full}' else 0.0:.2f} |")
+                     f"{fid(features[key], teacher) if key != full else 0.0:.2f} |")
     return lines + [""]
 
 
@@ -270,7 +272,7 @@ def main() -> None:
         report.append("")
         if len(seeds) > 1:
             report += across_noise_seeds(seeds, result, keys, stats, scored, full, reference, extractor, point)
-        report += fidelity_and_diversity(features, ref_features, extractor, full, scored)
+        report += fidelity_and_diversity(features, ref_features, extractor, keys)
     data = read_images(urls, cfg.eval.reference_samples, channels=cfg.data.channels, resolution=cfg.data.resolution)
     shown = {f"training images ({len(data)})": data, f"teacher_ddim at {full} steps": point("teacher_ddim", full)}
     shown.update({f"{s} at {n} steps": point(s, n) for n in few for s in ("teacher_ddim", "distilled")})

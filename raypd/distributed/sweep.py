@@ -106,8 +106,10 @@ def search_space(cfg: Config, planned_updates: int, centre: dict[str, Any] | Non
                              "updates": centre["updates"] if centre.get("updates") in budgets else budgets[-1],
                              **{key: centre[key] if key in centre and centre[key] in options else options[0]
                                 for key, options in extra.items()}}
-    if examples:  # Tune works the budget out from the first point's batch size (it refuses one given with it)
-        first.pop("updates") if batch_key in extra else first.update(updates=budgets[0])
+    if examples and batch_key in extra:
+        del first["updates"]  # Tune works it out from the first point's batch size (and refuses one given with it)
+    elif examples:
+        first["updates"] = budgets[0]
     return space, first
 
 

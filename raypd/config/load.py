@@ -138,13 +138,12 @@ def _check_sweep_choices(cfg: Config) -> None:
         return
     base = cfg.to_dict()
     base["sweep"] = {**base["sweep"], "choices": [], "examples": 0}
-    for i, item in enumerate(cfg.sweep.choices):
-        key, _, values = item.partition("=")
-        for raw in values.split("|"):
+    for i, (key, values) in enumerate(cfg.sweep.choice_items()):
+        for raw in values:
             try:
-                config_from_dict(base, [f"{key.strip()}={raw}"])
+                config_from_dict(base, [f"{key}={raw}"])
             except ConfigError as err:
-                raise ConfigError(f"sweep.choices[{i}]", f"{key.strip()}={raw.strip()}: {err}") from None
+                raise ConfigError(f"sweep.choices[{i}]", f"{key}={raw}: {err}") from None
     if cfg.sweep.examples:
         batches = dict(sweep_batches(cfg))
         small = {where: b for where, b in batches.items() if b > cfg.sweep.examples}
@@ -156,10 +155,9 @@ def _check_sweep_choices(cfg: Config) -> None:
 
 def sweep_batches(cfg: Config) -> list[tuple[str, int]]:
     """The batch sizes a sweep's trials train at, each with the setting it comes from."""
-    for i, item in enumerate(cfg.sweep.choices):
-        key, _, values = item.partition("=")
-        if key.strip() == "distill.batch_size":
-            return [(f"sweep.choices[{i}]", int(yaml.safe_load(v))) for v in values.split("|")]
+    for i, (key, values) in enumerate(cfg.sweep.choice_items()):
+        if key == "distill.batch_size":
+            return [(f"sweep.choices[{i}]", int(yaml.safe_load(v))) for v in values]
     return [("distill.batch_size", cfg.distill.batch_size)]
 
 

@@ -593,8 +593,15 @@ class SweepConfig:
         ``trials``."""
         if not self.lrs:
             return self.trials
-        return math.prod([len(self.lrs), max(1, len(self.updates)),
-                          *(len(item.partition("=")[2].split("|")) for item in self.choices)])
+        return math.prod([len(self.lrs), max(1, len(self.updates)), *(len(v) for _, v in self.choice_items())])
+
+    def choice_items(self) -> list[tuple[str, list[str]]]:
+        """``choices`` split into (dotted key, its values as written), in order."""
+        items = []
+        for item in self.choices:
+            key, _, values = item.partition("=")
+            items.append((key.strip(), [v.strip() for v in values.split("|")]))
+        return items
 
     def validate(self) -> None:
         _require(self.trials >= 1, "trials", f"must be >= 1, got {self.trials}")

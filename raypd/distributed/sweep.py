@@ -81,10 +81,7 @@ def search_space(cfg: Config, planned_updates: int, centre: dict[str, Any] | Non
         span = math.sqrt(hi / lo)
         lo, hi = centre["lr"] / span, centre["lr"] * span
     budgets = round_budgets(cfg, planned_updates)
-    extra = {}
-    for item in s.choices:
-        key, _, values = item.partition("=")
-        extra[key.strip()] = [yaml.safe_load(v) for v in values.split("|")]
+    extra = {key: [yaml.safe_load(v) for v in values] for key, values in s.choice_items()}
     batch_key, examples = "distill.batch_size", s.examples
     if examples:  # the budget follows the trial's batch size: a value of its own, not a dimension of the search
         def budget(config: dict[str, Any]) -> int:
@@ -352,7 +349,7 @@ class SweepRunner:
         self.concurrency, self.mirror = concurrency, mirror
         self.centre: dict[str, Any] | None = None
         self.choices: list[dict[str, Any]] = []
-        self.searched = [item.partition("=")[0].strip() for item in cfg.sweep.choices]
+        self.searched = [key for key, _ in cfg.sweep.choice_items()]
 
     def heldout(self, stage: Stage, sweep_dir: Path) -> Path:
         """The round's fixed held-out set (the same images, noise and times for every trial), made once."""

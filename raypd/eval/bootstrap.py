@@ -20,6 +20,7 @@ the same points scored again from independent noise seeds.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -101,6 +102,16 @@ def _interval(value: float, draws: list[float], level: float) -> Interval:
     tail = (1 - level) / 2
     pick = lambda q: finite[min(len(finite) - 1, max(0, round(q * (len(finite) - 1))))]  # noqa: E731
     return Interval(value, pick(tail), pick(1 - tail), level)
+
+
+def withhold_biased(result: dict[str, Interval], fids: Iterable[str]) -> tuple[dict[str, Interval], list[str]]:
+    """The bootstrap's intervals, or none at all where a resampled FID distribution misses its own FID: there the
+    resamples' repeated rows (too few samples for the features' dimension) bias every FID upwards by more than
+    the intervals are wide, so no interval from them means anything. Returns the intervals and the FIDs missed."""
+    missed = [name for name in fids if not result[name].low <= result[name].value <= result[name].high]
+    if not missed:
+        return result, []
+    return {name: Interval(iv.value, math.nan, math.nan, iv.level) for name, iv in result.items()}, missed
 
 
 def across_seeds(values: list[float], level: float = 0.95) -> Interval:

@@ -1,11 +1,13 @@
 """FID from features and its paired-bootstrap intervals."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
 from torch_fidelity.metric_fid import fid_statistics_to_metric
 
-from raypd.eval.bootstrap import Reference, across_seeds, fid, paired_bootstrap
+from raypd.eval.bootstrap import Reference, across_seeds, fid, paired_bootstrap, withhold_biased
 
 
 def _stats(x: torch.Tensor) -> dict:
@@ -74,6 +76,29 @@ def test_in_high_dimension_resampled_fids_sit_far_from_fresh_draws():
     spread = across_seeds(fresh)
     resampled = paired_bootstrap({"x": torch.randn(n, d, generator=g) + 0.1}, ref, replicates=40, seed=0)["x"]
     assert resampled.low > spread.high + 10 * (spread.high - spread.low)
+
+
+def test_intervals_are_withheld_where_the_resampled_fids_miss_the_fid_itself():
+    """With few features per sample the bootstrap's intervals stand; with about as many features as samples the
+    resampled FIDs sit above the FID they resample, and every interval is withheld (the value kept)."""
+    g = torch.Generator().manual_seed(6)
+
+    def scored(d, n):
+        ref = Reference.of(torch.randn(4000, d, generator=g))
+        features = {"a": torch.randn(n, d, generator=g) + 0.3, "b": torch.randn(n, d, generator=g) + 0.6}
+        stats = {"ratio": lambda f: f["a"] / f["b"]}
+        return paired_bootstrap(features, ref, replicates=60, seed=0, statistics=stats)
+
+    few = scored(4, 2000)
+    kept, missed = withhold_biased(few, ["a", "b"])
+    assert missed == [] and kept is few and kept["ratio"].low < kept["ratio"].value < kept["ratio"].high
+    many = scored(64, 64)
+    assert many["a"].low > many["a"].value  # the resamples' bias
+    withheld, missed = withhold_biased(many, ["a", "b"])
+    assert "a" in missed
+    for name in ("a", "b", "ratio"):
+        assert withheld[name].value == many[name].value
+        assert math.isnan(withheld[name].low) and math.isnan(withheld[name].high)
 
 
 def test_precision_tells_samples_off_the_data_and_recall_the_data_the_samples_miss():

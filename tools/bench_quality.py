@@ -6,7 +6,8 @@ digits, then samples the teacher's full sampler, its DDIM at N steps and the dis
 from the same noise with ``--samples`` samples each (the run's own evaluation noise, extended), and scores
 them with each extractor. Every FID, the share of the gap the student closes,
 ``(FID_ddim - FID_distilled) / (FID_ddim - FID_full)``, and the student's FID over the teacher's full-step
-FID come with a 95% paired-bootstrap interval over the samples (``raypd.eval.bootstrap``). ``--seeds K``
+FID come with a 95% paired-bootstrap interval over the samples (``raypd.eval.bootstrap``), withheld where the
+resampled FIDs miss the FID they resample (too few samples for the features' dimension). ``--seeds K``
 scores every point again from K independent noise seeds and states the mean with a 95% t-interval: the
 interval to trust for Inception's 2,048-d features, where the bootstrap's resamples are not like fresh noise
 (each seed costs another full set of samples and features). The cost line
@@ -16,7 +17,9 @@ student's forward and backward, 5; a training example 3). A table of plain pixel
 near-black and near-white shares, edge sharpness) of the training images and of the points Inception scores
 tells a blurrier or greyer sampler from a difference only an extractor's features see; precision and recall
 in each extractor's features tell samples unlike the training images (fidelity) from training images the
-samples miss (diversity).
+samples miss (diversity), and each point's FID to the teacher's own full-step samples, beside the floor that
+two sets of those samples from different noise score, tells how far a student is from its teacher apart from
+how far the teacher is from the data.
 
     python tools/bench_quality.py [--data digits|mnist] [--samples 2048] [--replicates 200]
         [--seeds 1] [--extractors classifier,inception] [--inception-steps 4] [--inception-weights PATH] [--no-fits]
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import sys
 import time
 from pathlib import Path
@@ -44,7 +48,7 @@ from raypd.config import config_from_dict, load_config
 from raypd.data.prepare import training_shards
 from raypd.data.shards import read_manifest
 from raypd.diffusion import logsnr_schedule
-from raypd.eval.bootstrap import Reference, across_seeds, fid, paired_bootstrap
+from raypd.eval.bootstrap import Reference, across_seeds, fid, paired_bootstrap, withhold_biased
 from raypd.eval.evaluate import read_images
 from raypd.eval.fid import Extractor, fid_features, precision_recall, reference_fid_features, to_uint8
 from raypd.eval.samples import NOISE_BLOCK, fixed_noise, sample_ddim
@@ -105,6 +109,30 @@ def pixel_statistics(sets: dict[str, torch.Tensor]) -> list[str]:
     return lines + [""]
 
 
+def error_by_frequency(sets: dict[str, torch.Tensor], reference: torch.Tensor) -> list[str]:
+    """Where in the spectrum each sampler's samples differ from the teacher's full sampler's from the same noise:
+    the RMSE of the difference split into coarse (below a third of the Nyquist frequency), middle and fine
+    (above two thirds) spatial frequencies, whose squares add up to the whole (Parseval). An error in fine
+    detail is one an extractor looking at upsampled strokes can weigh far more than a classifier does."""
+    lines = ["## The difference from the teacher's full sampler, by spatial frequency", "",
+             "RMSE in [-1, 1] pixel units of each sample minus the teacher's full-step sample from the same noise, "
+             "split by radial frequency (fraction of Nyquist); the squares of the bands add up to the total.", "",
+             "| images | total | coarse (< 1/3) | middle | fine (>= 2/3) |", "|---|---|---|---|---|"]
+    for name, images in sets.items():
+        diff = (images.double() - reference.double()) / 127.5
+        h, w = diff.shape[-2:]
+        power = torch.fft.fft2(diff, norm="ortho").abs().square().sum(dim=tuple(range(diff.dim() - 2)))
+        fy, fx = torch.fft.fftfreq(h).abs()[:, None], torch.fft.fftfreq(w).abs()[None, :]
+        radius = torch.sqrt(fy.square() + fx.square()) / 0.5
+        total = power.sum()
+        bands = [power[radius < 1 / 3].sum(), power[(radius >= 1 / 3) & (radius < 2 / 3)].sum(),
+                 power[radius >= 2 / 3].sum()]
+        count = diff.numel()
+        lines.append(f"| {name} | {float(total / count) ** 0.5:.4f} | "
+                     + " | ".join(f"{float(b / count) ** 0.5:.4f}" for b in bands) + " |")
+    return lines + [""]
+
+
 def where_the_gap_comes_from(summary, run, teacher, point, full, n, *, cfg, logsnr_fn, device) -> list[str]:
     """Each round's own fit (its student's N steps against its teacher's 2N steps, what the round was trained to
     match) next to the distance to the full sampler it ends at: does the error come from one round, or build up
@@ -129,14 +157,20 @@ def where_the_gap_comes_from(summary, run, teacher, point, full, n, *, cfg, logs
 
 
 def fmt(interval) -> str:
+    if math.isnan(interval.low):  # no interval stated
+        return f"{interval.value:.2f}"
     return f"{interval.value:.2f} [{interval.low:.2f}, {interval.high:.2f}]"
 
 
 def pct(interval) -> str:
+    if math.isnan(interval.low):
+        return f"{100 * interval.value:.1f}%"
     return f"{100 * interval.value:.1f}% [{100 * interval.low:.1f}, {100 * interval.high:.1f}]"
 
 
 def ratio(interval) -> str:
+    if math.isnan(interval.low):
+        return f"{interval.value:.3f}x"
     return f"{interval.value:.3f}x [{interval.low:.3f}, {interval.high:.3f}]"
 
 
@@ -161,20 +195,24 @@ def across_noise_seeds(seeds, result, keys, stats, scored, full, reference, extr
     return lines + [""]
 
 
-def fidelity_and_diversity(features, ref_features, extractor, keys) -> list[str]:
+def fidelity_and_diversity(features, ref_features, extractor, keys, floor) -> list[str]:
     """What a point's FID is made of (first noise seed): precision (samples that look like training images),
     recall (training images the samples cover) and the FID to the teacher's full sampler's own samples (``keys``:
-    the scored points, the teacher's full sampler first)."""
+    the scored points, the teacher's full sampler first). ``floor``: features of the teacher's full sampler from
+    another noise seed, whose FID to the first is what the same distribution scores at this sample count."""
     full = f"{keys[0][0]}@{keys[0][1]}"
     teacher = Reference.of(features[full])
     lines = [f"Fidelity and diversity ({extractor.name}, the first noise seed): precision and recall against the "
-             "reference (k = 3 neighbours), and the FID to the teacher's full-step samples", "",
+             "reference (k = 3 neighbours), and the FID to the teacher's full-step samples. The points share the "
+             "teacher's noise, so a perfect student would score 0 there; the last row is the teacher's full "
+             "sampler from another noise seed: what a fresh draw of the teacher's own distribution scores at this "
+             "count", "",
              "| sampler | precision | recall | FID to the teacher's samples |", "|---|---|---|---|"]
-    for sampler, n in keys:
-        key = f"{sampler}@{n}"
-        precision, recall = precision_recall(features[key], ref_features, extractor)
-        lines.append(f"| {sampler} at {n} steps | {precision:.3f} | {recall:.3f} | "
-                     f"{fid(features[key], teacher) if key != full else 0.0:.2f} |")
+    rows = [(f"{sampler} at {n} steps", features[f"{sampler}@{n}"]) for sampler, n in keys]
+    rows.append((f"{keys[0][0]} at {keys[0][1]} steps, another noise seed", floor))
+    for i, (name, feats) in enumerate(rows):
+        precision, recall = precision_recall(feats, ref_features, extractor)
+        lines.append(f"| {name} | {precision:.3f} | {recall:.3f} | {fid(feats, teacher) if i else 0.0:.2f} |")
     return lines + [""]
 
 
@@ -250,6 +288,8 @@ def main() -> None:
         extractor: Extractor = spec.extractor
         scored = steps if kind == "classifier" else few
         began = time.perf_counter()
+        log(f"[bench] {extractor.name}: features of {spec.reference_count} reference images (cached after the first "
+            "time) and of every point")
         ref_features = reference_fid_features(spec.reference(), extractor, cache_root=Path(spec.cache_root),
                                               cache_name=spec.cache_name)
         reference = Reference.of(ref_features)
@@ -261,10 +301,20 @@ def main() -> None:
             stats[f"gap@{n}"] = lambda f, ddim=ddim, dist=dist, base=base: (f[ddim] - f[dist]) / (f[ddim] - f[base])
             stats[f"ratio@{n}"] = lambda f, dist=dist, base=base: f[dist] / f[base]
         result = paired_bootstrap(features, reference, replicates=args.replicates, seed=cfg.eval.seed, statistics=stats)
+        bootstrapped = result
+        result, missed = withhold_biased(result, features)
         report += [f"## {extractor.name}", "",
                    f"{len(reference.mean)}-d features, reference {spec.reference_count} training images; teacher at "
                    f"{full} steps: FID {fmt(result[f'teacher_ddim@{full}'])}; scored in "
-                   f"{time.perf_counter() - began:.0f} s", "",
+                   f"{time.perf_counter() - began:.0f} s", ""]
+        if missed:
+            worst = bootstrapped[missed[0]]
+            report += [f"No bootstrap intervals: with {args.samples} samples of {len(reference.mean)}-d features the "
+                       f"resampled FIDs miss the FIDs themselves ({missed[0]}: {worst.value:.2f}, resampled "
+                       f"{worst.low:.2f} to {worst.high:.2f}); a resample's repeated rows bias it upwards. "
+                       + ("The intervals across noise seeds below are the ones to read." if len(seeds) > 1 else
+                          "`--seeds 3` (or more) states intervals across fresh noise instead."), ""]
+        report += [
                    "| steps | teacher DDIM FID | distilled FID | gap closed | distilled / full |", "|---|---|---|---|---|"]
         for n in scored:
             report.append(f"| {n} | {fmt(result[f'teacher_ddim@{n}'])} | {fmt(result[f'distilled@{n}'])} | "
@@ -272,11 +322,19 @@ def main() -> None:
         report.append("")
         if len(seeds) > 1:
             report += across_noise_seeds(seeds, result, keys, stats, scored, full, reference, extractor, point)
-        report += fidelity_and_diversity(features, ref_features, extractor, keys)
+        floor = fid_features(point("teacher_ddim", full, seeds[1] if len(seeds) > 1 else seeds[0] + 1), extractor)
+        report += fidelity_and_diversity(features, ref_features, extractor, keys, floor)
     data = read_images(urls, cfg.eval.reference_samples, channels=cfg.data.channels, resolution=cfg.data.resolution)
     shown = {f"training images ({len(data)})": data, f"teacher_ddim at {full} steps": point("teacher_ddim", full)}
     shown.update({f"{s} at {n} steps": point(s, n) for n in few for s in ("teacher_ddim", "distilled")})
     report += pixel_statistics(shown)
+    report += error_by_frequency({f"{s} at {n} steps": point(s, n) for n in few for s in ("teacher_ddim", "distilled")},
+                                 point("teacher_ddim", full))
+    far = {n: rmse(point("teacher_ddim", n), point("teacher_ddim", full)) for n in few}
+    closed = [f"{n} steps {100 * (1 - rmse(point('distilled', n), point('teacher_ddim', full)) / far[n]):.1f}%"
+              for n in few]
+    report += ["The share of the DDIM's distance to the full sampler (RMSE from the same noise) the student closes: "
+               + ", ".join(closed) + "; set it beside each extractor's gap closed.", ""]
     report += [] if args.no_fits else where_the_gap_comes_from(summary, run, teacher, point, full, min(args.samples, 1024), cfg=cfg,
                                        logsnr_fn=logsnr_fn, device=device)
     teacher_cost = summary["teacher"].get("compute")

@@ -156,31 +156,33 @@ def where_the_gap_comes_from(summary, run, teacher, point, full, n, *, cfg, logs
     return lines + [""]
 
 
+def with_interval(interval, *, scale: float = 1.0, digits: int = 2, unit: str = "") -> str:
+    """A value with its interval in brackets, or alone where no interval is stated (NaN bounds)."""
+    value = f"{scale * interval.value:.{digits}f}{unit}"
+    if math.isnan(interval.low):
+        return value
+    return f"{value} [{scale * interval.low:.{digits}f}, {scale * interval.high:.{digits}f}]"
+
+
 def fmt(interval) -> str:
-    if math.isnan(interval.low):  # no interval stated
-        return f"{interval.value:.2f}"
-    return f"{interval.value:.2f} [{interval.low:.2f}, {interval.high:.2f}]"
+    return with_interval(interval)
 
 
 def pct(interval) -> str:
-    if math.isnan(interval.low):
-        return f"{100 * interval.value:.1f}%"
-    return f"{100 * interval.value:.1f}% [{100 * interval.low:.1f}, {100 * interval.high:.1f}]"
+    return with_interval(interval, scale=100, digits=1, unit="%")
 
 
 def ratio(interval) -> str:
-    if math.isnan(interval.low):
-        return f"{interval.value:.3f}x"
-    return f"{interval.value:.3f}x [{interval.low:.3f}, {interval.high:.3f}]"
+    return with_interval(interval, digits=3, unit="x")
 
 
-def across_noise_seeds(seeds, result, keys, stats, scored, full, reference, extractor, point) -> list[str]:
+def across_noise_seeds(seeds, result, keys, stats, scored, full, reference, features_of) -> list[str]:
     """Every point scored again from each further noise seed: the mean over the seeds with a 95% t-interval, and
     the gap closed under each seed (the first seed's FIDs are the bootstrap's values)."""
     began = time.perf_counter()
     per_seed = [{name: interval.value for name, interval in result.items()}]
     for seed in seeds[1:]:
-        fids = {f"{s}@{n}": fid(fid_features(point(s, n, seed), extractor), reference) for s, n in keys}
+        fids = {f"{s}@{n}": fid(features_of(s, n, seed), reference) for s, n in keys}
         per_seed.append({**fids, **{name: stat(fids) for name, stat in stats.items()}})
     across = {name: across_seeds([p[name] for p in per_seed]) for name in per_seed[0]}
     lines = [f"Across {len(seeds)} noise seeds ({', '.join(map(str, seeds))}): mean and 95% t-interval of the mean; "
@@ -294,7 +296,14 @@ def main() -> None:
                                               cache_name=spec.cache_name)
         reference = Reference.of(ref_features)
         keys = [("teacher_ddim", full)] + [(s, n) for n in scored for s in ("teacher_ddim", "distilled")]
-        features = {f"{s}@{n}": fid_features(point(s, n), extractor) for s, n in keys}
+        extracted: dict[tuple[str, int, int], torch.Tensor] = {}
+
+        def features_of(sampler: str, n: int, seed: int = seeds[0]) -> torch.Tensor:
+            if (sampler, n, seed) not in extracted:
+                extracted[sampler, n, seed] = fid_features(point(sampler, n, seed), extractor)
+            return extracted[sampler, n, seed]
+
+        features = {f"{s}@{n}": features_of(s, n) for s, n in keys}
         stats = {}
         for n in scored:
             ddim, dist, base = f"teacher_ddim@{n}", f"distilled@{n}", f"teacher_ddim@{full}"
@@ -321,15 +330,14 @@ def main() -> None:
                           f"{pct(result[f'gap@{n}'])} | {ratio(result[f'ratio@{n}'])} |")
         report.append("")
         if len(seeds) > 1:
-            report += across_noise_seeds(seeds, result, keys, stats, scored, full, reference, extractor, point)
-        floor = fid_features(point("teacher_ddim", full, seeds[1] if len(seeds) > 1 else seeds[0] + 1), extractor)
+            report += across_noise_seeds(seeds, result, keys, stats, scored, full, reference, features_of)
+        floor = features_of("teacher_ddim", full, seeds[1] if len(seeds) > 1 else seeds[0] + 1)
         report += fidelity_and_diversity(features, ref_features, extractor, keys, floor)
     data = read_images(urls, cfg.eval.reference_samples, channels=cfg.data.channels, resolution=cfg.data.resolution)
     shown = {f"training images ({len(data)})": data, f"teacher_ddim at {full} steps": point("teacher_ddim", full)}
-    shown.update({f"{s} at {n} steps": point(s, n) for n in few for s in ("teacher_ddim", "distilled")})
-    report += pixel_statistics(shown)
-    report += error_by_frequency({f"{s} at {n} steps": point(s, n) for n in few for s in ("teacher_ddim", "distilled")},
-                                 point("teacher_ddim", full))
+    few_points = {f"{s} at {n} steps": point(s, n) for n in few for s in ("teacher_ddim", "distilled")}
+    report += pixel_statistics({**shown, **few_points})
+    report += error_by_frequency(few_points, point("teacher_ddim", full))
     far = {n: rmse(point("teacher_ddim", n), point("teacher_ddim", full)) for n in few}
     closed = [f"{n} steps {100 * (1 - rmse(point('distilled', n), point('teacher_ddim', full)) / far[n]):.1f}%"
               for n in few]

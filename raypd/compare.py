@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 from raypd.eval.report import fmt
+from raypd.methods import METHODS
 
-METHOD_NAMES = {"progressive": "progressive distillation", "tract": "TRACT", "denoising_student": "Denoising Student"}
 
 
 class CompareError(ValueError):
@@ -87,7 +87,9 @@ def _teacher_full(run: dict) -> dict:
 
 
 def label(run: dict) -> str:
-    return f"{METHOD_NAMES.get(run.get('method', 'progressive'), run.get('method'))} ({run['path'].name})"
+    name = run.get("method", "progressive")
+    title = run.get("method_title") or (METHODS[name].title if name in METHODS else name)
+    return f"{title} ({run['path'].name})"
 
 
 def write_comparison(runs: list[dict], out: Path) -> Path:

@@ -34,14 +34,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from raypd.config import ConfigError, field_docs, load_config
+    from raypd.methods import METHODS, method_for
 
     if args.help_config:
-        for key, default, doc in field_docs():
+        for key, default, doc in field_docs() + [row for m in sorted(METHODS) for row in METHODS[m].option_docs()]:
             print(f"{key} = {default}\n    {doc}")
         return 0
     try:
         overrides = list(args.overrides) + ([f"run.storage_path={args.storage}"] if args.storage else [])
         cfg = load_config(args.config, overrides)
+        method_for(cfg)  # the method's own settings, checked before anything starts
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

@@ -24,10 +24,10 @@ from raypd.data.writer import MANIFEST, write_shards
 from raypd.eval.samples import NOISE_BLOCK, PAIR_STREAM, pair_noise, sample_pairs
 from raypd.models import Denoiser
 
-def pairs_folder(out: Path, cfg: Config, teacher_digest: str) -> Path:
-    key = hashlib.sha256(f"{teacher_digest}:{cfg.distill.pairs}:{cfg.distill.start_steps}:{cfg.run.seed}:"
+def pairs_folder(out: Path, cfg: Config, teacher_digest: str, count: int) -> Path:
+    key = hashlib.sha256(f"{teacher_digest}:{count}:{cfg.distill.start_steps}:{cfg.run.seed}:"
                          f"{cfg.eval.precision}".encode()).hexdigest()[:12]
-    return out / "pairs" / f"{cfg.distill.pairs}x{cfg.distill.start_steps}steps-{key}"
+    return out / "pairs" / f"{count}x{cfg.distill.start_steps}steps-{key}"
 
 
 def shard_urls(folder: Path) -> list[str]:
@@ -36,15 +36,15 @@ def shard_urls(folder: Path) -> list[str]:
     return expand_urls([str(folder / name) for name in names])
 
 
-def ensure_pairs(cfg: Config, out: Path, teacher: Denoiser, teacher_digest: str, *, device: torch.device,
+def ensure_pairs(cfg: Config, out: Path, teacher: Denoiser, teacher_digest: str, *, count: int, device: torch.device,
                  remote=None, log=lambda line: print(line, file=sys.stderr, flush=True)) -> list[str]:
-    """The pair shards' URLs: found in the run, or sampled (``remote``: an object whose ``run(teacher, blocks)``
+    """The URLs of ``count`` pairs' shards: found in the run, or sampled (``remote``: an object whose ``run(teacher, blocks)``
     yields each (start, stop, uint8 images) block sampled elsewhere, the Ray tasks) and written."""
-    folder = pairs_folder(out, cfg, teacher_digest)
+    folder = pairs_folder(out, cfg, teacher_digest, count)
     if (folder / MANIFEST).is_file():
-        log(f"[pairs] reusing the {cfg.distill.pairs} pairs in {folder}")
+        log(f"[pairs] reusing the {count} pairs in {folder}")
         return shard_urls(folder)
-    n, d = cfg.distill.pairs, cfg.data
+    n, d = count, cfg.data
     blocks = [(lo, min(n, lo + NOISE_BLOCK)) for lo in range(0, n, NOISE_BLOCK)]
     images = torch.empty(n, d.channels, d.resolution, d.resolution, dtype=torch.uint8)
     where = f"{remote.workers} Ray task(s) at a time" if remote is not None else "in this process"

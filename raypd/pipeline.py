@@ -27,9 +27,10 @@ from raypd.data.shards import check_shards
 from raypd.eval.evaluate import Evaluator
 from raypd.eval.report import write_report
 from raypd.models import Denoiser
+from raypd.methods import Method, method_for, objective_for
 from raypd.runs import check_and_save_config, finished_summary, open_run, run_uri
-from raypd.train import freeze, plan_rounds
-from raypd.train.rounds import TRAIN_FORWARDS, forwards_per_example, upfront_forwards
+from raypd.train import freeze
+from raypd.train.rounds import TRAIN_FORWARDS
 from raypd.train.runner import InProcessRunner
 from raypd.train.stage import round_stage, teacher_stage
 
@@ -71,7 +72,9 @@ class Context:
 def make_runner(ctx: Context):
     """How every stage of this run is trained, chosen once: in this process, or by Ray Train workers."""
     if not ctx.cfg.dist.workers:
-        return InProcessRunner(ctx.cfg, ctx.out / "local", ctx.device, on_commit=ctx.sync)
+        cfg = ctx.cfg
+        return InProcessRunner(cfg, ctx.out / "local", ctx.device, objectives=lambda stage: objective_for(cfg, stage),
+                               on_commit=ctx.sync)
     from raypd.distributed.trainer import RayTrainRunner
 
     return RayTrainRunner(ctx.cfg, ctx.ray_storage, mirror=ctx.mirror)
@@ -218,9 +221,9 @@ def make_evaluator(ctx: Context, manifest: dict | None, teacher: Denoiser, teach
                      teacher_digest=teacher_digest)
 
 
-def make_pairs(ctx: Context, teacher: Denoiser, teacher_digest: str) -> list[str]:
-    """The Denoising Student's pair shards: the run's own when it made them before, else sampled (by Ray tasks when
-    the run has workers) and written into it."""
+def make_pairs(ctx: Context, teacher: Denoiser, teacher_digest: str, count: int) -> list[str]:
+    """A method's (noise, teacher sample) pair shards: the run's own when it made them before, else sampled (by Ray
+    tasks when the run has workers) and written into it."""
     from raypd.pairs import ensure_pairs
 
     cfg, remote = ctx.cfg, None
@@ -228,7 +231,7 @@ def make_pairs(ctx: Context, teacher: Denoiser, teacher_digest: str) -> list[str
         from raypd.distributed.evaluate import RayPairs
 
         remote = RayPairs(cfg, workers=cfg.dist.workers, use_gpu=cfg.dist.use_gpu)
-    shards = ensure_pairs(cfg, ctx.out, teacher, teacher_digest, device=ctx.device, remote=remote,
+    shards = ensure_pairs(cfg, ctx.out, teacher, teacher_digest, count=count, device=ctx.device, remote=remote,
                           log=log)
     ctx.sync()
     return shards
@@ -245,17 +248,17 @@ def teacher_compute(path: Path) -> dict:
     return {"examples": examples, "compute": float(TRAIN_FORWARDS * examples)}
 
 
-def round_row(rnd, stats: dict, path: Path, cfg: Config, spent: float) -> dict:
+def round_row(rnd, stats: dict, path: Path, method: Method, spent: float) -> dict:
     """A round's summary row; ``spent``: the distillation's compute before this round (forward-equivalents)."""
     updates = int(stats.get("updates", rnd.updates))
     # a swept round reports every trial's examples; a plain one trained on updates x batch
-    examples = int(stats.get("examples", updates * cfg.distill.batch_size))
+    examples = int(stats.get("examples", updates * method.distill.batch_size))
     return {"round": rnd.index, "teacher_steps": rnd.teacher_steps, "student_steps": rnd.student_steps,
-            "updates": updates, "lr": stats.get("lr", cfg.distill.stage_lr(rnd.guidance)), "examples": examples,
-            "compute": spent + forwards_per_example(cfg.distill) * examples,
+            "updates": updates, "lr": stats.get("lr", method.stage_lr(rnd.phase)), "examples": examples,
+            "compute": spent + method.forwards_per_example() * examples,
             "wall_seconds": stats.get("wall_seconds", stats["seconds"]), "final_loss": stats["final_loss"],
             "skipped_samples": stats.get("skipped_samples", 0), "checkpoint": path.name,
-            "driver_rss_mib": round(rss_mib(), 1), **({"guidance": True} if rnd.guidance else {})}
+            "driver_rss_mib": round(rss_mib(), 1), **({"phase": rnd.phase} if rnd.phase else {})}
 
 
 def _run(cfg: Config, out: Path, mirror=None) -> dict:
@@ -275,7 +278,8 @@ def _stages(ctx: Context, manifest: dict | None, cluster) -> dict:
     teacher, teacher_path = obtain_teacher(ctx)
     cfg = ctx.cfg  # an imported diffusers teacher fixes the model and the noise schedule
     runner = make_runner(ctx)
-    rounds = plan_rounds(cfg.distill)
+    method = method_for(cfg)
+    rounds = method.plan()
     ctx.sync()
     teacher_digest = weights_digest(teacher_path)  # read once: the record, the summary and the pairs all name it
     evaluator = make_evaluator(ctx, manifest, teacher, teacher_digest, rounds)
@@ -284,15 +288,16 @@ def _stages(ctx: Context, manifest: dict | None, cluster) -> dict:
 
         runner = SweepRunner(cfg, out, runner, evaluator.spec, concurrency=cluster.concurrent_trials(),
                              mirror=ctx.mirror)
-    summary = {"run": str(out), "method": cfg.distill.method,
+    summary = {"run": str(out), "method": method.name, "method_title": method.title, "method_about": method.about,
                "teacher": {"full_steps": evaluator.full_steps, "digest": teacher_digest,
                            "checkpoint": checkpoint_name(teacher_path, out), **teacher_compute(teacher_path)},
                "eval_seed": cfg.eval.seed, "rounds": [], "eval": list(evaluator.rows)}
     spent, shards = 0.0, ctx.shards
-    if cfg.distill.method == "denoising_student":
-        shards = make_pairs(ctx, teacher, teacher_digest)
-        spent = float(upfront_forwards(cfg.distill))
-        summary["pairs"] = {"count": cfg.distill.pairs, "steps": cfg.distill.start_steps, "compute": spent,
+    upfront = method.upfront()
+    if upfront is not None:  # the stages read the teacher's pairs instead of the data
+        shards = make_pairs(ctx, teacher, teacher_digest, upfront.pairs)
+        spent = float(method.upfront_forwards())
+        summary["pairs"] = {"count": upfront.pairs, "steps": cfg.distill.start_steps, "compute": spent,
                             "shards": str(Path(shards[0]).parent.relative_to(out))}
     for rnd in rounds:
         path = out / f"round-{rnd.index:02d}-{rnd.student_steps}steps"
@@ -303,10 +308,10 @@ def _stages(ctx: Context, manifest: dict | None, cluster) -> dict:
             log(f"[round {rnd.index}] already done, loading {path}")
         student = load_frozen(path, ctx.device)
         summary["eval"].extend(evaluator.student(student, rnd.student_steps, rnd.index, weights_digest(path)))
-        summary["rounds"].append(round_row(rnd, stats, path, cfg, spent))
+        summary["rounds"].append(round_row(rnd, stats, path, method, spent))
         spent = summary["rounds"][-1]["compute"]
         if hasattr(runner, "chose"):
-            runner.chose(rnd.index, rnd.teacher_steps, rnd.student_steps, stats, guidance=rnd.guidance)
+            runner.chose(rnd.index, rnd.teacher_steps, rnd.student_steps, stats, phase=rnd.phase)
         teacher_path = path  # promotion: the student is the next round's teacher
         ctx.sync()
     sweeps = runner.finish() if hasattr(runner, "finish") else None

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from raypd.config import Config
-from raypd.train.rounds import TRAIN_FORWARDS, forwards_per_example, plan_rounds, upfront_forwards
+from raypd.methods import method_for
+from raypd.train.rounds import TRAIN_FORWARDS
 
 PEAK_FLOPS = 312e12
 """Dense bf16 peak of an A100 (the estimate's reference GPU)."""
@@ -156,7 +157,7 @@ def eval_forwards(cfg: Config) -> float:
     its stochastic sampler) at every step count the students reach, once, and every student at its own steps
     (samples only; feature extraction is small); all of it at every guidance weight scored, where the guided
     teacher's steps cost two forwards (its conditional and unconditional predictions)."""
-    rounds = plan_rounds(cfg.distill)
+    rounds = method_for(cfg).plan()
     full = cfg.eval.reference_steps or cfg.teacher.sampling_steps
     counts = {r.student_steps for r in rounds}
     teacher = full + sum(counts - {full}) + (sum(counts) if cfg.eval.stochastic else 0)
@@ -186,23 +187,25 @@ def describe_plan(cfg: Config, checks: Checks | None = None) -> list[str]:
         total += flops
         rows.append(("teacher", str(t.sampling_steps), f"{t.updates:,}", str(t.batch_size),
                      str(t.batch_size // workers), f"{t.lr:g}", _fmt_flops(flops)))
-    if upfront_forwards(s):
-        flops = upfront_forwards(s) * fwd
+    method = method_for(cfg)
+    upfront, rounds = method.upfront(), method.plan()
+    if upfront is not None:
+        flops = method.upfront_forwards() * fwd
         total += flops
-        rows.append(("pairs", f"{s.start_steps}", f"{s.pairs:,} samples", "-", "-", "-", _fmt_flops(flops)))
-    for rnd in plan_rounds(s):
-        flops = rnd.updates * s.batch_size * forwards_per_example(s) * fwd
+        rows.append(("pairs", f"{s.start_steps}", f"{upfront.pairs:,} samples", "-", "-", "-", _fmt_flops(flops)))
+    for rnd in rounds:
+        flops = rnd.updates * s.batch_size * method.forwards_per_example() * fwd
         total += flops
-        steps = f"{rnd.teacher_steps}->{rnd.student_steps}" + (" (w input)" if rnd.guidance else "")
+        steps = f"{rnd.teacher_steps}->{rnd.student_steps}" + (f" ({rnd.phase})" if rnd.phase else "")
         rows.append((f"round {rnd.index}", steps, f"{rnd.updates:,}",
                      str(s.batch_size), str(s.batch_size // workers),
-                     f"{s.stage_lr(rnd.guidance):g}", _fmt_flops(flops)))
+                     f"{method.stage_lr(rnd.phase):g}", _fmt_flops(flops)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
     evals = eval_forwards(cfg)
     nodes = max(1, -(-workers // GPUS_PER_NODE))
     checkpoints = sum(max(1, u // d.checkpoint_every) for u in
-                      ([t.updates] if trains_teacher else []) + [r.updates for r in plan_rounds(s)])
+                      ([t.updates] if trains_teacher else []) + [r.updates for r in rounds])
     write_s = checkpoints * params * CHECKPOINT_BYTES_PER_PARAM / (nodes * CHECKPOINT_GBPS_PER_NODE * 1e9)
     rate = PEAK_FLOPS * UTILISATION
     train_h, eval_h, ckpt_h = total / rate / 3600, evals * fwd / rate / 3600, write_s * workers / 3600
@@ -213,8 +216,8 @@ def describe_plan(cfg: Config, checks: Checks | None = None) -> list[str]:
               f"{PEAK_FLOPS / 1e12:.0f} TFLOP/s bf16 peak, from {UTILISATION_SOURCE}; {gpu_hours / workers:,.3g} h of "
               f"wall time on {workers} such GPUs)",
               f"evaluation: {cfg.eval.num_samples} samples per point, {cfg.eval.extractor} features, seed {cfg.eval.seed}"]
-    if d.workers and plan_rounds(s):
-        per_update = s.batch_size * forwards_per_example(s) * fwd / (workers * rate)
+    if d.workers and rounds:
+        per_update = s.batch_size * method.forwards_per_example() * fwd / (workers * rate)
         # with background uploads, a node lost while a checkpoint is uploading falls back to the one before
         intervals = 2 if d.checkpoint_upload == "async" else 1
         lost = intervals * d.checkpoint_every * per_update / 60

@@ -57,7 +57,7 @@ def inputs(root: Path) -> dict:
     save_checkpoint(root / "teacher", teacher, meta_for(cfg, kind="teacher", sampling_steps=4, round=None))
     shards = training_shards(cfg.data, root / "data", seed=cfg.run.seed)
     pairs = ensure_pairs(load_config(None, [*BASE, *METHODS["denoising_student"]]), root, teacher.eval(),
-                         weights_digest(root / "teacher"), device=torch.device("cpu"))
+                         weights_digest(root / "teacher"), count=32, device=torch.device("cpu"))
     return {"teacher": str(root / "teacher"), "shards": shards, "pairs": pairs}
 
 
@@ -68,13 +68,14 @@ def stage_for(method: str, made: dict):
     return Stage("round", f"round-{method}", updates=UPDATES, stream=1, sampling_steps=student_steps,
                  shards=tuple(made["pairs" if method == "denoising_student" else "shards"]), round=0,
                  teacher=made["teacher"], student_steps=student_steps, teacher_steps=teacher_steps,
-                 guidance=method == "guided")
+                 phase="guidance" if method == "guided" else "")
 
 
 def in_process(method: str, made: dict, root: Path) -> dict:
     """Every update's loss and the consolidated student's digest, through the in-process loop."""
     from raypd.config import load_config
-    from raypd.train.setup import plain_engine
+    from raypd.methods import objective_for
+    from raypd.train.engine import plain_engine
     from raypd.train.stage_loop import StageLoop
     from raypd.train.store import DirectoryStore
     from safetensors.torch import load_file
@@ -82,8 +83,9 @@ def in_process(method: str, made: dict, root: Path) -> dict:
     torch.set_num_threads(1)
     cfg = load_config(None, [*BASE, *METHODS[method]])
     store = DirectoryStore(root / f"local-{method}", keep=2)
-    loop = StageLoop(cfg, stage_for(method, made), build_engine=plain_engine, store=store, staging=store.staging,
-                     device=torch.device("cpu"))
+    stage = stage_for(method, made)
+    loop = StageLoop(cfg, stage, objective=objective_for(cfg, stage), build_engine=plain_engine, store=store,
+                     staging=store.staging, device=torch.device("cpu"))
     loop.run(loop.resume())
     weights = load_file(str(store.final() / "consolidated" / "model.safetensors"))
     return {"losses": [loop.losses[k] for k in sorted(loop.losses)], "digest": digest(weights)}

@@ -75,7 +75,7 @@ def main() -> None:
         f" -> {' -> '.join(map(str, phases))}: {per_phase} updates per phase")
     tract_cfg = config_from_dict(base, [
         f"run.storage_path={out}", "run.name=tract", f"teacher.checkpoint={(pd_dir / 'teacher').resolve()}",
-        "distill.method=tract", f"distill.phases=[{','.join(map(str, phases))}]",
+        "distill.method=tract", f"distill.tract.phases=[{','.join(map(str, phases))}]",
         f"distill.updates_per_round={per_phase}", "distill.late_rounds_factor=1.0"])
     tract = run_pipeline(tract_cfg)
     runs = [pd_dir, Path(tract["run"])]
@@ -90,7 +90,7 @@ def main() -> None:
         ds = run_pipeline(config_from_dict(base, [
             f"run.storage_path={out}", "run.name=denoising-student",
             f"teacher.checkpoint={(pd_dir / 'teacher').resolve()}", "distill.method=denoising_student",
-            f"distill.pairs={args.ds_pairs}", f"distill.updates_per_round={updates}",
+            f"distill.denoising_student.pairs={args.ds_pairs}", f"distill.updates_per_round={updates}",
             "distill.late_rounds_factor=1.0"]))
         runs.append(Path(ds["run"]))
     path = write_comparison([load_run(p) for p in runs], out / "comparison")

@@ -79,9 +79,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    sections = getattr(cls, "SECTIONS", None)
+    data = dict(data)
+    if sections is not None:  # mappings under unknown keys: sections read by a layer above (the methods')
+        data[sections] = {k: data.pop(k) for k in list(data) if k not in names and isinstance(data[k], dict)}
     for key in data:
         if key not in names:
-            raise ConfigError(_join(prefix, str(key)), f"unknown key; valid keys here: {', '.join(names)}")
+            raise ConfigError(_join(prefix, str(key)), _unknown(cls, str(key), names, prefix))
     kwargs = {k: _coerce(v, hints[k], _join(prefix, k)) for k, v in data.items()}
     obj = cls(**kwargs)
     try:
@@ -89,6 +93,13 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     except ConfigError as err:
         raise ConfigError(_join(prefix, err.key), err.reason) from None
     return obj
+
+
+def _unknown(cls: type, key: str, names: list[str], prefix: str) -> str:
+    moved = getattr(cls, "MOVED", {}).get(key)
+    if moved is not None:
+        return f"this setting moved to {_join(prefix, moved)}"
+    return f"unknown key; valid keys here: {', '.join(n for n in names if n != getattr(cls, 'SECTIONS', None))}"
 
 
 def _join(prefix: str, key: str) -> str:
@@ -101,8 +112,16 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     for depth, part in enumerate(parts):
         names = [f.name for f in dataclasses.fields(cls)]
+        if part not in names and getattr(cls, "SECTIONS", None) and depth < len(parts) - 1:
+            # a method's section: plain nested mappings, read and checked by the method
+            for inner in parts[depth:-1]:
+                node = node.setdefault(inner, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(".".join(parts[:-1]), f"must be a mapping of settings, got {node!r}")
+            node[parts[-1]] = value
+            return
         if part not in names:
-            raise ConfigError(".".join(parts[: depth + 1]), f"unknown key; valid keys here: {', '.join(names)}")
+            raise ConfigError(".".join(parts[: depth + 1]), _unknown(cls, part, names, ".".join(parts[:depth])))
         if depth == len(parts) - 1:
             node[part] = value
             return
@@ -193,8 +212,21 @@ def field_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         key = _join(prefix, f.name)
+        if f.name == getattr(cls, "SECTIONS", None):
+            continue  # the methods list their own sections
         if dataclasses.is_dataclass(hints[f.name]):
             rows.extend(field_docs(hints[f.name], key))
         else:
             rows.append((key, repr(_plain(getattr(cls(), f.name))), docs.get(f.name, "")))
     return rows
+
+
+def build_section(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    """A section defined outside the schema (a method's ``distill.<name>``), read and checked as the schema's are."""
+    _require(isinstance(data, dict), prefix, f"must be a mapping of settings, got {data!r}")
+    return _build(cls, data, prefix)
+
+
+def section_docs(cls: type, prefix: str) -> list[tuple[str, str, str]]:
+    """(dotted key, default, documentation) for every setting of such a section."""
+    return field_docs(cls, prefix)

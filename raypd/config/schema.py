@@ -266,30 +266,19 @@ class TeacherConfig:
         _check_optimizer(self.batch_size, self.lr, self.adam_betas, self.grad_clip)
 
 
-DISTILL_METHODS = ("progressive", "tract", "denoising_student")
-
-
 @dataclass(frozen=True)
 class DistillConfig:
     start_steps: int = 32
     """Teacher sampling steps of the first round; round k's student samples in start_steps / 2^k."""
     end_steps: int = 1
     """The last round's student step count."""
-    method: Literal["progressive", "tract", "denoising_student"] = "progressive"
-    """``progressive``: halving rounds (Salimans & Ho), each student samples in half its teacher's steps.
-    ``tract``: transitive-closure phases (Berthelot et al. 2023), each distilling its teacher's T steps into the
-    next count of ``phases``, with a self-teacher (a bias-corrected EMA of the student) jumping to the end of
-    each step's segment. ``denoising_student`` (Luhman & Luhman 2021): ``pairs`` noises are sampled once by the
-    teacher's start_steps-step DDIM, and a one-step student learns to map each noise to its sample."""
-    phases: tuple[int, ...] = ()
-    """``tract`` only: the student step count of each phase, from start_steps down to end_steps, each dividing the
-    one before (e.g. [8, 1] from 32 steps: 32 -> 8 -> 1, two phases instead of five halving rounds)."""
-    self_teacher_ema: float = 0.5
-    """``tract`` only: decay of the self-teacher, a bias-corrected EMA of the student's weights (0: the student
-    as it is now). It is never trained, and it is saved with every checkpoint."""
-    pairs: int = 8192
-    """``denoising_student`` only: (noise, teacher sample) pairs, generated once (Ray tasks with dist.workers, on
-    GPUs with dist.use_gpu), kept as shards in the run and reused when it resumes."""
+    method: str = "progressive"
+    """The distillation method, by its registered name (``raypd.methods``): ``progressive`` (halving rounds,
+    Salimans & Ho), ``tract`` (transitive-closure phases, Berthelot et al. 2023), ``denoising_student`` (one step
+    onto the teacher's samples, Luhman & Luhman 2021), or one registered by a plugin. A method's own settings live
+    in its section, ``distill.<method>.<key>`` (e.g. ``distill.tract.phases``), checked by the method."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """The methods' own sections as given (``distill.tract``, ...): raypd.methods reads and checks them."""
     guidance_min: float = 0.0
     """Guided distillation (Meng et al. 2023), with ``guidance_max``: the range of classifier-free guidance
     weights w the students learn, each training example drawing its w from it (``guidance_endpoints``)."""
@@ -332,10 +321,6 @@ class DistillConfig:
     grad_clip: float = 1.0
     """Gradient-norm clipping threshold."""
 
-    def stage_lr(self, guidance: bool) -> float:
-        """The learning rate of a distillation stage: a guided first stage's own (``guidance``), else a round's."""
-        return self.guidance_lr if guidance else self.lr
-
     @property
     def guided(self) -> bool:
         """Whether the distillation is guided (a w-conditioned student first, then the rounds)."""
@@ -353,36 +338,20 @@ class DistillConfig:
                  f"must lie in [0, 1], got {self.guidance_endpoints}")
         _require(self.guidance_loss_power >= 0, "guidance_loss_power",
                  f"must be >= 0 (0: every w weighs the same), got {self.guidance_loss_power}")
-        _require(not self.guided or self.method != "denoising_student", "method",
-                 "guided distillation (guidance_max > 0) distils a w-conditioned student by progressive or tract "
-                 "rounds; the Denoising Student's pairs are sampled at no particular w")
         _require(_power_of_two(self.end_steps), "end_steps", f"must be a power of two, got {self.end_steps}")
         _require(self.end_steps < self.start_steps, "end_steps",
                  f"must be below start_steps ({self.start_steps}), got {self.end_steps}")
         _require(self.updates_per_round >= 1, "updates_per_round", f"must be >= 1, got {self.updates_per_round}")
         _require(self.late_rounds_factor > 0, "late_rounds_factor", f"must be positive, got {self.late_rounds_factor}")
         _check_optimizer(self.batch_size, self.lr, self.adam_betas, self.grad_clip)
-        _require(self.method in DISTILL_METHODS, "method", f"must be one of {DISTILL_METHODS}, got {self.method!r}")
-        if self.method == "denoising_student":
-            _require(self.end_steps == 1, "end_steps", f"the Denoising Student samples in one step: end_steps must be "
-                     f"1, got {self.end_steps}")
-            _require(self.pairs >= self.batch_size, "pairs",
-                     f"must be at least distill.batch_size ({self.batch_size}), got {self.pairs}")
-        if self.method != "tract":
-            _require(not self.phases, "phases", f"only distill.method=tract has phases; {self.method} sets its own "
-                     "step counts (set distill.method=tract, or drop distill.phases)")
-            return
-        _require(0.0 <= self.self_teacher_ema < 1.0, "self_teacher_ema",
-                 f"must lie in [0, 1), got {self.self_teacher_ema}")
-        _require(bool(self.phases), "phases", "distill.method=tract needs its phases' student step counts, e.g. "
-                 f"[{max(1, self.start_steps // 4)}, {self.end_steps}]")
-        before = self.start_steps
-        for i, steps in enumerate(self.phases):
-            _require(steps >= 1 and steps < before and before % steps == 0, f"phases[{i}]",
-                     f"must be below and divide the step count before it ({before}), got {steps}")
-            before = steps
-        _require(self.phases[-1] == self.end_steps, "phases",
-                 f"the last phase must end at end_steps ({self.end_steps}), got {list(self.phases)}")
+        _require(bool(self.method.strip()), "method", "must name a distillation method")
+        for name, section in self.options.items():
+            _require(isinstance(section, dict), name, f"a method's settings must be a mapping, got {section!r}")
+
+    SECTIONS = "options"
+    """Keys of this section that hold a mapping and are not fields are collected here (the methods' sections)."""
+    MOVED = {"phases": "tract.phases", "self_teacher_ema": "tract.self_teacher_ema", "pairs": "denoising_student.pairs"}
+    """Settings that moved into a method's section: refused with their new place."""
 
 
 @dataclass(frozen=True)
@@ -748,7 +717,9 @@ class Config:
         check_unet_shape(self.model, self.data.resolution)
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        out = _plain(dataclasses.asdict(self))
+        out["distill"].update(out["distill"].pop("options"))  # the methods' sections sit under distill
+        return out
 
 
 def _plain(value: Any) -> Any:

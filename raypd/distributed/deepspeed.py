@@ -306,17 +306,17 @@ def init_single_process(port: int = 29511) -> None:
 
 
 def stage_engine(cfg, world: int):
-    """A builder of the DeepSpeed engine for a stage's set-up (``raypd.train.setup.StageSetup``) on ``world`` ranks,
-    with the run's ``dist`` settings."""
+    """A builder of the DeepSpeed engine of a stage's role (``raypd.train.objective.Role``) on ``world`` ranks,
+    with the run's ``dist`` settings; a role may train in a precision of its own."""
     d = cfg.dist
 
-    def build(setup) -> DeepSpeedEngine:
-        config = ds_config(global_batch=setup.batch_size, world_size=world, zero_stage=d.zero_stage,
-                           precision=d.precision, grad_clip=setup.grad_clip, offload_optimizer=d.offload_optimizer,
-                           offload_params=d.offload_params, bucket_elements=d.bucket_elements,
-                           overlap_comm=d.overlap_comm)
-        return build_deepspeed_engine(setup.model, lr=setup.lr, betas=setup.betas, schedule=setup.schedule,
-                                      config=config, ema_decay=setup.ema_decay,
-                                      embedding_lr_factor=setup.embedding_lr_factor)
+    def build(role, batch_size: int) -> DeepSpeedEngine:
+        config = ds_config(global_batch=batch_size, world_size=world, zero_stage=d.zero_stage,
+                           precision=role.precision or d.precision, grad_clip=role.grad_clip,
+                           offload_optimizer=d.offload_optimizer, offload_params=d.offload_params,
+                           bucket_elements=d.bucket_elements, overlap_comm=d.overlap_comm)
+        return build_deepspeed_engine(role.model, lr=role.lr, betas=role.betas, schedule=role.schedule,
+                                      config=config, ema_decay=role.ema_decay,
+                                      embedding_lr_factor=role.embedding_lr_factor)
 
     return build

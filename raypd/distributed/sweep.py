@@ -36,6 +36,7 @@ import yaml
 from raypd.checkpoint import publish_checkpoint, read_meta
 from raypd.config import Config, config_from_dict
 from raypd.eval.setup import EvalSpec
+from raypd.methods import method_for
 from raypd.train.rounds import Round
 from raypd.train.stage import Stage
 
@@ -66,13 +67,9 @@ def log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def stage_lr_key(guidance: bool) -> str:
-    """The setting a trial's learning rate overrides: a guided first stage has its own (``distill.guidance_lr``)."""
-    return "distill.guidance_lr" if guidance else "distill.lr"
-
-
-def search_space(cfg: Config, planned_updates: int, centre: dict[str, Any] | None, guidance: bool = False):
-    """Tune's param space and the first point to evaluate (the centre: configured or previously chosen)."""
+def search_space(cfg: Config, planned_updates: int, centre: dict[str, Any] | None, stage_lr: float | None = None):
+    """Tune's param space and the first point to evaluate (the centre: configured or previously chosen; else the
+    stage's own learning rate ``stage_lr``, default ``distill.lr``)."""
     from ray import tune
 
     s = cfg.sweep
@@ -99,7 +96,8 @@ def search_space(cfg: Config, planned_updates: int, centre: dict[str, Any] | Non
     space: dict[str, Any] = {"lr": tune.loguniform(lo, hi), "updates": updates if examples else tune.choice(budgets),
                              **{key: tune.choice(options) for key, options in extra.items()}}
     centre = centre or {}
-    first: dict[str, Any] = {"lr": centre["lr"] if centre else min(max(cfg.distill.stage_lr(guidance), lo), hi),
+    own = cfg.distill.lr if stage_lr is None else stage_lr
+    first: dict[str, Any] = {"lr": centre["lr"] if centre else min(max(own, lo), hi),
                              "updates": centre["updates"] if centre.get("updates") in budgets else budgets[-1],
                              **{key: centre[key] if key in centre and centre[key] in options else options[0]
                                 for key, options in extra.items()}}
@@ -120,11 +118,11 @@ def round_budgets(cfg: Config, planned_updates: int) -> list[int]:
     return list(cfg.sweep.updates) or [planned_updates]
 
 
-def trial_config(base: dict[str, Any], params: dict[str, Any], guidance: bool = False) -> Config:
-    """The run's config with one trial's settings applied (and at least one Train worker); ``guidance``: the trial
-    trains a guided distillation's first stage."""
-    overrides = [f"{stage_lr_key(guidance)}={params['lr']!r}"] + [f"{k}={json.dumps(v)}" for k, v in params.items()
-                                                                  if k not in ("lr", "updates")]
+def trial_config(base: dict[str, Any], params: dict[str, Any], lr_key: str = "distill.lr") -> Config:
+    """The run's config with one trial's settings applied (and at least one Train worker); ``lr_key``: the setting
+    the stage's learning rate comes from (``raypd.methods.Method.lr_key``)."""
+    overrides = [f"{lr_key}={params['lr']!r}"] + [f"{k}={json.dumps(v)}" for k, v in params.items()
+                                                  if k not in ("lr", "updates")]
     cfg = config_from_dict(base, overrides)
     if cfg.dist.workers == 0:
         cfg = config_from_dict(cfg.to_dict(), ["dist.workers=1"])
@@ -142,7 +140,7 @@ def _trial(params: dict[str, Any], static: dict[str, Any]) -> None:
 
     trial_id = tune.get_context().get_trial_id()
     stage = Stage.from_dict(static["stage"])
-    cfg = trial_config(static["config"], params, guidance=stage.guidance)
+    cfg = trial_config(static["config"], params, lr_key=static["lr_key"])
     sweep_dir = static["sweep_dir"]  # a directory every node shares, or the run's bucket
     trial_dir = child(sweep_dir, "trials", trial_id)
     done = read_text(child(trial_dir, "final.json"))
@@ -287,8 +285,9 @@ def sweep_round(cfg: Config, *, rnd: Round, stage: Stage, sweep_dir: Path, eval_
 
     sweep_dir = sweep_dir.resolve()
     store = store or str(sweep_dir)
-    space, first = search_space(cfg, rnd.updates, centre, guidance=rnd.guidance)
-    static = {"config": cfg.to_dict(), "stage": stage.to_dict(), "sweep_dir": store,
+    method = method_for(cfg)
+    space, first = search_space(cfg, rnd.updates, centre, stage_lr=method.stage_lr(stage.phase))
+    static = {"config": cfg.to_dict(), "stage": stage.to_dict(), "sweep_dir": store, "lr_key": method.lr_key(stage.phase),
               "eval": eval_spec.to_dict() if s.fid and eval_spec is not None else None}
     # a trial's own process only waits for its Train run: it asks for memory, no CPU or GPU, so the
     # workers get all of those (Tune refuses an empty request)
@@ -354,25 +353,20 @@ class SweepRunner:
     def heldout(self, stage: Stage, sweep_dir: Path) -> Path:
         """The round's fixed held-out set (the same images, noise and times for every trial), made once."""
         from raypd.data.shards import training_loader
-        from raypd.train.heldout import make_heldout, save_heldout
-        from raypd.train.step import guidance_for
+        from raypd.train.heldout import save_heldout
 
         path = sweep_dir / "heldout.safetensors"
         if not path.is_file():
-            cfg = self.cfg
+            cfg, objective = self.cfg, method_for(self.cfg).objective(stage)
             loader = training_loader(list(stage.shards), cfg.data, batch_size=cfg.sweep.heldout_samples,
-                                     seed=cfg.run.seed, stream=10_000 + stage.round,
-                                     pairs=cfg.distill.method == "denoising_student")
-            batch = next(iter(loader))
-            grid = stage.steps_of_teacher if cfg.distill.method == "tract" else stage.student_steps
-            save_heldout(make_heldout(batch.x, batch.y, grid, seed=cfg.sweep.seed + stage.round, z=batch.z,
-                                      guidance=guidance_for(cfg.distill, stage.guidance)), path)
+                                     seed=cfg.run.seed, stream=10_000 + stage.round, pairs=objective.reads_pairs)
+            save_heldout(objective.make_heldout(next(iter(loader)), seed=cfg.sweep.seed + stage.round), path)
         return path.resolve()
 
     def run(self, stage: Stage, output: Path) -> dict:
         if not stage.distills:
             return self.base.run(stage, output)
-        rnd = Round(stage.round, stage.steps_of_teacher, stage.student_steps, stage.updates, stage.guidance)
+        rnd = Round(stage.round, stage.steps_of_teacher, stage.student_steps, stage.updates, stage.phase)
         sweep_dir = self.out / "sweeps" / f"round-{rnd.index:02d}"
         trials = stage.with_(kind="trial", heldout=str(self.heldout(stage, sweep_dir)),
                              report_every=self.cfg.sweep.report_every)
@@ -400,13 +394,14 @@ class SweepRunner:
         return dict(read_meta(output).metrics)
 
     def chose(self, round_index: int, teacher_steps: int, student_steps: int, metrics: dict,
-              guidance: bool = False) -> None:
+              phase: str = "") -> None:
         """Record a round's choice (also for a round finished before this driver started). The next round's
-        search is centred on it, unless it was a guided first stage, whose learning rate is its own."""
+        search is centred on it, unless it was a stage of a phase of its own (a guided first stage), whose
+        settings are its own."""
         if "sweep_report" not in metrics:
             return
         settings = metrics.get("sweep_settings") or {}
-        if not guidance:
+        if not phase:
             self.centre = {"lr": metrics["lr"], "updates": int(metrics["updates"]), **settings}
         self.choices.append({"round": round_index, "teacher_steps": teacher_steps, "student_steps": student_steps,
                              "lr": metrics["lr"], "updates": int(metrics["updates"]), "settings": settings,

@@ -106,6 +106,7 @@ def run_stage(cfg: Config, stage: Stage, *, storage: Path | str, output: Path, c
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from raypd.distributed.worker import staging_root, train_loop
+    from raypd.methods import method_module
 
     d, name, began = cfg.dist, stage.name, time.perf_counter()
     check_stage_settings(cfg, storage, name)
@@ -118,7 +119,8 @@ def run_stage(cfg: Config, stage: Stage, *, storage: Path | str, output: Path, c
     staging = staging_root(cfg, f"{name}-{key}")  # on this node; each worker resolves the name on its own
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"stage": stage.to_dict(), "config": cfg.to_dict(), "staging": staging.name},
+        train_loop_config={"stage": stage.to_dict(), "config": cfg.to_dict(), "staging": staging.name,
+                           "method": method_module(cfg)},
         scaling_config=scaling_config(cfg),
         torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo", timeout_s=d.collective_timeout_s),
         run_config=RunConfig(name=name, storage_path=storage,

@@ -78,7 +78,8 @@ def clear_staging(root: Path) -> Path:
 
 
 def train_loop(payload: dict) -> dict | None:
-    """Run by every worker: ``payload`` holds the config, the stage (``Stage.to_dict``) and a staging folder.
+    """Run by every worker: ``payload`` holds the config, the stage (``Stage.to_dict``), a staging folder and the
+    module that registers the run's method (imported first: a method registered outside raypd is known here too).
 
     Returns None, or ``{"error": message, "category": ...}`` for a failure that a restart would
     meet again (every rank returns the same one).
@@ -89,10 +90,12 @@ def train_loop(payload: dict) -> dict | None:
 
     from raypd.distributed.deepspeed import stage_engine
     from raypd.distributed.guards import StageFailure, agree, dist_settings
+    from raypd.methods import objective_for
+    from raypd.methods.stages import import_method
+    from raypd.storage import fetch
     from raypd.train.stage_loop import StageLoop
 
-    from raypd.storage import fetch
-
+    import_method(payload.get("method", "raypd.methods"))
     cfg, stage = config_from_dict(payload["config"]), Stage.from_dict(payload["stage"])
     # a run kept in a bucket: the teacher and the shards come from there, once per node
     cache = Path(tempfile.gettempdir()) / "raypd-fetch"
@@ -104,9 +107,9 @@ def train_loop(payload: dict) -> dict | None:
     staging = clear_staging(staging_root(cfg, payload["staging"]) / f"rank{rank}")
     finished = False
     try:
-        loop = StageLoop(cfg, stage, build_engine=stage_engine(cfg, world), store=RayStore(cfg.dist.checkpoint_upload),
-                         staging=staging,
-                         device=device, rank=rank, world=world, settings=dist_settings(cfg, world),
+        loop = StageLoop(cfg, stage, objective=objective_for(cfg, stage), build_engine=stage_engine(cfg, world),
+                         store=RayStore(cfg.dist.checkpoint_upload), staging=staging, device=device, rank=rank,
+                         world=world, settings=dist_settings(cfg, world),
                          agree=lambda error: agree(error, world=world, label=stage.label, device=device))
         loop.run(loop.resume())
         finished = True  # the final report was awaited: nothing staged is still being uploaded

@@ -96,12 +96,6 @@ def fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-_METHOD = {"tract": ["Distilled with TRACT: each phase's student jumps to the end of a segment of its teacher's "
-                     "steps, its targets completed by a self-teacher (a bias-corrected EMA of the student).", ""],
-           "denoising_student": ["A Denoising Student: one step from each noise onto the teacher's DDIM sample of it, "
-                                 "learnt from pairs sampled once; their sampling is counted in the compute.", ""]}
-
-
 def write_report(out: Path, summary: dict) -> Path:
     """summary.json, fid_vs_steps.png (a guided run's also fid_vs_guidance.png) and report.md in ``out``; returns
     the report's path."""
@@ -133,8 +127,8 @@ def write_report(out: Path, summary: dict) -> Path:
             lines += [f"### w = {w:g}", "", *steps_table([r for r in rows if r.get("guidance") == w], summary["rounds"],
                                                           full_steps), ""]
     teacher_cost = summary["teacher"].get("compute")
-    method = summary.get("method", "progressive")
-    lines += ["", "## Rounds", "", *_METHOD.get(method, []),
+    about = summary.get("method_about")
+    lines += ["", "## Rounds", "", *([about, ""] if about else []),
               "Compute is counted in forward-equivalents of the network per training example: 5 "
               "per distillation example (two teacher forwards, the student's forward and backward), 3 per teacher "
               "training example" + (f"; training the teacher cost {teacher_cost:,.0f}." if teacher_cost else
@@ -145,7 +139,7 @@ def write_report(out: Path, summary: dict) -> Path:
     for r in summary["rounds"]:
         grid = f"grids/distilled-{r['student_steps']:04d}steps{middle}.png"
         ratio = fmt(r["compute"] / teacher_cost if teacher_cost and "compute" in r else None, ".2f")
-        steps = f"{r['teacher_steps']} -> {r['student_steps']}" + (" (w input)" if r.get("guidance") else "")
+        steps = f"{r['teacher_steps']} -> {r['student_steps']}" + (f" ({r['phase']})" if r.get("phase") else "")
         lines.append(f"| {r['round']} | {steps} | {r['updates']} | {r['lr']:.2e} | "
                      f"{r['final_loss']:.4f} | {r.get('skipped_samples', 0)} | {r['wall_seconds']:.0f} | "
                      f"{fmt(r.get('compute'), ',.0f')} | {ratio} | [grid]({grid}) |")

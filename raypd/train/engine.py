@@ -20,6 +20,7 @@ from raypd.models import Denoiser
 from raypd.models.convert import is_legacy
 from raypd.train.ema import EMA
 from raypd.train.lr import LrSchedule
+from raypd.train.objective import Role
 
 
 class Engine(Protocol):
@@ -159,3 +160,12 @@ def build_plain_engine(model: Denoiser, *, lr: float, betas: tuple[float, float]
     optimizer = torch.optim.Adam(param_groups(model, embedding_lr_factor), lr=lr, betas=betas)
     ema = EMA(model, ema_decay) if ema_decay is not None else None
     return PlainEngine(model, optimizer, schedule, lr, grad_clip, ema)
+
+
+def plain_engine(role: Role, batch_size: int, world: int = 1) -> PlainEngine:
+    """The in-process engine of a stage's role (one rank; ``batch_size`` is the stage's, all of it here)."""
+    if world != 1:
+        raise ValueError("the plain-PyTorch engine runs on one rank; several ranks run DeepSpeed")
+    return build_plain_engine(role.model, lr=role.lr, betas=role.betas, grad_clip=role.grad_clip,
+                              schedule=role.schedule, ema_decay=role.ema_decay,
+                              embedding_lr_factor=role.embedding_lr_factor)

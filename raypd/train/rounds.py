@@ -1,11 +1,12 @@
-"""The halving schedule: which rounds run, with what budget, and how a student is born and promoted."""
+"""A planned stage of distillation (``Round``), how a student is born from its teacher and how a teacher is frozen.
+
+Which rounds a run has is its method's (``raypd.methods``)."""
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
 
-from raypd.config import DistillConfig
 from raypd.diffusion import Parameterization
 from raypd.diffusion.params import check_parameterization
 from raypd.models import Denoiser
@@ -18,36 +19,12 @@ class Round:
     teacher_steps: int
     """Sampling steps of this round's teacher."""
     student_steps: int
-    """Sampling steps of this round's student: teacher_steps / 2 (a TRACT phase: the phase's count)."""
+    """Sampling steps of this round's student."""
     updates: int
     """Optimizer updates of this round."""
-    guidance: bool = False
-    """Guided distillation's first stage: the w-conditioned student learns the teacher's guided prediction at
-    t ~ U(0, 1); it samples in ``student_steps`` = ``teacher_steps`` = start_steps, where the rounds begin."""
-
-
-def plan_rounds(cfg: DistillConfig) -> list[Round]:
-    """start_steps -> start_steps/2 -> ... -> end_steps (TRACT: start_steps -> each of ``phases``), with the late
-    rounds' budget scaled; a guided distillation first trains its w-conditioned student (round 0)."""
-    if cfg.method == "tract":
-        counts = list(cfg.phases)
-    elif cfg.method == "denoising_student":
-        counts = [1]
-    else:
-        counts, steps = [], cfg.start_steps
-        while steps > cfg.end_steps:
-            steps //= 2
-            counts.append(steps)
-    rounds, teacher = [], cfg.start_steps
-    if cfg.guided:
-        rounds.append(Round(0, teacher, teacher, cfg.guidance_updates, guidance=True))
-    for student in counts:
-        updates = cfg.updates_per_round
-        if student <= cfg.late_rounds_max_steps:
-            updates = max(1, round(updates * cfg.late_rounds_factor))
-        rounds.append(Round(len(rounds), teacher, student, updates))
-        teacher = student
-    return rounds
+    phase: str = ""
+    """A stage of its own kind within the method (e.g. guided distillation's first stage, ``guidance``), with its
+    own objective and settings; empty for the method's ordinary rounds."""
 
 
 def make_student(teacher: Denoiser, parameterization: Parameterization | None = None, *,
@@ -81,18 +58,4 @@ TRAIN_FORWARDS = 3
 """Forward-equivalents per example of a training update: a forward, and a backward costing about two."""
 DISTILL_FORWARDS = 5
 """Forward-equivalents per example of a distillation update: two teacher forwards, the student's forward and
-backward (the paper's "about 5/3 of a plain training update"). TRACT's are the same: a teacher forward and a
-self-teacher forward."""
-
-
-def forwards_per_example(cfg: DistillConfig) -> int:
-    """What one distillation example costs: a Denoising Student's pair is read, not computed, so a plain
-    training update's 3; the other methods' targets cost two more forwards."""
-    return TRAIN_FORWARDS if cfg.method == "denoising_student" else DISTILL_FORWARDS
-
-
-def upfront_forwards(cfg: DistillConfig) -> int:
-    """Forward-equivalents spent before the first update: the Denoising Student's pairs, each a start_steps-step
-    DDIM sample of the teacher."""
-    return cfg.pairs * cfg.start_steps if cfg.method == "denoising_student" else 0
-
+backward (the paper's "about 5/3 of a plain training update")."""

@@ -37,9 +37,8 @@ class Stage:
     """A fixed held-out set (trials): its distillation loss is reported at every checkpoint."""
     report_every: int | None = None
     """Updates between checkpoints and reports; None: ``dist.checkpoint_every``."""
-    guidance: bool = False
-    """Guided distillation's first stage: the student (w-conditioned) learns the teacher's guided x_hat at
-    t ~ U(0, 1) rather than a two-step target."""
+    phase: str = ""
+    """The round's phase within its method (``raypd.train.rounds.Round.phase``): empty for an ordinary round."""
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -97,4 +96,4 @@ def round_stage(rnd, teacher: str, shards) -> Stage:
     """The stage of a planned round (``raypd.train.rounds.Round``) distilling ``teacher``."""
     return Stage("round", f"round-{rnd.index:02d}", updates=rnd.updates, stream=1 + rnd.index,
                  sampling_steps=rnd.student_steps, shards=shards, round=rnd.index, teacher=str(teacher),
-                 student_steps=rnd.student_steps, teacher_steps=rnd.teacher_steps, guidance=rnd.guidance)
+                 student_steps=rnd.student_steps, teacher_steps=rnd.teacher_steps, phase=rnd.phase)

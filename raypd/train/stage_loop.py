@@ -6,11 +6,11 @@ and dropout as one that ran through. Checkpoints: every rank saves its engine st
 ``store`` (Ray Train in a cluster, a folder in one process), which merges the ranks' files; the final
 one adds the consolidated fp32 model. A streak of non-finite updates (on any rank: the gradients are
 all-reduced, so every rank sees it) rolls back to the newest checkpoint with a lower learning rate,
-kept in the checkpoints that follow. A TRACT phase also keeps its self-teacher, a bias-corrected EMA of the
-student, on every rank (every rank computes targets with it) and in every checkpoint. A guided teacher trains
-with label dropout, and a guided distillation's stages draw a guidance weight per example, from the same seeds. Errors that would
-repeat on a retry (data, configuration, checkpoints) are agreed on by every rank (``agree``) and raised as
-one ``StageFailure``.
+kept in the checkpoints that follow. What is trained comes from the stage's ``Objective``: one or more roles,
+each on its own engine, stepping in order within an update (each on the updates its ratio gives it), and the
+averages of a role's weights that some methods keep (on every rank, and in every checkpoint). The roles roll
+back together. Errors that would repeat on a retry (data, configuration, checkpoints) are agreed on by every
+rank (``agree``) and raised as one ``StageFailure``.
 """
 
 from __future__ import annotations
@@ -30,64 +30,89 @@ from raypd.checkpoint import meta_for, save_checkpoint
 from raypd.config import Config
 from raypd.data.batch import Batch
 from raypd.data.shards import ShardLoader, training_loader
-from raypd.models.build import null_class
 from raypd.train.ema import EMA
 from raypd.train.engine import Engine
 from raypd.train.failures import DETERMINISTIC, SETTINGS, StageFailure, raise_alone, settings_mismatch
 from raypd.train.heldout import heldout_loss, load_heldout
+from raypd.train.objective import Nets, Objective, Role
 from raypd.train.seeds import update_seed
-from raypd.train.setup import StageSetup, prepare_stage
 from raypd.train.stage import Stage
-from raypd.train.step import StepStats, guidance_for, teacher_autocast_dtype, train_step
+from raypd.train.step import StepStats, train_step, trains_only
 from raypd.train.store import Store
 
 DIVERGED = 1e30
-SELF_TEACHER = "self_teacher.safetensors"
+ROLES = "roles"
+"""The folder of a checkpoint holding every role but the first (``roles/<name>/``); the first is at its top."""
 Agree = Callable[[BaseException | None], None]
+BuildEngine = Callable[[Role, int], Engine]
+"""An engine for a role, given the stage's global batch (plain PyTorch, or DeepSpeed on every rank)."""
 
 
 class StageLoop:
-    """Engine, data and the update loop of one stage on this rank.
+    """Engines, data and the update loop of one stage on this rank.
 
-    ``build_engine`` turns the stage's set-up into an engine (plain PyTorch, or DeepSpeed on every rank);
-    ``agree`` makes every rank raise the same failure (one process: raise it); ``settings``, when given,
-    are written beside every checkpoint and a checkpoint written under others is refused.
+    ``objective`` says what the stage trains (``raypd.train.objective``); ``build_engine`` turns each of its roles
+    into an engine; ``agree`` makes every rank raise the same failure (one process: raise it); ``settings``, when
+    given, are written beside every checkpoint and a checkpoint written under others is refused.
     """
 
-    def __init__(self, cfg: Config, stage: Stage, *, build_engine: Callable[[StageSetup], Engine], store: Store,
+    def __init__(self, cfg: Config, stage: Stage, *, objective: Objective, build_engine: BuildEngine, store: Store,
                  staging: Path, device: torch.device, rank: int = 0, world: int = 1, agree: Agree | None = None,
                  settings: dict | None = None):
         self.cfg, self.stage, self.rank, self.world, self.device, self.store = cfg, stage, rank, world, device, store
-        self.build_engine, self.settings = build_engine, settings
+        self.objective, self.build_engine, self.settings = objective, build_engine, settings
         self.staging = Path(staging)
         self.staging.mkdir(parents=True, exist_ok=True)
         self.agree: Agree = agree or (lambda error: raise_alone(error, stage.label))
         self.every = stage.report_every or cfg.dist.checkpoint_every
         self.patience, self.max_rollbacks, self.rollbacks = cfg.dist.nonfinite_patience, cfg.dist.max_rollbacks, 0
-        self.logsnr_fn = cfg.diffusion.logsnr_fn()
-        self.teacher_dtype = teacher_autocast_dtype(cfg.dist.teacher_dtype, device)
         self.generator = torch.Generator(device)
         self.loader: ShardLoader | None = None
         self.window, self.skipped_before, self.seconds = -1, 0, 0.0
         self.losses: dict[int, float] = {}
-        """This rank's loss at every update it ran (skipped ones included)."""
-        self.engine, self.teacher, self.micro, self.self_teacher = self._build()
+        """This rank's loss of the first role at every update it stepped (skipped ones included)."""
+        self.role_losses: dict[str, dict[int, float]] = {}
+        """Every role's loss at every update it stepped."""
+        self._build()
         self.heldout = load_heldout(stage.heldout, device) if stage.heldout else None
 
-    def _build(self) -> tuple[Engine, torch.nn.Module | None, int, EMA | None]:
-        """The model is made locally first, and every rank agrees it could be before the engine's collectives
-        start (a rank that cannot read the teacher would otherwise leave the others waiting). A TRACT self-teacher
-        is copied from the student before the engine partitions or casts it."""
+    def _build(self) -> None:
+        """The networks are made locally first, and every rank agrees they could be before the engines' collectives
+        start (a rank that cannot read the teacher would otherwise leave the others waiting). Averages are copied
+        from their role before its engine partitions or casts it."""
         error, setup = None, None
         try:
-            setup = prepare_stage(self.cfg, self.stage, self.device)
+            setup = self.objective.setup(self.device)
         except DETERMINISTIC as err:
             error = err
         self.agree(error)
-        self_teacher = None
-        if self.stage.distills and self.cfg.distill.method == "tract" and not self.stage.guidance:
-            self_teacher = EMA(setup.model, self.cfg.distill.self_teacher_ema, bias_corrected=True)
-        return self.build_engine(setup), setup.teacher, setup.batch_size // self.world, self_teacher
+        self.roles, self.frozen, self.follows = setup.roles, setup.frozen, setup.averages
+        self.averages = {name: EMA(setup.roles[a.of].model, a.decay, bias_corrected=a.bias_corrected)
+                         for name, a in setup.averages.items()}
+        self.engines = {name: self.build_engine(role, setup.batch_size) for name, role in setup.roles.items()}
+        self.main = setup.main
+        self.micro = setup.batch_size // self.world
+        for name in self.roles:
+            self.role_losses.setdefault(name, {})
+
+    @property
+    def engine(self) -> Engine:
+        """The engine of the role the stage hands on."""
+        return self.engines[self.main]
+
+    @property
+    def teacher(self) -> torch.nn.Module | None:
+        return self.frozen.get("teacher")
+
+    @property
+    def nets(self) -> Nets:
+        return {**{name: e.model for name, e in self.engines.items()}, **self.frozen,
+                **{name: a.shadow for name, a in self.averages.items()}}
+
+    @property
+    def skipped_updates(self) -> int:
+        """Role updates dropped for a non-finite gradient, all roles together."""
+        return sum(e.skipped_updates for e in self.engines.values())
 
     def batches(self, start: int) -> Iterator[Batch]:
         """The data stream of the checkpoint window that begins after update ``start``.
@@ -102,7 +127,7 @@ class StageLoop:
             return iter(self.loader)
         loader = training_loader(self.stage.shards, self.cfg.data, batch_size=self.micro, seed=self.cfg.run.seed,
                                  stream=self.stage.stream, rank=self.rank, world_size=self.world, epoch=window,
-                                 pairs=self.stage.distills and self.cfg.distill.method == "denoising_student")
+                                 pairs=self.objective.reads_pairs)
         if self.loader is not None:
             self.skipped_before += self.loader.skipped_samples
         self.loader, self.window = loader, window
@@ -114,20 +139,27 @@ class StageLoop:
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def restore(self, directory: str | Path) -> dict:
-        """Load a merged checkpoint into the engine; returns its client state (``updates``, ``base_lr``, ...)."""
-        saved = Path(directory) / SETTINGS
+        """Load a merged checkpoint into every engine and average; returns the first role's client state
+        (``updates``, ``base_lr``, ...)."""
+        directory = Path(directory)
+        saved = directory / SETTINGS
         if self.settings is not None and saved.is_file():
             problem = settings_mismatch(json.loads(saved.read_text()), self.settings)
             if problem:
                 raise StageFailure("settings", f"{self.stage.label} is in progress: {problem}")
-        client = self.engine.load(Path(directory))
-        if self.self_teacher is not None:
-            self.self_teacher.load_state_dict(load_file(str(Path(directory) / SELF_TEACHER), device=str(self.device)))
-            self.self_teacher.count = int(client["self_teacher_updates"])
-        self.engine.updates = int(client["updates"])
-        self.engine.base_lr = float(client.get("base_lr", self.engine.base_lr))
-        self.engine.set_lr()
+        self.clients = {}
+        for name, engine in self.engines.items():
+            own = self.clients[name] = engine.load(self._role_dir(directory, name))
+            engine.updates, engine.base_lr = int(own["updates"]), float(own.get("base_lr", engine.base_lr))
+            engine.set_lr()
+        client = self.clients[self.main]
+        for name, average in self.averages.items():
+            average.load_state_dict(load_file(str(directory / f"{name}.safetensors"), device=str(self.device)))
+            average.count = int(client[f"{name}_updates"])
         return client
+
+    def _role_dir(self, directory: Path, name: str) -> Path:
+        return directory if name == self.main else directory / ROLES / name
 
     def resume(self) -> int:
         """Continue from the store's newest checkpoint, if any; returns the update it was taken at."""
@@ -138,7 +170,8 @@ class StageLoop:
                     client = self.restore(directory)
                     start, self.rollbacks = int(client["updates"]), int(client.get("rollbacks", 0))
                     self.seconds = float(client.get("seconds", 0.0))
-                    self.engine.skipped_updates = int(client.get("skipped_updates", 0))
+                    for name, engine in self.engines.items():
+                        engine.skipped_updates = int(self.clients[name].get("skipped_updates", 0))
         except DETERMINISTIC + (StageFailure,) as err:
             error = err
         self.agree(error)
@@ -148,42 +181,59 @@ class StageLoop:
         return start
 
     def save(self, k: int, final_metrics: dict | None) -> str:
-        """This rank's part of a checkpoint in a fresh folder; ``final_metrics`` adds the consolidated model."""
-        path = tempfile.mkdtemp(prefix=f"update{k:08d}-", dir=self.staging)
-        client = {"updates": k, "base_lr": self.engine.base_lr, "rollbacks": self.rollbacks, "seconds": self.seconds,
-                  "skipped_updates": self.engine.skipped_updates}
-        if self.self_teacher is not None:
-            client["self_teacher_updates"] = self.self_teacher.count
-            if self.rank == 0:
-                save_file({name: v.detach().cpu().contiguous() for name, v in self.self_teacher.state_dict().items()},
-                          str(Path(path) / SELF_TEACHER))
-        self.engine.save(Path(path), client)
-        if self.rank == 0 and self.settings is not None:
-            (Path(path) / SETTINGS).write_text(json.dumps(self.settings))
+        """This rank's part of a checkpoint in a fresh folder; ``final_metrics`` adds the consolidated networks."""
+        path = Path(tempfile.mkdtemp(prefix=f"update{k:08d}-", dir=self.staging))
+        for name, engine in self.engines.items():
+            client = {"updates": engine.updates, "base_lr": engine.base_lr, "skipped_updates": engine.skipped_updates}
+            if name == self.main:
+                client = {"updates": k, "base_lr": engine.base_lr, "rollbacks": self.rollbacks,
+                          "seconds": self.seconds, "skipped_updates": engine.skipped_updates,
+                          **{f"{a}_updates": average.count for a, average in self.averages.items()}}
+            where = self._role_dir(path, name)
+            where.mkdir(parents=True, exist_ok=True)
+            engine.save(where, client)
+        if self.rank == 0:
+            for name, average in self.averages.items():
+                save_file({n: v.detach().cpu().contiguous() for n, v in average.state_dict().items()},
+                          str(path / f"{name}.safetensors"))
+            if self.settings is not None:
+                (path / SETTINGS).write_text(json.dumps(self.settings))
         if final_metrics is not None:
-            state = self.engine.export_state()  # collective under ZeRO-3: every rank takes part
-            if self.rank == 0:
-                s = self.stage
-                meta = meta_for(self.cfg, kind="student" if s.distills else "teacher", sampling_steps=s.sampling_steps,
-                                round=s.round, metrics=final_metrics,
-                                guidance_input=s.distills and self.cfg.distill.guided)
-                save_checkpoint(Path(path) / "consolidated", state, meta)
-        return path
+            self._consolidate(path, final_metrics)
+        return str(path)
+
+    def _consolidate(self, path: Path, final_metrics: dict) -> None:
+        """Every role's whole fp32 weights: the first as the stage's checkpoint, the others beside it."""
+        for name, engine in self.engines.items():
+            state = engine.export_state()  # collective under ZeRO-3: every rank takes part
+            if self.rank != 0:
+                continue
+            if name != self.main:
+                save_file(state, str(path / ROLES / name / "consolidated.safetensors"))
+                continue
+            s = self.stage
+            meta = meta_for(self.cfg, kind="student" if s.distills else "teacher", sampling_steps=s.sampling_steps,
+                            round=s.round, metrics=final_metrics,
+                            guidance_input=bool(getattr(engine.model, "guidance_input", False) or
+                                                getattr(self.roles[name].model, "guidance_input", False)))
+            save_checkpoint(path / "consolidated", state, meta)
 
     def roll_back(self) -> int:
-        """Back to the newest checkpoint (or the start) with a lower learning rate; returns its update."""
-        lower = self.engine.base_lr * self.cfg.dist.rollback_lr_factor
+        """Every role back to the newest checkpoint (or the start) with a lower learning rate; returns its update."""
+        factor = self.cfg.dist.rollback_lr_factor
+        lower = {name: engine.base_lr * factor for name, engine in self.engines.items()}
         with self.store.latest() as directory:
             if directory is None:
-                self.engine, self.teacher, self.micro, self.self_teacher = self._build()
+                self._build()
                 k = 0
             else:
                 k = int(self.restore(directory)["updates"])
-        self.engine.base_lr, self.engine.updates = lower, k
-        self.engine.set_lr()
+        for name, engine in self.engines.items():
+            engine.base_lr = lower[name]
+            engine.set_lr()
         if self.rank == 0:
             print(f"[{self.stage.label}] {self.patience} non-finite updates in a row: rolled back to update {k}, "
-                  f"learning rate x{self.cfg.dist.rollback_lr_factor} -> {lower:.3g}", file=sys.stderr, flush=True)
+                  f"learning rate x{factor} -> {lower[self.main]:.3g}", file=sys.stderr, flush=True)
         return k
 
     # -- the loop ------------------------------------------------------------------------------------
@@ -196,35 +246,27 @@ class StageLoop:
         self.agree(error)
         return batch
 
-    def _update(self, k: int, batches: Iterator[Batch]) -> StepStats:
+    def _update(self, k: int, batches: Iterator[Batch]) -> dict[str, StepStats]:
+        """Update ``k``: every role whose turn it is steps, in order, on the same batch and random stream."""
         seed = update_seed(self.cfg.run.seed, self.stage.stream, self.rank, k)
         torch.manual_seed(seed)  # dropout masks
         self.generator.manual_seed(seed)  # noise and times
         batch = self._next_batch(batches)
-        skipped = self.engine.skipped_updates
-        stats = train_step(self.engine, batch, weighting=self.cfg.diffusion.weighting, logsnr_fn=self.logsnr_fn,
-                           teacher=self.teacher, n_steps=self.stage.student_steps, generator=self.generator,
-                           teacher_dtype=self.teacher_dtype, **self._tract(), **self._guidance())
-        if self.self_teacher is not None and self.engine.skipped_updates == skipped:
-            self.engine.update_average(self.self_teacher)
-        self.losses[k] = stats.loss
+        stats, nets = {}, self.nets
+        for name, engine in self.engines.items():
+            if k % self.roles[name].every:
+                continue
+            skipped = engine.skipped_updates
+            with trains_only(name, self.engines):
+                stats[name] = train_step(engine, self.objective.loss(name, nets, batch, self.generator))
+            if engine.skipped_updates == skipped:
+                for average, follow in self.follows.items():
+                    if follow.of == name:
+                        engine.update_average(self.averages[average])
+            self.role_losses[name][k] = stats[name].loss
+        if self.main in stats:
+            self.losses[k] = stats[self.main].loss
         return stats
-
-    def _tract(self) -> dict:
-        """The self-teacher and the phase's teacher step count, when this stage is a TRACT phase."""
-        if self.self_teacher is None:
-            return {}
-        return {"self_teacher": self.self_teacher.shadow, "teacher_steps": self.stage.steps_of_teacher}
-
-    def _guidance(self) -> dict:
-        """Label dropout when training a guided teacher; the w draw of a guided distillation's stages."""
-        cfg = self.cfg
-        if not self.stage.distills:
-            if cfg.model.class_dropout == 0:
-                return {}
-            return {"class_dropout": cfg.model.class_dropout, "null_class": null_class(cfg.model, cfg.data)}
-        guidance = guidance_for(cfg.distill, self.stage.guidance)
-        return {} if guidance is None else {"guidance": guidance}
 
     def run(self, start: int = 0) -> dict:
         """Updates ``start + 1 .. stage.updates``; returns the last window's metrics."""
@@ -235,9 +277,9 @@ class StageLoop:
             if k % self.every == 0 and k != start:
                 batches = self.batches(k)
             k += 1
-            skipped = self.engine.skipped_updates
+            skipped = self.skipped_updates
             stats = self._update(k, batches)
-            streak = streak + 1 if self.engine.skipped_updates > skipped else 0
+            streak = streak + 1 if self.skipped_updates > skipped else 0
             if streak >= self.patience:
                 self.rollbacks += 1
                 if self.rollbacks > self.max_rollbacks:
@@ -254,7 +296,7 @@ class StageLoop:
                 final = None
                 if k == updates:
                     final = {"final_loss": metrics["loss"], "skipped_samples": self.skipped_samples,
-                             "skipped_updates": self.engine.skipped_updates, "updates": updates,
+                             "skipped_updates": self.skipped_updates, "updates": updates,
                              "lr": self.engine.base_lr, "seconds": self.seconds}
                 self.store.report(metrics, self.save(k, final), final=final is not None)
                 window, tick = [], time.perf_counter()
@@ -265,29 +307,35 @@ class StageLoop:
                 f"after {self.max_rollbacks} roll-backs with a lower learning rate; check the teacher checkpoint and "
                 "data, or lower the learning rate")
 
-    def _progress(self, k: int, updates: int, start: int, began: float, stats: StepStats) -> None:
+    def _progress(self, k: int, updates: int, start: int, began: float, stats: dict[str, StepStats]) -> None:
         if self.rank == 0 and (k % self.cfg.run.log_every == 0 or k == updates):
             rate = (k - start) / max(1e-9, time.perf_counter() - began)
-            print(f"[{self.stage.label}] {k}/{updates} loss {stats.loss:.4f} grad {stats.grad_norm:.3f} "
-                  f"lr {stats.lr:.2e} {rate:.2f} upd/s ({rate * self.micro * self.world:.0f} samples/s), "
+            roles = " ".join(f"{'' if name == self.main else name + ' '}loss {s.loss:.4f} grad {s.grad_norm:.3f} "
+                             f"lr {s.lr:.2e}" for name, s in stats.items())
+            print(f"[{self.stage.label}] {k}/{updates} {roles} {rate:.2f} upd/s "
+                  f"({rate * self.micro * self.world:.0f} samples/s), "
                   f"{(updates - k) / max(rate, 1e-9):.0f}s left", file=sys.stderr, flush=True)
 
-    def _window_metrics(self, k: int, window: list[StepStats], elapsed: float) -> dict:
-        finite = [s.grad_norm for s in window if math.isfinite(s.grad_norm)]
-        metrics = {"update": k, "loss": sum(s.loss for s in window) / max(1, len(window)),
-                   "grad_norm": sum(finite) / max(1, len(finite)), "lr": window[-1].lr if window else 0.0,
-                   "samples_per_s": len(window) * self.micro * self.world / max(elapsed, 1e-9),
-                   "skipped_samples": self.skipped_samples, "skipped_updates": self.engine.skipped_updates}
+    def _window_metrics(self, k: int, window: list[dict[str, StepStats]], elapsed: float) -> dict:
+        """The window's means per role: the first role's as ``loss``, ``grad_norm``, ``lr``, the others' prefixed
+        with their name (``critic_loss``)."""
+        metrics = {"update": k, "samples_per_s": len(window) * self.micro * self.world / max(elapsed, 1e-9),
+                   "skipped_samples": self.skipped_samples, "skipped_updates": self.skipped_updates}
+        for name in self.engines:
+            seen = [w[name] for w in window if name in w]
+            finite = [s.grad_norm for s in seen if math.isfinite(s.grad_norm)]
+            prefix = "" if name == self.main else f"{name}_"
+            metrics.update({f"{prefix}loss": sum(s.loss for s in seen) / max(1, len(seen)),
+                            f"{prefix}grad_norm": sum(finite) / max(1, len(finite)),
+                            f"{prefix}lr": seen[-1].lr if seen else 0.0})
         if self.heldout is not None:
             metrics["heldout_loss"] = self._heldout_loss()
         return metrics
 
     def _heldout_loss(self) -> float:
-        """Held-out distillation loss (every rank computes it: ZeRO-3 gathers parameters collectively).
+        """Held-out loss of the first role (every rank computes it: ZeRO-3 gathers parameters collectively).
 
         A diverged student reports a huge finite number rather than NaN, so schedulers rank it last.
         """
-        value = heldout_loss(self.engine.model, self.teacher, self.heldout, n_steps=self.stage.student_steps,
-                             weighting=self.cfg.diffusion.weighting, logsnr_fn=self.logsnr_fn, **self._tract(),
-                             guided_target=self.stage.guidance)
+        value = heldout_loss(self.objective, self.nets, self.heldout, trained=self.engine.model)
         return value if math.isfinite(value) and value < DIVERGED else DIVERGED

@@ -23,8 +23,9 @@ UPDATES = 6
 def curve(tmp: Path) -> dict[str, list[float]]:
     from raypd.config import load_config
     from raypd.data.prepare import training_shards
-    from raypd.train import plan_rounds
-    from raypd.train.setup import plain_engine
+    from raypd.methods import method_for
+    from raypd.methods import objective_for
+    from raypd.train.engine import plain_engine
     from raypd.train.stage import round_stage, teacher_stage
     from raypd.train.stage_loop import StageLoop
     from raypd.train.store import DirectoryStore
@@ -35,13 +36,13 @@ def curve(tmp: Path) -> dict[str, list[float]]:
 
     def losses(stage) -> tuple[list[float], Path]:
         store = DirectoryStore(tmp / stage.name, keep=2)
-        loop = StageLoop(cfg, stage, build_engine=plain_engine, store=store, staging=store.staging,
-                         device=torch.device("cpu"))
+        loop = StageLoop(cfg, stage, objective=objective_for(cfg, stage), build_engine=plain_engine, store=store,
+                         staging=store.staging, device=torch.device("cpu"))
         loop.run(loop.resume())
         return [loop.losses[k] for k in sorted(loop.losses)], store.final() / "consolidated"
 
     teacher, path = losses(teacher_stage(UPDATES, cfg.teacher.sampling_steps, shards))
-    rnd = dataclasses.replace(plan_rounds(cfg.distill)[0], updates=UPDATES)
+    rnd = dataclasses.replace(method_for(cfg).plan()[0], updates=UPDATES)
     round0, _ = losses(round_stage(rnd, path, shards))
     return {"teacher": teacher, "round0": round0}
 

@@ -20,17 +20,21 @@ ALLOWED = {
     "runs": {"config", "storage"},
     "storage": {"config"},
     # the Ray/DeepSpeed layer: everything below the driver, nothing of it
-    "distributed": {"diffusion", "config", "models", "data", "train", "eval", "checkpoint", "distributed", "storage"},
+    # distillation methods: one file each, on the training logic
+    "methods": {"diffusion", "config", "models", "data", "train", "checkpoint", "methods"},
+    "distributed": {"diffusion", "config", "models", "data", "train", "eval", "checkpoint", "distributed", "storage",
+                    "methods"},
     # the driver's modules and the command line, on top
-    "plan": {"config", "train", "models", "data", "checkpoint", "hf", "runs", "distributed", "storage", "memory"},
+    "plan": {"config", "train", "models", "data", "checkpoint", "hf", "runs", "distributed", "storage", "memory",
+             "methods"},
     "memory": {"config", "models"},
     "sample": {"config", "data", "eval", "checkpoint"},
     "score": {"config", "data", "eval", "checkpoint", "sample"},
     "pairs": {"config", "data", "eval", "models"},
     "pipeline": {"diffusion", "config", "models", "data", "train", "eval", "checkpoint", "hf", "runs", "distributed",
-                 "pairs"},
-    "distill": {"config", "data", "checkpoint", "runs", "plan", "pipeline", "distributed", "storage"},
-    "compare": {"eval", "checkpoint"},
+                 "pairs", "methods"},
+    "distill": {"config", "data", "checkpoint", "runs", "plan", "pipeline", "distributed", "storage", "methods"},
+    "compare": {"eval", "checkpoint", "methods"},
     "cli": {"distill", "data", "sample", "score", "hf", "compare"},
     "__init__": set(),
 }

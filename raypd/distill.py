@@ -34,10 +34,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from raypd.config import ConfigError, field_docs, load_config
-    from raypd.methods import METHODS, method_for
+    from raypd.methods import method_for, option_docs
 
     if args.help_config:
-        for key, default, doc in field_docs() + [row for m in sorted(METHODS) for row in METHODS[m].option_docs()]:
+        for key, default, doc in field_docs() + option_docs():
             print(f"{key} = {default}\n    {doc}")
         return 0
     try:

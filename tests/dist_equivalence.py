@@ -14,6 +14,8 @@ from raypd.data import Batch
 from raypd.diffusion import logsnr_schedule
 from raypd.distributed.deepspeed import build_deepspeed_engine, ds_config, init_single_process
 from raypd.models import build_denoiser
+from raypd.methods.progressive import HalvingRound
+from raypd.methods.regression import regression_loss
 from raypd.train import build_plain_engine, freeze, linear_decay, make_student, train_step
 
 
@@ -22,8 +24,9 @@ def curve(engine, teacher, updates: int) -> list[float]:
     losses = []
     for _ in range(updates):
         x = torch.rand(8, 1, 8, 8, generator=data) * 2 - 1
-        stats = train_step(engine, Batch(x), weighting="snr_trunc", logsnr_fn=logsnr_schedule, teacher=teacher,
-                           n_steps=4, generator=noise)
+        loss = regression_loss(HalvingRound, {"student": engine.model, "teacher": teacher}, Batch(x),
+                               student_steps=4, weighting="snr_trunc", logsnr_fn=logsnr_schedule, generator=noise)
+        stats = train_step(engine, loss)
         losses.append(stats.loss)
     return losses
 

@@ -25,6 +25,8 @@ from raypd.data.sources import open_source
 from raypd.data.writer import write_shards
 from raypd.diffusion import logsnr_schedule
 from raypd.models import build_denoiser
+from raypd.methods.progressive import HalvingRound
+from raypd.methods.regression import bare
 from raypd.train import build_plain_engine, freeze, linear_decay, make_student, train_step
 
 
@@ -60,11 +62,12 @@ def step_rate(batch: int, iters: int = 8) -> float:
     engine = build_plain_engine(make_student(teacher), lr=1e-4, betas=(0.9, 0.999), grad_clip=1.0,
                                 schedule=linear_decay(10**9))
     x = torch.rand(batch, 3, 32, 32) * 2 - 1
-    kw = dict(weighting="snr_trunc", logsnr_fn=logsnr_schedule, teacher=teacher, n_steps=8)
-    train_step(engine, Batch(x), **kw)
+    objective = bare(HalvingRound, student_steps=8, logsnr_fn=logsnr_schedule)
+    nets = {"student": engine.model, "teacher": teacher}
+    train_step(engine, objective.loss("student", nets, Batch(x), None))
     start = time.perf_counter()
     for _ in range(iters):
-        train_step(engine, Batch(x), **kw)
+        train_step(engine, objective.loss("student", nets, Batch(x), None))
     return batch * iters / (time.perf_counter() - start)
 
 

@@ -33,7 +33,8 @@ from raypd.config import load_config  # noqa: E402
 from raypd.data.prepare import training_shards  # noqa: E402
 from raypd.distributed.trainer import ensure_ray, run_stage  # noqa: E402
 from raypd.models import build_denoiser  # noqa: E402
-from raypd.train import freeze, make_student, plan_rounds  # noqa: E402
+from raypd.methods import method_for, objective_for  # noqa: E402
+from raypd.train import freeze, make_student  # noqa: E402
 from raypd.train.runner import InProcessRunner  # noqa: E402
 from raypd.train.stage import round_stage  # noqa: E402
 
@@ -90,14 +91,15 @@ def main() -> None:
                     wcfg = load_config(None, base + [f"dist.workers={workers}", f"dist.zero_stage={stage}",
                                                      f"dist.precision={precision}", "dist.teacher_dtype=" +
                                                      ("bf16" if precision == "bf16" else "fp32")])
-                    rnd = plan_rounds(wcfg.distill)[0]
+                    rnd = method_for(wcfg).plan()[0]
                     name = f"bench-z{stage}-{precision}-{workers}w"
                     spec = round_stage(rnd, root / "teacher", shards).with_(name=name, updates=args.updates, student_steps=8,
                                                                        sampling_steps=8)
                     began = time.perf_counter()
                     if workers == 0:
                         torch.set_num_threads(args.threads)
-                        InProcessRunner(wcfg, root / "local", torch.device("cpu")).run(spec, root / name)
+                        InProcessRunner(wcfg, root / "local", torch.device("cpu"),
+                                        objectives=lambda stage, c=wcfg: objective_for(c, stage)).run(spec, root / name)
                         last = sorted((root / "local" / name).glob("checkpoint_*"))[-1]
                         metrics = json.loads((last / "metrics.json").read_text())
                         what = "in-process loop, plain PyTorch"

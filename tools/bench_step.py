@@ -20,6 +20,8 @@ from raypd.config import load_config
 from raypd.data import Batch
 from raypd.diffusion import logsnr_schedule
 from raypd.models import build_denoiser
+from raypd.methods.progressive import HalvingRound
+from raypd.methods.regression import bare
 from raypd.train import build_plain_engine, freeze, linear_decay, make_student, train_step
 
 
@@ -69,9 +71,11 @@ def main() -> None:
     gen = torch.Generator(device).manual_seed(0)
     n_steps = 8
 
-    def raypd_step():
-        train_step(engine, Batch(x), weighting="snr_trunc", logsnr_fn=logsnr_schedule, teacher=teacher,
-                   n_steps=n_steps, generator=gen)
+    objective, nets = bare(HalvingRound, student_steps=n_steps, logsnr_fn=logsnr_schedule), {"student": engine.model,
+                                                                                             "teacher": teacher}
+
+    def raypd_step():  # what the stage loop does per update: the method's loss, then the engine's update
+        train_step(engine, objective.loss("student", nets, Batch(x), gen))
 
     def bare_step():
         floor_step(floor_student, teacher, floor_opt, x, n_steps, gen)

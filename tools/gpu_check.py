@@ -44,6 +44,8 @@ def run_case(label: str, config: Path | None, micro: int, device: torch.device, 
     from raypd.diffusion import make_logsnr_fn
     from raypd.distributed.deepspeed import build_deepspeed_engine, ds_config
     from raypd.models import build_denoiser
+    from raypd.methods.progressive import HalvingRound
+    from raypd.methods.regression import regression_loss
     from raypd.train import freeze, linear_decay, make_student, train_step
 
     overrides = ["dist.precision=bf16", "dist.zero_stage=2"] if config else \
@@ -66,8 +68,9 @@ def run_case(label: str, config: Path | None, micro: int, device: torch.device, 
     n = 8
 
     def raypd_step():
-        train_step(engine, Batch(x, y), weighting=cfg.diffusion.weighting, logsnr_fn=logsnr_fn, teacher=teacher,
-                   n_steps=n, generator=gen, teacher_dtype=torch.bfloat16)
+        train_step(engine, regression_loss(HalvingRound, {"student": engine.model, "teacher": teacher}, Batch(x, y),
+                                           student_steps=n, weighting=cfg.diffusion.weighting, logsnr_fn=logsnr_fn,
+                                           generator=gen, teacher_dtype=torch.bfloat16))
 
     def floor_step():
         t = (torch.randint(0, n, (micro,), generator=gen, device=device) + 1).float() / n

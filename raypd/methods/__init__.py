@@ -4,9 +4,10 @@ A method is a subclass of ``Method`` (``base.py``) decorated with ``@register``;
 The built-in ones are imported here. See ``docs/methods.md`` for how to add one.
 """
 
-from raypd.methods.base import METHODS, Method, Upfront, method_class, method_for, register, with_options
+from raypd.methods.base import (METHODS, Method, Upfront, method_class, method_for, option_docs, register,
+                                with_options)
 from raypd.methods import denoising_student, progressive, tract  # noqa: F401 - registers the built-in methods
 from raypd.methods.stages import method_module, objective_for
 
 __all__ = ["METHODS", "Method", "Upfront", "method_class", "method_for", "method_module", "objective_for",
-           "register", "with_options"]
+           "option_docs", "register", "with_options"]

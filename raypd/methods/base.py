@@ -169,6 +169,11 @@ def method_for(cfg: Config) -> Method:
     return method_class(cfg)(cfg)
 
 
+def option_docs() -> list[tuple[str, str, str]]:
+    """(dotted key, default, documentation) of every registered method's own settings."""
+    return [row for name in sorted(METHODS) for row in METHODS[name].option_docs()]
+
+
 def with_options(cfg: Config, **options: Any) -> Config:
     """``cfg`` with its method's section replaced by ``options`` (for tests and tools)."""
     sections = {**cfg.distill.options, cfg.distill.method: options}

@@ -108,3 +108,22 @@ class Regression:
 def bound(model, y: Tensor | None, w: Tensor | None):
     """The network as a function of (z, logsnr) at labels ``y`` (and guidance weights ``w``)."""
     return model.bind(y) if w is None else model.bind(y, w)
+
+
+def bare(kind: type[Regression], *, student_steps: int, teacher_steps: int | None = None, weighting="snr_trunc",
+         logsnr_fn, teacher_dtype: torch.dtype | None = None, guidance=None, phase: str = "") -> Regression:
+    """A regression objective outside any run (no config, no method), for networks given as they are: analytic
+    teachers, benchmarks. Its ``setup`` is not available; ``loss``, ``target`` and ``heldout_losses`` are."""
+    objective = kind.__new__(kind)
+    objective.method, objective.cfg, objective.guidance, objective.dtype = None, None, guidance, teacher_dtype
+    objective.logsnr_fn, objective.weighting = logsnr_fn, weighting
+    objective.stage = Stage("round", "bare", updates=1, stream=0, sampling_steps=student_steps, round=0, teacher="",
+                            student_steps=student_steps, teacher_steps=teacher_steps, phase=phase)
+    return objective
+
+
+def regression_loss(kind: type[Regression], nets: Nets, batch: Batch, *, generator: torch.Generator | None = None,
+                    **settings) -> Tensor:
+    """One update's loss of a regression objective (``bare``'s settings) on ``nets`` (``student``, ``teacher`` and
+    what else the objective reads)."""
+    return bare(kind, **settings).loss("student", nets, batch, generator)

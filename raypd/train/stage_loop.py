@@ -150,7 +150,9 @@ class StageLoop:
         self.clients = {}
         for name, engine in self.engines.items():
             own = self.clients[name] = engine.load(self._role_dir(directory, name))
-            engine.updates, engine.base_lr = int(own["updates"]), float(own.get("base_lr", engine.base_lr))
+            # the role's own update count (its schedule's position); the first role's ``updates`` is the stage's
+            engine.updates = int(own.get("role_updates", own["updates"]))
+            engine.base_lr = float(own.get("base_lr", engine.base_lr))
             engine.set_lr()
         client = self.clients[self.main]
         for name, average in self.averages.items():
@@ -186,7 +188,8 @@ class StageLoop:
         for name, engine in self.engines.items():
             client = {"updates": engine.updates, "base_lr": engine.base_lr, "skipped_updates": engine.skipped_updates}
             if name == self.main:
-                client = {"updates": k, "base_lr": engine.base_lr, "rollbacks": self.rollbacks,
+                client = {"updates": k, "role_updates": engine.updates, "base_lr": engine.base_lr,
+                          "rollbacks": self.rollbacks,
                           "seconds": self.seconds, "skipped_updates": engine.skipped_updates,
                           **{f"{a}_updates": average.count for a, average in self.averages.items()}}
             where = self._role_dir(path, name)

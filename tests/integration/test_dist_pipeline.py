@@ -113,7 +113,7 @@ def test_local_mode_and_one_ray_worker_run_the_same_loop(ray_session, tmp_path):
     from raypd.config import load_config
     from raypd.data.prepare import training_shards
     from raypd.distributed.trainer import run_stage
-    from raypd.train import plan_rounds
+    from raypd.methods import method_for, objective_for
     from raypd.train.runner import InProcessRunner
     from raypd.train.stage import round_stage, teacher_stage
     from tests.recorder import MetricsToFile
@@ -129,12 +129,13 @@ def test_local_mode_and_one_ray_worker_run_the_same_loop(ray_session, tmp_path):
     curves: dict[str, dict[str, list[float]]] = {"local": {}, "ray": {}}
     weights: dict[str, dict[str, dict]] = {"local": {}, "ray": {}}
 
-    runner = InProcessRunner(local, tmp_path / "local", torch.device("cpu"))
+    runner = InProcessRunner(local, tmp_path / "local", torch.device("cpu"),
+                             objectives=lambda stage: objective_for(local, stage))
     record = tmp_path / "ray-metrics.jsonl"
     for kind in ("teacher", "round"):
         # both rounds distil the teacher trained in this process
         stage = (teacher_stage(updates, 4, shards) if kind == "teacher" else
-                 round_stage(plan_rounds(local.distill)[0], tmp_path / "local" / "teacher-out", shards))
+                 round_stage(method_for(local).plan()[0], tmp_path / "local" / "teacher-out", shards))
         stage = stage.with_(updates=updates)
         for mode in ("local", "ray"):
             out = tmp_path / mode / f"{kind}-out"

@@ -108,7 +108,7 @@ def test_pipeline_runs_resumes_and_reports(tmp_path, capsys):
 
     # TRACT from the same teacher: one phase, 4 teacher steps into 1, evaluated and reported the same way
     assert main(TINY + [f"run.storage_path={tmp_path}", "run.name=tract", f"teacher.checkpoint={run / 'teacher'}",
-                        "distill.method=tract", "distill.phases=[1]"]) == 0
+                        "distill.method=tract", "distill.tract.phases=[1]"]) == 0
     tract = json.loads((tmp_path / "tract" / "summary.json").read_text())
     assert tract["method"] == "tract" and summary["method"] == "progressive"
     assert tract["teacher"]["checkpoint"] == str((run / "teacher").resolve())  # given: where it lies
@@ -121,7 +121,7 @@ def test_pipeline_runs_resumes_and_reports(tmp_path, capsys):
 
     # the Denoising Student from the same teacher: 64 pairs of its 4-step DDIM, then a one-step regression
     ds_args = TINY + [f"run.storage_path={tmp_path}", "run.name=ds", f"teacher.checkpoint={run / 'teacher'}",
-                      "distill.method=denoising_student", "distill.pairs=64"]
+                      "distill.method=denoising_student", "distill.denoising_student.pairs=64"]
     assert main(ds_args) == 0
     ds = json.loads((tmp_path / "ds" / "summary.json").read_text())
     assert ds["method"] == "denoising_student" and ds["pairs"]["count"] == 64 and ds["pairs"]["compute"] == 64 * 4
@@ -304,7 +304,7 @@ def test_guided_pipeline_runs_to_a_one_step_w_student_resumes_after_a_kill_and_r
     assert len(list((run / "eval").glob("teacher-full-*-w*.npy"))) == 2
     report = (run / "report.md").read_text()
     assert "### w = 2" in report and "![FID vs guidance weight](fid_vs_guidance.png)" in report
-    assert "4 -> 4 (w input)" in report and "label acc." in report
+    assert "4 -> 4 (guidance)" in report and "label acc." in report
     assert (run / "fid_vs_guidance.png").read_bytes()[:4] == b"\x89PNG"
     assert (run / "grids" / "distilled-0001steps-w2.png").is_file()
 

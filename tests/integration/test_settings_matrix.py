@@ -31,7 +31,7 @@ from tests.matrix_worker import EVERY, UPDATES  # noqa: E402
 from tests.teachers import perturbed_denoiser  # noqa: E402
 
 LR = 1e-3
-TRACT = ["distill.method=tract", "distill.phases=[8,1]"]
+TRACT = ["distill.method=tract", "distill.tract.phases=[8,1]"]
 GUIDED = ["data.num_classes=10", "model.class_dropout=0.5", "distill.guidance_max=2", f"distill.guidance_lr={LR}",
           "distill.guidance_embedding_lr_factor=4"]
 COMBOS = [(f"z{stage}-{precision}-{offload}", [f"dist.zero_stage={stage}", f"dist.precision={precision}",
@@ -94,9 +94,8 @@ def stage_inputs(tmp_path_factory):
     shards = training_shards(cfg.data, root / "data", readers=2)
     spec = Stage("round", "round-00", teacher=str(root / "teacher"), round=0, updates=UPDATES, student_steps=2,
                  sampling_steps=2, stream=1, shards=shards).to_dict()
-    pairs = ensure_pairs(load_config(None, [*BASE, "distill.method=denoising_student", "distill.start_steps=4",
-                                            "distill.pairs=32"]),
-                         root, teacher.eval(), weights_digest(root / "teacher"), device=torch.device("cpu"))
+    pairs = ensure_pairs(load_config(None, [*BASE, "distill.method=denoising_student", "distill.start_steps=4"]),
+                         root, teacher.eval(), weights_digest(root / "teacher"), count=32, device=torch.device("cpu"))
     guided_cfg = load_config(None, [*BASE, *GUIDED])
     guided = perturbed_denoiser(guided_cfg)
     save_checkpoint(root / "teacher-guided", guided, meta_for(guided_cfg, kind="teacher", sampling_steps=4, round=None))

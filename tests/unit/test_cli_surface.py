@@ -32,9 +32,10 @@ def surface() -> dict:
     top = subprocess.run([sys.executable, "-m", "raypd.cli", "--help"], cwd=ROOT, capture_output=True, text=True,
                          timeout=60)
     found["raypd"] = sorted(re.findall(r"^\s+raypd (\w+)", top.stdout, flags=re.M))
-    from raypd.config import field_docs
-
-    found["--help-config"] = [key for key, _, _ in field_docs()]
+    listing = subprocess.run([sys.executable, "-m", "raypd.distill", "--help-config"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)
+    found["--help-config"] = [line.split(" = ", 1)[0] for line in listing.stdout.splitlines()
+                              if line and not line[0].isspace()]
     return found
 
 

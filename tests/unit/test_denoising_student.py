@@ -17,33 +17,39 @@ from raypd.data.shards import training_loader
 from raypd.diffusion import logsnr_schedule, weighted_mse
 from raypd.eval.samples import pair_noise, sample_pairs
 from raypd.pairs import ensure_pairs
-from raypd.train import plan_rounds
-from raypd.train.rounds import forwards_per_example, upfront_forwards
+from raypd.methods import method_for, objective_for
+from raypd.methods.denoising_student import PairRegression
+from raypd.methods.regression import regression_loss
 from raypd.train.runner import InProcessRunner
 from raypd.train.stage import Stage
-from raypd.train.step import diffusion_loss
+from tests.plans import method_of
 from tests.teachers import perturbed_denoiser
 from tests.unit.test_stage_loop import interrupted_at
 
 TINY = ["data.resolution=8", "model.attn_resolutions=[4]", "model.ch=32", "model.ch_mult=[1,2]",
         "distill.batch_size=8", "data.loader_workers=0", "run.device=cpu", "dist.checkpoint_every=4",
-        "distill.method=denoising_student", "distill.start_steps=4", "distill.pairs=40", "data.num_classes=10"]
+        "distill.method=denoising_student", "distill.start_steps=4", "distill.denoising_student.pairs=40", "data.num_classes=10"]
 
 
 def test_denoising_student_settings_are_checked_up_front():
-    cfg = DistillConfig(method="denoising_student", start_steps=16, pairs=1000, updates_per_round=100,
-                        late_rounds_factor=2.0)
-    assert [(r.teacher_steps, r.student_steps, r.updates) for r in plan_rounds(cfg)] == [(16, 1, 200)]
-    assert upfront_forwards(cfg) == 16_000 and forwards_per_example(cfg) == 3
-    assert upfront_forwards(DistillConfig()) == 0 and forwards_per_example(DistillConfig()) == 5
+    method = method_of(DistillConfig(method="denoising_student", start_steps=16, updates_per_round=100,
+                                     late_rounds_factor=2.0, options={"denoising_student": {"pairs": 1000}}))
+    assert [(r.teacher_steps, r.student_steps, r.updates) for r in method.plan()] == [(16, 1, 200)]
+    assert method.upfront().pairs == 1000
+    assert method.upfront_forwards() == 16_000 and method.forwards_per_example() == 3
+    plain = method_of(DistillConfig())
+    assert plain.upfront() is None and plain.upfront_forwards() == 0 and plain.forwards_per_example() == 5
     for overrides, message in [
         (["distill.method=denoising_student", "distill.end_steps=2"], "distill.end_steps: the Denoising Student"),
-        (["distill.method=denoising_student", "distill.pairs=8"],
-         r"distill.pairs: must be at least distill.batch_size \(16\)"),
-        (["distill.method=denoising_student", "distill.phases=[1]"], "distill.phases: only distill.method=tract"),
+        (["distill.method=denoising_student", "distill.denoising_student.pairs=8"],
+         r"distill.denoising_student.pairs: must be at least distill.batch_size \(16\)"),
+        (["distill.method=denoising_student", "distill.denoising_student.phases=[1]"],
+         "distill.denoising_student.phases: unknown key"),
     ]:
         with pytest.raises(ConfigError, match=message):
-            load_config(None, overrides)
+            method_for(load_config(None, overrides))
+    with pytest.raises(ConfigError, match="distill.pairs: this setting moved to distill.denoising_student.pairs"):
+        load_config(None, ["distill.pairs=64"])
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +63,7 @@ def teacher_dir(tmp_path_factory):
 def test_pairs_are_the_teachers_ddim_samples_of_their_noise_and_are_made_once(teacher_dir, tmp_path, monkeypatch):
     cfg, path = teacher_dir
     teacher = perturbed_denoiser(cfg).eval()
-    urls = ensure_pairs(cfg, tmp_path, teacher, weights_digest(path), device=torch.device("cpu"))
+    urls = ensure_pairs(cfg, tmp_path, teacher, weights_digest(path), count=40, device=torch.device("cpu"))
     manifest = json.loads((tmp_path / "pairs" / next((tmp_path / "pairs").iterdir()).name / "manifest.json")
                           .read_text())
     assert manifest["pairs"] and manifest["splits"]["train"]["count"] == 40 and len(urls) == 8
@@ -75,7 +81,7 @@ def test_pairs_are_the_teachers_ddim_samples_of_their_noise_and_are_made_once(te
 
     # a second call (a resumed or rerun run) samples nothing: it finds the shards
     monkeypatch.setattr(raypd.pairs, "sample_pairs", lambda *a, **k: pytest.fail("sampled the pairs again"))
-    assert ensure_pairs(cfg, tmp_path, teacher, weights_digest(path), device=torch.device("cpu")) == urls
+    assert ensure_pairs(cfg, tmp_path, teacher, weights_digest(path), count=40, device=torch.device("cpu")) == urls
 
 
 def test_the_pair_loss_is_a_regression_from_the_noise_at_t_1_without_the_teacher():
@@ -83,8 +89,8 @@ def test_the_pair_loss_is_a_regression_from_the_noise_at_t_1_without_the_teacher
     student = perturbed_denoiser(cfg).eval()  # no dropout: the two forwards must match
     x, z = torch.rand(4, 1, 8, 8) * 2 - 1, torch.randn(4, 1, 8, 8)
     y = torch.tensor([0, 1, 2, 3])
-    loss = diffusion_loss(student, Batch(x, y, z), weighting="snr_trunc", logsnr_fn=logsnr_schedule,
-                          teacher=None, n_steps=1)
+    loss = regression_loss(PairRegression, {"student": student}, Batch(x, y, z), student_steps=1,
+                           weighting="snr_trunc", logsnr_fn=logsnr_schedule)
     logsnr_1 = logsnr_schedule(torch.ones(4))
     expected = weighted_mse(student(z, logsnr_1, y).float(), x, logsnr_1, "snr_trunc").mean()
     torch.testing.assert_close(loss, expected)
@@ -92,13 +98,14 @@ def test_the_pair_loss_is_a_regression_from_the_noise_at_t_1_without_the_teacher
 
 def test_a_stage_on_pairs_resumes_bit_for_bit(teacher_dir, tmp_path, monkeypatch, capsys):
     cfg, path = teacher_dir
-    urls = ensure_pairs(cfg, tmp_path, perturbed_denoiser(cfg).eval(), weights_digest(path),
+    urls = ensure_pairs(cfg, tmp_path, perturbed_denoiser(cfg).eval(), weights_digest(path), count=40,
                         device=torch.device("cpu"))
     stage = Stage("round", "round-00", updates=8, stream=1, sampling_steps=1, shards=urls, round=0,
                   teacher=str(path), student_steps=1, teacher_steps=4)
 
     def run(root):
-        InProcessRunner(cfg, root / "local", torch.device("cpu")).run(stage, root / "out")
+        InProcessRunner(cfg, root / "local", torch.device("cpu"),
+                        objectives=lambda stage: objective_for(cfg, stage)).run(stage, root / "out")
         return load_file(str(root / "out" / "model.safetensors"))
 
     through = run(tmp_path / "through")

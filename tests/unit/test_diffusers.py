@@ -229,6 +229,8 @@ def test_missing_directory_and_data_mismatch_are_refused(ddpm_dir, tmp_path):
 def _distil(teacher, run_cfg, out_dir, rounds=((2, 3), (1, 3))):
     """Tiny halving rounds with the shared train_step: [(student steps, updates)] -> checkpoint paths."""
     from raypd.data import Batch
+    from raypd.methods.progressive import HalvingRound
+    from raypd.methods.regression import regression_loss
     from raypd.train import build_plain_engine, linear_decay, train_step
 
     fn, gen = _logsnr_fn(run_cfg), torch.Generator().manual_seed(0)
@@ -238,8 +240,8 @@ def _distil(teacher, run_cfg, out_dir, rounds=((2, 3), (1, 3))):
         student = make_student(teacher, run_cfg.model.parameterization)
         engine = build_plain_engine(student, lr=1e-4, betas=(0.9, 0.999), grad_clip=1.0, schedule=linear_decay(updates))
         for _ in range(updates):
-            train_step(engine, Batch(x), weighting="snr_trunc", logsnr_fn=fn, teacher=teacher, n_steps=steps,
-                       generator=gen)
+            train_step(engine, regression_loss(HalvingRound, {"student": engine.model, "teacher": teacher}, Batch(x),
+                                               student_steps=steps, weighting="snr_trunc", logsnr_fn=fn, generator=gen))
         teacher = freeze(student)
         path = out_dir / f"round-{index:02d}-{steps}steps"
         save_checkpoint(path, teacher, meta_for(run_cfg, kind="student", sampling_steps=steps, round=index,

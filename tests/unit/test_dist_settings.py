@@ -223,11 +223,13 @@ def test_teacher_in_bf16_computes_its_target_in_fp32():
     from raypd.diffusion import logsnr_schedule
     from raypd.models import build_denoiser
     from raypd.train import freeze
-    from raypd.train.step import _teacher_target, teacher_autocast_dtype
+    from raypd.methods.progressive import HalvingRound
+    from raypd.methods.regression import bare
+    from raypd.train.objective import frozen_dtype, frozen_forward
 
-    assert teacher_autocast_dtype("auto", torch.device("cpu")) is None  # CPUs: fp32 unless asked
-    assert teacher_autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
-    assert teacher_autocast_dtype("fp32", torch.device("cuda")) is None
+    assert frozen_dtype("auto", torch.device("cpu")) is None  # CPUs: fp32 unless asked
+    assert frozen_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    assert frozen_dtype("fp32", torch.device("cuda")) is None
     cfg = load_config(None, ["data.resolution=8", "model.attn_resolutions=[4]"])
     torch.manual_seed(0)
     teacher = build_denoiser(cfg.model, cfg.data)
@@ -237,8 +239,13 @@ def test_teacher_in_bf16_computes_its_target_in_fp32():
     teacher = freeze(teacher)
     z = torch.randn(16, 1, 8, 8)
     t = (torch.arange(16) % 4 + 1).float() / 4
-    full = _teacher_target(teacher, z, t, 4, None, logsnr_schedule, None)
-    half = _teacher_target(teacher, z, t, 4, None, logsnr_schedule, torch.bfloat16)
+    objective = bare(HalvingRound, student_steps=4, logsnr_fn=logsnr_schedule)
+
+    def target(dtype):
+        with frozen_forward(z, dtype):
+            return objective.target({"teacher": teacher}, z, t, None, None).to(z.dtype).clone()
+
+    full, half = target(None), target(torch.bfloat16)
     assert half.dtype == torch.float32 and torch.isfinite(half).all()
     assert not torch.equal(half, full)  # the network did run in bf16
     # bf16's 8-bit mantissa in the network, not in the inversion: the target moves by about its rounding

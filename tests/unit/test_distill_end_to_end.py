@@ -16,7 +16,10 @@ from raypd.config import DistillConfig
 from raypd.data import Batch
 from raypd.diffusion import ddim_sample, logsnr_schedule
 from raypd.models import Denoiser
-from raypd.train import build_plain_engine, freeze, linear_decay, make_student, plan_rounds, train_step
+from raypd.methods.progressive import HalvingRound
+from raypd.methods.regression import regression_loss
+from raypd.train import build_plain_engine, freeze, linear_decay, make_student, train_step
+from tests.plans import plan_of
 from tests.gmm import GaussianMixture
 
 
@@ -51,7 +54,7 @@ def test_distilled_students_beat_teacher_ddim_at_one_and_two_steps():
     torch.manual_seed(0)
     gmm = GaussianMixture.random(k=4, shape=(2, 1, 1), std=0.05, seed=3, dtype=torch.float32)
     logsnr_fn = functools.partial(logsnr_schedule)
-    rounds = plan_rounds(DistillConfig(start_steps=8, end_steps=1, updates_per_round=300, late_rounds_factor=1.0))
+    rounds = plan_of(DistillConfig(start_steps=8, end_steps=1, updates_per_round=300, late_rounds_factor=1.0))
     assert [(r.teacher_steps, r.student_steps, r.updates) for r in rounds] == [(8, 4, 300), (4, 2, 300), (2, 1, 300)]
 
     teacher: nn.Module = AnalyticTeacher(gmm)
@@ -66,8 +69,10 @@ def test_distilled_students_beat_teacher_ddim_at_one_and_two_steps():
                                     schedule=linear_decay(updates))
         losses = []
         for _ in range(updates):
-            stats = train_step(engine, Batch(gmm.sample(256, data_gen)), weighting="snr_trunc",
-                               logsnr_fn=logsnr_fn, teacher=teacher, n_steps=rnd.student_steps, generator=noise_gen)
+            loss = regression_loss(HalvingRound, {"student": engine.model, "teacher": teacher},
+                                   Batch(gmm.sample(256, data_gen)), student_steps=rnd.student_steps,
+                                   weighting="snr_trunc", logsnr_fn=logsnr_fn, generator=noise_gen)
+            stats = train_step(engine, loss)
             losses.append(stats.loss)
         assert sum(losses[-50:]) < sum(losses[:50]), f"round {rnd.index} did not learn"
         teacher = students[rnd.student_steps] = freeze(student)

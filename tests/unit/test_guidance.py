@@ -19,10 +19,16 @@ from raypd.data.prepare import training_shards
 from raypd.diffusion import ddim_sample, logsnr_schedule
 from raypd.models import Denoiser, build_denoiser
 from raypd.models.guidance import GUIDANCE_FREQUENCIES, GuidedClassEmbedding, guidance_features
-from raypd.train import build_plain_engine, freeze, linear_decay, make_student, plan_rounds, train_step
+from raypd.methods import method_for, objective_for
+from raypd.methods.guidance import FirstStage, Guidance
+from raypd.methods.progressive import HalvingRound
+from raypd.methods.regression import regression_loss
+from raypd.train import build_plain_engine, denoising_loss, freeze, linear_decay, make_student, train_step
+from raypd.train.engine import plain_engine
+from raypd.train.objective import drop_labels
 from raypd.train.runner import InProcessRunner
 from raypd.train.stage import round_stage, teacher_stage
-from raypd.train.step import Guidance, diffusion_loss, drop_labels
+from tests.plans import plan_of
 from tests.gmm import GaussianMixture
 from tests.unit.test_stage_loop import interrupted_at
 
@@ -158,11 +164,11 @@ def test_label_dropout_replaces_that_share_of_labels_by_the_no_class_label():
 
     model.forward = spy
     batch = Batch(torch.zeros(512, 1, 8, 8), torch.zeros(512, dtype=torch.long))
-    diffusion_loss(model, batch, weighting="snr_trunc", logsnr_fn=logsnr_schedule, class_dropout=0.2, null_class=10,
+    denoising_loss(model, batch, weighting="snr_trunc", logsnr_fn=logsnr_schedule, class_dropout=0.2, null=10,
                    generator=torch.Generator().manual_seed(2))
     assert set(seen[0].tolist()) == {0, 10} and 0.1 < (seen[0] == 10).float().mean().item() < 0.3
     with pytest.raises(ValueError, match="null_class"):
-        diffusion_loss(model, batch, weighting="snr_trunc", logsnr_fn=logsnr_schedule, class_dropout=0.2)
+        denoising_loss(model, batch, weighting="snr_trunc", logsnr_fn=logsnr_schedule, class_dropout=0.2)
 
 
 def test_guidance_settings_are_checked_up_front():
@@ -171,7 +177,7 @@ def test_guidance_settings_are_checked_up_front():
                            (["model.class_dropout=0.1"], "model.class_dropout"),
                            (["model.class_dropout=1.0", "data.num_classes=10"], "model.class_dropout"),
                            ([*GUIDED, "distill.guidance_min=3", "distill.guidance_max=2"], "distill.guidance_min"),
-                           ([*GUIDED, "distill.guidance_max=2", "distill.method=denoising_student"], "distill.method"),
+                           ([*GUIDED, "distill.guidance_max=2", "distill.method=denoising_student"], "distill.guidance_max"),
                            ([*GUIDED, "distill.guidance_max=2", "distill.guidance_updates=0"],
                             "distill.guidance_updates"),
                            ([*GUIDED, "distill.guidance_max=2", "distill.guidance_lr=0"], "distill.guidance_lr"),
@@ -189,7 +195,7 @@ def test_guidance_settings_are_checked_up_front():
                            ([*GUIDED, "eval.guidance=[-1.0]"], "eval.guidance"),
                            ([*GUIDED, "eval.guidance=[1.0,1.0]"], "eval.guidance")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-            load_config(None, overrides)
+            method_for(load_config(None, overrides))
     assert load_config(None, [*GUIDED, "distill.guidance_max=2", "eval.guidance=[2,0,1]"]).guidance_weights() == \
         [0.0, 1.0, 2.0]
     assert load_config(None, [*GUIDED, "distill.guidance_min=1", "distill.guidance_max=3"]).guidance_weights() == \
@@ -204,10 +210,10 @@ def test_guidance_settings_are_checked_up_front():
     with pytest.raises(CheckpointError, match="no class"):
         check_compatible(meta, load_config(None, ["data.num_classes=10"]), "t")
 
-    rounds = plan_rounds(DistillConfig(start_steps=8, end_steps=2, guidance_max=2.0, guidance_updates=50,
-                                       updates_per_round=200, late_rounds_factor=2.0))
-    assert [(r.teacher_steps, r.student_steps, r.updates, r.guidance) for r in rounds] == \
-        [(8, 8, 50, True), (8, 4, 200, False), (4, 2, 400, False)]
+    rounds = plan_of(DistillConfig(start_steps=8, end_steps=2, guidance_max=2.0, guidance_updates=50,
+                                   updates_per_round=200, late_rounds_factor=2.0))
+    assert [(r.teacher_steps, r.student_steps, r.updates, r.phase) for r in rounds] == \
+        [(8, 8, 50, "guidance"), (8, 4, 200, ""), (4, 2, 400, "")]
 
 
 @pytest.mark.parametrize("endpoints", [0.0, 0.5, 1.0])
@@ -224,22 +230,16 @@ def test_w_draws_put_their_endpoints_share_at_the_ends_half_each_and_the_rest_un
     again = Guidance(0.5, 3.0, endpoints=endpoints).draw(40_000, torch.Generator().manual_seed(0), "cpu")
     assert torch.equal(w, again)  # the step's generator alone decides them (a resumed stage draws the same)
     cfg = load_config(None, [*GUIDED, "distill.guidance_max=3", f"distill.guidance_endpoints={endpoints}"])
-    from raypd.train.step import guidance_for
-
-    assert guidance_for(cfg.distill, True).endpoints == guidance_for(cfg.distill, False).endpoints == endpoints
+    assert Guidance.of(cfg.distill).endpoints == endpoints  # one draw for the first stage and the rounds
 
 
 def test_the_first_stage_scales_each_examples_loss_by_one_plus_w_to_the_minus_power_and_the_rounds_do_not():
     w = torch.tensor([0.0, 1.0, 3.0])
-    assert Guidance(0.0, 3.0, first_stage=True, loss_power=2.0).loss_weight(w).tolist() == [1.0, 0.25, 1 / 16]
-    assert Guidance(0.0, 3.0, first_stage=True, loss_power=0.5).loss_weight(w).tolist() == \
-        pytest.approx([1.0, 2 ** -0.5, 0.5])
-    assert Guidance(0.0, 3.0, first_stage=True).loss_weight(w) is None
-    assert Guidance(0.0, 3.0, loss_power=2.0).loss_weight(w) is None  # a round's loss is never scaled
-    from raypd.train.step import guidance_for
-
+    assert Guidance(0.0, 3.0, loss_power=2.0).loss_weight(w).tolist() == [1.0, 0.25, 1 / 16]
+    assert Guidance(0.0, 3.0, loss_power=0.5).loss_weight(w).tolist() == pytest.approx([1.0, 2 ** -0.5, 0.5])
+    assert Guidance(0.0, 3.0).loss_weight(w) is None
     cfg = load_config(None, [*GUIDED, "distill.guidance_max=3", "distill.guidance_loss_power=1.5"])
-    assert guidance_for(cfg.distill, True).loss_power == guidance_for(cfg.distill, False).loss_power == 1.5
+    assert Guidance.of(cfg.distill).loss_power == 1.5
 
     # in the step's loss: every draw at w = 1 (both ends of the range there), so the scaled loss is the
     # unscaled one, at the same noise, times 2^-p
@@ -249,9 +249,10 @@ def test_the_first_stage_scales_each_examples_loss_by_one_plus_w_to_the_minus_po
 
     def loss(p, first_stage=True):
         g = torch.Generator().manual_seed(1)
-        return diffusion_loss(student, batch, weighting="snr_trunc", logsnr_fn=logsnr_schedule, generator=g,
-                              teacher=teacher if first_stage else round_teacher, n_steps=4,  # a round's: w-conditioned
-                              guidance=Guidance(1.0, 1.0, first_stage, loss_power=p)).item()
+        kind = FirstStage if first_stage else HalvingRound  # a round's teacher: w-conditioned
+        nets = {"student": student, "teacher": teacher if first_stage else round_teacher}
+        return regression_loss(kind, nets, batch, student_steps=4, weighting="snr_trunc", logsnr_fn=logsnr_schedule,
+                               generator=g, guidance=Guidance(1.0, 1.0, loss_power=p)).item()
 
     assert loss(0.0) > 0
     assert loss(2.0) == pytest.approx(loss(0.0) / 4, rel=1e-6)
@@ -264,16 +265,17 @@ def test_a_sweep_of_the_first_stage_sweeps_its_own_learning_rate_and_does_not_ce
 
     cfg = load_config(None, [*GUIDED, "distill.guidance_max=2", "distill.guidance_lr=5e-5", "distill.lr=3e-4",
                              "sweep.lr_min=1e-5", "sweep.lr_max=1e-2"])
-    assert search_space(cfg, 10, None, guidance=True)[1]["lr"] == 5e-5
-    assert search_space(cfg, 10, None)[1]["lr"] == 3e-4
-    first = trial_config(cfg.to_dict(), {"lr": 2e-5, "updates": 10}, guidance=True)
+    method = method_for(cfg)
+    assert search_space(cfg, 10, None, stage_lr=method.stage_lr("guidance"))[1]["lr"] == 5e-5
+    assert search_space(cfg, 10, None, stage_lr=method.stage_lr(""))[1]["lr"] == 3e-4
+    first = trial_config(cfg.to_dict(), {"lr": 2e-5, "updates": 10}, lr_key=method.lr_key("guidance"))
     assert (first.distill.guidance_lr, first.distill.lr) == (2e-5, 3e-4)
-    later = trial_config(cfg.to_dict(), {"lr": 2e-3, "updates": 10})
+    later = trial_config(cfg.to_dict(), {"lr": 2e-3, "updates": 10}, lr_key=method.lr_key(""))
     assert (later.distill.guidance_lr, later.distill.lr) == (5e-5, 2e-3)
     runner = SweepRunner.__new__(SweepRunner)
     runner.centre, runner.choices = None, []
     chosen = {"sweep_report": "r.md", "lr": 2e-5, "updates": 10, "sweep_trials": 2, "sweep_reason": "lowest FID"}
-    runner.chose(0, 8, 8, chosen, guidance=True)
+    runner.chose(0, 8, 8, chosen, phase="guidance")
     assert runner.centre is None and len(runner.choices) == 1
     runner.chose(1, 8, 4, {**chosen, "lr": 2e-3})
     assert runner.centre == {"lr": 2e-3, "updates": 10}
@@ -344,9 +346,10 @@ def test_the_first_stage_from_an_exact_guided_teacher_reaches_the_guided_target(
     updates = 1500
     engine = build_plain_engine(student, lr=2e-3, betas=(0.9, 0.999), grad_clip=1.0, schedule=linear_decay(updates))
     data_gen, noise_gen = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
-    guidance = Guidance(0.0, 4.0, first_stage=True)
-    losses = [train_step(engine, mixture.sample(256, data_gen), weighting="snr_trunc", logsnr_fn=logsnr_fn,
-                         teacher=teacher, generator=noise_gen, guidance=guidance).loss for _ in range(updates)]
+    guidance, nets = Guidance(0.0, 4.0), {"student": engine.model, "teacher": teacher}
+    losses = [train_step(engine, regression_loss(FirstStage, nets, mixture.sample(256, data_gen), student_steps=64,
+                                                 weighting="snr_trunc", logsnr_fn=logsnr_fn, generator=noise_gen,
+                                                 guidance=guidance)).loss for _ in range(updates)]
     assert sum(losses[-50:]) < 0.1 * sum(losses[:50])
     student = freeze(student)
 
@@ -364,7 +367,8 @@ def test_the_first_stage_from_an_exact_guided_teacher_reaches_the_guided_target(
 
 
 def _run(cfg, root, stage):
-    InProcessRunner(cfg, root / "local", torch.device("cpu")).run(stage, root / "out" / stage.name)
+    InProcessRunner(cfg, root / "local", torch.device("cpu"),
+                    objectives=lambda stage: objective_for(cfg, stage)).run(stage, root / "out" / stage.name)
     return root / "out" / stage.name
 
 
@@ -376,7 +380,7 @@ def guided_stages(tmp_path_factory):
                              "distill.guidance_loss_power=2"])
     shards = training_shards(cfg.data, root / "data", seed=cfg.run.seed)
     teacher = _run(cfg, root, teacher_stage(8, 8, shards))
-    first, second = plan_rounds(cfg.distill)[:2]
+    first, second = method_for(cfg).plan()[:2]
     student = _run(cfg, root, round_stage(first, teacher, shards))
     return cfg, root, shards, teacher, student, second
 
@@ -399,13 +403,12 @@ def test_the_guided_stages_train_a_w_conditioned_student_and_distil_it(guided_st
 
 def test_the_first_stage_trains_at_its_own_rate_with_the_w_embedding_faster_and_the_rounds_at_theirs(
         guided_stages):
-    from raypd.train.setup import plain_engine, prepare_stage
-
     cfg, root, shards, teacher_path, student_path, second = guided_stages
     cfg = load_config(None, [*TINY, "distill.guidance_lr=2e-4", "distill.guidance_embedding_lr_factor=5",
                              "distill.lr=1e-3"])
-    first = round_stage(plan_rounds(cfg.distill)[0], teacher_path, shards)
-    engine = plain_engine(prepare_stage(cfg, first, torch.device("cpu")))
+    first = round_stage(method_for(cfg).plan()[0], teacher_path, shards)
+    setup = objective_for(cfg, first).setup(torch.device("cpu"))
+    engine = plain_engine(setup.roles["student"], setup.batch_size)
     network, embedding = engine.optimizer.param_groups
     assert all(".guidance." not in n for n, p in engine.model.named_parameters()
                if any(p is q for q in network["params"]))
@@ -414,8 +417,10 @@ def test_the_first_stage_trains_at_its_own_rate_with_the_w_embedding_faster_and_
     assert (network["lr"], embedding["lr"]) == (pytest.approx(2e-4), pytest.approx(1e-3))
     before = {n: p.detach().clone() for n, p in engine.model.named_parameters()}
     batch = next(iter(training_loader_of(cfg, shards)))
-    train_step(engine, batch, weighting="snr_trunc", logsnr_fn=logsnr_schedule, teacher=load_checkpoint(teacher_path)[0],
-               generator=torch.Generator().manual_seed(0), guidance=Guidance(0.5, 3.0, first_stage=True))
+    nets = {"student": engine.model, "teacher": load_checkpoint(teacher_path)[0]}
+    train_step(engine, regression_loss(FirstStage, nets, batch, student_steps=first.student_steps, weighting="snr_trunc",
+                                       logsnr_fn=logsnr_schedule, generator=torch.Generator().manual_seed(0),
+                                       guidance=Guidance(0.5, 3.0)))
     moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in engine.model.named_parameters()}
     assert max(moved[n] for n in names) > 0 and max(v for n, v in moved.items() if n not in names) > 0
     # the schedule scales both groups alike: halfway through the stage each is at half its rate
@@ -423,7 +428,8 @@ def test_the_first_stage_trains_at_its_own_rate_with_the_w_embedding_faster_and_
     engine.set_lr()
     assert embedding["lr"] == pytest.approx(5 * network["lr"]) and network["lr"] == pytest.approx(1e-4)
     # a round after it: both groups at distill.lr
-    later = plain_engine(prepare_stage(cfg, round_stage(second, student_path, shards), torch.device("cpu")))
+    later_setup = objective_for(cfg, round_stage(second, student_path, shards)).setup(torch.device("cpu"))
+    later = plain_engine(later_setup.roles["student"], later_setup.batch_size)
     assert [g["lr"] for g in later.optimizer.param_groups] == [pytest.approx(1e-3)] * 2
 
 
@@ -435,7 +441,7 @@ def training_loader_of(cfg, shards):
 
 def test_a_guided_stage_interrupted_resumes_bit_for_bit(guided_stages, tmp_path, monkeypatch, capsys):
     cfg, root, shards, teacher_path, _, _ = guided_stages
-    stage = round_stage(plan_rounds(cfg.distill)[0], teacher_path, shards)
+    stage = round_stage(method_for(cfg).plan()[0], teacher_path, shards)
     through = load_file(str(_run(cfg, tmp_path / "through", stage) / "model.safetensors"))
     interrupted_at(monkeypatch, 6, lambda: _run(cfg, tmp_path / "again", stage))
     resumed = load_file(str(_run(cfg, tmp_path / "again", stage) / "model.safetensors"))
@@ -485,10 +491,10 @@ def test_tract_phases_distil_the_w_conditioned_student_at_its_own_w(guided_stage
     from dataclasses import replace
 
     cfg, _, shards, _, student_path, _ = guided_stages
-    tract = replace(cfg, distill=replace(cfg.distill, method="tract", phases=(2, 1)))
-    rounds = plan_rounds(tract.distill)
-    assert [(r.teacher_steps, r.student_steps, r.guidance) for r in rounds] == [(8, 8, True), (8, 2, False),
-                                                                                (2, 1, False)]
+    tract = replace(cfg, distill=replace(cfg.distill, method="tract", options={"tract": {"phases": [2, 1]}}))
+    rounds = method_for(tract).plan()
+    assert [(r.teacher_steps, r.student_steps, r.phase) for r in rounds] == [(8, 8, "guidance"), (8, 2, ""),
+                                                                             (2, 1, "")]
     phase = _run(tract, tmp_path, round_stage(rounds[1], student_path, shards))
     meta = read_meta(phase)
     assert meta.guidance_input and meta.sampling_steps == 2

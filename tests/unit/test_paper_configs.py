@@ -8,7 +8,7 @@ import pytest
 
 from raypd.config import Config, load_config
 from raypd.models.build import count_parameters
-from raypd.train.rounds import plan_rounds
+from raypd.methods import method_for
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -79,7 +79,7 @@ def test_paper_settings(name):
 
 @pytest.mark.parametrize("name", PAPER)
 def test_rounds_and_their_budgets(name):
-    rounds = plan_rounds(paper(name).distill)
+    rounds = method_for(paper(name)).plan()
     assert len(rounds) == SHAPES[name][0]
     assert [r.student_steps for r in rounds][-3:] == [4, 2, 1]
     assert [r.updates for r in rounds] == [50000] * (len(rounds) - 2) + [100000, 100000]
@@ -137,8 +137,8 @@ def test_the_guided_imagenet_config_is_imagenet64_with_guidance_and_its_dry_run_
     d = guided.distill
     assert (d.guidance_lr, d.guidance_embedding_lr_factor, d.guidance_endpoints) == (d.lr, 1.0, 0.0)
     assert d.guidance_loss_power == 0.0
-    rounds = plan_rounds(guided.distill)
-    assert rounds[0].guidance and (rounds[0].teacher_steps, rounds[0].student_steps) == (1024, 1024)
+    rounds = method_for(guided).plan()
+    assert rounds[0].phase == "guidance" and (rounds[0].teacher_steps, rounds[0].student_steps) == (1024, 1024)
     assert [r.student_steps for r in rounds[1:]] == [512, 256, 128, 64, 32, 16, 8, 4, 2, 1]
     # one extra class embedding, the "no class" label, and no w embedding in the teacher
     assert count_parameters(guided.model, guided.data) - count_parameters(plain.model, plain.data) == 768
@@ -149,4 +149,4 @@ def test_the_guided_imagenet_config_is_imagenet64_with_guidance_and_its_dry_run_
                  f"run.storage_path={tmp_path}"]) == 0
     out = capsys.readouterr()
     text = out.out + out.err
-    assert "1024->1024 (w input)" in text and "round 10" in text and "dry run: nothing was started" in text
+    assert "1024->1024 (guidance)" in text and "round 10" in text and "dry run: nothing was started" in text

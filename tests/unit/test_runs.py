@@ -66,7 +66,7 @@ def test_config_guard_names_what_changed(tmp_path):
     (tmp_path / "local" / "config.json").write_text(json.dumps(older))
     with pytest.raises(RunStateError, match=r"distill.method \(None -> 'tract'\)"):
         check_and_save_config(load_config(None, [f"run.storage_path={tmp_path}", "distill.method=tract",
-                                                 "distill.phases=[8,1]"]), tmp_path / "local")
+                                                 "distill.tract.phases=[8,1]"]), tmp_path / "local")
 
 
 def test_restart_moves_the_run_aside(tmp_path):

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from raypd.config import load_config
 from raypd.data.batch import Batch
 from raypd.data.prepare import training_shards
+from raypd.methods import objective_for
 from raypd.train.runner import InProcessRunner
 from raypd.train.stage import Stage, teacher_stage
 from raypd.train.stage_loop import StageLoop
@@ -28,7 +29,8 @@ def setup(tmp_path_factory):
 
 
 def _run(cfg, root, stage: Stage):
-    InProcessRunner(cfg, root / "local", torch.device("cpu")).run(stage, root / "out")
+    InProcessRunner(cfg, root / "local", torch.device("cpu"),
+                    objectives=lambda stage: objective_for(cfg, stage)).run(stage, root / "out")
     return load_file(str(root / "out" / "model.safetensors")), json.loads((root / "out" / "meta.json").read_text())
 
 
@@ -84,16 +86,21 @@ def test_a_non_finite_streak_rolls_back_to_the_checkpoint_with_a_lower_learning_
 
 
 def test_plain_engine_state_round_trips_without_pickles(setup, tmp_path):
-    from raypd.train.setup import plain_engine, prepare_stage
+    from raypd.train.engine import plain_engine
+    from raypd.train.objective import TeacherTraining
 
     cfg, shards = setup
-    stage = teacher_stage(3, 4, shards)
-    first = plain_engine(prepare_stage(cfg, stage, torch.device("cpu")))
+
+    def fresh():
+        setup = TeacherTraining(cfg).setup(torch.device("cpu"))
+        return plain_engine(setup.roles["teacher"], setup.batch_size)
+
+    first = fresh()
     first.model(torch.randn(2, 1, 8, 8), torch.zeros(2)).square().mean().backward()
     first.step()
     first.save(tmp_path, {"updates": 1})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engine.json", "engine.safetensors"]
-    second = plain_engine(prepare_stage(cfg, stage, torch.device("cpu")))
+    second = fresh()
     assert second.load(tmp_path) == {"updates": 1}
     a, b = first.optimizer.state_dict(), second.optimizer.state_dict()
     assert a["param_groups"] == b["param_groups"]

@@ -18,33 +18,46 @@ from raypd.data import Batch
 from raypd.data.prepare import training_shards
 from raypd.diffusion import ddim_sample, logsnr_schedule
 from raypd.models import Denoiser
-from raypd.train import build_plain_engine, freeze, linear_decay, make_student, plan_rounds, train_step
+from raypd.methods import method_for, objective_for
+from raypd.methods.regression import regression_loss
+from raypd.methods.tract import Phase
+from raypd.train import build_plain_engine, freeze, linear_decay, make_student, train_step
 from raypd.train.ema import EMA
 from raypd.train.runner import InProcessRunner
 from raypd.train.stage import Stage
-from raypd.train.stage_loop import SELF_TEACHER
 from tests.gmm import GaussianMixture
+from tests.plans import plan_of
 from tests.teachers import perturbed_denoiser
 from tests.unit.test_distill_end_to_end import MLP, AnalyticTeacher
 from tests.unit.test_stage_loop import interrupted_at
 
 
 def test_tract_settings_are_checked_up_front():
-    ok = DistillConfig(method="tract", start_steps=64, phases=(8, 1))
-    assert [(r.teacher_steps, r.student_steps) for r in plan_rounds(ok)] == [(64, 8), (8, 1)]
+    ok = DistillConfig(method="tract", start_steps=64, options={"tract": {"phases": [8, 1]}})
+    assert [(r.teacher_steps, r.student_steps) for r in plan_of(ok)] == [(64, 8), (8, 1)]
     bad = [
-        (["distill.phases=[8,1]"], "distill.phases: only distill.method=tract has phases"),
-        (["distill.method=tract"], "distill.phases: distill.method=tract needs"),
-        (["distill.method=tract", "distill.phases=[12,1]"], r"distill.phases\[0\]: must be below and divide"),
-        (["distill.method=tract", "distill.phases=[8,3]"], r"distill.phases\[1\]: must be below and divide .*\(8\)"),
-        (["distill.method=tract", "distill.phases=[8,2]"], "distill.phases: the last phase must end at end_steps"),
-        (["distill.method=tract", "distill.phases=[8,1]", "distill.self_teacher_ema=1.0"],
-         r"distill.self_teacher_ema: must lie in \[0, 1\)"),
-        (["distill.method=consistency"], "distill.method: must be one of"),
+        (["distill.method=tract"], "distill.tract.phases: distill.method=tract needs"),
+        (["distill.method=tract", "distill.tract.phases=[12,1]"],
+         r"distill.tract.phases\[0\]: must be below and divide"),
+        (["distill.method=tract", "distill.tract.phases=[8,3]"],
+         r"distill.tract.phases\[1\]: must be below and divide .*\(8\)"),
+        (["distill.method=tract", "distill.tract.phases=[8,2]"],
+         "distill.tract.phases: the last phase must end at end_steps"),
+        (["distill.method=tract", "distill.tract.phases=[8,1]", "distill.tract.self_teacher_ema=1.0"],
+         r"distill.tract.self_teacher_ema: must lie in \[0, 1\)"),
+        (["distill.method=tract", "distill.tract.phase=[8,1]"], "distill.tract.phase: unknown key"),
+        (["distill.method=consistency"], "distill.method: no method is called 'consistency'"),
     ]
     for overrides, message in bad:
         with pytest.raises(ConfigError, match=message):
-            load_config(None, overrides)
+            method_for(load_config(None, overrides))
+    # settings that moved into the method's section are refused with their new place
+    for key, moved in (("phases", "tract.phases"), ("self_teacher_ema", "tract.self_teacher_ema")):
+        with pytest.raises(ConfigError, match=f"distill.{key}: this setting moved to distill.{moved}"):
+            load_config(None, [f"distill.{key}=1"])
+    # another method's section is still checked: a typo there is no silent no-op
+    with pytest.raises(ConfigError, match=r"distill.tract.self_teacher_ema: must lie"):
+        method_for(load_config(None, ["distill.tract.self_teacher_ema=2"]))
 
 
 def test_the_bias_corrected_average_weights_every_update_seen_by_decay_to_its_age():
@@ -73,8 +86,8 @@ def test_tract_two_phases_from_an_exact_teacher_beat_its_ddim_at_one_step():
     torch.manual_seed(0)
     gmm = GaussianMixture.random(k=4, shape=(2, 1, 1), std=0.05, seed=3, dtype=torch.float32)
     logsnr_fn = functools.partial(logsnr_schedule)
-    phases = plan_rounds(DistillConfig(method="tract", start_steps=8, end_steps=1, phases=(2, 1),
-                                       updates_per_round=400, late_rounds_factor=1.0))
+    phases = plan_of(DistillConfig(method="tract", start_steps=8, end_steps=1, options={"tract": {"phases": [2, 1]}},
+                                   updates_per_round=400, late_rounds_factor=1.0))
     teacher: nn.Module = AnalyticTeacher(gmm)
     data_gen, noise_gen = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
     students = {}
@@ -86,9 +99,11 @@ def test_tract_two_phases_from_an_exact_teacher_beat_its_ddim_at_one_step():
         self_teacher = EMA(student, 0.5, bias_corrected=True)
         losses = []
         for _ in range(updates):
-            stats = train_step(engine, Batch(gmm.sample(256, data_gen)), weighting="snr_trunc", logsnr_fn=logsnr_fn,
-                               teacher=teacher, n_steps=phase.student_steps, generator=noise_gen,
-                               self_teacher=self_teacher.shadow, teacher_steps=phase.teacher_steps)
+            nets = {"student": engine.model, "teacher": teacher, "self_teacher": self_teacher.shadow}
+            loss = regression_loss(Phase, nets, Batch(gmm.sample(256, data_gen)), student_steps=phase.student_steps,
+                                   teacher_steps=phase.teacher_steps, weighting="snr_trunc", logsnr_fn=logsnr_fn,
+                                   generator=noise_gen)
+            stats = train_step(engine, loss)
             engine.update_average(self_teacher)
             losses.append(stats.loss)
         assert sum(losses[-50:]) < sum(losses[:50]), f"phase {phase.index} did not learn"
@@ -105,11 +120,12 @@ def test_tract_two_phases_from_an_exact_teacher_beat_its_ddim_at_one_step():
 
 TINY = ["data.resolution=8", "model.attn_resolutions=[4]", "model.ch=32", "model.ch_mult=[1,2]",
         "distill.batch_size=8", "data.loader_workers=0", "run.device=cpu", "dist.checkpoint_every=4",
-        "distill.method=tract", "distill.phases=[8,1]"]
+        "distill.method=tract", "distill.tract.phases=[8,1]"]
 
 
 def _run(cfg, root, stage: Stage):
-    InProcessRunner(cfg, root / "local", torch.device("cpu")).run(stage, root / "out")
+    InProcessRunner(cfg, root / "local", torch.device("cpu"),
+                    objectives=lambda stage: objective_for(cfg, stage)).run(stage, root / "out")
     return load_file(str(root / "out" / "model.safetensors")), json.loads((root / "out" / "meta.json").read_text())
 
 
@@ -125,7 +141,7 @@ def test_a_tract_phase_checkpoints_its_self_teacher_and_resumes_bit_for_bit(tmp_
     last = tmp_path / "through" / "local" / "round-00" / "checkpoint_00000008"
     state = json.loads((last / "engine.json").read_text())["client"]
     assert state["self_teacher_updates"] == 8
-    self_teacher = load_file(str(last / SELF_TEACHER))
+    self_teacher = load_file(str(last / "self_teacher.safetensors"))
     assert sorted(self_teacher) == sorted(through)
     # an average of the student's recent weights: neither the student nor the teacher it started from
     start = load_file(str(teacher / "model.safetensors"))

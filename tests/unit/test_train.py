@@ -7,9 +7,11 @@ from raypd.config import DistillConfig, load_config
 from raypd.data import Batch
 from raypd.diffusion import logsnr_schedule
 from raypd.models import Denoiser, build_denoiser
-from raypd.train import (EMA, build_plain_engine, diffusion_loss, freeze, linear_decay, make_student,
-                         plan_rounds, train_step, warmup)
+from raypd.methods.progressive import HalvingRound
+from raypd.methods.regression import regression_loss
+from raypd.train import EMA, build_plain_engine, denoising_loss, freeze, linear_decay, make_student, train_step, warmup
 
+from tests.plans import plan_of
 from tests.teachers import perturbed_denoiser
 
 TINY = ["model.ch=32", "model.ch_mult=[1,2]", "data.resolution=8", "model.attn_resolutions=[4]", "model.dropout=0.2"]
@@ -26,12 +28,12 @@ def test_lr_schedules():
 
 
 def test_plan_rounds_paper_schedule():
-    rounds = plan_rounds(DistillConfig(start_steps=8192, end_steps=1, updates_per_round=50_000, late_rounds_factor=2.0))
+    rounds = plan_of(DistillConfig(start_steps=8192, end_steps=1, updates_per_round=50_000, late_rounds_factor=2.0))
     assert len(rounds) == 13
     assert [r.student_steps for r in rounds] == [4096 // 2**k for k in range(13)]
     assert [r.updates for r in rounds[-3:]] == [50_000, 100_000, 100_000]
     assert all(r.teacher_steps == 2 * r.student_steps for r in rounds)
-    short = plan_rounds(DistillConfig(start_steps=16, end_steps=4, updates_per_round=10))
+    short = plan_of(DistillConfig(start_steps=16, end_steps=4, updates_per_round=10))
     assert [(r.teacher_steps, r.student_steps, r.updates) for r in short] == [(16, 8, 10), (8, 4, 10)]
 
 
@@ -57,21 +59,22 @@ def test_student_is_a_trainable_dropout_free_copy_and_teacher_is_frozen():
     assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), student.state_dict().values()))
 
 
-def test_teacher_training_and_distillation_share_one_step():
+def test_teacher_training_and_distillation_share_one_update():
     cfg = load_config(None, TINY)
     x = torch.rand(8, 1, 8, 8) * 2 - 1
     student = perturbed_denoiser(cfg).train()
     teacher = freeze(perturbed_denoiser(cfg))
     kw = dict(weighting="snr_trunc", logsnr_fn=logsnr_schedule)
-    plain = diffusion_loss(student, Batch(x), generator=torch.Generator().manual_seed(0), **kw)
-    distill = diffusion_loss(student, Batch(x), teacher=teacher, n_steps=4, generator=torch.Generator().manual_seed(0), **kw)
+    nets = {"student": student, "teacher": teacher}
+    plain = denoising_loss(student, Batch(x), generator=torch.Generator().manual_seed(0), **kw)
+    distill = regression_loss(HalvingRound, nets, Batch(x), student_steps=4, generator=torch.Generator().manual_seed(0),
+                              **kw)
     assert plain.requires_grad and distill.requires_grad and plain.item() != distill.item()
     assert not any(p.grad is not None for p in teacher.parameters())
-    with pytest.raises(ValueError, match="needs n_steps"):
-        diffusion_loss(student, Batch(x), teacher=teacher, **kw)
     engine = build_plain_engine(student, lr=1e-3, betas=(0.9, 0.999), grad_clip=1.0, schedule=linear_decay(10))
     before = [p.detach().clone() for p in student.parameters()]
-    stats = train_step(engine, Batch(x), teacher=teacher, n_steps=4, generator=torch.Generator().manual_seed(1), **kw)
+    stats = train_step(engine, regression_loss(HalvingRound, nets, Batch(x), student_steps=4,
+                                               generator=torch.Generator().manual_seed(1), **kw))
     assert math.isfinite(stats.loss) and stats.lr == 1e-3 and engine.updates == 1
     assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
     assert engine.optimizer.param_groups[0]["lr"] == pytest.approx(0.9e-3)

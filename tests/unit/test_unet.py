@@ -169,14 +169,13 @@ def test_a_former_checkpoint_that_does_not_fit_its_settings_is_refused():
 def test_gradient_checkpointing_keeps_losses_and_gradients():
     """dist.gradient_checkpointing recomputes activations in backward: same loss, same gradients, same dropout."""
     from raypd.config import load_config as load
-    from raypd.train.setup import prepare_stage
-    from raypd.train.stage import Stage
+    from raypd.train.objective import TeacherTraining
 
     z, logsnr = _inputs(4)
     grads = []
     for on in (False, True):
         cfg = load(None, ["model.dropout=0.3", f"dist.gradient_checkpointing={str(on).lower()}"])
-        model = prepare_stage(cfg, Stage("teacher", "teacher", updates=1, stream=0, sampling_steps=4), torch.device("cpu")).model
+        model = TeacherTraining(cfg).setup(torch.device("cpu")).roles["teacher"].model
         _unzero(model)
         torch.manual_seed(5)
         loss = model(z, logsnr).square().mean()

@@ -63,10 +63,12 @@ def _loop(cfg, stage, rank: int, world: int, store, staging: Path):
     """The production loop on the production DeepSpeed engine, as a Ray Train worker builds it."""
     from raypd.distributed.deepspeed import stage_engine
     from raypd.distributed.guards import agree, dist_settings
+    from raypd.methods import objective_for
     from raypd.train.stage_loop import StageLoop
 
     device = torch.device("cpu")
-    return StageLoop(cfg, stage, build_engine=stage_engine(cfg, world), store=store, staging=staging, device=device,
+    return StageLoop(cfg, stage, objective=objective_for(cfg, stage), build_engine=stage_engine(cfg, world),
+                     store=store, staging=staging, device=device,
                      rank=rank, world=world, settings=dist_settings(cfg, world),
                      agree=lambda error: agree(error, world=world, label=stage.label, device=device))
 
@@ -84,7 +86,8 @@ def _combo(cfg, spec: dict, root: Path, rank: int, world: int, pairs: list[str],
     elif cfg.distill.method == "denoising_student":  # one step, trained on the teacher's pairs
         stage = stage.with_(student_steps=1, sampling_steps=1, teacher_steps=4, shards=tuple(pairs))
     elif cfg.distill.guided:  # the first stage: a w-conditioned student of the guided teacher, at its 4 steps
-        stage = stage.with_(teacher=guided_teacher, guidance=True, student_steps=4, sampling_steps=4, teacher_steps=4)
+        stage = stage.with_(teacher=guided_teacher, phase="guidance", student_steps=4, sampling_steps=4,
+                            teacher_steps=4)
     began = time.perf_counter()
     store = SharedFolderStore(root / "through")
     run = _loop(cfg, stage, rank, world, store, root / f"staging{rank}")
@@ -93,13 +96,16 @@ def _combo(cfg, spec: dict, root: Path, rank: int, world: int, pairs: list[str],
     out_start = max(float((start[k] - teacher[k].float()).abs().max()) for k in teacher)
     run.run(0)
     out = {"losses": run.losses, "skipped": run.engine.skipped_updates, "lr_after": run.engine.base_lr,
-           "start_max_diff": out_start}
+           "start_max_diff": out_start, "role_losses": run.role_losses}
     final = store.reported[-1]
-    if run.self_teacher is not None:  # every rank keeps the same self-teacher, and it moved off the start
-        average = run.self_teacher.state_dict()
+    self_teacher = run.averages.get("self_teacher")
+    if self_teacher is not None:  # every rank keeps the same self-teacher, and it moved off the start
+        average = self_teacher.state_dict()
         out["self_teacher"] = {"sum": float(sum(v.double().sum() for v in average.values())),
                                "moved": max(float((average[k] - teacher[k].float()).abs().max()) for k in teacher),
-                               "updates": run.self_teacher.count}
+                               "updates": self_teacher.count}
+    if "critic" in run.engines:
+        out["critic"] = _critic(run, final, rank, teacher)
     if rank == 0:
         mine = load_file(str(final / "consolidated" / "model.safetensors"))
         if cfg.distill.guided:
@@ -126,13 +132,16 @@ def _combo(cfg, spec: dict, root: Path, rank: int, world: int, pairs: list[str],
     out["group_lrs"] = [float(g["lr"]) for g in resumed.engine.engine.optimizer.param_groups]
     resumed.run(start)
     out["resumed_at"], out["resumed_losses"] = start, resumed.losses
+    out["resumed_role_losses"] = resumed.role_losses
 
     rolled = _loop(cfg, stage.with_(updates=UPDATES + EVERY), rank, world, SharedFolderStore(root / "rolled"),
                    root / f"staging{rank}")
     _poison_last_rank(rolled, rank, world)
     rolled.run(0)
     out["rollback"] = {"rollbacks": rolled.rollbacks, "skipped": rolled.engine.skipped_updates,
-                       "base_lr": rolled.engine.base_lr, "losses": rolled.losses}
+                       "base_lr": rolled.engine.base_lr, "losses": rolled.losses,
+                       "roles": {name: {"skipped": e.skipped_updates, "base_lr": e.base_lr}
+                                 for name, e in rolled.engines.items()}}
 
     # teacher training: the EMA of whole weights (gathered under ZeRO-3) is what the stage hands on
     t_stage = Stage("teacher", "teacher", updates=EVERY, sampling_steps=4, stream=0, shards=stage.shards)
@@ -151,9 +160,33 @@ def _combo(cfg, spec: dict, root: Path, rank: int, world: int, pairs: list[str],
     return out
 
 
+def _critic(run, final: Path, rank: int, teacher: dict) -> dict:
+    """The second role: it moved off its start (a copy of the teacher), and its consolidated weights are whole, fp32
+    and equal DeepSpeed's own consolidation of its checkpoint."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    from raypd.distributed.deepspeed import TAG
+
+    engine = run.engines["critic"]
+    out = {"updates": engine.updates, "skipped": engine.skipped_updates, "precision": engine.precision,
+           "student_precision": run.engine.precision}
+    if rank != 0:
+        return out
+    mine = load_file(str(final / "roles" / "critic" / "consolidated.safetensors"))
+    out["moved"] = max(float((mine[k] - teacher[k].float()).abs().max()) for k in teacher)
+    out["dtypes"] = sorted({str(v.dtype) for v in mine.values()})
+    out["numel"] = sum(v.numel() for v in mine.values())
+    if engine.zero_stage:
+        ref = get_fp32_state_dict_from_zero_checkpoint(str(final / "roles" / "critic"), tag=TAG)
+        out["keys"] = sorted(mine) == sorted(ref)
+        out["max_diff"] = max(float((mine[k].float() - ref[k].float()).abs().max()) for k in ref)
+    return out
+
+
 def _count_dropped_labels(run, cfg) -> list[int]:
     """Counts, per update, the labels that label dropout turned into the 'no class' label (none without it)."""
-    from raypd.train import step
+    from raypd.train import objective as step
 
     counts, original = [], step.drop_labels
 
@@ -178,6 +211,7 @@ def matrix_worker(config: dict) -> list | None:
     import deepspeed
     import ray.train
 
+    import tests.two_role  # noqa: F401 - registers the two-role test method
     from raypd.config import config_from_dict
 
     ctx = ray.train.get_context()

@@ -114,8 +114,12 @@ class DeepSpeedEngine:
         # the EMA lives on rank 0 only (it saves and hands it on); every rank still joins its ZeRO-3 gather
         self.keeps_ema = ema is not None if keeps_ema is None else keeps_ema
         self.precision = precision
-        # calling the engine runs the wrapped Denoiser's forward with ZeRO's hooks
-        self.model = MixedPrecisionForward(engine, DTYPES[precision]) if precision in DTYPES else engine
+        # calling the engine runs the wrapped Denoiser's forward with ZeRO's hooks; another role's loss calls the
+        # module itself (its parameters still gathered under ZeRO-3), so that this engine's backward hooks, which
+        # belong to this role's own update, stay out of another role's backward
+        low = DTYPES.get(precision)
+        self.model = MixedPrecisionForward(engine, low) if low else engine
+        self.network = MixedPrecisionForward(engine.module, low) if low else engine.module
         self.zero_stage = engine.zero_optimization_stage()
         self.updates = 0
         self.skipped_updates = 0

@@ -25,7 +25,10 @@ from raypd.train.objective import Role
 
 class Engine(Protocol):
     model: torch.nn.Module
-    """The trainable denoiser (what the loss calls)."""
+    """The trainable denoiser as its own loss calls it (through the engine: its backward is the engine's)."""
+    network: torch.nn.Module
+    """The same weights as another role's loss calls them: a plain forward, whose backward reaches their inputs and
+    leaves the engine's gradient machinery alone."""
     ema: EMA | None
     updates: int
     """Updates taken (skipped ones included): where the LR schedule stands."""
@@ -65,6 +68,7 @@ class PlainEngine:
     def __init__(self, model: Denoiser, optimizer: torch.optim.Optimizer, schedule: LrSchedule,
                  base_lr: float, grad_clip: float, ema: EMA | None = None):
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
+        self.network = model
         self.base_lr, self.grad_clip, self.ema = base_lr, grad_clip, ema
         self.lr_factors = [float(g.get("lr_factor", 1.0)) for g in optimizer.param_groups]
         """Each parameter group's learning rate as a multiple of the stage's (group 0, the network, at 1)."""

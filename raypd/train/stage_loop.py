@@ -106,7 +106,13 @@ class StageLoop:
 
     @property
     def nets(self) -> Nets:
-        return {**{name: e.model for name, e in self.engines.items()}, **self.frozen,
+        """Every network, as the first role's loss sees them."""
+        return self.nets_for(self.main)
+
+    def nets_for(self, turn: str) -> Nets:
+        """Every network as role ``turn``'s loss sees them: its own through its engine, the other roles' as plain
+        forwards of their weights."""
+        return {**{name: e.model if name == turn else e.network for name, e in self.engines.items()}, **self.frozen,
                 **{name: a.shadow for name, a in self.averages.items()}}
 
     @property
@@ -255,13 +261,14 @@ class StageLoop:
         torch.manual_seed(seed)  # dropout masks
         self.generator.manual_seed(seed)  # noise and times
         batch = self._next_batch(batches)
-        stats, nets = {}, self.nets
+        stats = {}
         for name, engine in self.engines.items():
             if k % self.roles[name].every:
                 continue
             skipped = engine.skipped_updates
             with trains_only(name, self.engines):
-                stats[name] = train_step(engine, self.objective.loss(name, nets, batch, self.generator))
+                loss = self.objective.loss(name, self.nets_for(name), batch, self.generator)
+                stats[name] = train_step(engine, loss)
             if engine.skipped_updates == skipped:
                 for average, follow in self.follows.items():
                     if follow.of == name:

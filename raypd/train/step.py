@@ -36,7 +36,7 @@ def trains_only(role: str, engines: Mapping[str, Engine]) -> Iterator[None]:
         yield
         return
     held = [p for name, engine in engines.items() if name != role
-            for p in engine.model.parameters() if p.requires_grad]
+            for p in engine.network.parameters() if p.requires_grad]
     for p in held:
         p.requires_grad_(False)
     try:

@@ -32,6 +32,7 @@ from tests.teachers import perturbed_denoiser  # noqa: E402
 
 LR = 1e-3
 TRACT = ["distill.method=tract", "distill.tract.phases=[8,1]"]
+CRITIC = ["distill.method=critic_test", "distill.critic_test.every=2", f"distill.critic_test.lr={LR}"]
 GUIDED = ["data.num_classes=10", "model.class_dropout=0.5", "distill.guidance_max=2", f"distill.guidance_lr={LR}",
           "distill.guidance_embedding_lr_factor=4"]
 COMBOS = [(f"z{stage}-{precision}-{offload}", [f"dist.zero_stage={stage}", f"dist.precision={precision}",
@@ -56,11 +57,22 @@ COMBOS = [(f"z{stage}-{precision}-{offload}", [f"dist.zero_stage={stage}", f"dis
     # its two parameter groups, each at its own rate, go through DeepSpeed's offloaded optimizer
     ("z2-bf16-opt-guided", ["dist.zero_stage=2", "dist.precision=bf16", "dist.teacher_dtype=bf16",
                             "dist.offload_optimizer=true", *GUIDED]),
+    # two roles (tests/two_role.py): a student stepping every second update and a critic at every one, each its
+    # own DeepSpeed engine under the stage's ZeRO stage, precision and offload (or a precision of its own)
+    ("z0-fp32-critic", ["dist.zero_stage=0", "dist.precision=fp32", *CRITIC]),
+    ("z1-bf16-opt-critic", ["dist.zero_stage=1", "dist.precision=bf16", "dist.teacher_dtype=bf16",
+                            "dist.offload_optimizer=true", *CRITIC]),
+    ("z2-fp32-critic", ["dist.zero_stage=2", "dist.precision=fp32", *CRITIC]),
+    ("z2-bf16-critic-fp32", ["dist.zero_stage=2", "dist.precision=bf16", *CRITIC,
+                             "distill.critic_test.precision=fp32"]),
+    ("z3-bf16-critic", ["dist.zero_stage=3", "dist.precision=bf16", "dist.teacher_dtype=bf16", *CRITIC]),
+    ("z3-fp32-params-critic", ["dist.zero_stage=3", "dist.precision=fp32", "dist.offload_optimizer=true",
+                               "dist.offload_params=true", *CRITIC]),
 ]
 # one worker runs a combination per ZeRO stage, precision and offload kind, plus each stage kind: what a single rank
 # does differently (no partner to partition with, no cross-rank agreement) shows there; two workers run them all
 ONE_WORKER = ["z0-fp32-none", "z1-bf16-opt", "z2-fp32-none", "z3-bf16-params", "z3-bf16-tract",
-              "z2-bf16-denoising-student", "z3-bf16-guided"]
+              "z2-bf16-denoising-student", "z3-bf16-guided", "z0-fp32-critic", "z3-fp32-params-critic"]
 BASE = ["data.resolution=8", "model.attn_resolutions=[4]", "model.ch=32", "data.loader_workers=0",
         "distill.batch_size=8", "teacher.batch_size=8", "teacher.warmup_updates=1", f"distill.lr={LR}", f"dist.checkpoint_every={EVERY}", "dist.nonfinite_patience=2",
         "dist.max_rollbacks=1", "data.shuffle_buffer=16", "dist.workers=2"]  # the worker count is the Ray run's
@@ -105,7 +117,9 @@ def stage_inputs(tmp_path_factory):
 
 
 def _combos(workers: int) -> list[tuple[str, list[str]]]:
-    return COMBOS if workers > 1 else [(name, overrides) for name, overrides in COMBOS if name in ONE_WORKER]
+    chosen = COMBOS if workers > 1 else [(name, overrides) for name, overrides in COMBOS if name in ONE_WORKER]
+    only = os.environ.get("RAYPD_MATRIX_ONLY")  # a developer's shortcut: rerun some combinations by name
+    return [c for c in chosen if c[0] in only.split(",")] if only else chosen
 
 
 def _run_matrix(workers: int, stage_inputs) -> list[dict]:
@@ -134,7 +148,11 @@ def _check(results: list[dict], workers: int, numels: dict) -> list[str]:
         numel = numels["guided" if "guided" in name else "plain"]
         errors = [r["error"] for r in ranks if "error" in r]
         assert not errors, f"{workers} worker(s), {name}: {errors}"
+        critic = "critic" in name
         for rank, r in enumerate(ranks):
+            if critic:
+                _check_roles(name, rank, r)
+                continue
             losses = [r["losses"][k] for k in range(1, UPDATES + 1)]
             assert all(math.isfinite(x) for x in losses), (name, rank, losses)
             assert r["skipped"] == 0, f"{name}: {r['skipped']} updates counted as skipped on rank {rank}"
@@ -153,10 +171,18 @@ def _check(results: list[dict], workers: int, numels: dict) -> list[str]:
             t = r["teacher"]
             assert all(math.isfinite(x) for x in t["losses"].values()) and t["skipped"] == 0, (name, rank, t)
             assert t["has_ema"] == (rank == 0), (name, rank)  # one EMA, on rank 0: no copy on the others
+        if critic:
+            c = ranks[0]["critic"]
+            own = "fp32" if "critic-fp32" in name else "bf16" if "bf16" in name else "fp32"
+            assert (c["precision"], c["student_precision"]) == (own, "bf16" if "bf16" in name else "fp32"), name
+            assert c["moved"] > 0 and c["dtypes"] == ["torch.float32"] and c["numel"] == numel, (name, c)
+            if "z0" not in name:
+                assert c["keys"] and c["max_diff"] == 0.0, (name, c)
         assert ranks[0]["teacher"]["ema_moved"] > 0, name
         assert ranks[0]["teacher"]["saved_is_ema"], name
         if workers > 1:  # the ranks read different data: their losses differ
-            assert ranks[0]["losses"][1] != ranks[1]["losses"][1], name
+            first = min(ranks[0]["losses"])
+            assert ranks[0]["losses"][first] != ranks[1]["losses"][first], name
         if "tract" in name:  # the resumed losses above also need the self-teacher back from the checkpoint
             averages = [r["self_teacher"] for r in ranks]
             assert all(a == averages[0] for a in averages), (name, averages)
@@ -171,6 +197,8 @@ def _check(results: list[dict], workers: int, numels: dict) -> list[str]:
                 assert network == pytest.approx(LR * (1 - EVERY / UPDATES)) and embedding == pytest.approx(4 * network)
         else:
             assert all(len(r["group_lrs"]) == 1 for r in ranks), name
+        if workers > 1 and critic:  # every rank holds the same (replicated or gathered) roles
+            assert all(r["critic"]["updates"] == UPDATES for r in ranks), name
         r0 = ranks[0]
         assert r0["consolidated_keys"] and r0["consolidated_numel"] == numel, name
         assert r0["consolidated_dtypes"] == ["torch.float32"], name
@@ -178,6 +206,24 @@ def _check(results: list[dict], workers: int, numels: dict) -> list[str]:
         assert r0.get("master_has_more_bits", True), name
         rows.append(f"{workers} | {name} | pass | {r0['seconds']:.1f}")
     return rows
+
+
+def _check_roles(name: str, rank: int, r: dict) -> None:
+    """A two-role stage: the critic steps at every update, the student at every second; both resume with the same
+    next losses; non-finite data rolls both back, each at half its rate."""
+    roles = r["role_losses"]
+    assert sorted(roles["critic"]) == list(range(1, UPDATES + 1)), (name, rank, roles)
+    assert sorted(roles["student"]) == list(range(2, UPDATES + 1, 2)) == sorted(r["losses"]), (name, rank, roles)
+    assert all(math.isfinite(x) for role in roles.values() for x in role.values()), (name, rank, roles)
+    assert r["skipped"] == 0 and r["critic"]["skipped"] == 0 and r["start_max_diff"] == 0.0, (name, rank)
+    assert r["resumed_at"] == EVERY
+    for role, losses in r["resumed_role_losses"].items():
+        for k, value in losses.items():
+            assert value == pytest.approx(roles[role][k], rel=1e-5, abs=1e-7), (name, rank, role, k)
+    rb = r["rollback"]
+    # NaN data at updates 3 and 4: the critic skips both, the student its one (4); then both go back to update 2
+    assert rb["rollbacks"] == 1 and rb["roles"]["critic"]["skipped"] == 2 and rb["roles"]["student"]["skipped"] == 1
+    assert rb["roles"]["student"]["base_lr"] == pytest.approx(LR * 0.5) == rb["roles"]["critic"]["base_lr"]
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from raypd.checkpoint import (CheckpointError, check_compatible, load_checkpoint, read_meta, verify_weights,
-                              weights_digest)
+from raypd.checkpoint import (CheckpointError, add_metrics, check_compatible, load_checkpoint, read_meta,
+                              verify_weights, weights_digest)
 from raypd.config import Config
 from raypd.data.prepare import training_shards
 from raypd.data.shards import check_shards
@@ -304,10 +304,12 @@ def _stages(ctx: Context, manifest: dict | None, cluster) -> dict:
         stats = finished(path, f"round {rnd.index}")
         if stats is None:
             stats = runner.run(round_stage(rnd, teacher_path, shards), path)
+            add_metrics(path, {"sampler": method.sampler})  # how it samples, for whoever loads it later
         else:
             log(f"[round {rnd.index}] already done, loading {path}")
         student = load_frozen(path, ctx.device)
-        summary["eval"].extend(evaluator.student(student, rnd.student_steps, rnd.index, weights_digest(path)))
+        summary["eval"].extend(evaluator.student(student, rnd.student_steps, rnd.index, weights_digest(path),
+                                                 sampler=method.sampler))
         summary["rounds"].append(round_row(rnd, stats, path, method, spent))
         spent = summary["rounds"][-1]["compute"]
         if hasattr(runner, "chose"):

@@ -70,8 +70,8 @@ def _sample_pairs(config: dict, key: str, state: dict, start: int, stop: int) ->
 
 
 class RayPairs:
-    """The Denoising Student's pairs sampled by Ray tasks (one GPU each when ``use_gpu``), a block per task, at most
-    two per worker in flight."""
+    """A method's (noise, teacher sample) pairs sampled by Ray tasks (one GPU each when ``use_gpu``), a block per
+    task, at most two per worker in flight."""
 
     def __init__(self, cfg: Config, *, workers: int, use_gpu: bool):
         import ray

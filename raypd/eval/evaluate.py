@@ -185,13 +185,14 @@ class Evaluator:
             f"{row['n_samples']} samples), RMSE to the full sampler {row['rmse_to_full']:.4f}{accuracy}")
         return row
 
-    def student(self, model: Denoiser, n_steps: int, round_index: int, digest: str = "") -> list[dict]:
-        """The round's student at its steps, at every guidance weight (``digest``: its weights' digest, the key it
-        is recorded under)."""
+    def student(self, model: Denoiser, n_steps: int, round_index: int, digest: str = "", *,
+                sampler: str = "ddim") -> list[dict]:
+        """The round's student at its steps with its method's ``sampler``, at every guidance weight (``digest``: its
+        weights' digest, the key it is recorded under)."""
         rows = []
         for w in self.weights:
-            make = lambda w=w: self.score("distilled", n_steps, self.generate(model, n_steps, w=w), w,  # noqa: E731
-                                          round=round_index)
+            make = lambda w=w: self.score("distilled", n_steps,  # noqa: E731
+                                          self.generate(model, n_steps, sampler=sampler, w=w), w, round=round_index)
             rows.append(self.point(f"distilled-{n_steps}-round{round_index}-{digest[:16]}{_wkey(w)}", make)
                         if digest else make())
         return rows

@@ -89,6 +89,10 @@ def plan_export(meta: CheckpointMeta, steps: int, *, clip: bool = True) -> Plan:
     """Decide the chain and pipeline for this student at ``steps`` steps (ExportError when it cannot be exact)."""
     if steps < 1:
         raise ExportError(f"steps must be positive, got {steps}")
+    sampler = meta.metrics.get("sampler", "ddim")
+    if sampler != "ddim":
+        raise ExportError(f"this student samples with its method's {sampler!r} sampler; export writes pipelines that "
+                          "sample by DDIM")
     if meta.model.backbone == "diffusers" and (meta.schedule != "discrete"
                                                or tuple(meta.discrete_betas) != tuple(meta.model.diffusers_betas)):
         raise ExportError("the run's noise schedule is not the imported network's own discrete schedule, so a "

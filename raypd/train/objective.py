@@ -2,8 +2,8 @@
 
 A stage trains one or more networks, its *roles* (a student; a critic or a discriminator beside it), each
 with its own optimizer, learning rate and schedule, clipping, optional EMA, precision and update ratio. Beside
-them it keeps frozen networks (the teacher) and *averages*: frozen EMAs of a trained role (a TRACT
-self-teacher, a consistency model's target network) that are updated after each of that role's steps and kept
+them it keeps frozen networks (the teacher) and *averages*: frozen EMAs of a trained role (a self-teacher, a
+stop-gradient target network) that are updated after each of that role's steps and kept
 in every checkpoint. An ``Objective`` says, for one stage, how all of that is built and what each role's loss is
 on one batch; the loop (``raypd.train.stage_loop``) does the rest identically for every method.
 

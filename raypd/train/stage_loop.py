@@ -307,7 +307,9 @@ class StageLoop:
                 if k == updates:
                     final = {"final_loss": metrics["loss"], "skipped_samples": self.skipped_samples,
                              "skipped_updates": self.skipped_updates, "updates": updates,
-                             "lr": self.engine.base_lr, "seconds": self.seconds}
+                             "lr": self.engine.base_lr, "seconds": self.seconds,
+                             **{f"{name}_final_loss": metrics[f"{name}_loss"] for name in self.engines
+                                if name != self.main}}
                 self.store.report(metrics, self.save(k, final), final=final is not None)
                 window, tick = [], time.perf_counter()
         return metrics

@@ -55,3 +55,18 @@ def test_every_built_in_method_trains_as_recorded(tmp_path, ray_session):
     # the methods differ from each other: a recording that did not depend on the method would pass the above
     digests = [now["in_process"][m]["digest"] for m in METHODS]
     assert len(set(digests)) == len(digests)
+
+
+def test_a_method_registered_outside_raypd_trains_its_roles_on_ray_train(tmp_path, ray_session):
+    """The workers import the module that registered the run's method (here the tests' two-role method) before
+    they read the config; each role trains on its own DeepSpeed engine and reports its own loss."""
+    import tests.two_role  # noqa: F401 - registers critic_test in this process only
+    from raypd.config import load_config
+    from raypd.distributed.trainer import RayTrainRunner
+    from tests.method_curves import BASE, stage_for
+
+    made = inputs(tmp_path)
+    cfg = load_config(None, [*BASE, "distill.method=critic_test", "dist.workers=1", "dist.zero_stage=2"])
+    metrics = RayTrainRunner(cfg, tmp_path / "ray").run(stage_for("progressive", made), tmp_path / "out")
+    assert metrics["updates"] == 8 and metrics["final_loss"] > 0 and metrics["critic_final_loss"] > 0
+    assert (tmp_path / "out" / "model.safetensors").is_file()

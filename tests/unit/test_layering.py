@@ -88,3 +88,18 @@ def test_import_and_help_stay_light():
             "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_training_loop_driver_and_cluster_code_name_no_method():
+    """A method is one file in raypd/methods/: the code that trains, drives and distributes stages knows none of
+    them by name, nor their particular arguments (a self-teacher, a batch of pairs)."""
+    import re
+
+    from raypd.methods import METHODS
+
+    words = [name for name in METHODS if name != "critic_test"] + ["self_teacher", "batch.z", "tract", "pairs_loss"]
+    pattern = re.compile("|".join(rf"\b{re.escape(w)}\b" for w in words), re.IGNORECASE)
+    places = [*(PKG / "train").rglob("*.py"), PKG / "pipeline.py", *(PKG / "distributed").rglob("*.py")]
+    found = [f"{path.relative_to(PKG)}:{i}: {line.strip()}" for path in places
+             for i, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not found, "\n".join(found)

@@ -22,7 +22,7 @@ from typing import Any, Literal, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
-from raypd.config import Config, ConfigError, DataConfig, ModelConfig, _build, _plain, redact
+from raypd.config import Config, ConfigError, DataConfig, ModelConfig, _build, _plain, migrate, redact
 from raypd.diffusion import make_logsnr_fn
 from raypd.models import Denoiser, build_denoiser
 from raypd.models.convert import convert_state, is_legacy
@@ -148,7 +148,7 @@ def read_meta(path: str | Path) -> CheckpointMeta:
         schedule = raw["schedule"]
         return CheckpointMeta(raw["kind"], int(raw["sampling_steps"]), raw["round"], model, data,
                               float(schedule["logsnr_min"]), float(schedule["logsnr_max"]),
-                              raw["config"], raw.get("metrics", {}), schedule.get("kind", "cosine"),
+                              migrate(raw["config"]), raw.get("metrics", {}), schedule.get("kind", "cosine"),
                               tuple(float(b) for b in schedule.get("discrete_betas", ())),
                               bool(raw.get("guidance_input", False)))
     except (KeyError, TypeError, ConfigError) as err:

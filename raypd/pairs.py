@@ -38,7 +38,8 @@ def shard_urls(folder: Path) -> list[str]:
 
 def ensure_pairs(cfg: Config, out: Path, teacher: Denoiser, teacher_digest: str, *, count: int, device: torch.device,
                  remote=None, log=lambda line: print(line, file=sys.stderr, flush=True)) -> list[str]:
-    """The URLs of ``count`` pairs' shards: found in the run, or sampled (``remote``: an object whose ``run(teacher, blocks)``
+    """The URLs of ``count`` pairs' shards: found in the run, or sampled (``remote``: an object whose
+    ``run(teacher, blocks)``
     yields each (start, stop, uint8 images) block sampled elsewhere, the Ray tasks) and written."""
     folder = pairs_folder(out, cfg, teacher_digest, count)
     if (folder / MANIFEST).is_file():

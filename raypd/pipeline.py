@@ -169,6 +169,7 @@ def run_pipeline(cfg: Config, *, mode: str = "auto") -> dict:
     ``mode``: ``auto`` continues the run in the storage path when there is one (a finished one is
     left as it is), ``resume`` requires one, ``restart`` moves it aside and starts over.
     """
+    cfg = method_for(cfg).complete()
     with open_run(cfg, restart=mode == "restart") as (out, mirror):
         check_and_save_config(cfg, out, resume=mode == "resume")
         done = finished_summary(out)

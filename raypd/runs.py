@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from raypd.config import Config, redact
+from raypd.config import Config, migrate, redact
 from raypd.storage import pid_alive
 
 LOCK = "driver.lock"
@@ -157,7 +157,7 @@ def check_and_save_config(cfg: Config, out: Path, *, resume: bool = False) -> No
         raise RunStateError(f"--resume: {out} holds no run to resume (no {CONFIG}); "
                             "check run.storage_path / run.name, or drop --resume to start one")
     if has_state(out):
-        saved = _flat(json.loads((out / CONFIG).read_text()))
+        saved = _flat(migrate(json.loads((out / CONFIG).read_text())))
         current = _flat(redact(cfg.to_dict()))
         diffs = changed_keys(saved, current)
         if diffs:

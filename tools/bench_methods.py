@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO / "tools"))
 from bench_quality import data_overrides  # noqa: E402
 
 from raypd.compare import load_run, write_comparison  # noqa: E402
-from raypd.config import config_from_dict, load_config  # noqa: E402
+from raypd.config import config_from_dict, load_config, migrate  # noqa: E402
 from raypd.pipeline import run_pipeline  # noqa: E402
 from raypd.runs import CONFIG  # noqa: E402
 from raypd.train.rounds import TRAIN_FORWARDS  # noqa: E402
@@ -56,7 +56,7 @@ def main() -> None:
         pd_dir = Path(args.pd)
         if not (pd_dir / CONFIG).is_file():
             raise SystemExit(f"--pd {pd_dir}: not a run directory (no {CONFIG})")
-        base = json.loads((pd_dir / CONFIG).read_text())
+        base = migrate(json.loads((pd_dir / CONFIG).read_text()))
         method = base["distill"].get("method", "progressive")
         if method != "progressive":
             raise SystemExit(f"--pd {pd_dir}: its distill.method is {method}, not progressive")

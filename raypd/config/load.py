@@ -12,7 +12,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from raypd.config.schema import Config, ConfigError, _plain, _require
+from raypd.config.schema import Config, ConfigError, DistillConfig, _plain, _require
 
 _USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/:@\s]+:)[^@/\s]+@")
 
@@ -131,6 +131,21 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(".".join(parts[: depth + 1]), f"must be a mapping of settings, got {node!r}")
+
+
+def migrate(data: dict[str, Any]) -> dict[str, Any]:
+    """A config saved by an earlier raypd (a run's ``config.json``, a checkpoint's metadata) in today's layout: each
+    setting that moved into a method's section goes there when it belongs to the saved run's method, and is
+    dropped otherwise (it did nothing in that run)."""
+    distill = dict(data.get("distill") or {})
+    method = distill.get("method", "progressive")
+    for key, moved in DistillConfig.MOVED.items():
+        if key in distill:
+            value = distill.pop(key)
+            section, inner = moved.split(".", 1)
+            if section == method:
+                distill[section] = {**(distill.get(section) or {}), inner: value}
+    return {**data, "distill": distill} if "distill" in data else data
 
 
 def config_from_dict(data: dict[str, Any] | None, overrides: typing.Sequence[str] = ()) -> Config:

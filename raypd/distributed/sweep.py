@@ -287,7 +287,8 @@ def sweep_round(cfg: Config, *, rnd: Round, stage: Stage, sweep_dir: Path, eval_
     store = store or str(sweep_dir)
     method = method_for(cfg)
     space, first = search_space(cfg, rnd.updates, centre, stage_lr=method.stage_lr(stage.phase))
-    static = {"config": cfg.to_dict(), "stage": stage.to_dict(), "sweep_dir": store, "lr_key": method.lr_key(stage.phase),
+    static = {"config": cfg.to_dict(), "stage": stage.to_dict(), "sweep_dir": store,
+              "lr_key": method.lr_key(stage.phase),
               "eval": eval_spec.to_dict() if s.fid and eval_spec is not None else None}
     # a trial's own process only waits for its Train run: it asks for memory, no CPU or GPU, so the
     # workers get all of those (Tune refuses an empty request)

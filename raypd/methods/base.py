@@ -74,6 +74,13 @@ class Method:
             return None
         return build_section(cls.Options, raw, f"distill.{cls.name}")
 
+    def complete(self) -> Config:
+        """The config with this method's section written out in full (defaults included), as a run saves it: a
+        rerun that states a default, or leaves it out, is the same run."""
+        if self.Options is None:
+            return self.cfg
+        return with_options(self.cfg, **dataclasses.asdict(self.options))
+
     def unguided_reason(self) -> str:
         return "it has no guided form"
 

@@ -1,4 +1,5 @@
-"""Training logic, free of Ray and DeepSpeed and of any one method: the stage loop, engines, roles, EMA, LR schedules."""
+"""Training logic, free of Ray and DeepSpeed and of any one method: the stage loop, engines, roles, EMA, LR
+schedules."""
 
 from raypd.train.ema import EMA
 from raypd.train.engine import Engine, PlainEngine, build_plain_engine, plain_engine

@@ -194,9 +194,8 @@ class StageLoop:
         for name, engine in self.engines.items():
             client = {"updates": engine.updates, "base_lr": engine.base_lr, "skipped_updates": engine.skipped_updates}
             if name == self.main:
-                client = {"updates": k, "role_updates": engine.updates, "base_lr": engine.base_lr,
-                          "rollbacks": self.rollbacks,
-                          "seconds": self.seconds, "skipped_updates": engine.skipped_updates,
+                client = {**client, "updates": k, "role_updates": engine.updates, "rollbacks": self.rollbacks,
+                          "seconds": self.seconds,
                           **{f"{a}_updates": average.count for a, average in self.averages.items()}}
             where = self._role_dir(path, name)
             where.mkdir(parents=True, exist_ok=True)
@@ -223,8 +222,7 @@ class StageLoop:
             s = self.stage
             meta = meta_for(self.cfg, kind="student" if s.distills else "teacher", sampling_steps=s.sampling_steps,
                             round=s.round, metrics=final_metrics,
-                            guidance_input=bool(getattr(engine.model, "guidance_input", False) or
-                                                getattr(self.roles[name].model, "guidance_input", False)))
+                            guidance_input=bool(getattr(self.roles[name].model, "guidance_input", False)))
             save_checkpoint(path / "consolidated", state, meta)
 
     def roll_back(self) -> int:

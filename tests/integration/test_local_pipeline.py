@@ -273,7 +273,7 @@ def test_guided_pipeline_runs_to_a_one_step_w_student_resumes_after_a_kill_and_r
     original = StageLoop._update
 
     def killed(self, k, batches):  # the driver dies inside the first stage, after its checkpoint at update 3
-        if self.stage.guidance and k == 5:
+        if self.stage.phase == "guidance" and k == 5:
             raise KeyboardInterrupt("killed")
         return original(self, k, batches)
 
@@ -287,8 +287,8 @@ def test_guided_pipeline_runs_to_a_one_step_w_student_resumes_after_a_kill_and_r
     assert "[teacher] loading" in err and "[round 0] resumed from the checkpoint at update 3 of 6" in err
     run = tmp_path / "guided"
     summary = json.loads((run / "summary.json").read_text())
-    assert [(r["teacher_steps"], r["student_steps"], r["updates"], r.get("guidance", False))
-            for r in summary["rounds"]] == [(4, 4, 6, True), (4, 2, 10, False), (2, 1, 10, False)]
+    assert [(r["teacher_steps"], r["student_steps"], r["updates"], r.get("phase", ""))
+            for r in summary["rounds"]] == [(4, 4, 6, "guidance"), (4, 2, 10, ""), (2, 1, 10, "")]
     assert [r["compute"] for r in summary["rounds"]] == [5 * 6 * 32, 5 * 16 * 32, 5 * 26 * 32]
     points = [(r["sampler"], r["steps"], r["guidance"]) for r in summary["eval"]]
     assert points == [(s, n, w) for w in (0.0, 2.0) for s, n in (("teacher_ddim", 4), ("teacher_ddim", 2),

@@ -197,7 +197,8 @@ def test_a_tract_phase_sweeps_like_a_round(tmp_path, teacher):
 def test_a_denoising_student_sweeps_on_pairs_sampled_by_ray_tasks(tmp_path, teacher):
     """The pairs sampled by a Ray task (dist.workers=1), then trials on them reporting their held-out pair loss."""
     args = [*BASE, "sweep.lrs=[0.001,0.0003]", "distill.updates_per_round=6", "distill.method=denoising_student",
-            "distill.denoising_student.pairs=64", "dist.workers=1", f"teacher.checkpoint={teacher}", f"run.storage_path={tmp_path}",
+            "distill.denoising_student.pairs=64", "dist.workers=1", f"teacher.checkpoint={teacher}",
+            f"run.storage_path={tmp_path}",
             "run.name=ds"]
     log = _finish(args, tmp_path)
     assert "[pairs] wrote 64 pairs" in log and "1 Ray task(s) at a time" in log

@@ -28,7 +28,8 @@ from tests.unit.test_stage_loop import interrupted_at
 
 TINY = ["data.resolution=8", "model.attn_resolutions=[4]", "model.ch=32", "model.ch_mult=[1,2]",
         "distill.batch_size=8", "data.loader_workers=0", "run.device=cpu", "dist.checkpoint_every=4",
-        "distill.method=denoising_student", "distill.start_steps=4", "distill.denoising_student.pairs=40", "data.num_classes=10"]
+        "distill.method=denoising_student", "distill.start_steps=4", "distill.denoising_student.pairs=40",
+        "data.num_classes=10"]
 
 
 def test_denoising_student_settings_are_checked_up_front():

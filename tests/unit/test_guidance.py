@@ -177,7 +177,8 @@ def test_guidance_settings_are_checked_up_front():
                            (["model.class_dropout=0.1"], "model.class_dropout"),
                            (["model.class_dropout=1.0", "data.num_classes=10"], "model.class_dropout"),
                            ([*GUIDED, "distill.guidance_min=3", "distill.guidance_max=2"], "distill.guidance_min"),
-                           ([*GUIDED, "distill.guidance_max=2", "distill.method=denoising_student"], "distill.guidance_max"),
+                           ([*GUIDED, "distill.guidance_max=2", "distill.method=denoising_student"],
+                            "distill.guidance_max"),
                            ([*GUIDED, "distill.guidance_max=2", "distill.guidance_updates=0"],
                             "distill.guidance_updates"),
                            ([*GUIDED, "distill.guidance_max=2", "distill.guidance_lr=0"], "distill.guidance_lr"),
@@ -418,9 +419,9 @@ def test_the_first_stage_trains_at_its_own_rate_with_the_w_embedding_faster_and_
     before = {n: p.detach().clone() for n, p in engine.model.named_parameters()}
     batch = next(iter(training_loader_of(cfg, shards)))
     nets = {"student": engine.model, "teacher": load_checkpoint(teacher_path)[0]}
-    train_step(engine, regression_loss(FirstStage, nets, batch, student_steps=first.student_steps, weighting="snr_trunc",
-                                       logsnr_fn=logsnr_schedule, generator=torch.Generator().manual_seed(0),
-                                       guidance=Guidance(0.5, 3.0)))
+    train_step(engine, regression_loss(FirstStage, nets, batch, student_steps=first.student_steps,
+                                       weighting="snr_trunc", logsnr_fn=logsnr_schedule,
+                                       generator=torch.Generator().manual_seed(0), guidance=Guidance(0.5, 3.0)))
     moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in engine.model.named_parameters()}
     assert max(moved[n] for n in names) > 0 and max(v for n, v in moved.items() if n not in names) > 0
     # the schedule scales both groups alike: halfway through the stage each is at half its rate

@@ -119,3 +119,26 @@ def test_a_given_teacher_is_copied_into_a_run_once_and_again_when_it_changes(tmp
                                                                          round=None))
     copy_given_teacher(source, target)
     assert weights_digest(target) == weights_digest(source) and "copied" in capsys.readouterr().err
+
+
+def test_a_run_saved_before_settings_moved_into_their_methods_section_continues(tmp_path):
+    """An earlier raypd saved distill.phases, self_teacher_ema and pairs at the top of distill: read back, a TRACT
+    run's go to distill.tract, the others' are dropped (they did nothing there), so rerunning the same run goes on."""
+    from raypd.methods import method_for
+
+    run = tmp_path / "local"
+    for method, overrides in (("progressive", []), ("tract", ["distill.method=tract", "distill.tract.phases=[8,1]"])):
+        cfg = method_for(load_config(None, [f"run.storage_path={tmp_path}", *overrides])).complete()
+        check_and_save_config(cfg, run)
+        older = json.loads((run / "config.json").read_text())
+        section = older["distill"].pop("tract", {})
+        older["distill"].update(phases=section.get("phases", []), self_teacher_ema=section.get("self_teacher_ema", 0.5),
+                                pairs=8192)
+        (run / "config.json").write_text(json.dumps(older))
+        check_and_save_config(cfg, run)  # the same run: no settings changed
+        (run / "config.json").unlink()
+    # a method's section written out in full: stating a default or leaving it out is the same run
+    stated = method_for(load_config(None, ["distill.method=tract", "distill.tract.phases=[8,1]",
+                                           "distill.tract.self_teacher_ema=0.5"])).complete()
+    left_out = method_for(load_config(None, ["distill.method=tract", "distill.tract.phases=[8,1]"])).complete()
+    assert stated.to_dict() == left_out.to_dict()

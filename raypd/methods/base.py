@@ -51,7 +51,6 @@ class Method:
     """The dataclass of the method's ``distill.<name>`` section (None: no settings of its own)."""
     guidable: ClassVar[bool] = True
     """Whether guided distillation (``distill.guidance_max > 0``) composes with it."""
-    reads_pairs: ClassVar[bool] = False
     sampler: ClassVar[str] = "ddim"
     """How its students sample in evaluation and export: DDIM on the student's step grid."""
 

@@ -60,7 +60,6 @@ class DenoisingStudent(Method):
              "pairs sampled once; their sampling is counted in the compute.")
     Options = DenoisingStudentOptions
     guidable = False
-    reads_pairs = True
 
     def unguided_reason(self) -> str:
         return ("its pairs are sampled at no particular w; guided distillation distils a w-conditioned student by "

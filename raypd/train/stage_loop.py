@@ -24,9 +24,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from raypd.checkpoint import meta_for, save_checkpoint
+from raypd.checkpoint import meta_for
 from raypd.config import Config
 from raypd.data.batch import Batch
 from raypd.data.shards import ShardLoader, training_loader
@@ -35,14 +34,13 @@ from raypd.train.engine import Engine
 from raypd.train.failures import DETERMINISTIC, SETTINGS, StageFailure, raise_alone, settings_mismatch
 from raypd.train.heldout import heldout_loss, load_heldout
 from raypd.train.objective import Nets, Objective, Role
+from raypd.train.roles import consolidate_roles, load_roles, save_roles
 from raypd.train.seeds import update_seed
 from raypd.train.stage import Stage
 from raypd.train.step import StepStats, train_step, trains_only
 from raypd.train.store import Store
 
 DIVERGED = 1e30
-ROLES = "roles"
-"""The folder of a checkpoint holding every role but the first (``roles/<name>/``); the first is at its top."""
 Agree = Callable[[BaseException | None], None]
 BuildEngine = Callable[[Role, int], Engine]
 """An engine for a role, given the stage's global batch (plain PyTorch, or DeepSpeed on every rank)."""
@@ -153,21 +151,8 @@ class StageLoop:
             problem = settings_mismatch(json.loads(saved.read_text()), self.settings)
             if problem:
                 raise StageFailure("settings", f"{self.stage.label} is in progress: {problem}")
-        self.clients = {}
-        for name, engine in self.engines.items():
-            own = self.clients[name] = engine.load(self._role_dir(directory, name))
-            # the role's own update count (its schedule's position); the first role's ``updates`` is the stage's
-            engine.updates = int(own.get("role_updates", own["updates"]))
-            engine.base_lr = float(own.get("base_lr", engine.base_lr))
-            engine.set_lr()
-        client = self.clients[self.main]
-        for name, average in self.averages.items():
-            average.load_state_dict(load_file(str(directory / f"{name}.safetensors"), device=str(self.device)))
-            average.count = int(client[f"{name}_updates"])
-        return client
-
-    def _role_dir(self, directory: Path, name: str) -> Path:
-        return directory if name == self.main else directory / ROLES / name
+        self.clients = load_roles(directory, self.engines, self.main, self.averages, self.device)
+        return self.clients[self.main]
 
     def resume(self) -> int:
         """Continue from the store's newest checkpoint, if any; returns the update it was taken at."""
@@ -191,39 +176,17 @@ class StageLoop:
     def save(self, k: int, final_metrics: dict | None) -> str:
         """This rank's part of a checkpoint in a fresh folder; ``final_metrics`` adds the consolidated networks."""
         path = Path(tempfile.mkdtemp(prefix=f"update{k:08d}-", dir=self.staging))
-        for name, engine in self.engines.items():
-            client = {"updates": engine.updates, "base_lr": engine.base_lr, "skipped_updates": engine.skipped_updates}
-            if name == self.main:
-                client = {**client, "updates": k, "role_updates": engine.updates, "rollbacks": self.rollbacks,
-                          "seconds": self.seconds,
-                          **{f"{a}_updates": average.count for a, average in self.averages.items()}}
-            where = self._role_dir(path, name)
-            where.mkdir(parents=True, exist_ok=True)
-            engine.save(where, client)
-        if self.rank == 0:
-            for name, average in self.averages.items():
-                save_file({n: v.detach().cpu().contiguous() for n, v in average.state_dict().items()},
-                          str(path / f"{name}.safetensors"))
-            if self.settings is not None:
-                (path / SETTINGS).write_text(json.dumps(self.settings))
+        stage = {"updates": k, "rollbacks": self.rollbacks, "seconds": self.seconds}
+        save_roles(path, self.engines, self.main, self.averages, stage, write_shared=self.rank == 0)
+        if self.rank == 0 and self.settings is not None:
+            (path / SETTINGS).write_text(json.dumps(self.settings))
         if final_metrics is not None:
-            self._consolidate(path, final_metrics)
-        return str(path)
-
-    def _consolidate(self, path: Path, final_metrics: dict) -> None:
-        """Every role's whole fp32 weights: the first as the stage's checkpoint, the others beside it."""
-        for name, engine in self.engines.items():
-            state = engine.export_state()  # collective under ZeRO-3: every rank takes part
-            if self.rank != 0:
-                continue
-            if name != self.main:
-                save_file(state, str(path / ROLES / name / "consolidated.safetensors"))
-                continue
             s = self.stage
             meta = meta_for(self.cfg, kind="student" if s.distills else "teacher", sampling_steps=s.sampling_steps,
                             round=s.round, metrics=final_metrics,
-                            guidance_input=bool(getattr(self.roles[name].model, "guidance_input", False)))
-            save_checkpoint(path / "consolidated", state, meta)
+                            guidance_input=bool(getattr(self.roles[self.main].model, "guidance_input", False)))
+            consolidate_roles(path, self.engines, self.main, meta, write=self.rank == 0)
+        return str(path)
 
     def roll_back(self) -> int:
         """Every role back to the newest checkpoint (or the start) with a lower learning rate; returns its update."""

@@ -17,11 +17,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from torch import Tensor
 
 from raypd.config import Config, ConfigError
 from raypd.config.load import build_section, section_docs
-from raypd.data.batch import Batch
 from raypd.methods.guidance import PHASE, FirstStage, Guidance
 from raypd.methods.regression import Regression
 from raypd.train.objective import Objective
@@ -120,7 +118,7 @@ class Method:
 
     def stage_lr(self, phase: str = "") -> float:
         """The learning rate a stage of ``phase`` (``Stage.phase``) starts from: ``lr_key``'s value."""
-        return self.guidance.lr if phase == PHASE else self.distill.lr
+        return float(getattr(self.distill, self.lr_key(phase).removeprefix("distill.")))
 
     def lr_key(self, phase: str = "") -> str:
         """The setting a stage of ``phase``'s learning rate comes from, which a sweep of the stage overrides."""
@@ -134,11 +132,6 @@ class Method:
 
     def stage_objective(self, stage: Stage) -> Objective:
         return Regression(self, stage)
-
-    def make_heldout(self, batch: Batch, stage: Stage, seed: int) -> dict[str, Tensor]:
-        """A sweep's fixed held-out set for ``stage``: the batch's images with noise, times (and guidance weights)
-        drawn once from ``seed``."""
-        return self.objective(stage).make_heldout(batch, seed)
 
     # -- documentation -----------------------------------------------------------------------------
     @classmethod

@@ -26,12 +26,12 @@ PHASE = "guidance"
 @dataclass(frozen=True)
 class Guidance:
     """The w draw: ``endpoints`` of the examples at the ends of [low, high] (half each), the rest ~ U(low, high);
-    the first stage's learning rate, its w embedding's rate multiple, updates and loss power."""
+    the first stage's loss power, its w embedding's rate multiple and its updates (its learning rate is
+    ``distill.guidance_lr``: ``raypd.methods.Method.lr_key``)."""
     low: float
     high: float
     endpoints: float = 0.0
     loss_power: float = 0.0
-    lr: float = 1e-4
     embedding_lr_factor: float = 1.0
     updates: int = 1
 
@@ -40,7 +40,7 @@ class Guidance:
         """The run's guidance (None: the distillation is not guided)."""
         if not d.guided:
             return None
-        return cls(d.guidance_min, d.guidance_max, d.guidance_endpoints, d.guidance_loss_power, d.guidance_lr,
+        return cls(d.guidance_min, d.guidance_max, d.guidance_endpoints, d.guidance_loss_power,
                    d.guidance_embedding_lr_factor, d.guidance_updates)
 
     def draw(self, batch: int, generator: torch.Generator | None, device) -> Tensor:

@@ -102,6 +102,11 @@ class Objective(Protocol):
         """Role ``role``'s mean loss on ``batch`` for one update; every random draw comes from ``generator``."""
         ...
 
+    def make_heldout(self, batch: Batch, seed: int) -> dict[str, Tensor]:
+        """A sweep's fixed held-out set for this stage: ``batch`` with its noise, times (...) drawn once from
+        ``seed``."""
+        ...
+
     def heldout_losses(self, nets: Nets, part: dict[str, Tensor]) -> Tensor:
         """The main role's per-example loss on a slice of a fixed held-out set (``raypd.train.heldout``)."""
         ...
@@ -168,6 +173,9 @@ class TeacherTraining:
         return denoising_loss(nets[role], batch, weighting=self.cfg.diffusion.weighting, logsnr_fn=self.logsnr_fn,
                               generator=generator, class_dropout=m.class_dropout,
                               null=null_class(m, self.cfg.data) if m.class_dropout > 0 else None)
+
+    def make_heldout(self, batch: Batch, seed: int) -> dict[str, Tensor]:
+        raise ValueError("teacher training has no held-out set: sweeps search distillation stages")
 
     def heldout_losses(self, nets: Nets, part: dict[str, Tensor]) -> Tensor:
         raise ValueError("teacher training has no held-out set: sweeps search distillation stages")

@@ -83,6 +83,8 @@ def _combo(cfg, spec: dict, root: Path, rank: int, world: int, pairs: list[str],
     stage = Stage.from_dict(spec)
     if cfg.distill.method == "tract":  # one phase of 4 teacher steps into 1: the self-teacher takes 3 of them
         stage = stage.with_(student_steps=1, sampling_steps=1, teacher_steps=4)
+    elif cfg.distill.method == "consistency":  # 2 segments of a teacher grid doubling from 4 to 8 steps
+        stage = stage.with_(student_steps=2, sampling_steps=2, teacher_steps=8)
     elif cfg.distill.method == "denoising_student":  # one step, trained on the teacher's pairs
         stage = stage.with_(student_steps=1, sampling_steps=1, teacher_steps=4, shards=tuple(pairs))
     elif cfg.distill.guided:  # the first stage: a w-conditioned student of the guided teacher, at its 4 steps
@@ -98,12 +100,12 @@ def _combo(cfg, spec: dict, root: Path, rank: int, world: int, pairs: list[str],
     out = {"losses": run.losses, "skipped": run.engine.skipped_updates, "lr_after": run.engine.base_lr,
            "start_max_diff": out_start, "role_losses": run.role_losses}
     final = store.reported[-1]
-    self_teacher = run.averages.get("self_teacher")
-    if self_teacher is not None:  # every rank keeps the same self-teacher, and it moved off the start
-        average = self_teacher.state_dict()
-        out["self_teacher"] = {"sum": float(sum(v.double().sum() for v in average.values())),
-                               "moved": max(float((average[k] - teacher[k].float()).abs().max()) for k in teacher),
-                               "updates": self_teacher.count}
+    out["averages"] = {}
+    for name, kept in run.averages.items():  # every rank keeps the same average, and it moved off the start
+        average = kept.state_dict()
+        out["averages"][name] = {"sum": float(sum(v.double().sum() for v in average.values())),
+                                 "moved": max(float((average[k] - teacher[k].float()).abs().max()) for k in teacher),
+                                 "updates": kept.count}
     if "critic" in run.engines:
         out["critic"] = _critic(run, final, rank, teacher)
     if rank == 0:

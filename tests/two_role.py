@@ -61,7 +61,7 @@ class CriticRound(HalvingRound):
         logsnr = self.logsnr_fn(torch.rand(b, generator=generator, dtype=x.dtype, device=x.device))
         return student(diffuse(x, eps, logsnr), logsnr, batch.y), logsnr
 
-    def loss(self, role: str, nets: Nets, batch: Batch, generator: torch.Generator) -> Tensor:
+    def loss(self, role: str, nets: Nets, batch: Batch, generator: torch.Generator, update: int) -> Tensor:
         if role == "critic":
             with torch.no_grad():  # the student's predictions as data: no gradient to it in the critic's turn
                 fake, _ = self.predictions(nets["student"], batch, generator)
@@ -70,7 +70,7 @@ class CriticRound(HalvingRound):
             logsnr = self.logsnr_fn(torch.rand(fake.shape[0], generator=generator, device=fake.device))
             x_hat = nets["critic"](diffuse(fake, eps, logsnr), logsnr, batch.y)
             return weighted_mse(x_hat.float(), fake, logsnr, self.weighting).mean()
-        regression = super().loss(role, nets, batch, generator)
+        regression = super().loss(role, nets, batch, generator, update)
         fake, logsnr = self.predictions(nets["student"], batch, generator)
         eps = torch.randn(fake.shape, generator=generator, dtype=fake.dtype, device=fake.device)
         seen = nets["critic"](diffuse(fake.float(), eps, logsnr), logsnr, batch.y)

@@ -64,10 +64,10 @@ def step_rate(batch: int, iters: int = 8) -> float:
     x = torch.rand(batch, 3, 32, 32) * 2 - 1
     objective = bare(HalvingRound, student_steps=8, logsnr_fn=logsnr_schedule)
     nets = {"student": engine.model, "teacher": teacher}
-    train_step(engine, objective.loss("student", nets, Batch(x), None))
+    train_step(engine, objective.loss("student", nets, Batch(x), None, 1))
     start = time.perf_counter()
     for _ in range(iters):
-        train_step(engine, objective.loss("student", nets, Batch(x), None))
+        train_step(engine, objective.loss("student", nets, Batch(x), None, 1))
     return batch * iters / (time.perf_counter() - start)
 
 

@@ -3,16 +3,21 @@
 Runs (or reuses, with ``--pd RUN``) the local pipeline with progressive distillation, then distils the same
 teacher under the same data, eval and optimizer settings with TRACT, its phases sharing the progressive run's
 total update budget equally (so its compute is at most the progressive run's), and with the Denoising Student,
-``--ds-pairs`` pairs of the teacher's DDIM and as many updates as the rest of the same compute buys. It compares
-the three with ``raypd compare``: FID at each step count against the distillation compute spent to reach it.
+``--ds-pairs`` pairs of the teacher's DDIM and as many updates as the rest of the same compute buys, and with
+consistency distillation at each of ``--cm-segments`` (1: a consistency model, sampled in one step; more: multistep
+consistency), each spending the progressive run's whole update budget (an update costs the same five forwards: one
+teacher step, one target-network forward, the student's forward and backward). It compares them with ``raypd
+compare``: FID at each step count against the distillation compute spent to reach it.
 
     python tools/bench_methods.py [--data digits|mnist] [--pd RUN] [--tract-phases 8,2,1] [--ds-pairs 4096]
-        [--out runs/bench-methods-DATA] [section.key=value ...]
+        [--cm-segments 1,2] [--out runs/bench-methods-DATA] [section.key=value ...]
 
 ``--pd`` names a finished progressive run (the README's ``raypd_runs/local``, say): its teacher and its
 config are reused, and nothing of it is trained again. The published order, for reference: TRACT's 1- and
 2-step FID below progressive distillation's at equal or lower compute (Berthelot et al. 2023), the Denoising
-Student's one step above progressive distillation's (Salimans & Ho 2022, Table 2).
+Student's one step above progressive distillation's (Salimans & Ho 2022, Table 2); consistency distillation's one
+step below progressive distillation's (Song et al. 2023), multistep consistency's two steps below TRACT's and
+progressive distillation's (Heek et al. 2024).
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ def main() -> None:
     parser.add_argument("--pd", help="a finished progressive run to reuse (its teacher and config)")
     parser.add_argument("--tract-phases", default="8,2,1", help="TRACT's student step counts, comma-separated")
     parser.add_argument("--ds-pairs", type=int, default=4096, help="the Denoising Student's pairs (0: no run)")
+    parser.add_argument("--cm-segments", default="1,2",
+                        help="consistency distillation's segment counts, comma-separated (empty: no run)")
     parser.add_argument("--out", help="where the runs and the comparison go (default runs/bench-methods-DATA)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
@@ -93,6 +100,17 @@ def main() -> None:
             f"distill.denoising_student.pairs={args.ds_pairs}", f"distill.updates_per_round={updates}",
             "distill.late_rounds_factor=1.0"]))
         runs.append(Path(ds["run"]))
+    for segments in [int(p) for p in args.cm_segments.split(",") if p.strip()]:
+        steps = base["distill"]["start_steps"]
+        initial = max(segments, steps // 4)  # the teacher's grid doubles twice over the stage
+        log(f"[bench] consistency, {segments} segment(s): teacher grid {initial} -> {steps} steps, {budget} updates")
+        cm = run_pipeline(config_from_dict(base, [
+            f"run.storage_path={out}", f"run.name=consistency-{segments}",
+            f"teacher.checkpoint={(pd_dir / 'teacher').resolve()}", "distill.method=consistency",
+            f"distill.consistency.segments={segments}", f"distill.end_steps={segments}",
+            f"distill.consistency.initial_steps={initial}", f"distill.updates_per_round={budget}",
+            "distill.late_rounds_factor=1.0"]))
+        runs.append(Path(cm["run"]))
     path = write_comparison([load_run(p) for p in runs], out / "comparison")
     print(path.read_text())
     print(f"distillation updates: progressive {budget}, TRACT {sum(r['updates'] for r in tract['rounds'])}; "

@@ -75,7 +75,7 @@ def main() -> None:
                                                                                              "teacher": teacher}
 
     def raypd_step():  # what the stage loop does per update: the method's loss, then the engine's update
-        train_step(engine, objective.loss("student", nets, Batch(x), gen))
+        train_step(engine, objective.loss("student", nets, Batch(x), gen, 1))
 
     def bare_step():
         floor_step(floor_student, teacher, floor_opt, x, n_steps, gen)

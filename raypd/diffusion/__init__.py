@@ -26,12 +26,12 @@ over the remaining dimensions of the image tensors it meets.
 from .schedule import SCHEDULES, Schedule, alpha_sigma, diffuse, logsnr_schedule, make_logsnr_fn
 from .params import PARAMETERIZATIONS, Parameterization, eps_from_x, x_from_output
 from .loss import WEIGHTINGS, Weighting, loss_weight, weighted_mse
-from .ddim import ddim_sample, ddim_step, stochastic_sample
+from .ddim import consistency_sample, ddim_sample, ddim_step, stochastic_sample
 from .distill import distill_target, student_times, tract_target
 
 __all__ = [
     "PARAMETERIZATIONS", "Parameterization", "SCHEDULES", "Schedule", "WEIGHTINGS", "Weighting",
-    "alpha_sigma", "ddim_sample", "ddim_step", "diffuse", "distill_target", "eps_from_x",
+    "alpha_sigma", "consistency_sample", "ddim_sample", "ddim_step", "diffuse", "distill_target", "eps_from_x",
     "logsnr_schedule", "loss_weight", "make_logsnr_fn", "stochastic_sample", "student_times",
     "tract_target", "weighted_mse",
     "x_from_output",

@@ -1,4 +1,5 @@
-"""Samplers: the deterministic DDIM sampler and the paper's stochastic (ancestral) baseline."""
+"""Samplers: the deterministic DDIM sampler, the paper's stochastic (ancestral) baseline, and the multistep
+consistency sampler."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .params import eps_from_x
-from .schedule import alpha_sigma, logsnr_schedule, per_example, same_shape
+from .schedule import alpha_sigma, diffuse, logsnr_schedule, per_example, same_shape
 
 Denoise = Callable[[Tensor, Tensor], Tensor]
 """denoise(z, logsnr) -> x_hat, with logsnr of shape [B]."""
@@ -106,5 +107,26 @@ def stochastic_sample(
     def step(z: Tensor, x_hat: Tensor, logsnr_t: Tensor, logsnr_s: Tensor) -> Tensor:
         noise = torch.randn(z.shape, dtype=z.dtype, device=z.device, generator=generator)
         return ancestral_step(z, x_hat, logsnr_t, logsnr_s, noise, interp)
+
+    return _run_sampler(denoise, z_1, n_steps, clip, logsnr_fn, step)
+
+
+def consistency_sample(
+    denoise: Denoise,
+    z_1: Tensor,
+    n_steps: int,
+    clip: bool = True,
+    *,
+    generator: torch.Generator | None = None,
+    logsnr_fn: LogsnrFn = logsnr_schedule,
+) -> Tensor:
+    """The multistep consistency sampler (Song et al. 2023, Algorithm 1) on the N-step grid: x_hat from z_1, then
+    at each next grid time s a fresh z_s = alpha_s x_hat + sigma_s eps_new and x_hat from it. Unlike an ancestral
+    step, the next point forgets z_t: a consistency model's x_hat is already the ODE's endpoint. At one step it is
+    the one-step DDIM sample."""
+
+    def step(z: Tensor, x_hat: Tensor, logsnr_t: Tensor, logsnr_s: Tensor) -> Tensor:
+        noise = torch.randn(z.shape, dtype=z.dtype, device=z.device, generator=generator)
+        return diffuse(x_hat, noise, logsnr_s)
 
     return _run_sampler(denoise, z_1, n_steps, clip, logsnr_fn, step)

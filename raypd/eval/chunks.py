@@ -22,7 +22,7 @@ from torch import Tensor
 
 from raypd.diffusion.ddim import LogsnrFn
 from raypd.eval.fid import Extractor, extract_features, to_uint8
-from raypd.eval.samples import NOISE_BLOCK, block_seed, noise_slice, sample_ddim, sample_stochastic
+from raypd.eval.samples import NOISE_BLOCK, NOISY_SAMPLERS, block_seed, noise_slice, sample_ddim, sample_stochastic
 from raypd.models import Denoiser
 from raypd.models.denoiser import forward_dtype
 
@@ -35,7 +35,8 @@ class Chunk:
     """Samples ``start:stop`` of one point: plain data, so it travels to a Ray task as it is."""
 
     sampler: str
-    """``ddim`` (deterministic) or ``stochastic`` (ancestral, step noise seeded per noise block)."""
+    """``ddim`` (deterministic), ``stochastic`` (ancestral) or ``consistency`` (the multistep consistency sampler);
+    the step noise of the last two is seeded per noise block."""
     n_steps: int
     start: int
     stop: int
@@ -99,13 +100,14 @@ def generate_chunk(model: Denoiser, chunk: Chunk, *, logsnr_fn: LogsnrFn, device
     if chunk.sampler == "ddim":
         samples = sample_ddim(model, z, y, chunk.n_steps, logsnr_fn=logsnr_fn, device=device, dtype=dtype,
                               w=chunk.guidance)
-    elif chunk.sampler == "stochastic":
+    elif chunk.sampler in NOISY_SAMPLERS:
         parts = []
         for lo in range(0, z.shape[0], NOISE_BLOCK):  # the step noise of block k comes from (seed, k) alone
             block = (chunk.start + lo) // NOISE_BLOCK
             parts.append(sample_stochastic(model, z[lo:lo + NOISE_BLOCK], None if y is None else y[lo:lo + NOISE_BLOCK],
                                            chunk.n_steps, logsnr_fn=logsnr_fn, device=device, dtype=dtype,
-                                           seed=block_seed(chunk.seed, block, "stochastic"), w=chunk.guidance))
+                                           seed=block_seed(chunk.seed, block, chunk.sampler), w=chunk.guidance,
+                                           sampler=chunk.sampler))
         samples = torch.cat(parts)
     else:
         raise ValueError(f"unknown sampler {chunk.sampler!r}")

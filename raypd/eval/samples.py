@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from raypd.diffusion import ddim_sample, stochastic_sample
+from raypd.diffusion import consistency_sample, ddim_sample, stochastic_sample
 from raypd.diffusion.ddim import LogsnrFn
 from raypd.eval.fid import to_uint8
 from raypd.models import Denoiser
@@ -90,12 +90,17 @@ def sample_ddim(model: Denoiser, z_1: Tensor, y: Tensor | None, n_steps: int, *,
 
 def sample_stochastic(model: Denoiser, z_1: Tensor, y: Tensor | None, n_steps: int, *, logsnr_fn: LogsnrFn,
                       seed: int, batch_size: int = NOISE_BLOCK, device: torch.device | str = "cpu",
-                      dtype: torch.dtype | None = None, w: float | None = None) -> Tensor:
-    """N-step ancestral samples, with the step noise drawn from ``seed`` (so reruns agree)."""
+                      dtype: torch.dtype | None = None, w: float | None = None, sampler: str = "stochastic") -> Tensor:
+    """N-step samples of a sampler that draws noise at each step (``stochastic``: ancestral; ``consistency``: the
+    multistep consistency sampler), with the step noise drawn from ``seed`` (so reruns agree)."""
     gen = torch.Generator(device).manual_seed(seed)
+    run = NOISY_SAMPLERS[sampler]
     return _in_batches(model, z_1, y, batch_size, device,
-                       lambda denoise, z: stochastic_sample(denoise, z, n_steps, logsnr_fn=logsnr_fn, generator=gen),
-                       dtype, w)
+                       lambda denoise, z: run(denoise, z, n_steps, logsnr_fn=logsnr_fn, generator=gen), dtype, w)
+
+
+NOISY_SAMPLERS = {"stochastic": stochastic_sample, "consistency": consistency_sample}
+"""The samplers that draw fresh noise at each step, by name."""
 
 
 def rmse(a: Tensor, b: Tensor) -> float:

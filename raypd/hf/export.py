@@ -90,7 +90,11 @@ def plan_export(meta: CheckpointMeta, steps: int, *, clip: bool = True) -> Plan:
     if steps < 1:
         raise ExportError(f"steps must be positive, got {steps}")
     sampler = meta.metrics.get("sampler", "ddim")
-    if sampler != "ddim":
+    if sampler == "consistency" and steps > 1:
+        raise ExportError(f"this consistency model samples in {steps} steps by the multistep consistency sampler, "
+                          "which renoises each x_hat on raypd's grid; diffusers' CMStochasticIterativeScheduler "
+                          "works on EDM's Karras sigmas instead, so export it at --steps 1 (one step is DDIM's)")
+    if sampler not in ("ddim", "consistency"):
         raise ExportError(f"this student samples with its method's {sampler!r} sampler; export writes pipelines that "
                           "sample by DDIM")
     if meta.model.backbone == "diffusers" and (meta.schedule != "discrete"

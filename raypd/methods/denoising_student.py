@@ -34,7 +34,7 @@ class PairRegression(Regression):
 
     reads_pairs = True
 
-    def loss(self, role: str, nets: Nets, batch: Batch, generator: torch.Generator) -> Tensor:
+    def loss(self, role: str, nets: Nets, batch: Batch, generator: torch.Generator, update: int) -> Tensor:
         return self.pair_losses(nets, batch.x, batch.z, batch.y).mean()
 
     def pair_losses(self, nets: Nets, x: Tensor, z: Tensor, y: Tensor | None) -> Tensor:

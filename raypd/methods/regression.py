@@ -62,7 +62,7 @@ class Regression:
         raise NotImplementedError
 
     # -- the loss
-    def loss(self, role: str, nets: Nets, batch: Batch, generator: torch.Generator) -> Tensor:
+    def loss(self, role: str, nets: Nets, batch: Batch, generator: torch.Generator, update: int) -> Tensor:
         x, b = batch.x, batch.x.shape[0]
         eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         t = self.times(b, generator, x)
@@ -86,7 +86,11 @@ class Regression:
         target = target.to(z_t.dtype).clone()
         student = nets["student"]
         x_hat = student(z_t, logsnr_t, y) if w is None else student(z_t, logsnr_t, y, w)
-        return weighted_mse(x_hat.float(), target.float(), logsnr_t, self.weighting)
+        return self.distance(x_hat.float(), target.float(), logsnr_t)
+
+    def distance(self, x_hat: Tensor, target: Tensor, logsnr_t: Tensor) -> Tensor:
+        """Per-example loss of the student's x_hat against the target: the weighted squared error."""
+        return weighted_mse(x_hat, target, logsnr_t, self.weighting)
 
     # -- the held-out set
     def make_heldout(self, batch: Batch, seed: int) -> dict[str, Tensor]:
@@ -123,7 +127,7 @@ def bare(kind: type[Regression], *, student_steps: int, teacher_steps: int | Non
 
 
 def regression_loss(kind: type[Regression], nets: Nets, batch: Batch, *, generator: torch.Generator | None = None,
-                    **settings) -> Tensor:
-    """One update's loss of a regression objective (``bare``'s settings) on ``nets`` (``student``, ``teacher`` and
-    what else the objective reads)."""
-    return bare(kind, **settings).loss("student", nets, batch, generator)
+                    update: int = 1, **settings) -> Tensor:
+    """Update ``update``'s loss of a regression objective (``bare``'s settings) on ``nets`` (``student``,
+    ``teacher`` and what else the objective reads)."""
+    return bare(kind, **settings).loss("student", nets, batch, generator, update)

@@ -98,8 +98,10 @@ class Objective(Protocol):
         """The stage's networks and optimizer settings; the same initial weights on every rank."""
         ...
 
-    def loss(self, role: str, nets: Nets, batch: Batch, generator: torch.Generator) -> Tensor:
-        """Role ``role``'s mean loss on ``batch`` for one update; every random draw comes from ``generator``."""
+    def loss(self, role: str, nets: Nets, batch: Batch, generator: torch.Generator, update: int) -> Tensor:
+        """Role ``role``'s mean loss on ``batch`` at the stage's update ``update`` (1 .. stage.updates, the same
+        number on every rank and after a resume: a curriculum or a warm-up reads it); every random draw comes
+        from ``generator``."""
         ...
 
     def make_heldout(self, batch: Batch, seed: int) -> dict[str, Tensor]:
@@ -168,7 +170,7 @@ class TeacherTraining:
         role = Role(model, t.lr, t.adam_betas, warmup(t.warmup_updates), t.grad_clip, ema_decay=t.ema_decay)
         return StageSetup({"teacher": role}, t.batch_size)
 
-    def loss(self, role: str, nets: Nets, batch: Batch, generator: torch.Generator) -> Tensor:
+    def loss(self, role: str, nets: Nets, batch: Batch, generator: torch.Generator, update: int) -> Tensor:
         m = self.cfg.model
         return denoising_loss(nets[role], batch, weighting=self.cfg.diffusion.weighting, logsnr_fn=self.logsnr_fn,
                               generator=generator, class_dropout=m.class_dropout,

@@ -228,7 +228,7 @@ class StageLoop:
                 continue
             skipped = engine.skipped_updates
             with trains_only(name, self.engines):
-                loss = self.objective.loss(name, self.nets_for(name), batch, self.generator)
+                loss = self.objective.loss(name, self.nets_for(name), batch, self.generator, k)
                 stats[name] = train_step(engine, loss)
             if engine.skipped_updates == skipped:
                 for average, follow in self.follows.items():

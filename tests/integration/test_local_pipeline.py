@@ -134,6 +134,22 @@ def test_pipeline_runs_resumes_and_reports(tmp_path, capsys):
     assert main(ds_args) == 0
     assert "[pairs] reusing the 64 pairs" in capsys.readouterr().err
 
+    # a consistency model from the same teacher: one segment, sampled in 2 steps by the multistep consistency
+    # sampler (fresh noise at the second step), its teacher's grid doubling from 2 to 4 steps
+    assert main(TINY + [f"run.storage_path={tmp_path}", "run.name=cm", f"teacher.checkpoint={run / 'teacher'}",
+                        "distill.method=consistency", "distill.end_steps=2",
+                        "distill.consistency.initial_steps=2"]) == 0
+    cm = json.loads((tmp_path / "cm" / "summary.json").read_text())
+    assert cm["method"] == "consistency"
+    assert [(r["teacher_steps"], r["student_steps"]) for r in cm["rounds"]] == [(4, 2)]
+    assert ("distilled", 2) in [(r["sampler"], r["steps"]) for r in cm["eval"]]
+    assert "Distilled to a consistency model" in (tmp_path / "cm" / "report.md").read_text()
+    cm_student = tmp_path / "cm" / "round-00-2steps"
+    assert json.loads((cm_student / "meta.json").read_text())["metrics"]["sampler"] == "consistency"
+    assert cli(["export", "--checkpoint", str(cm_student), "--out", str(tmp_path / "cm-two")]) == 2
+    assert "multistep consistency sampler" in capsys.readouterr().err
+    assert cli(["export", "--checkpoint", str(cm_student), "--steps", "1", "--out", str(tmp_path / "cm-one")]) == 0
+
     # the three methods on one table and one plot
     from raypd.cli import main as raypd_main
 

@@ -32,6 +32,9 @@ from tests.teachers import perturbed_denoiser  # noqa: E402
 
 LR = 1e-3
 TRACT = ["distill.method=tract", "distill.tract.phases=[8,1]"]
+# two segments, the teacher's grid doubling from 4 to 8 steps halfway, an EMA target network
+CONSISTENCY = ["distill.method=consistency", "distill.consistency.segments=2", "distill.end_steps=2",
+               "distill.start_steps=8", "distill.consistency.initial_steps=4", "distill.consistency.target_ema=0.9"]
 CRITIC = ["distill.method=critic_test", "distill.critic_test.every=2", f"distill.critic_test.lr={LR}"]
 GUIDED = ["data.num_classes=10", "model.class_dropout=0.5", "distill.guidance_max=2", f"distill.guidance_lr={LR}",
           "distill.guidance_embedding_lr_factor=4"]
@@ -49,6 +52,12 @@ COMBOS = [(f"z{stage}-{precision}-{offload}", [f"dist.zero_stage={stage}", f"dis
     # TRACT: the self-teacher is averaged from whole weights on every rank and checkpointed
     ("z3-bf16-tract", ["dist.zero_stage=3", "dist.precision=bf16", "dist.teacher_dtype=bf16", *TRACT]),
     ("z1-fp32-tract", ["dist.zero_stage=1", "dist.precision=fp32", *TRACT]),
+    # consistency: the target network is an average of the student under ZeRO, checkpointed; the curriculum's grid
+    # follows the update count through the resume
+    ("z3-bf16-consistency", ["dist.zero_stage=3", "dist.precision=bf16", "dist.teacher_dtype=bf16", *CONSISTENCY]),
+    ("z0-fp32-consistency", ["dist.zero_stage=0", "dist.precision=fp32", *CONSISTENCY]),
+    ("z2-bf16-opt-consistency", ["dist.zero_stage=2", "dist.precision=bf16", "dist.offload_optimizer=true",
+                                 *CONSISTENCY[:-1], "distill.consistency.target_ema=0"]),
     # the Denoising Student: batches of (noise, teacher sample) pairs from shards
     ("z2-bf16-denoising-student", ["dist.zero_stage=2", "dist.precision=bf16", "distill.method=denoising_student"]),
     # guided distillation's first stage: a w-conditioned student (its w embedding partitioned like the rest)
@@ -72,7 +81,7 @@ COMBOS = [(f"z{stage}-{precision}-{offload}", [f"dist.zero_stage={stage}", f"dis
 # one worker runs a combination per ZeRO stage, precision and offload kind, plus each stage kind: what a single rank
 # does differently (no partner to partition with, no cross-rank agreement) shows there; two workers run them all
 ONE_WORKER = ["z0-fp32-none", "z1-bf16-opt", "z2-fp32-none", "z3-bf16-params", "z3-bf16-tract",
-              "z2-bf16-denoising-student", "z3-bf16-guided", "z0-fp32-critic", "z3-fp32-params-critic"]
+              "z3-bf16-consistency", "z2-bf16-denoising-student", "z3-bf16-guided", "z0-fp32-critic", "z3-fp32-params-critic"]
 BASE = ["data.resolution=8", "model.attn_resolutions=[4]", "model.ch=32", "data.loader_workers=0",
         "distill.batch_size=8", "teacher.batch_size=8", "teacher.warmup_updates=1", f"distill.lr={LR}", f"dist.checkpoint_every={EVERY}", "dist.nonfinite_patience=2",
         "dist.max_rollbacks=1", "data.shuffle_buffer=16", "dist.workers=2"]  # the worker count is the Ray run's
@@ -183,12 +192,13 @@ def _check(results: list[dict], workers: int, numels: dict) -> list[str]:
         if workers > 1:  # the ranks read different data: their losses differ
             first = min(ranks[0]["losses"])
             assert ranks[0]["losses"][first] != ranks[1]["losses"][first], name
-        if "tract" in name:  # the resumed losses above also need the self-teacher back from the checkpoint
-            averages = [r["self_teacher"] for r in ranks]
+        kept = "self_teacher" if "tract" in name else "target" if "consistency" in name else None
+        if kept:  # the resumed losses above also need the average back from the checkpoint
+            averages = [r["averages"][kept] for r in ranks]
             assert all(a == averages[0] for a in averages), (name, averages)
             assert averages[0]["updates"] == UPDATES and averages[0]["moved"] > 0, (name, averages[0])
         else:
-            assert all("self_teacher" not in r for r in ranks), name
+            assert all(not r["averages"] for r in ranks), name
         if "guided" in name:  # the w embedding learned, and the teacher's labels were dropped to 'no class'
             assert ranks[0]["guidance_moved"] > 0 and sum(r["teacher"]["dropped_labels"] for r in ranks) > 0, name
             # the w embedding trains in a group of its own at 4x the network's rate, also once resumed

@@ -89,7 +89,7 @@ def test_a_roles_loss_moves_only_that_roles_weights(made):
     for turn, other in (("student", "critic"), ("critic", "student")):
         before = {k: v.clone() for k, v in engines[other].model.state_dict().items()}
         with trains_only(turn, engines):
-            stats = train_step(engines[turn], objective.loss(turn, nets, batch, torch.Generator().manual_seed(0)))
+            stats = train_step(engines[turn], objective.loss(turn, nets, batch, torch.Generator().manual_seed(0), 1))
             assert all(p.grad is None for p in engines[other].model.parameters())
         assert stats.grad_norm > 0
         assert all(torch.equal(v, before[k]) for k, v in engines[other].model.state_dict().items()), turn

@@ -46,7 +46,7 @@ def test_tract_settings_are_checked_up_front():
         (["distill.method=tract", "distill.tract.phases=[8,1]", "distill.tract.self_teacher_ema=1.0"],
          r"distill.tract.self_teacher_ema: must lie in \[0, 1\)"),
         (["distill.method=tract", "distill.tract.phase=[8,1]"], "distill.tract.phase: unknown key"),
-        (["distill.method=consistency"], "distill.method: no method is called 'consistency'"),
+        (["distill.method=consistent"], "distill.method: no method is called 'consistent'"),
     ]
     for overrides, message in bad:
         with pytest.raises(ConfigError, match=message):

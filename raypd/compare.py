@@ -110,8 +110,8 @@ def write_comparison(runs: list[dict], out: Path) -> Path:
              f"sampler scores {fmt(full.get('fid'), '.2f')}"
              + (f"; training it cost {teacher_cost:,.0f} forward-equivalents." if teacher_cost else "."),
              "Compute: the distillation's forward-equivalents spent up to that student (5 per distillation "
-             "example; the Denoising Student's pairs at their sampler's steps each, then 3 per example), and as a "
-             "multiple of the teacher's training.", "", "![FID against compute](comparison.png)",
+             "example, 7 for sCD's tangent; the Denoising Student's pairs at their sampler's steps each, then 3 per "
+             "example), and as a multiple of the teacher's training.", "", "![FID against compute](comparison.png)",
              "", "| steps | teacher DDIM FID | " + " | ".join(label(r) for r in runs) + " |",
              "|---|---|" + "---|" * len(runs)]
     for n in steps:

@@ -83,6 +83,8 @@ def _combo(cfg, spec: dict, root: Path, rank: int, world: int, pairs: list[str],
     stage = Stage.from_dict(spec)
     if cfg.distill.method == "tract":  # one phase of 4 teacher steps into 1: the self-teacher takes 3 of them
         stage = stage.with_(student_steps=1, sampling_steps=1, teacher_steps=4)
+    elif cfg.distill.method == "scd":  # one step, in continuous time (the teacher's steps are nominal)
+        stage = stage.with_(student_steps=1, sampling_steps=1, teacher_steps=4)
     elif cfg.distill.method == "consistency":  # 2 segments of a teacher grid doubling from 4 to 8 steps
         stage = stage.with_(student_steps=2, sampling_steps=2, teacher_steps=8)
     elif cfg.distill.method == "denoising_student":  # one step, trained on the teacher's pairs

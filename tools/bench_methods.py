@@ -6,11 +6,12 @@ total update budget equally (so its compute is at most the progressive run's), a
 ``--ds-pairs`` pairs of the teacher's DDIM and as many updates as the rest of the same compute buys, and with
 consistency distillation at each of ``--cm-segments`` (1: a consistency model, sampled in one step; more: multistep
 consistency), each spending the progressive run's whole update budget (an update costs the same five forwards: one
-teacher step, one target-network forward, the student's forward and backward). It compares them with ``raypd
+teacher step, one target-network forward, the student's forward and backward), and with sCD at each of
+``--scd-steps`` (its updates cost 7 forwards, so it gets 5/7 of the budget). It compares them with ``raypd
 compare``: FID at each step count against the distillation compute spent to reach it.
 
     python tools/bench_methods.py [--data digits|mnist] [--pd RUN] [--tract-phases 8,2,1] [--ds-pairs 4096]
-        [--cm-segments 1,2] [--out runs/bench-methods-DATA] [section.key=value ...]
+        [--cm-segments 1,2] [--scd-steps 1,2] [--out runs/bench-methods-DATA] [section.key=value ...]
 
 ``--pd`` names a finished progressive run (the README's ``raypd_runs/local``, say): its teacher and its
 config are reused, and nothing of it is trained again. The published order, for reference: TRACT's 1- and
@@ -53,6 +54,8 @@ def main() -> None:
     parser.add_argument("--ds-pairs", type=int, default=4096, help="the Denoising Student's pairs (0: no run)")
     parser.add_argument("--cm-segments", default="1,2",
                         help="consistency distillation's segment counts, comma-separated (empty: no run)")
+    parser.add_argument("--scd-steps", default="1,2",
+                        help="sCD students' sampling step counts, comma-separated (empty: no run)")
     parser.add_argument("--out", help="where the runs and the comparison go (default runs/bench-methods-DATA)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
@@ -111,6 +114,14 @@ def main() -> None:
             f"distill.consistency.initial_steps={initial}", f"distill.updates_per_round={budget}",
             "distill.late_rounds_factor=1.0"]))
         runs.append(Path(cm["run"]))
+    for steps in [int(p) for p in args.scd_steps.split(",") if p.strip()]:
+        updates = budget * 5 // 7
+        log(f"[bench] sCD, {steps}-step student: {updates} updates, tangent warm-up over the first fifth")
+        scd = run_pipeline(config_from_dict(base, [
+            f"run.storage_path={out}", f"run.name=scd-{steps}", f"teacher.checkpoint={(pd_dir / 'teacher').resolve()}",
+            "distill.method=scd", f"distill.end_steps={steps}", f"distill.scd.warmup_updates={max(1, updates // 5)}",
+            f"distill.updates_per_round={updates}", "distill.late_rounds_factor=1.0"]))
+        runs.append(Path(scd["run"]))
     path = write_comparison([load_run(p) for p in runs], out / "comparison")
     print(path.read_text())
     print(f"distillation updates: progressive {budget}, TRACT {sum(r['updates'] for r in tract['rounds'])}; "

@@ -60,6 +60,11 @@ def ds_config(*, global_batch: int, world_size: int, zero_stage: int, precision:
     if zero_stage >= 1:
         zero.update(reduce_bucket_size=bucket_elements, allgather_bucket_size=bucket_elements,
                     overlap_comm=overlap_comm)
+    if zero_stage == 3:
+        # DeepSpeed's memory-efficient linear replaces torch.nn.functional.linear for the whole process (and
+        # leaves it replaced) with an autograd Function that has no forward-mode derivative: every Jacobian-vector
+        # product through a Linear in the worker would fail, a frozen network's included (a method's tangent)
+        zero["memory_efficient_linear"] = False
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     if offload_params:

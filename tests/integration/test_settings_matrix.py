@@ -32,6 +32,8 @@ from tests.teachers import perturbed_denoiser  # noqa: E402
 
 LR = 1e-3
 TRACT = ["distill.method=tract", "distill.tract.phases=[8,1]"]
+# the student and its adaptive weighting, two roles; the tangent through a JVP or a finite difference
+SCD = ["distill.method=scd", "distill.scd.warmup_updates=2"]
 # two segments, the teacher's grid doubling from 4 to 8 steps halfway, an EMA target network
 CONSISTENCY = ["distill.method=consistency", "distill.consistency.segments=2", "distill.end_steps=2",
                "distill.start_steps=8", "distill.consistency.initial_steps=4", "distill.consistency.target_ema=0.9"]
@@ -58,6 +60,9 @@ COMBOS = [(f"z{stage}-{precision}-{offload}", [f"dist.zero_stage={stage}", f"dis
     ("z0-fp32-consistency", ["dist.zero_stage=0", "dist.precision=fp32", *CONSISTENCY]),
     ("z2-bf16-opt-consistency", ["dist.zero_stage=2", "dist.precision=bf16", "dist.offload_optimizer=true",
                                  *CONSISTENCY[:-1], "distill.consistency.target_ema=0"]),
+    # sCD: the JVP through the target network (an average of the student) beside ZeRO-partitioned roles
+    ("z3-bf16-scd", ["dist.zero_stage=3", "dist.precision=bf16", "dist.teacher_dtype=bf16", *SCD]),
+    ("z1-fp32-scd-fd", ["dist.zero_stage=1", "dist.precision=fp32", *SCD, "distill.scd.tangent=finite_difference"]),
     # the Denoising Student: batches of (noise, teacher sample) pairs from shards
     ("z2-bf16-denoising-student", ["dist.zero_stage=2", "dist.precision=bf16", "distill.method=denoising_student"]),
     # guided distillation's first stage: a w-conditioned student (its w embedding partitioned like the rest)
@@ -81,7 +86,8 @@ COMBOS = [(f"z{stage}-{precision}-{offload}", [f"dist.zero_stage={stage}", f"dis
 # one worker runs a combination per ZeRO stage, precision and offload kind, plus each stage kind: what a single rank
 # does differently (no partner to partition with, no cross-rank agreement) shows there; two workers run them all
 ONE_WORKER = ["z0-fp32-none", "z1-bf16-opt", "z2-fp32-none", "z3-bf16-params", "z3-bf16-tract",
-              "z3-bf16-consistency", "z2-bf16-denoising-student", "z3-bf16-guided", "z0-fp32-critic", "z3-fp32-params-critic"]
+              "z3-bf16-consistency", "z3-bf16-scd",
+              "z2-bf16-denoising-student", "z3-bf16-guided", "z0-fp32-critic", "z3-fp32-params-critic"]
 BASE = ["data.resolution=8", "model.attn_resolutions=[4]", "model.ch=32", "data.loader_workers=0",
         "distill.batch_size=8", "teacher.batch_size=8", "teacher.warmup_updates=1", f"distill.lr={LR}", f"dist.checkpoint_every={EVERY}", "dist.nonfinite_patience=2",
         "dist.max_rollbacks=1", "data.shuffle_buffer=16", "dist.workers=2"]  # the worker count is the Ray run's
@@ -172,6 +178,9 @@ def _check(results: list[dict], workers: int, numels: dict) -> list[str]:
             assert r["resumed_at"] == EVERY
             for k in range(EVERY + 1, UPDATES + 1):
                 assert r["resumed_losses"][k] == pytest.approx(r["losses"][k], rel=1e-5, abs=1e-7), (name, rank, k)
+                for role, losses in r["role_losses"].items():  # every role resumes (sCD's weighting beside it)
+                    assert r["resumed_role_losses"][role][k] == pytest.approx(losses[k], rel=1e-5, abs=1e-7), (
+                        name, rank, role, k)
             rb = r["rollback"]
             assert rb["rollbacks"] == 1 and rb["skipped"] == 2, (name, rank, rb)
             assert rb["base_lr"] == pytest.approx(LR * 0.5), (name, rank, rb)
@@ -192,7 +201,7 @@ def _check(results: list[dict], workers: int, numels: dict) -> list[str]:
         if workers > 1:  # the ranks read different data: their losses differ
             first = min(ranks[0]["losses"])
             assert ranks[0]["losses"][first] != ranks[1]["losses"][first], name
-        kept = "self_teacher" if "tract" in name else "target" if "consistency" in name else None
+        kept = "self_teacher" if "tract" in name else "target" if "consistency" in name or "scd" in name else None
         if kept:  # the resumed losses above also need the average back from the checkpoint
             averages = [r["averages"][kept] for r in ranks]
             assert all(a == averages[0] for a in averages), (name, averages)

@@ -194,6 +194,25 @@ def test_a_tract_phase_sweeps_like_a_round(tmp_path, teacher):
     assert summary["method"] == "tract" and summary["rounds"][0]["lr"] == best["lr"]
 
 
+@pytest.mark.parametrize("method", [["distill.method=consistency", "distill.consistency.target_ema=0.9"],
+                                    ["distill.method=scd", "distill.scd.warmup_updates=3"]], ids=["cd", "scd"])
+def test_the_consistency_methods_sweep_like_a_round(tmp_path, teacher, method):
+    """Consistency distillation (its target network an average of each trial's student) and sCD (a second role,
+    the adaptive weighting, its own DeepSpeed engine in every trial) as sweeps: each trial reports its held-out
+    loss, and the best is promoted."""
+    args = [*BASE, "sweep.lrs=[0.001,0.0003]", "distill.updates_per_round=6", *method,
+            f"teacher.checkpoint={teacher}", f"run.storage_path={tmp_path}", "run.name=cm"]
+    _finish(args, tmp_path)
+    run = tmp_path / "cm"
+    table = _trials(run)
+    assert {r["status"] for r in table["trials"]} <= {"finished", "stopped early"}, table["trials"]
+    assert all(0 < r["heldout_loss"] < 1e29 for r in table["trials"])
+    chosen = next(r for r in table["trials"] if r["trial"] == table["chosen"])
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["method"] == method[0].split("=")[1] and summary["rounds"][0]["lr"] == chosen["lr"]
+    assert any(r["sampler"] == "distilled" and r["fid"] > 0 for r in summary["eval"])
+
+
 def test_a_denoising_student_sweeps_on_pairs_sampled_by_ray_tasks(tmp_path, teacher):
     """The pairs sampled by a Ray task (dist.workers=1), then trials on them reporting their held-out pair loss."""
     args = [*BASE, "sweep.lrs=[0.001,0.0003]", "distill.updates_per_round=6", "distill.method=denoising_student",

@@ -16,7 +16,7 @@ def test_ds_config_is_generated_and_checked():
     assert cfg["train_micro_batch_size_per_gpu"] == 32 and cfg["gradient_accumulation_steps"] == 1
     assert cfg["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"},
                                         "reduce_bucket_size": 50_000_000, "allgather_bucket_size": 50_000_000,
-                                        "overlap_comm": True}
+                                        "overlap_comm": True, "memory_efficient_linear": False}
     serial = ds_config(global_batch=8, world_size=1, zero_stage=2, precision="fp32", grad_clip=1.0,
                        bucket_elements=2_000_000, overlap_comm=False)["zero_optimization"]
     assert (serial["reduce_bucket_size"], serial["allgather_bucket_size"], serial["overlap_comm"]) == (2_000_000, 2_000_000, False)

@@ -35,7 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from raypd.checkpoint import load_checkpoint
 from raypd.config import ConfigError
 from raypd.data.batch import Batch
-from raypd.diffusion import alpha_sigma, diffuse
+from raypd.diffusion import diffuse
 from raypd.methods.base import Method, register
 from raypd.train.lr import linear_decay
 from raypd.train.objective import Average, Nets, Role, StageSetup, frozen_dtype, frozen_forward

@@ -18,7 +18,7 @@ from raypd.data import Batch
 from raypd.data.prepare import training_shards
 from raypd.diffusion import ddim_sample, ddim_step, logsnr_schedule
 from raypd.methods import method_for, objective_for
-from raypd.methods.scd import TARGET, WEIGHTING, ContinuousConsistency, TimeWeighting, velocity
+from raypd.methods.scd import TARGET, WEIGHTING, ContinuousConsistency, TimeWeighting
 from raypd.models import Denoiser
 from raypd.train import build_plain_engine, linear_decay, train_step
 from raypd.train.ema import EMA

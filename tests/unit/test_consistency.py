@@ -7,27 +7,38 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from raypd.checkpoint import meta_for, save_checkpoint
 from raypd.config import ConfigError, load_config
 from raypd.data import Batch
-from raypd.data.prepare import training_shards
-from raypd.diffusion import consistency_sample, ddim_sample, ddim_step, diffuse, logsnr_schedule, tract_target
+from raypd.diffusion import (
+    consistency_sample,
+    ddim_sample,
+    ddim_step,
+    diffuse,
+    logsnr_schedule,
+    tract_target,
+)
 from raypd.diffusion.params import output_channels
 from raypd.methods import method_for, objective_for
-from raypd.methods.consistency import TARGET, ConsistencyStage, pseudo_huber, teacher_grid
+from raypd.methods.consistency import (
+    TARGET,
+    ConsistencyStage,
+    pseudo_huber,
+    teacher_grid,
+)
 from raypd.models import Denoiser
 from raypd.train import build_plain_engine, linear_decay, train_step
 from raypd.train.ema import EMA
-from raypd.train.runner import InProcessRunner
 from raypd.train.stage import Stage
 from tests.gmm import GaussianMixture
-from tests.teachers import perturbed_denoiser
+from tests.stages import TINY as TINY_STAGE
+from tests.stages import run_stage, teacher_and_shards
 from tests.unit.test_distill_end_to_end import MLP, AnalyticTeacher
 from tests.unit.test_stage_loop import interrupted_at
 
@@ -242,35 +253,28 @@ def test_a_consistency_student_of_the_exact_teacher_beats_its_ddim(segments, tar
     assert student_err < 0.5 * ddim_err, (student_err, ddim_err)
 
 
-TINY = ["data.resolution=8", "model.attn_resolutions=[4]", "model.ch=32", "model.ch_mult=[1,2]",
-        "distill.batch_size=8", "data.loader_workers=0", "run.device=cpu", "dist.checkpoint_every=4", *CM,
+TINY = [*TINY_STAGE, *CM,
         "distill.start_steps=8", "distill.consistency.initial_steps=2", "distill.consistency.target_ema=0.9"]
 
 
-def _run(cfg, root, stage: Stage):
-    InProcessRunner(cfg, root / "local", torch.device("cpu"),
-                    objectives=lambda stage: objective_for(cfg, stage)).run(stage, root / "out")
-    return load_file(str(root / "out" / "model.safetensors")), json.loads((root / "out" / "meta.json").read_text())
 
 
 def test_a_consistency_stage_checkpoints_its_target_network_and_resumes_bit_for_bit(tmp_path, monkeypatch, capsys):
     """The target network and the curriculum's place (2, 4, 8 teacher steps over 9 updates) come back from the
     checkpoint at update 4: the resumed stage ends on the same weights."""
     cfg = load_config(None, TINY)
-    teacher = tmp_path / "teacher"
-    save_checkpoint(teacher, perturbed_denoiser(cfg), meta_for(cfg, kind="teacher", sampling_steps=8, round=None))
-    shards = training_shards(cfg.data, tmp_path / "data", seed=cfg.run.seed)
+    teacher, shards = teacher_and_shards(cfg, tmp_path, 8)
     stage = Stage("round", "round-00", updates=9, stream=1, sampling_steps=1, shards=shards, round=0,
-                  teacher=str(teacher), student_steps=1, teacher_steps=8)
-    through, meta = _run(cfg, tmp_path / "through", stage)
+                  teacher=teacher, student_steps=1, teacher_steps=8)
+    through, meta = run_stage(cfg, tmp_path / "through", stage)
     assert meta["kind"] == "student" and meta["sampling_steps"] == 1
     last = tmp_path / "through" / "local" / "round-00" / "checkpoint_00000008"
     assert json.loads((last / "engine.json").read_text())["client"]["target_updates"] == 8
     target = load_file(str(last / "target.safetensors"))
-    start = load_file(str(teacher / "model.safetensors"))
+    start = load_file(str(Path(teacher) / "model.safetensors"))
     assert sorted(target) == sorted(through) and any(not torch.equal(target[k], start[k]) for k in through)
 
-    interrupted_at(monkeypatch, 6, lambda: _run(cfg, tmp_path / "again", stage))
-    resumed, _ = _run(cfg, tmp_path / "again", stage)
+    interrupted_at(monkeypatch, 6, lambda: run_stage(cfg, tmp_path / "again", stage))
+    resumed, _ = run_stage(cfg, tmp_path / "again", stage)
     assert "resumed from the checkpoint at update 4 of 9" in capsys.readouterr().err
     assert all(torch.equal(resumed[k], through[k]) for k in through)

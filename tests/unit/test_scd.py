@@ -5,17 +5,13 @@ that resumes bit for bit."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from raypd.checkpoint import meta_for, save_checkpoint
 from raypd.config import ConfigError, load_config
 from raypd.data import Batch
-from raypd.data.prepare import training_shards
 from raypd.diffusion import ddim_sample, ddim_step, logsnr_schedule
 from raypd.methods import method_for, objective_for
 from raypd.methods.scd import TARGET, WEIGHTING, ContinuousConsistency, TimeWeighting
@@ -23,9 +19,10 @@ from raypd.models import Denoiser
 from raypd.train import build_plain_engine, linear_decay, train_step
 from raypd.train.ema import EMA
 from raypd.train.objective import denoising_loss
-from raypd.train.runner import InProcessRunner
 from raypd.train.stage import Stage
 from tests.gmm import GaussianMixture
+from tests.stages import TINY as TINY_STAGE
+from tests.stages import run_stage, teacher_and_shards
 from tests.teachers import perturbed_denoiser
 from tests.unit.test_distill_end_to_end import MLP, AnalyticTeacher
 from tests.unit.test_stage_loop import interrupted_at
@@ -206,28 +203,21 @@ def test_scd_makes_its_student_consistent_along_the_teachers_ode(tangent, gmm_an
     assert (w.max() - w.min()).item() > 0.05
 
 
-TINY = ["data.resolution=8", "model.attn_resolutions=[4]", "model.ch=32", "model.ch_mult=[1,2]",
-        "distill.batch_size=8", "data.loader_workers=0", "run.device=cpu", "dist.checkpoint_every=4", *SCD,
+TINY = [*TINY_STAGE, *SCD,
         "distill.scd.warmup_updates=6"]
 
 
-def _run(cfg, root, stage: Stage):
-    InProcessRunner(cfg, root / "local", torch.device("cpu"),
-                    objectives=lambda stage: objective_for(cfg, stage)).run(stage, root / "out")
-    return load_file(str(root / "out" / "model.safetensors")), json.loads((root / "out" / "meta.json").read_text())
 
 
 def test_an_scd_stage_checkpoints_both_roles_and_resumes_bit_for_bit(tmp_path, monkeypatch, capsys):
     cfg = load_config(None, TINY)
-    teacher = tmp_path / "teacher"
-    save_checkpoint(teacher, perturbed_denoiser(cfg), meta_for(cfg, kind="teacher", sampling_steps=8, round=None))
-    shards = training_shards(cfg.data, tmp_path / "data", seed=cfg.run.seed)
-    stage = STAGE.with_(updates=9, shards=shards, teacher=str(teacher))
-    through, meta = _run(cfg, tmp_path / "through", stage)
+    teacher, shards = teacher_and_shards(cfg, tmp_path, 8)
+    stage = STAGE.with_(updates=9, shards=shards, teacher=teacher)
+    through, meta = run_stage(cfg, tmp_path / "through", stage)
     assert meta["kind"] == "student" and meta["metrics"]["weighting_final_loss"] is not None
     last = tmp_path / "through" / "local" / "round-00" / "checkpoint_00000008"
     assert (last / "roles" / WEIGHTING).is_dir() and (last / f"{TARGET}.safetensors").is_file()
-    interrupted_at(monkeypatch, 6, lambda: _run(cfg, tmp_path / "again", stage))
-    resumed, _ = _run(cfg, tmp_path / "again", stage)
+    interrupted_at(monkeypatch, 6, lambda: run_stage(cfg, tmp_path / "again", stage))
+    resumed, _ = run_stage(cfg, tmp_path / "again", stage)
     assert "resumed from the checkpoint at update 4 of 9" in capsys.readouterr().err
     assert all(torch.equal(resumed[k], through[k]) for k in through)

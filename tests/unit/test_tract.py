@@ -6,28 +6,33 @@ from __future__ import annotations
 
 import functools
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from raypd.checkpoint import meta_for, save_checkpoint
 from raypd.config import ConfigError, DistillConfig, load_config
 from raypd.data import Batch
-from raypd.data.prepare import training_shards
 from raypd.diffusion import ddim_sample, logsnr_schedule
-from raypd.models import Denoiser
-from raypd.methods import method_for, objective_for
+from raypd.methods import method_for
 from raypd.methods.regression import regression_loss
 from raypd.methods.tract import Phase
-from raypd.train import build_plain_engine, freeze, linear_decay, make_student, train_step
+from raypd.models import Denoiser
+from raypd.train import (
+    build_plain_engine,
+    freeze,
+    linear_decay,
+    make_student,
+    train_step,
+)
 from raypd.train.ema import EMA
-from raypd.train.runner import InProcessRunner
 from raypd.train.stage import Stage
 from tests.gmm import GaussianMixture
 from tests.plans import plan_of
-from tests.teachers import perturbed_denoiser
+from tests.stages import TINY as TINY_STAGE
+from tests.stages import run_stage, teacher_and_shards
 from tests.unit.test_distill_end_to_end import MLP, AnalyticTeacher
 from tests.unit.test_stage_loop import interrupted_at
 
@@ -118,25 +123,18 @@ def test_tract_two_phases_from_an_exact_teacher_beat_its_ddim_at_one_step():
             assert student_err < max_ratio * ddim_err, (n, student_err, ddim_err)
 
 
-TINY = ["data.resolution=8", "model.attn_resolutions=[4]", "model.ch=32", "model.ch_mult=[1,2]",
-        "distill.batch_size=8", "data.loader_workers=0", "run.device=cpu", "dist.checkpoint_every=4",
+TINY = [*TINY_STAGE,
         "distill.method=tract", "distill.tract.phases=[8,1]"]
 
 
-def _run(cfg, root, stage: Stage):
-    InProcessRunner(cfg, root / "local", torch.device("cpu"),
-                    objectives=lambda stage: objective_for(cfg, stage)).run(stage, root / "out")
-    return load_file(str(root / "out" / "model.safetensors")), json.loads((root / "out" / "meta.json").read_text())
 
 
 def test_a_tract_phase_checkpoints_its_self_teacher_and_resumes_bit_for_bit(tmp_path, monkeypatch, capsys):
     cfg = load_config(None, TINY)
-    teacher = tmp_path / "teacher"
-    save_checkpoint(teacher, perturbed_denoiser(cfg), meta_for(cfg, kind="teacher", sampling_steps=4, round=None))
-    shards = training_shards(cfg.data, tmp_path / "data", seed=cfg.run.seed)
+    teacher, shards = teacher_and_shards(cfg, tmp_path, 4)
     stage = Stage("round", "round-00", updates=8, stream=1, sampling_steps=1, shards=shards, round=0,
-                  teacher=str(teacher), student_steps=1, teacher_steps=4)
-    through, meta = _run(cfg, tmp_path / "through", stage)
+                  teacher=teacher, student_steps=1, teacher_steps=4)
+    through, meta = run_stage(cfg, tmp_path / "through", stage)
     assert meta["kind"] == "student" and meta["sampling_steps"] == 1
     last = tmp_path / "through" / "local" / "round-00" / "checkpoint_00000008"
     state = json.loads((last / "engine.json").read_text())["client"]
@@ -144,12 +142,12 @@ def test_a_tract_phase_checkpoints_its_self_teacher_and_resumes_bit_for_bit(tmp_
     self_teacher = load_file(str(last / "self_teacher.safetensors"))
     assert sorted(self_teacher) == sorted(through)
     # an average of the student's recent weights: neither the student nor the teacher it started from
-    start = load_file(str(teacher / "model.safetensors"))
+    start = load_file(str(Path(teacher) / "model.safetensors"))
     assert any(not torch.equal(self_teacher[k], through[k]) for k in through)
     assert any(not torch.equal(self_teacher[k], start[k]) for k in through)
 
-    interrupted_at(monkeypatch, 6, lambda: _run(cfg, tmp_path / "again", stage))
-    resumed, _ = _run(cfg, tmp_path / "again", stage)
+    interrupted_at(monkeypatch, 6, lambda: run_stage(cfg, tmp_path / "again", stage))
+    resumed, _ = run_stage(cfg, tmp_path / "again", stage)
     assert "resumed from the checkpoint at update 4 of 8" in capsys.readouterr().err
     # the self-teacher came back with the weights: a fresh one would give other targets from update 5 on
     assert all(torch.equal(resumed[k], through[k]) for k in through)

@@ -30,9 +30,9 @@ def _check_steps(n_steps: int) -> None:
         raise ValueError(f"n_steps must be a positive integer, got {n_steps!r}")
 
 
-def _grid_logsnr(i: int, n_steps: int, like: Tensor, logsnr_fn: LogsnrFn) -> Tensor:
-    """logsnr at t = i / n_steps, as a [B] tensor."""
-    t = torch.full((like.shape[0],), i / n_steps, dtype=like.dtype, device=like.device)
+def _grid_logsnr(i: int, n_steps: int, like: Tensor, logsnr_fn: LogsnrFn, t_max: float = 1.0) -> Tensor:
+    """logsnr at t = t_max i / n_steps, as a [B] tensor."""
+    t = torch.full((like.shape[0],), t_max * i / n_steps, dtype=like.dtype, device=like.device)
     return logsnr_fn(t)
 
 
@@ -42,16 +42,17 @@ def _predict(denoise: Denoise, z: Tensor, logsnr: Tensor, clip: bool) -> Tensor:
 
 
 def _run_sampler(denoise: Denoise, z_1: Tensor, n_steps: int, clip: bool, logsnr_fn: LogsnrFn,
-                 step: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]) -> Tensor:
-    """t = 1, (N-1)/N, ..., 1/N: predict x_hat, then ``step(z_t, x_hat, logsnr_t, logsnr_s)``; the last step returns x_hat."""
+                 step: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor], t_max: float = 1.0) -> Tensor:
+    """t = 1, (N-1)/N, ..., 1/N (each times ``t_max``, where z_1 is taken to lie): predict x_hat, then
+    ``step(z_t, x_hat, logsnr_t, logsnr_s)``; the last step returns x_hat."""
     _check_steps(n_steps)
     z = z_1
     for i in range(n_steps, 0, -1):
-        logsnr_t = _grid_logsnr(i, n_steps, z, logsnr_fn)
+        logsnr_t = _grid_logsnr(i, n_steps, z, logsnr_fn, t_max)
         x_hat = _predict(denoise, z, logsnr_t, clip)
         if i == 1:
             return x_hat
-        z = step(z, x_hat, logsnr_t, _grid_logsnr(i - 1, n_steps, z, logsnr_fn))
+        z = step(z, x_hat, logsnr_t, _grid_logsnr(i - 1, n_steps, z, logsnr_fn, t_max))
     raise AssertionError("unreachable")
 
 
@@ -119,14 +120,16 @@ def consistency_sample(
     *,
     generator: torch.Generator | None = None,
     logsnr_fn: LogsnrFn = logsnr_schedule,
+    t_max: float = 1.0,
 ) -> Tensor:
     """The multistep consistency sampler (Song et al. 2023, Algorithm 1) on the N-step grid: x_hat from z_1, then
     at each next grid time s a fresh z_s = alpha_s x_hat + sigma_s eps_new and x_hat from it. Unlike an ancestral
-    step, the next point forgets z_t: a consistency model's x_hat is already the ODE's endpoint. At one step it is
-    the one-step DDIM sample."""
+    step, the next point forgets z_t: a consistency model's x_hat is already the ODE's endpoint. At one step from
+    t = 1 it is the one-step DDIM sample. ``t_max`` < 1 starts below pure noise (z_1 taken as z at t_max, whose
+    sigma is nearly 1), on the grid t_max i / N: a model trained only up to some noise level samples from there."""
 
     def step(z: Tensor, x_hat: Tensor, logsnr_t: Tensor, logsnr_s: Tensor) -> Tensor:
         noise = torch.randn(z.shape, dtype=z.dtype, device=z.device, generator=generator)
         return diffuse(x_hat, noise, logsnr_s)
 
-    return _run_sampler(denoise, z_1, n_steps, clip, logsnr_fn, step)
+    return _run_sampler(denoise, z_1, n_steps, clip, logsnr_fn, step, t_max)

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from raypd.diffusion.ddim import LogsnrFn
 from raypd.eval.fid import Extractor, extract_features, to_uint8
-from raypd.eval.samples import NOISE_BLOCK, NOISY_SAMPLERS, block_seed, noise_slice, sample_ddim, sample_stochastic
+from raypd.eval.samples import NOISE_BLOCK, block_seed, noise_slice, noisy_sampler, sample_ddim, sample_stochastic
 from raypd.models import Denoiser
 from raypd.models.denoiser import forward_dtype
 
@@ -35,8 +35,8 @@ class Chunk:
     """Samples ``start:stop`` of one point: plain data, so it travels to a Ray task as it is."""
 
     sampler: str
-    """``ddim`` (deterministic), ``stochastic`` (ancestral) or ``consistency`` (the multistep consistency sampler);
-    the step noise of the last two is seeded per noise block."""
+    """``ddim`` (deterministic), ``stochastic`` (ancestral) or ``consistency`` (the multistep consistency sampler;
+    ``consistency@T`` starts it at t = T); the step noise of the last two is seeded per noise block."""
     n_steps: int
     start: int
     stop: int
@@ -100,7 +100,7 @@ def generate_chunk(model: Denoiser, chunk: Chunk, *, logsnr_fn: LogsnrFn, device
     if chunk.sampler == "ddim":
         samples = sample_ddim(model, z, y, chunk.n_steps, logsnr_fn=logsnr_fn, device=device, dtype=dtype,
                               w=chunk.guidance)
-    elif chunk.sampler in NOISY_SAMPLERS:
+    elif noisy_sampler(chunk.sampler) is not None:
         parts = []
         for lo in range(0, z.shape[0], NOISE_BLOCK):  # the step noise of block k comes from (seed, k) alone
             block = (chunk.start + lo) // NOISE_BLOCK

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
 from pathlib import Path
@@ -94,13 +95,23 @@ def sample_stochastic(model: Denoiser, z_1: Tensor, y: Tensor | None, n_steps: i
     """N-step samples of a sampler that draws noise at each step (``stochastic``: ancestral; ``consistency``: the
     multistep consistency sampler), with the step noise drawn from ``seed`` (so reruns agree)."""
     gen = torch.Generator(device).manual_seed(seed)
-    run = NOISY_SAMPLERS[sampler]
+    run = noisy_sampler(sampler)
     return _in_batches(model, z_1, y, batch_size, device,
                        lambda denoise, z: run(denoise, z, n_steps, logsnr_fn=logsnr_fn, generator=gen), dtype, w)
 
 
 NOISY_SAMPLERS = {"stochastic": stochastic_sample, "consistency": consistency_sample}
 """The samplers that draw fresh noise at each step, by name."""
+
+
+def noisy_sampler(name: str) -> Callable | None:
+    """The sampler ``name`` names if it draws fresh noise at each step, else None; ``consistency@T`` is the
+    consistency sampler started at t = T."""
+    kind, _, start = name.partition("@")
+    run = NOISY_SAMPLERS.get(kind)
+    if run is None or not start:
+        return run
+    return functools.partial(run, t_max=float(start))
 
 
 def rmse(a: Tensor, b: Tensor) -> float:

@@ -168,6 +168,13 @@ class Consistency(Method):
             raise ConfigError("distill.consistency.initial_steps",
                               f"the curriculum doubles the teacher's grid up to distill.start_steps "
                               f"({d.start_steps}): initial_steps must be it divided by a power of two, got {initial}")
+        doublings = round(math.log2(ratio))
+        short = [r for r in self.plan() if r.phase != "guidance" and r.updates < doublings + 1]
+        if short:
+            raise ConfigError("distill.consistency.initial_steps",
+                              f"the curriculum doubles the grid {doublings} times from {initial} steps, in equal "
+                              f"parts of the stage, but the stage has {short[0].updates} updates; raise "
+                              "distill.updates_per_round or initial_steps")
         if initial % o.segments:
             raise ConfigError("distill.consistency.segments",
                               f"{o.segments} segments do not divide the teacher's {initial}-step grid; choose "

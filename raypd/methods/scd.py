@@ -17,8 +17,8 @@ function f. Per example:
   of tau (the adaptive weighting), its own role ``weighting`` with its own optimizer, trained on the same
   residuals after the student's step of each update.
 
-The student samples with the multistep consistency sampler on raypd's grid (it starts at t = 1, the published
-one at EDM's s = 80). What is not built: a guided teacher's classifier-free guidance in dx, and the tangent in the
+The student samples with the multistep consistency sampler from EDM's s = 80 (t = 0.992 on the default schedule),
+as the published one does, on the grid t_max i / N below it; training draws no times above it. What is not built: a guided teacher's classifier-free guidance in dx, and the tangent in the
 frozen networks' lower-precision dtype (it runs in fp32).
 """
 
@@ -44,6 +44,9 @@ from raypd.train.stage import Stage
 
 TARGET = "target"
 WEIGHTING = "weighting"
+START_S = 80.0
+"""Where the student's sampler starts, in EDM's noise level s = sigma / alpha (t = 0.992 on the default schedule),
+and the top of the training times: at t = 1 the tangent's signal vanishes as cos(tau), so nothing is learnt there."""
 _FORWARDS = 7
 """Forward-equivalents per example: the teacher's forward, the target network's forward and its tangent (a JVP's
 primal and tangent, or a central difference's two forwards: 3), the student's forward and backward (3)."""
@@ -96,6 +99,13 @@ class TimeWeighting(nn.Module):
         return self.linear(features)[:, 0]
 
 
+def tau_range(logsnr_fn) -> tuple[float, float]:
+    """tau at t = 0 and t = 1 on the run's cosine schedule (tau = atan(sigma / alpha), linear in t)."""
+    ends = logsnr_fn(torch.tensor([0.0, 1.0], dtype=torch.float64))
+    lo, hi = (math.atan(math.exp(-float(v) / 2)) for v in ends)
+    return lo, hi
+
+
 def velocity(x_hat: Tensor, z: Tensor, tau: Tensor) -> Tensor:
     """TrigFlow's F of an x_hat at z: (cos(tau) z - x_hat) / sin(tau)."""
     cos, sin = (v.reshape(-1, *[1] * (z.dim() - 1)) for v in (torch.cos(tau), torch.sin(tau)))
@@ -112,8 +122,7 @@ class ContinuousConsistency:
         self.options: ScdOptions = method.options
         self.logsnr_fn = self.cfg.diffusion.logsnr_fn()
         self.dtype: torch.dtype | None = None
-        ends = self.logsnr_fn(torch.tensor([0.0, 1.0], dtype=torch.float64))
-        self.tau_min, self.tau_max = (math.atan(math.exp(-float(v) / 2)) for v in ends)
+        self.tau_min, self.tau_max = tau_range(self.logsnr_fn)
         self._residuals: tuple[int, Tensor, Tensor] | None = None
 
     # -- networks
@@ -154,7 +163,8 @@ class ContinuousConsistency:
         o = self.options
         xi = o.p_mean + o.p_std * torch.randn(b, generator=generator, dtype=torch.float64, device=like.device)
         margin = 2 * o.finite_difference_step
-        return torch.atan(torch.exp(xi)).clamp(self.tau_min + margin, self.tau_max - margin).to(like.dtype)
+        top = min(self.tau_max - margin, math.atan(START_S))
+        return torch.atan(torch.exp(xi)).clamp(self.tau_min + margin, top).to(like.dtype)
 
     def logsnr_at(self, tau: Tensor) -> Tensor:
         """The run's logsnr at tau (tau is linear in t on the cosine schedule)."""
@@ -191,10 +201,17 @@ class ContinuousConsistency:
 
     def direction(self, nets: Nets, z: Tensor, tau: Tensor, y: Tensor | None, update: int | None
                   ) -> tuple[Tensor, Tensor]:
-        """(F-, g / (|g| + tangent_norm)), with the tangent warmed up to ``update`` (None: at its full weight)."""
+        """(F-, g / (|g| + tangent_norm)), with the tangent warmed up to ``update`` (None: at its full weight, the
+        frozen networks in fp32, as a held-out set is scored)."""
         o = self.options
         r = 1.0 if update is None or o.warmup_updates == 0 else min(1.0, update / o.warmup_updates)
-        target, g = self.consistency_tangent(nets, z, tau, y, r)
+        dtype = self.dtype
+        if update is None:
+            self.dtype = None
+        try:
+            target, g = self.consistency_tangent(nets, z, tau, y, r)
+        finally:
+            self.dtype = dtype
         with torch.inference_mode():
             norm = g.flatten(1).norm(dim=1).reshape(-1, *[1] * (z.dim() - 1))
             g = g / (norm + o.tangent_norm)
@@ -204,11 +221,11 @@ class ContinuousConsistency:
     # -- the losses
     def residuals(self, nets: Nets, x: Tensor, eps: Tensor, tau: Tensor, y: Tensor | None, update: int | None
                   ) -> Tensor:
-        """Per example |F - F- - g|^2 / D, with the gradient of the student's F."""
+        """Per example |F - sg(F) - g|^2 / D (its value |g|^2 / D), with the gradient of the student's F."""
         z = diffuse(x, eps, self.logsnr_at(tau))
-        target, g = self.direction(nets, z, tau, y, update)
+        _, g = self.direction(nets, z, tau, y, update)
         student = self.velocity_of(nets["student"], z, tau, y)
-        return (student - target - g).flatten(1).square().mean(1)
+        return (student - student.detach() - g).flatten(1).square().mean(1)
 
     def loss(self, role: str, nets: Nets, batch: Batch, generator: torch.Generator, update: int) -> Tensor:
         if role == WEIGHTING:
@@ -253,7 +270,12 @@ class ContinuousConsistencyDistillation(Method):
              "function's tangent on the teacher's ODE, a Jacobian-vector product of the stop-gradient student.")
     Options = ScdOptions
     guidable = False
-    sampler = "consistency"
+
+    @property
+    def sampler(self) -> str:
+        """The multistep consistency sampler from t at s = START_S (``consistency@T``)."""
+        lo, hi = tau_range(self.cfg.diffusion.logsnr_fn())
+        return f"consistency@{(math.atan(START_S) - lo) / (hi - lo):.6f}"
 
     def unguided_reason(self) -> str:
         return "sCD here distils an unguided teacher's ODE; distil a guided teacher's fixed-w ODE by progressive rounds"

@@ -66,6 +66,8 @@ def test_consistency_settings_are_checked_up_front():
         (["distill.consistency.huber_c=0"], "distill.consistency.huber_c: must be > 0"),
         (["distill.consistency.distance=lpips"], "distill.consistency.distance: LPIPS .*use pseudo_huber"),
         (["distill.consistency.segments=0"], "distill.consistency.segments: must be >= 1"),
+        (["distill.consistency.initial_steps=1", "distill.updates_per_round=4"],
+         "distill.consistency.initial_steps: the curriculum doubles the grid 5 times .* 4 updates"),
         (["model.parameterization=x"], "model.parameterization: an x-parameterized student does not meet the "
                                        "consistency boundary condition"),
     ]
@@ -202,6 +204,9 @@ def test_the_consistency_sampler_renoises_each_x_hat_and_is_ddim_at_one_step():
     z_1 = torch.randn(8, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
     one = consistency_sample(gmm.denoise, z_1, 1, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(one, ddim_sample(gmm.denoise, z_1, 1), rtol=0, atol=0)
+    # started below pure noise: z_1 taken as the point at t_max
+    low = consistency_sample(gmm.denoise, z_1, 1, clip=False, t_max=0.9)
+    torch.testing.assert_close(low, gmm.denoise(z_1, logsnr_schedule(torch.full((8,), 0.9, dtype=F64))))
     two = consistency_sample(gmm.denoise, z_1, 2, clip=False, generator=torch.Generator().manual_seed(1))
     half = logsnr_schedule(torch.full((8,), 0.5, dtype=F64))
     x_hat = gmm.denoise(z_1, logsnr_schedule(torch.ones(8, dtype=F64)))
@@ -251,6 +256,15 @@ def test_a_consistency_student_of_the_exact_teacher_beats_its_ddim(segments, tar
         ddim_err = (ddim_sample(gmm.denoise, z_1, segments) - reference).square().mean().sqrt().item()
         student_err = (ddim_sample(student.eval().bind(None), z_1, segments) - reference).square().mean().sqrt().item()
     assert student_err < 0.5 * ddim_err, (student_err, ddim_err)
+    if segments == 2:  # its first step jumps to the segment's start, t = 1/2, on the ODE (not to the data)
+        z, one = z_1[:64], torch.ones(64)
+        exact = _ode(gmm, z, one, 0.5, steps=256)
+        lam_1, lam_half = logsnr_schedule(one), logsnr_schedule(one / 2)
+        with torch.no_grad():
+            jumped = ddim_step(z, student(z, lam_1), lam_1, lam_half)
+        teacher_jump = ddim_step(z, gmm.denoise(z, lam_1), lam_1, lam_half)
+        jump_err, teacher_err = ((p - exact).square().mean().sqrt().item() for p in (jumped, teacher_jump))
+        assert jump_err < 0.5 * teacher_err, (jump_err, teacher_err)
 
 
 TINY = [*TINY_STAGE, *CM,

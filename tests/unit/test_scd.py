@@ -12,7 +12,7 @@ import torch
 
 from raypd.config import ConfigError, load_config
 from raypd.data import Batch
-from raypd.diffusion import ddim_sample, ddim_step, logsnr_schedule
+from raypd.diffusion import consistency_sample, ddim_sample, ddim_step, logsnr_schedule
 from raypd.methods import method_for, objective_for
 from raypd.methods.scd import TARGET, WEIGHTING, ContinuousConsistency, TimeWeighting
 from raypd.models import Denoiser
@@ -36,7 +36,8 @@ STAGE = Stage("round", "round-00", updates=10, stream=1, sampling_steps=1, round
 def test_scd_settings_are_checked_up_front():
     method = method_for(load_config(None, SCD))
     assert [(r.teacher_steps, r.student_steps) for r in method.plan()] == [(32, 1)]
-    assert method.sampler == "consistency" and method.forwards_per_example() == 7
+    # the consistency sampler from EDM's s = 80, where training's times end: t = 0.992 on the default schedule
+    assert method.sampler == "consistency@0.992071" and method.forwards_per_example() == 7
     bad = [
         (["model.parameterization=x"], "model.parameterization: an x-parameterized student"),
         (["distill.scd.tangent=forward"], "distill.scd.tangent: must be one of 'jvp', 'finite_difference'"),
@@ -79,7 +80,7 @@ def test_the_jvp_tangent_is_the_finite_difference_one_and_the_analytic_derivativ
         torch.sin(tau)[:, None, None, None] * torch.randn(b, 1, 2, 2, generator=g, dtype=F64)
     _, g_jvp = jvp.consistency_tangent(nets, z, tau, None, 1.0)
     _, g_fd = fd.consistency_tangent(nets, z, tau, None, 1.0)
-    torch.testing.assert_close(g_jvp, g_fd, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(g_jvp, g_fd, rtol=1e-4, atol=1e-6)
 
     # by hand: f(z(tau'), tau') along the teacher's ODE through (z, tau), tau' = tau +- h (tiny DDIM steps, float64)
     h = 1e-4
@@ -124,6 +125,30 @@ def test_the_jvp_passes_through_raypds_unet_and_the_finite_difference_converges_
     assert errors[1] < 5e-3 * tangent.abs().max().item() and errors[1] < errors[0] / 10, errors
 
 
+def test_the_weighting_scales_the_students_loss_and_learns_from_the_same_updates_residuals():
+    objective = _objective("distill.scd.tangent=finite_difference")
+    gmm = GaussianMixture.random(k=3, shape=(1, 2, 2), std=0.2, seed=1, dtype=torch.float32)
+    student = Denoiser(MLP(4), "v")
+    weighting = TimeWeighting()
+    nets = {"student": student, "teacher": AnalyticTeacher(gmm), TARGET: student, WEIGHTING: weighting}
+    batch = Batch(gmm.sample(32, torch.Generator().manual_seed(0)))
+
+    def student_loss(update: int = 5) -> float:
+        return objective.loss("student", nets, batch, torch.Generator().manual_seed(1), update).item()
+
+    plain = student_loss()
+    assert 0 < plain <= 1 / 4  # |g / (|g| + c)|^2 / D with D = 4
+    # the weighting's loss reads this update's residuals: e^w r - w at w = 0 is their mean
+    assert objective.loss(WEIGHTING, nets, batch, None, 5).item() == pytest.approx(plain, rel=1e-6)
+    with pytest.raises(RuntimeError, match="after the student, on the residuals of the same update"):
+        objective.loss(WEIGHTING, nets, batch, None, 6)
+    with torch.no_grad():
+        weighting.linear.bias.fill_(math.log(2.0))
+    assert student_loss() == pytest.approx(2 * plain, rel=1e-5)
+    assert objective.loss(WEIGHTING, nets, batch, None, 5).item() == pytest.approx(2 * plain - math.log(2.0),
+                                                                                  rel=1e-5)
+
+
 def test_the_adaptive_weighting_learns_minus_the_log_of_the_residual():
     weighting = TimeWeighting()
     assert weighting(torch.rand(5)).abs().max() == 0  # starts at w = 0: every time alike
@@ -161,10 +186,9 @@ def gmm_and_denoiser():
 @pytest.mark.parametrize("tangent", ["jvp", "finite_difference"])
 def test_scd_makes_its_student_consistent_along_the_teachers_ode(tangent, gmm_and_denoiser):
     """Against the exact teacher's ODE: the held-out inconsistency |g|^2 / D (g = cos(tau) df/dtau along the ODE,
-    normalised) falls by nearly half, the student's one step ends closer to where the ODE does than the network it
-    started from, and the adaptive weighting learns a w that varies with time. (On this two-pixel mixture sCD's one
-    step stays above the exact teacher's own one-step DDIM within a few thousand updates, where discrete
-    consistency distillation gets below half of it: see docs/methods.md.)"""
+    normalised) falls by nearly half, and the student's one step, from where its sampler starts (s = 80, where
+    training's times end), ends well closer to the ODE's endpoint than the network it started from and than the
+    exact teacher's own one-step DDIM; the adaptive weighting learns a w that varies with time."""
     gmm, start = gmm_and_denoiser
     updates = 1000
     objective = objective_for(load_config(None, [*SCD, f"distill.scd.tangent={tangent}", "model.parameterization=v",
@@ -174,9 +198,14 @@ def test_scd_makes_its_student_consistent_along_the_teachers_ode(tangent, gmm_an
     student = Denoiser(MLP(2, freqs=SMOOTH), "v")
     student.load_state_dict(start)
     z_1 = torch.randn(1024, 2, 1, 1, generator=torch.Generator().manual_seed(9))
+    t_max = float(method_for(load_config(None, SCD)).sampler.split("@")[1])
+
+    def one_step(model):  # the method's sampler: one step from t_max
+        return consistency_sample(model.bind(None), z_1, 1, t_max=t_max)
+
     with torch.no_grad():
         reference = ddim_sample(gmm.denoise, z_1, 256)
-        start_err = (ddim_sample(student.eval().bind(None), z_1, 1) - reference).square().mean().sqrt().item()
+        start_err = (one_step(student.eval()) - reference).square().mean().sqrt().item()
     part = objective.make_heldout(Batch(gmm.sample(512, torch.Generator().manual_seed(7))), seed=8)
     with torch.no_grad():
         inconsistency = objective.heldout_losses({"student": student, "teacher": teacher}, part).mean().item()
@@ -194,12 +223,14 @@ def test_scd_makes_its_student_consistent_along_the_teachers_ode(tangent, gmm_an
         train_step(weighting, objective.loss(WEIGHTING, nets, batch, noise_gen, update))
         engine.update_average(target)
     with torch.no_grad():
-        student_err = (ddim_sample(student.eval().bind(None), z_1, 1) - reference).square().mean().sqrt().item()
+        student_err = (one_step(student.eval()) - reference).square().mean().sqrt().item()
         w = weighting.model(torch.linspace(0.2, 1.4, 8))
         after = objective.heldout_losses({"student": student, "teacher": teacher}, part).mean().item()
     print(f"one step: {start_err:.3f} -> {student_err:.3f}; held-out |g|^2/D {inconsistency:.3g} -> {after:.3g}")
     assert after < 0.6 * inconsistency, (inconsistency, after)
-    assert student_err < 0.9 * start_err, (student_err, start_err)
+    assert student_err < 0.7 * start_err, (student_err, start_err)
+    ddim_err = (ddim_sample(gmm.denoise, z_1, 1) - reference).square().mean().sqrt().item()
+    assert student_err < 0.6 * ddim_err, (student_err, ddim_err)  # the exact teacher's own one step
     assert (w.max() - w.min()).item() > 0.05
 
 

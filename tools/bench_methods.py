@@ -50,7 +50,8 @@ def main() -> None:
     parser.add_argument("--data", choices=("digits", "mnist"), default="digits")
     parser.add_argument("--assets", default=str(REPO.parent / "shared" / "assets"))
     parser.add_argument("--pd", help="a finished progressive run to reuse (its teacher and config)")
-    parser.add_argument("--tract-phases", default="8,2,1", help="TRACT's student step counts, comma-separated")
+    parser.add_argument("--tract-phases", default="8,2,1",
+                        help="TRACT's student step counts, comma-separated (empty: no run)")
     parser.add_argument("--ds-pairs", type=int, default=4096, help="the Denoising Student's pairs (0: no run)")
     parser.add_argument("--cm-segments", default="1,2",
                         help="consistency distillation's segment counts, comma-separated (empty: no run)")
@@ -80,15 +81,18 @@ def main() -> None:
         raise SystemExit("this benchmark compares unguided methods (raypd compare refuses guided runs); distil a "
                          "guided teacher with distill.guidance_max and read its report instead")
     budget = sum(r["updates"] for r in pd["rounds"])
-    per_phase = budget // len(phases)
-    log(f"[bench] progressive: {len(pd['rounds'])} rounds, {budget} updates; TRACT {base['distill']['start_steps']}"
-        f" -> {' -> '.join(map(str, phases))}: {per_phase} updates per phase")
-    tract_cfg = config_from_dict(base, [
-        f"run.storage_path={out}", "run.name=tract", f"teacher.checkpoint={(pd_dir / 'teacher').resolve()}",
-        "distill.method=tract", f"distill.tract.phases=[{','.join(map(str, phases))}]",
-        f"distill.updates_per_round={per_phase}", "distill.late_rounds_factor=1.0"])
-    tract = run_pipeline(tract_cfg)
-    runs = [pd_dir, Path(tract["run"])]
+    log(f"[bench] progressive: {len(pd['rounds'])} rounds, {budget} updates")
+    runs, tract_updates = [pd_dir], 0
+    if phases:
+        per_phase = budget // len(phases)
+        log(f"[bench] TRACT {base['distill']['start_steps']} -> {' -> '.join(map(str, phases))}: {per_phase} "
+            "updates per phase")
+        tract = run_pipeline(config_from_dict(base, [
+            f"run.storage_path={out}", "run.name=tract", f"teacher.checkpoint={(pd_dir / 'teacher').resolve()}",
+            "distill.method=tract", f"distill.tract.phases=[{','.join(map(str, phases))}]",
+            f"distill.updates_per_round={per_phase}", "distill.late_rounds_factor=1.0"]))
+        runs.append(Path(tract["run"]))
+        tract_updates = sum(r["updates"] for r in tract["rounds"])
     if args.ds_pairs:
         batch, steps = base["distill"]["batch_size"], base["distill"]["start_steps"]
         left = pd["rounds"][-1]["compute"] - args.ds_pairs * steps
@@ -124,7 +128,7 @@ def main() -> None:
         runs.append(Path(scd["run"]))
     path = write_comparison([load_run(p) for p in runs], out / "comparison")
     print(path.read_text())
-    print(f"distillation updates: progressive {budget}, TRACT {sum(r['updates'] for r in tract['rounds'])}; "
+    print(f"distillation updates: progressive {budget}, TRACT {tract_updates}; "
           f"bench {time.perf_counter() - began:.0f} s; written {path} and {path.with_suffix('.png')}")
 
 

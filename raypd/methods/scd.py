@@ -36,6 +36,7 @@ from raypd.checkpoint import load_checkpoint
 from raypd.config import ConfigError
 from raypd.data.batch import Batch
 from raypd.diffusion import diffuse
+from raypd.diffusion.schedule import per_example
 from raypd.methods.base import Method, register
 from raypd.train.lr import linear_decay
 from raypd.train.objective import Average, Nets, Role, StageSetup, frozen_dtype, frozen_forward
@@ -108,8 +109,7 @@ def tau_range(logsnr_fn) -> tuple[float, float]:
 
 def velocity(x_hat: Tensor, z: Tensor, tau: Tensor) -> Tensor:
     """TrigFlow's F of an x_hat at z: (cos(tau) z - x_hat) / sin(tau)."""
-    cos, sin = (v.reshape(-1, *[1] * (z.dim() - 1)) for v in (torch.cos(tau), torch.sin(tau)))
-    return (cos * z - x_hat) / sin
+    return (per_example(torch.cos(tau), z) * z - x_hat) / per_example(torch.sin(tau), z)
 
 
 class ContinuousConsistency:
@@ -176,7 +176,7 @@ class ContinuousConsistency:
     def tangent_of(self, network, z: Tensor, tau: Tensor, dx: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
         """(F-, J): the network's velocity at (z, tau), and cos(tau) sin(tau) times its derivative along
         (dx, 1)."""
-        cs = (torch.cos(tau) * torch.sin(tau)).reshape(-1, *[1] * (z.dim() - 1))
+        cs = per_example(torch.cos(tau) * torch.sin(tau), z)
         if self.options.tangent == "jvp":
             with sdpa_kernel(SDPBackend.MATH):
                 value, derivative = torch.func.jvp(lambda z_, tau_: self.velocity_of(network, z_, tau_, y),
@@ -188,15 +188,15 @@ class ContinuousConsistency:
         behind = self.velocity_of(network, z - h * dx, tau - h, y)
         return value, cs * (ahead - behind) / (2 * h)
 
-    def consistency_tangent(self, nets: Nets, z: Tensor, tau: Tensor, y: Tensor | None, r: float
-                            ) -> tuple[Tensor, Tensor]:
+    def consistency_tangent(self, nets: Nets, z: Tensor, tau: Tensor, y: Tensor | None, r: float,
+                            dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
         """(F-, g) before normalisation: the target network's velocity, and g = -cos^2 (F- - dx) - r (cos sin z +
         J), which at r = 1 is cos(tau) df/dtau along the teacher's ODE (f: the target network's x_hat)."""
-        with frozen_forward(z, self.dtype):
+        with frozen_forward(z, dtype):
             dx = velocity(nets["teacher"](z, self.logsnr_at(tau), y).to(z.dtype), z, tau)
         with torch.inference_mode():
             target, tangent = self.tangent_of(nets[TARGET], z, tau, dx, y)
-            cos, sin = (v.reshape(-1, *[1] * (z.dim() - 1)) for v in (torch.cos(tau), torch.sin(tau)))
+            cos, sin = per_example(torch.cos(tau), z), per_example(torch.sin(tau), z)
             return target, -cos * cos * (target - dx) - r * (cos * sin * z + tangent)
 
     def direction(self, nets: Nets, z: Tensor, tau: Tensor, y: Tensor | None, update: int | None
@@ -205,15 +205,9 @@ class ContinuousConsistency:
         frozen networks in fp32, as a held-out set is scored)."""
         o = self.options
         r = 1.0 if update is None or o.warmup_updates == 0 else min(1.0, update / o.warmup_updates)
-        dtype = self.dtype
-        if update is None:
-            self.dtype = None
-        try:
-            target, g = self.consistency_tangent(nets, z, tau, y, r)
-        finally:
-            self.dtype = dtype
+        target, g = self.consistency_tangent(nets, z, tau, y, r, None if update is None else self.dtype)
         with torch.inference_mode():
-            norm = g.flatten(1).norm(dim=1).reshape(-1, *[1] * (z.dim() - 1))
+            norm = per_example(g.flatten(1).norm(dim=1), z)
             g = g / (norm + o.tangent_norm)
         # inference tensors cannot enter autograd; copies made outside inference mode can
         return target.clone(), g.clone()

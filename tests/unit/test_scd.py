@@ -252,3 +252,12 @@ def test_an_scd_stage_checkpoints_both_roles_and_resumes_bit_for_bit(tmp_path, m
     resumed, _ = run_stage(cfg, tmp_path / "again", stage)
     assert "resumed from the checkpoint at update 4 of 9" in capsys.readouterr().err
     assert all(torch.equal(resumed[k], through[k]) for k in through)
+
+
+def test_without_adaptive_weighting_the_stage_trains_the_student_alone(tmp_path):
+    cfg = load_config(None, [*TINY, "distill.scd.adaptive_weighting=false"])
+    teacher, shards = teacher_and_shards(cfg, tmp_path, 8)
+    student, meta = run_stage(cfg, tmp_path / "run", STAGE.with_(updates=4, shards=shards, teacher=teacher))
+    last = tmp_path / "run" / "local" / "round-00" / "checkpoint_00000004"
+    assert not (last / "roles").exists() and (last / f"{TARGET}.safetensors").is_file()
+    assert "weighting_final_loss" not in meta["metrics"] and math.isfinite(meta["metrics"]["final_loss"])

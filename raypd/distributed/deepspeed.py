@@ -10,6 +10,11 @@ in its optimizer; the forward runs under ``torch.autocast`` (the Denoiser still 
 parameterization arithmetic in fp32). The weights a stage hands on are always the fp32 master,
 assembled by DeepSpeed (``safe_get_full_fp32_param``), never ``module.state_dict()``: under ZeRO-3
 that holds empty placeholders and under bf16 only rounded copies.
+
+Checkpoints: DeepSpeed writes its files with ``torch.save``, and its own loader unpickles them whole. Here they are
+read with ``weights_only=True`` and an allowlist of exactly the few DeepSpeed types its files hold, after every file
+of the folder has been checked for other types without running it: whoever can write the run's storage can change
+numbers, not run code.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import pickle
 from pathlib import Path
 from typing import Literal
 
@@ -33,6 +39,49 @@ from raypd.train.lr import LrSchedule
 Precision = Literal["fp32", "bf16", "fp16"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 TAG = "state"
+
+
+def deepspeed_types() -> list[type]:
+    """The types other than torch's own that DeepSpeed pickles into a checkpoint: the ZeRO stage, the loss scaler
+    (static under fp32/bf16; dynamic under fp16) and ZeRO-1/2's fragment addresses. Found by saving every ZeRO stage,
+    fp32/bf16 and offload setting (``get_unsafe_globals_in_checkpoint``); fp16's scaler from DeepSpeed's source."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+def check_pickles(directory: Path) -> None:
+    """Refuse a DeepSpeed checkpoint folder in which any file names a type outside torch's and ``deepspeed_types``.
+    The pickles' opcodes are read, never run; every rank checks every file, so all of them refuse together."""
+    files = sorted(Path(directory).rglob("*.pt"))
+    if not files:
+        raise CheckpointError(f"{directory}: holds no DeepSpeed checkpoint files")
+    for path in files:
+        try:
+            with torch.serialization.safe_globals(deepspeed_types()):
+                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        except Exception as err:  # noqa: BLE001 - not a zip-format torch file, truncated, ...
+            raise CheckpointError(f"{path}: not a checkpoint file DeepSpeed writes ({type(err).__name__}: {err}); "
+                                  "raypd does not load it") from None
+        if unsafe:
+            raise CheckpointError(
+                f"{path} holds pickled {', '.join(sorted(unsafe))}, which DeepSpeed never writes: raypd refuses to "
+                "unpickle it (loading it could run code). Whoever can write the run's storage wrote it; delete this "
+                "stage's checkpoints to train the stage again from its start")
+
+
+def weights_only_engine(config):
+    """DeepSpeed's torch checkpoint engine, its load unpickling only tensors, containers and ``deepspeed_types``."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnly(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(deepspeed_types()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    return WeightsOnly(config)
 
 
 def ds_config(*, global_batch: int, world_size: int, zero_stage: int, precision: Precision, grad_clip: float,
@@ -173,7 +222,11 @@ class DeepSpeedEngine:
                       str(Path(directory) / "ema.safetensors"))
 
     def load(self, directory: Path) -> dict:
-        _, client = self.engine.load_checkpoint(str(directory), tag=TAG, load_lr_scheduler_states=False)
+        check_pickles(Path(directory) / TAG)
+        try:
+            _, client = self.engine.load_checkpoint(str(directory), tag=TAG, load_lr_scheduler_states=False)
+        except pickle.UnpicklingError as err:  # a type the static check could not see: refused all the same
+            raise CheckpointError(f"{directory}: raypd refuses to unpickle it: {str(err).splitlines()[0]}") from None
         if client is None:
             raise CheckpointError(f"{directory}: DeepSpeed could not load the checkpoint")
         if self.ema is not None:
@@ -293,6 +346,12 @@ def build_deepspeed_engine(model: Denoiser, *, lr: float, betas: tuple[float, fl
     low_precision = config["bf16"]["enabled"] or config["fp16"]["enabled"]
     exact = {n: p.detach().float().cpu().clone() for n, p in model.named_parameters()} if low_precision else None
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
+        raise RuntimeError(f"DeepSpeed chose the checkpoint engine {type(engine.checkpoint_engine).__name__}; raypd "
+                           "loads checkpoints through the torch one only")
+    engine.checkpoint_engine = weights_only_engine(engine._config)
     want = zero["stage"]
     if engine.zero_optimization_stage() != want:
         raise RuntimeError(f"DeepSpeed runs ZeRO stage {engine.zero_optimization_stage()}, the config asked for {want}")

@@ -79,7 +79,8 @@ def test_more_gpus_than_exist_fail_before_training(tmp_path):
     assert not (tmp_path / "local" / "teacher").exists()
 
 
-def test_persistent_non_finite_updates_roll_back_then_stop_the_round(tmp_path):
+def test_persistent_non_finite_updates_roll_back_then_stop_the_round_whose_doctored_checkpoints_are_refused(
+        tmp_path):
     import torch
 
     from raypd.checkpoint import load_checkpoint, save_checkpoint
@@ -105,3 +106,32 @@ def test_persistent_non_finite_updates_roll_back_then_stop_the_round(tmp_path):
     assert "training error: round 0: the loss or gradients stayed non-finite (3 updates in a row) after 1 roll-backs" in log
     assert not (tmp_path / "n" / "round-00-1steps").exists()
     assert (tmp_path / "fast-disk" / "raypd-staging").is_dir()  # the checkpoints were staged there
+
+    # the stopped round's DeepSpeed files, replaced by pickles that would create a file: resuming refuses them
+    planted = tmp_path / "planted"
+    files = sorted((tmp_path / "n" / "ray" / "round-00").glob("checkpoint_*/state/*.pt"))
+    assert files
+    for f in files:
+        f.write_bytes(_planted_pickle(planted))
+    again = subprocess.run(out.args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    log = again.stdout + again.stderr
+    assert again.returncode == 2, log[-4000:]
+    assert "checkpoint error: round 0: CheckpointError:" in log and "holds pickled io.open" in log, log[-4000:]
+    assert "raypd refuses to unpickle it" in log
+    assert not planted.exists()
+
+
+def _planted_pickle(path: Path) -> bytes:
+    """A torch.save file whose unpickling creates ``path``."""
+    import builtins
+    import io
+
+    import torch
+
+    class Plant:
+        def __reduce__(self):
+            return builtins.open, (str(path), "w")
+
+    buffer = io.BytesIO()
+    torch.save({"module": Plant()}, buffer)
+    return buffer.getvalue()

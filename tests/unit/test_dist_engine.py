@@ -40,3 +40,27 @@ def test_zero2_matches_plain_pytorch_loss_curve():
     curves = json.loads(out.stdout.strip().splitlines()[-1])
     assert curves["deepspeed"] == pytest.approx(curves["plain"], rel=1e-4)
     assert curves["plain"][-1] != curves["plain"][0]
+
+
+def test_deepspeed_checkpoints_load_weights_only_and_doctored_files_are_refused_unrun(tmp_path):
+    """Every ZeRO stage, fp32 and bf16, each offload: DeepSpeed's files hold nothing but tensors, containers and the
+    allowlisted DeepSpeed types, load back exactly through the weights-only engine, and a file replaced by a pickle
+    that would create a file is refused with a message naming it, by the check and by the load itself."""
+    out = subprocess.run([sys.executable, "-m", "tests.ds_pickles", str(tmp_path)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    allowed = set(found.pop("allowlist"))
+    assert found.pop("fp16_scaler") == ["DynamicLossScaler", 2.0**12, 100]
+    assert len(found) == 8
+    for key, r in found.items():
+        assert set(r["globals"]) <= allowed, key
+        assert r["client"] == 1 and r["same_weights"], key
+        assert r["next_losses"][0] == r["next_losses"][1], key  # resumed exactly: the same next loss
+        assert len(r["doctored"]) == 2 * len(r["files"]) and len(r["files"]) == (1 if key.startswith("zero0") else 2)
+        for name in r["files"]:
+            assert name in r["doctored"][name] and "holds pickled io.open" in r["doctored"][name], (key, r["doctored"])
+            assert "refuses to unpickle" in r["doctored"][name]
+            assert r["doctored"][f"{name}:load"] == "UnpicklingError", (key, name)
+        assert r["planted"] == [], key
+    assert not list(tmp_path.glob("planted-*"))

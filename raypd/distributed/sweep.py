@@ -13,16 +13,22 @@ first stage sweeps its own rate (``distill.guidance_lr``) and centres nothing: t
 search around ``distill.lr``.
 
 Ray 2.60 no longer takes a Trainer inside a Tuner: the trainable is a function that fits a
-``TorchTrainer`` whose reports reach Tune through ``TuneReportCallback``. Each trial's Train run
-is named after the trial, so a restored sweep (``Tuner.restore``, after the driver died) resumes
-unfinished trials from their own checkpoints and never reruns finished ones.
+``TorchTrainer`` whose reports reach Tune through ``TuneReportCallback``.
+
+Resuming reads raypd's own records, never Tune's pickled experiment state (``Tuner.restore`` would
+unpickle whatever the run's storage holds, on the driver). The trials are drawn before Tune starts
+and kept in ``plan.json``; each trial keeps, in ``trials/<trial>/``, its held-out curve
+(``history.json``), its outcome (``final.json``), ASHA's decision to stop it (``stopped.json``) or
+an error a rerun would meet again (``error.json``; a trial lost with its node is retried instead). A sweep started again runs a fresh Tune experiment over the same trials:
+a finished, stopped or failed trial replays its record and is not rerun, an unfinished one replays
+its curve (so ASHA sees where it stood) and continues its Train run, named after the trial, from
+that run's last checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 import shutil
 import sys
 import tempfile
@@ -41,9 +47,10 @@ from raypd.train.rounds import Round
 from raypd.train.stage import Stage
 
 DIVERGED = 1e30
-STARTED = "trials-started"
-"""Written where the trials keep their files once the first trial starts: a sweep without it has nothing to
-resume."""
+PLAN = "plan.json"
+"""The round's trials and their settings, drawn once: a sweep started again runs the same trials."""
+STARTS = "sweep-starts.log"
+"""One line per start of the round's sweep; each start is a Tune experiment of its own (``tune``, ``tune-2``, ...)."""
 SWEEP_NOISE = 10_000
 """Offset of the noise seeds trials are scored from, away from the evaluation's own (``eval.seed``): the run
 reports the chosen student's FID from noise the choice was not made on."""
@@ -132,29 +139,43 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], lr_key: str = "di
 def _trial(params: dict[str, Any], static: dict[str, Any]) -> None:
     """The Tune trainable: one Ray Train run of the round with this trial's settings, then its score."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raypd.distributed.trainer import run_stage
+    from raypd.distributed.trainer import StageError, run_stage
 
     from raypd.storage import child, is_uri, read_text, upload_dir, write_text
 
-    trial_id = tune.get_context().get_trial_id()
+    began = time.perf_counter()
+    name = params["trial"]
+    settings = static["trials"][name]
     stage = Stage.from_dict(static["stage"])
-    cfg = trial_config(static["config"], params, lr_key=static["lr_key"])
+    cfg = trial_config(static["config"], settings, lr_key=static["lr_key"])
     sweep_dir = static["sweep_dir"]  # a directory every node shares, or the run's bucket
-    trial_dir = child(sweep_dir, "trials", trial_id)
-    done = read_text(child(trial_dir, "final.json"))
+    trial_dir = child(sweep_dir, "trials", name)
+    history_path = child(trial_dir, "history.json")
+    history = {int(u): v for u, v in json.loads(read_text(history_path) or "{}").items()}
+    for update in sorted(history):  # where the trial stood before this start, for ASHA to judge
+        tune.report({"update": update, "heldout_loss": history[update], "replayed": 1})
+    done, stopped = read_text(child(trial_dir, "final.json")), read_text(child(trial_dir, "stopped.json"))
     if done is not None:  # finished before the sweep's driver died: report, never retrain
         tune.report(json.loads(done))
         return
-    write_text(child(sweep_dir, STARTED), trial_id)  # a restored sweep has trials to resume
+    if stopped is not None:  # stopped early by ASHA before the driver died: stays stopped
+        return
+    failed = read_text(child(trial_dir, "error.json"))
+    if failed is not None:
+        raise TrialFailed(json.loads(failed)["error"])
     # one line per time this trial's driver started
     write_text(child(trial_dir, "starts.log"), (read_text(child(trial_dir, "starts.log")) or "") + f"{time.time():.0f}\n")
-    updates = int(params["updates"])
-    stage = stage.with_(name=f"trial-{trial_id}", updates=updates)
+    updates = int(settings["updates"])
+    stage = stage.with_(name=f"trial-{name}", updates=updates)
     remote = is_uri(sweep_dir)
     output = Path(tempfile.mkdtemp(prefix="raypd-trial-")) / "student" if remote else Path(trial_dir) / "student"
-    last = run_stage(cfg, stage, storage=child(sweep_dir, "train"), output=output, callbacks=[TuneReportCallback()])
+    try:
+        last = run_stage(cfg, stage, storage=child(sweep_dir, "train"), output=output,
+                         callbacks=[report_and_record(history_path, history)])
+    except StageError as err:  # one a rerun would meet again: recorded, so that a later start does not rerun it
+        write_text(child(trial_dir, "error.json"), json.dumps({"error": f"{type(err).__name__}: {err}"}))
+        raise
     if remote:
         upload_dir(output, child(trial_dir, "student"))
         shutil.rmtree(output.parent, ignore_errors=True)
@@ -172,8 +193,36 @@ def _trial(params: dict[str, Any], static: dict[str, Any]) -> None:
         final["fid"] = sum(fids) / len(fids)
         if len(fids) > 1:
             final["fid_by_seed"] = fids
+    final["wall_seconds"] = round(time.perf_counter() - began, 1)
     write_text(child(trial_dir, "final.json"), json.dumps(final))
     tune.report(final)
+
+
+class TrialFailed(RuntimeError):
+    """A trial that failed before the sweep's driver last started: it fails again without running."""
+
+
+def report_and_record(path: str, history: dict[int, float]):
+    """A ``TuneReportCallback`` that also keeps the trial's held-out curve (``history``: the points so far) in its
+    ``history.json`` at ``path``. Ray Train's callbacks run in the Train run's controller; the point is recorded
+    before Tune hears of it, so that a trial stopped on it has it recorded."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raypd.storage import write_text
+
+    class Recorded(TuneReportCallback):
+        def __init__(self, path: str, history: dict[int, float]):
+            super().__init__()
+            self.path, self.history = path, dict(history)
+
+        def after_report(self, run_context, metrics, checkpoint):
+            point = metrics[0]
+            if "update" in point and "heldout_loss" in point:
+                self.history[int(point["update"])] = float(point["heldout_loss"])
+                write_text(self.path, json.dumps({str(u): v for u, v in sorted(self.history.items())}))
+            super().after_report(run_context, metrics, checkpoint)
+
+    return Recorded(path, history)
 
 
 def _score(student_dir: str, spec: dict, seeds: int = 1) -> list[float]:
@@ -207,50 +256,99 @@ def _score(student_dir: str, spec: dict, seeds: int = 1) -> list[float]:
     return fids
 
 
-def _trial_id(result) -> str:
-    """Tune's id of a trial: in its metrics, or (for a trial that failed before reporting) in its directory name."""
-    found = (result.metrics or {}).get("trial_id")
-    if found:
-        return str(found)
-    match = re.search(r"_([0-9a-f]{5}_\d{5})_", Path(result.path or "").name)
-    return match.group(1) if match else "?"
+def draw_trials(cfg: Config, space: dict[str, Any], first: dict[str, Any] | None, seed: int) -> dict[str, dict]:
+    """The round's trials, named ``t00``, ``t01``, ...: the first point (when there is one), then Tune's own draws
+    from ``space`` (a grid's every combination, else ``sweep.trials`` in all), seeded."""
+    import numpy as np
+    from ray.tune.search.variant_generator import generate_variants
+
+    rng = np.random.RandomState(seed)
+    drawn = [v for _, v in generate_variants({**space, **first}, random_state=rng)] if first is not None else []
+    if cfg.sweep.lrs:
+        drawn += [v for _, v in generate_variants(space, random_state=rng)]
+    while len(drawn) < (1 if cfg.sweep.lrs else cfg.sweep.trials):
+        drawn += [v for _, v in generate_variants(space, random_state=rng)]
+    plain = json.loads(json.dumps(drawn, default=lambda v: v.item()))  # numpy scalars as JSON numbers
+    return {f"t{i:02d}": trial for i, trial in enumerate(plain)}
 
 
-def _rows(grid, store: str) -> tuple[list[dict[str, Any]], dict[str, list[tuple[int, float]]]]:
-    """One row per trial (settings, outcome, metric, updates, wall time) and each trial's held-out curve
-    (``store``: where the trials keep their files, a directory or the run's bucket)."""
+def plan_trials(cfg: Config, store: str, space: dict[str, Any], first: dict[str, Any] | None,
+                seed: int) -> dict[str, dict]:
+    """The round's trials: drawn and written to ``plan.json`` on the sweep's first start, read back after."""
+    from raypd.storage import child, read_text, write_text
+
+    saved = read_text(child(store, PLAN))
+    if saved is not None:
+        return json.loads(saved)["trials"]
+    trials = draw_trials(cfg, space, first, seed)
+    write_text(child(store, PLAN), json.dumps({"seed": seed, "trials": trials}, indent=2))
+    return trials
+
+
+def _records(store: str, name: str) -> dict[str, Any]:
+    """A trial's records, each None where absent: final, stopped, error, history, starts."""
     from raypd.storage import child, read_text
 
-    rows, curves = [], {}
+    where = child(store, "trials", name)
+    found = {key: read_text(child(where, f"{key}.json")) for key in ("final", "stopped", "error", "history")}
+    records: dict[str, Any] = {key: json.loads(text) if text is not None else None for key, text in found.items()}
+    records["starts"] = (read_text(child(where, "starts.log")) or "").count("\n")
+    return records
+
+
+def _rows(trials: dict[str, dict], grid, store: str) -> tuple[list[dict[str, Any]], dict[str, list[tuple[int, float]]]]:
+    """One row per trial (settings, outcome, metric, updates, wall time) and each trial's held-out curve, from the
+    trials' own records (``store``: where the trials keep their files, a directory or the run's bucket); ``grid``,
+    Tune's results of this start, adds the time of trials that ran in it and errors nothing recorded."""
+    results = {}
     for result in grid:
-        params = dict(result.config)
-        trial_id = _trial_id(result)
-        trial_dir = child(store, "trials", trial_id)
-        final = json.loads(read_text(child(trial_dir, "final.json")) or "{}")
-        history = result.metrics_dataframe
-        points: dict[int, float] = {}
-        if history is not None and {"heldout_loss", "update"} <= set(history.columns):
-            for u, v in zip(history["update"], history["heldout_loss"]):
-                if math.isfinite(u) and math.isfinite(v):
-                    points[int(u)] = float(v)
-        curves[trial_id] = sorted(points.items())
-        if result.error is not None:
-            status = "failed"
-        elif final.get("finished"):
+        name = (result.config or {}).get("trial")
+        if name is not None:
+            results[name] = result
+    rows, curves = [], {}
+    for name, params in trials.items():
+        rec, result = _records(store, name), results.get(name)
+        final = rec["final"] or {}
+        points = {int(u): float(v) for u, v in (rec["history"] or {}).items() if math.isfinite(float(v))}
+        curves[name] = sorted(points.items())
+        error = (rec["error"] or {}).get("error") or (str(result.error) if result is not None and result.error else None)
+        if final.get("finished"):
             status = "diverged" if final["heldout_loss"] >= DIVERGED else "finished"
-        else:
-            status = "stopped early"
-        starts = (read_text(child(trial_dir, "starts.log")) or "").count("\n")
+        elif rec["stopped"] is None and error is not None:
+            status = "failed"
+        else:  # stopped by ASHA (a trial being stopped may see its Train run end in an error)
+            status, error = "stopped early", None
+        seconds = final.get("wall_seconds") or (rec["stopped"] or {}).get("wall_seconds")
+        if seconds is None and result is not None:
+            seconds = float((result.metrics or {}).get("time_total_s", 0.0))
         rows.append({
-            "trial": trial_id, "lr": params.get("lr"), "updates": params.get("updates"),
+            "trial": name, "lr": params.get("lr"), "updates": params.get("updates"),
             **{k: v for k, v in params.items() if k not in ("lr", "updates")},
             "status": status, "updates_done": int(final.get("update", max(points, default=0))),
-            "heldout_loss": final.get("heldout_loss", curves[trial_id][-1][1] if points else None),
+            "heldout_loss": final.get("heldout_loss", curves[name][-1][1] if points else None),
             "fid": final.get("fid"), **({"fid_by_seed": final["fid_by_seed"]} if "fid_by_seed" in final else {}),
-            "starts": starts,
-            "wall_seconds": round(float((result.metrics or {}).get("time_total_s", 0.0)), 1),
-            "error": None if result.error is None else str(result.error).strip().splitlines()[-1][:300]})
+            "starts": rec["starts"], "wall_seconds": round(float(seconds or 0.0), 1),
+            "error": None if error is None else error.strip().splitlines()[-1][:300]})
     return rows, curves
+
+
+def recording_asha(store: str, **kw):
+    """Tune's ASHA scheduler that records each stop it decides in the trial's ``stopped.json``: a sweep started
+    again keeps that trial stopped (its own Tune state, which would say so, is never read back)."""
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    from raypd.storage import child, write_text
+
+    class Recording(ASHAScheduler):
+        def on_trial_result(self, tune_controller, trial, result):
+            action = super().on_trial_result(tune_controller, trial, result)
+            if action == TrialScheduler.STOP and not result.get("finished") and not result.get("replayed"):
+                write_text(child(store, "trials", trial.config["trial"], "stopped.json"),
+                           json.dumps({"update": int(result["update"]),
+                                       "wall_seconds": round(float(result.get("time_total_s", 0.0)), 1)}))
+            return action
+
+    return Recording(**kw)
 
 
 def choose(rows: list[dict[str, Any]], by_fid: bool) -> tuple[dict[str, Any], str]:
@@ -275,57 +373,51 @@ def sweep_round(cfg: Config, *, rnd: Round, stage: Stage, sweep_dir: Path, eval_
     trials and the chosen one. The reports go to ``sweep_dir``; Tune, the trials' Train runs and their files to
     ``store`` (default: ``sweep_dir``; the run's bucket for a run kept in one)."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from raypd.eval.sweep_report import write_round_report
 
     s = cfg.sweep
-    from raypd.storage import child, is_uri, read_text
+    from raypd.storage import child, read_text, write_text
 
     sweep_dir = sweep_dir.resolve()
     store = store or str(sweep_dir)
     method = method_for(cfg)
     space, first = search_space(cfg, rnd.updates, centre, stage_lr=method.stage_lr(stage.phase))
-    static = {"config": cfg.to_dict(), "stage": stage.to_dict(), "sweep_dir": store,
+    trials = plan_trials(cfg, store, space, first, seed=s.seed + rnd.index)
+    static = {"config": cfg.to_dict(), "stage": stage.to_dict(), "sweep_dir": store, "trials": trials,
               "lr_key": method.lr_key(stage.phase),
               "eval": eval_spec.to_dict() if s.fid and eval_spec is not None else None}
     # a trial's own process only waits for its Train run: it asks for memory, no CPU or GPU, so the
     # workers get all of those (Tune refuses an empty request)
     trainable = tune.with_resources(tune.with_parameters(_trial, static=static), {"memory": 256 * 1024**2})
-    path = child(store, "tune")
-    restore = tune.Tuner.can_restore(path)
-    if restore and read_text(child(store, STARTED)) is None:
-        # the driver died before any trial started (Tune may not even have written the trials' settings): there
-        # is nothing to resume, and a restore would run trials without their settings
-        log(f"[round {rnd.index}] the interrupted sweep had started no trial: starting it again")
-        restore = False
-        if not is_uri(path):
-            shutil.rmtree(path)
-    if restore:
-        log(f"[round {rnd.index}] restoring the interrupted sweep in {path}")
-        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=False)
+    starts = (read_text(child(store, STARTS)) or "").count("\n") + 1
+    write_text(child(store, STARTS), (read_text(child(store, STARTS)) or "") + f"{time.time():.0f}\n")
+    budgets = round_budgets(cfg, rnd.updates)
+    if starts > 1:
+        records = [_records(store, name) for name in trials]
+        ended = sum(r["final"] is not None or r["stopped"] is not None or r["error"] is not None for r in records)
+        log(f"[round {rnd.index}] resuming the interrupted sweep from its records in {store}: {ended} of "
+            f"{len(trials)} trials ended, the others continue from their last checkpoints")
     else:
-        budgets = round_budgets(cfg, rnd.updates)
-        # max_t one past the largest budget: ASHA stops a trial that reaches max_t, and a trial still
-        # has its student to hand over and score after its last Train report; a grace of max_t stops none
-        top = max(budgets) + 1
-        scheduler = ASHAScheduler(time_attr="update", metric="heldout_loss", mode="min", max_t=top,
-                                  grace_period=min(s.grace_updates, top), reduction_factor=s.reduction_factor)
-        tuner = tune.Tuner(
-            trainable, param_space=space,
-            tune_config=tune.TuneConfig(num_samples=1 if s.lrs else s.trials, scheduler=scheduler,
-                                        # the limit goes to the generator itself: Tune ignores max_concurrent_trials
-                                        # (with a warning) when given a generator rather than a Searcher
-                                        search_alg=BasicVariantGenerator(points_to_evaluate=[first] if first else None,
-                                                                         random_state=s.seed + rnd.index,
-                                                                         max_concurrent=concurrency)),
-            run_config=tune.RunConfig(name="tune", storage_path=store, verbose=0))
         lrs = list(s.lrs) or f"[{space['lr'].lower:.2e}, {space['lr'].upper:.2e}]"
         log(f"[round {rnd.index}] Tune sweep: {s.trials_per_round()} trials, lr in {lrs}, updates in {budgets}, "
             f"{''.join(f'{c}, ' for c in s.choices)}ASHA grace {s.grace_updates} updates")
+    # max_t one past the largest budget: ASHA stops a trial that reaches max_t, and a trial still
+    # has its student to hand over and score after its last Train report; a grace of max_t stops none
+    top = max(budgets) + 1
+    scheduler = recording_asha(store, time_attr="update", metric="heldout_loss", mode="min", max_t=top,
+                               grace_period=min(s.grace_updates, top), reduction_factor=s.reduction_factor)
+    # each start is a fresh Tune experiment over the planned trials, in their order, ``concurrency`` at once
+    tuner = tune.Tuner(
+        trainable, param_space={"trial": tune.grid_search(list(trials))},
+        tune_config=tune.TuneConfig(num_samples=1, scheduler=scheduler,
+                                    # the limit goes to the generator itself: Tune ignores max_concurrent_trials
+                                    # (with a warning) when given a generator rather than a Searcher
+                                    search_alg=BasicVariantGenerator(max_concurrent=concurrency)),
+        run_config=tune.RunConfig(name="tune" if starts == 1 else f"tune-{starts}", storage_path=store, verbose=0))
     grid = tuner.fit()
-    rows, curves = _rows(grid, store)
+    rows, curves = _rows(trials, grid, store)
     chosen, reason = choose(rows, by_fid=s.fid and eval_spec is not None)
     outcome = SweepOutcome(chosen, reason, rows, curves)
     outcome.report = write_round_report(sweep_dir, rnd=rnd, rows=rows, curves=curves, chosen=chosen, reason=reason)

@@ -89,8 +89,9 @@ def write_round_report(sweep_dir: Path, *, rnd, rows: list[dict[str, Any]], curv
     if failed:
         lines += ["", "Failures:", ""] + [f"- {r['trial']}: {r['error']}" for r in failed]
     lines += ["", "![held-out loss of every trial](curves.png)", "",
-              "Tune's own results are in `tune/` (`ray.tune.Tuner.restore` / `ResultGrid` read them); "
-              "trials.csv and trials.json hold this table for scripts.", ""]
+              "Each trial's records (settings in `plan.json`; curve, outcome, stop or error in `trials/<trial>/`, "
+              "all JSON) are what an interrupted sweep resumes from; Tune's own files are in `tune/` (`tune-2/`, ... "
+              "for later starts). trials.csv and trials.json hold this table for scripts.", ""]
     path = sweep_dir / "report.md"
     path.write_text("\n".join(lines))
     return path

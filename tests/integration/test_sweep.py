@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -83,10 +84,19 @@ def test_sweep_stops_the_bad_lr_promotes_the_best_and_reports(tmp_path, teacher)
     spent = sum(r["updates_done"] for r in table["trials"]) * 32
     assert summary["rounds"][0]["examples"] == spent and summary["rounds"][0]["compute"] == 5 * spent
     assert "Tune sweeps" in (run / "report.md").read_text()
+    # raypd's own records of every trial: the plan, each curve, and ASHA's stop where it stopped one
+    sweep = run / "sweeps" / "round-00"
+    plan = json.loads((sweep / "plan.json").read_text())["trials"]
+    assert sorted(t["lr"] for t in plan.values()) == [0.0003, 0.001, 10.0] and set(plan) == set(rows[lr]["trial"]
+                                                                                               for lr in rows)
+    for r in table["trials"]:
+        history = json.loads((sweep / "trials" / r["trial"] / "history.json").read_text())
+        assert max(map(int, history)) == r["updates_done"] or r["status"] == "failed", r
+        assert (sweep / "trials" / r["trial"] / "stopped.json").is_file() == (r["status"] == "stopped early"), r
     # Tune's own results stay readable the Ray way
     from ray.tune import Tuner
 
-    assert Tuner.can_restore(run / "sweeps" / "round-00" / "tune")
+    assert Tuner.can_restore(sweep / "tune")
 
 
 def test_a_grid_crosses_learning_rates_budgets_and_choices(tmp_path, teacher):
@@ -119,19 +129,14 @@ def test_a_grid_crosses_learning_rates_budgets_and_choices(tmp_path, teacher):
 def test_a_random_search_at_equal_examples_draws_batches_and_budgets_together(tmp_path, teacher):
     """The search without a grid (``sweep.trials`` draws rates from ``lr_min..lr_max``), with ``sweep.examples``:
     each trial trains its drawn batch size for the examples' worth of updates; the first trial is the configured
-    point (``distill.lr``, the first batch size). The round's Tune state is left behind by a driver that died
-    before any trial started: with nothing to resume, the sweep starts again rather than restoring trials that
-    have no settings."""
+    point (``distill.lr``, the first batch size)."""
     from raypd.checkpoint import read_meta
 
     args = [*BASE, "sweep.lrs=[]", "sweep.trials=3", "sweep.lr_min=1e-4", "sweep.lr_max=1e-3", "distill.lr=3e-4",
             "sweep.examples=192", "sweep.choices=[distill.batch_size=16|32]", "sweep.grace_updates=100",
             "sweep.seed=1", f"teacher.checkpoint={teacher}", f"run.storage_path={tmp_path}", "run.name=r"]
     run = tmp_path / "r"
-    (run / "sweeps" / "round-00" / "tune").mkdir(parents=True)
-    (run / "sweeps" / "round-00" / "tune" / "tuner.pkl").write_bytes(b"written by a driver that died")
     log = _finish(args, tmp_path)
-    assert "the interrupted sweep had started no trial: starting it again" in log
     assert "Tune sweep: 3 trials, lr in [1.00e-04, 1.00e-03], updates in [12, 6]" in log
     rows = sorted(_trials(run)["trials"], key=lambda r: r["trial"].split("_")[-1])
     assert len(rows) == 3
@@ -147,32 +152,59 @@ def test_a_random_search_at_equal_examples_draws_batches_and_budgets_together(tm
     assert summary["rounds"][0]["examples"] == 3 * 192  # equal compute: every trial the same examples
 
 
-def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, teacher):
+def test_a_killed_sweep_resumes_from_its_own_records_without_rerunning_finished_trials(tmp_path, teacher):
+    """The driver killed while the second trial trains, with a finished trial behind it; Tune's pickled state then
+    replaced by pickles that would create a file. The sweep resumes from raypd's JSON records: the finished trial
+    is not rerun, the interrupted one continues from its Train checkpoint, Tune's pickles are never read."""
     args = [*BASE, "sweep.lrs=[0.001,0.0003,0.0001]", "sweep.max_concurrent=1", "distill.updates_per_round=8",
-            f"teacher.checkpoint={teacher}", f"run.storage_path={tmp_path}", "run.name=k"]
-    trials = tmp_path / "k" / "sweeps" / "round-00" / "trials"
+            "dist.checkpoint_every=2", f"teacher.checkpoint={teacher}", f"run.storage_path={tmp_path}", "run.name=k"]
+    sweep = tmp_path / "k" / "sweeps" / "round-00"
+    trials = sweep / "trials"
     proc = _run(args)
     deadline = time.time() + 600
+    interrupted = None
     while time.time() < deadline and proc.poll() is None:
-        done = list(trials.glob("*/final.json"))
-        started = list(trials.glob("*/starts.log"))
-        if done and len(started) > len(done):  # one trial finished, the next one is training
-            time.sleep(3)
+        done = {p.parent.name for p in trials.glob("*/final.json")}
+        running = [p.name.removeprefix("trial-") for p in (sweep / "train").glob("trial-*")
+                   if p.name.removeprefix("trial-") not in done and list(p.glob("checkpoint_*"))]
+        if done and running:  # one trial finished, the next one has a checkpoint
+            interrupted = running[0]
             break
-        time.sleep(0.5)
+        time.sleep(0.3)
     assert proc.poll() is None, "the sweep ended before it could be interrupted"
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
     proc.wait()
     finished_before = {p.parent.name: p.stat().st_mtime for p in trials.glob("*/final.json")}
-    assert finished_before
+    assert finished_before and interrupted not in finished_before
+    planted = tmp_path / "planted"
+    doctored = list((sweep / "tune").rglob("*.pkl"))
+    assert any(p.name == "tuner.pkl" for p in doctored)
+    for p in doctored:
+        p.write_bytes(pickle.dumps(Plant(planted)))
 
     log = _finish(args, tmp_path)
-    assert "restoring the interrupted sweep" in log
+    assert "resuming the interrupted sweep from its records" in log
+    assert not planted.exists()
     for trial, mtime in finished_before.items():
         assert (trials / trial / "starts.log").read_text().count("\n") == 1, trial  # trained once only
         assert (trials / trial / "final.json").stat().st_mtime == mtime
+    assert (trials / interrupted / "starts.log").read_text().count("\n") == 2
+    assert f"[trial-{interrupted}] Ray Train run" in log and "resumed from the checkpoint at update" in log
     table = _trials(tmp_path / "k")
     assert len(table["trials"]) == 3 and table["chosen"]
+    assert {r["status"] for r in table["trials"]} <= {"finished", "stopped early"}, table["trials"]
+    assert not list(trials.glob("*/error.json"))
+    assert (sweep / "tune-2").is_dir()  # the second start's own Tune experiment
+
+
+class Plant:
+    """Unpickling it creates ``path``."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
 
 
 def test_a_tract_phase_sweeps_like_a_round(tmp_path, teacher):

@@ -291,3 +291,29 @@ def test_lost_nodes_are_told_apart_by_rays_death_reason(monkeypatch):
     assert [(node, kind) for node, kind, _ in losses] == [("a" * 20, PREEMPTED), ("b" * 20, FAILED)]
     assert describe_losses(losses) == ("node aaaaaaaaaaaa preempted (spot reclaimed); "
                                        "node bbbbbbbbbbbb lost (health check failed)")
+
+
+def test_a_rounds_trials_are_drawn_once_seeded_and_kept_as_json(tmp_path):
+    """The trials a sweep runs are raypd's own draw (Tune's generator, seeded), written to ``plan.json`` on the first
+    start and read back on later ones: a resumed sweep runs the same trials without reading Tune's state."""
+    from raypd.distributed.sweep import PLAN, draw_trials, plan_trials, search_space
+
+    fixed = ["sweep.enabled=true", "sweep.examples=12800", "sweep.choices=[distill.batch_size=8|16|32]"]
+    grid = load_config(None, [*fixed, "sweep.lrs=[3e-4,1e-3]"])
+    space, first = search_space(grid, 800, None)
+    trials = draw_trials(grid, space, first, seed=0)
+    assert list(trials) == [f"t{i:02d}" for i in range(6)]
+    assert sorted((t["lr"], t["distill.batch_size"], t["updates"]) for t in trials.values()) == sorted(
+        (lr, b, 12800 // b) for lr in (3e-4, 1e-3) for b in (8, 16, 32))
+    random = load_config(None, [*fixed, "sweep.trials=5", "sweep.lr_min=1e-4", "sweep.lr_max=1e-2"])
+    space, first = search_space(random, 800, {"lr": 1e-3, "updates": 800, "distill.batch_size": 16})
+    drawn = draw_trials(random, space, first, seed=3)
+    assert len(drawn) == 5 and drawn["t00"] == {"lr": 1e-3, "distill.batch_size": 16, "updates": 800}
+    assert all(t["updates"] == 12800 // t["distill.batch_size"] and 1e-4 / 10 <= t["lr"] <= 1e-2 * 10
+               for t in drawn.values())
+    assert len({t["lr"] for t in drawn.values()}) == 5
+    assert draw_trials(random, space, first, seed=3) == drawn != draw_trials(random, space, first, seed=4)
+    assert plan_trials(random, str(tmp_path), space, first, seed=3) == drawn
+    # a later start reads the plan back, whatever it would draw now
+    assert plan_trials(random, str(tmp_path), space, first, seed=99) == drawn
+    assert json.loads((tmp_path / PLAN).read_text())["trials"] == drawn

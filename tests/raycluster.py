@@ -85,7 +85,10 @@ def fake_multinode_config(gcs_address: str, worker_types: dict, idle_timeout_min
 class Head:
     """``ray start --head`` on loopback; ``worker_types`` turns on the fake_multinode autoscaler."""
 
-    def __init__(self, num_cpus: int = 2, worker_types: dict | None = None, resources: dict | None = None):
+    def __init__(self, num_cpus: int = 2, worker_types: dict | None = None, resources: dict | None = None,
+                 autoscaler_interval_s: float = 1):
+        """``autoscaler_interval_s``: how often the autoscaler acts (a larger value stands in for a cloud's slow
+        node boots)."""
         self.env = cluster_env()
         self.temp = tempfile.mkdtemp(prefix="rayt", dir="/tmp")  # short: Ray's socket paths live under it
         self.port, self.dashboard_port = free_port(), free_port()
@@ -93,6 +96,7 @@ class Head:
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.num_cpus, self.worker_types, self.resources = num_cpus, worker_types, resources
         self.pids: set[int] = set()
+        self.autoscaler_interval_s = autoscaler_interval_s
 
     def start(self) -> Head:
         if shutil.which(RAY) is None:
@@ -109,7 +113,7 @@ class Head:
         if self.worker_types is not None:
             config = Path(self.temp) / "autoscaling.json"
             config.write_text(json.dumps(fake_multinode_config(self.gcs_address, self.worker_types)))
-            env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
+            env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S=f"{self.autoscaler_interval_s:g}")
             cmd.append(f"--autoscaling-config={config}")
         before = ray_processes()
         started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)

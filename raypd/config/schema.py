@@ -468,6 +468,11 @@ class DistConfig:
     scale_timeout_s: float = 1800.0
     """On an autoscaling cluster: seconds the driver waits for the nodes its workers need to come up
     (asked for with Ray's ``request_resources``) before it gives up naming what never arrived."""
+    node_wait_s: float = 900.0
+    """Seconds a stage's worker group, restarting after it lost a node, waits for its workers to be placed again
+    (a cloud boots a replacement node in minutes; Ray Train's own default is 60 s). Each of the dist.max_failures
+    restarts waits up to this long; while it waits the driver says for what, and when it runs out the stage stops
+    naming the lost nodes (rerunning resumes it from its last checkpoint)."""
     collective_timeout_s: int = 600
     """Seconds a collective may wait before the worker group is declared stuck."""
     nonfinite_patience: int = 20
@@ -506,6 +511,7 @@ class DistConfig:
                  "staging_dir", f"must be an absolute path on each worker node's own disk, got {self.staging_dir!r}")
         _require(self.max_failures >= 0, "max_failures", f"must be >= 0, got {self.max_failures}")
         _require(self.scale_timeout_s > 0, "scale_timeout_s", f"must be > 0, got {self.scale_timeout_s}")
+        _require(self.node_wait_s > 0, "node_wait_s", f"must be > 0, got {self.node_wait_s}")
         _require(self.collective_timeout_s >= 10, "collective_timeout_s", f"must be >= 10, got {self.collective_timeout_s}")
         _require(self.nonfinite_patience >= 1, "nonfinite_patience", f"must be >= 1, got {self.nonfinite_patience}")
         _require(0 < self.rollback_lr_factor <= 1, "rollback_lr_factor",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager
 
@@ -305,6 +306,62 @@ def node_losses(before: set[str]) -> list[tuple[str, str, str]]:
 
 def describe_losses(losses: list[tuple[str, str, str]]) -> str:
     return "; ".join(f"node {node[:12]} {kind} ({message})" for node, kind, message in losses)
+
+
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+"""Ray Train's limit on placing and starting a worker group; the driver's value reaches the run's controller."""
+
+
+class NodeWatch:
+    """While a stage runs: says when a node of the cluster is lost, then what the restarting worker group waits
+    for (its worker bundles placeable on the alive nodes, nodes starting) until it can be placed again."""
+
+    def __init__(self, name: str, cfg: Config, before: set[str], log, every_s: float = 2.0):
+        self.name, self.bundle, self.need = name, worker_bundle(cfg), cfg.dist.workers
+        self.wait_s, self.before, self.log, self.every_s = cfg.dist.node_wait_s, before, log, every_s
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name=f"raypd-nodes-{name}", daemon=True)
+
+    def __enter__(self) -> "NodeWatch":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+
+    def _watch(self) -> None:
+        import ray
+
+        seen: set[str] = set()
+        waiting_since = last_log = None
+        while not self.stop.wait(self.every_s):
+            try:
+                new = [loss for loss in node_losses(self.before) if loss[0] not in seen]
+                nodes = ray.nodes()
+            except Exception:  # noqa: BLE001 - the cluster is being torn down under the watch
+                return
+            now = time.monotonic()
+            if new:
+                seen.update(loss[0] for loss in new)
+                self.log(f"[{self.name}] lost {describe_losses(new)}: the worker group restarts from its last "
+                         f"checkpoint once its workers are placed again, waiting up to {self.wait_s:g} s "
+                         "(dist.node_wait_s)")
+                waiting_since = waiting_since or now
+                last_log = None
+            if waiting_since is None:
+                continue
+            have = placeable_workers(nodes, self.bundle)
+            if have >= self.need:
+                self.log(f"[{self.name}] {have} of {self.need} worker bundles {_fmt(self.bundle)} placeable again "
+                         f"after {now - waiting_since:.0f} s")
+                waiting_since = None
+            elif last_log is None or now - last_log >= PROGRESS_S:
+                pending = _pending_nodes(_autoscaler_status())
+                self.log(f"[{self.name}] waiting for workers: {have} of {self.need} worker bundles "
+                         f"{_fmt(self.bundle)} placeable, {pending} node(s) starting, {now - waiting_since:.0f} s of "
+                         f"{self.wait_s:g} s")
+                last_log = now
 
 
 @contextmanager

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -15,8 +16,9 @@ from pathlib import Path
 
 from raypd.checkpoint import publish_checkpoint, read_meta
 from raypd.config import Config
-from raypd.distributed.cluster import (PREEMPTED, ClusterError, alive_nodes, describe_losses, ensure_ray, node_losses,
-                                      placeable_workers, scaling_config, worker_bundle)
+from raypd.distributed.cluster import (PREEMPTED, START_TIMEOUT_ENV, ClusterError, NodeWatch, alive_nodes,
+                                      describe_losses, ensure_ray, node_losses, placeable_workers, scaling_config,
+                                      worker_bundle)
 from raypd.train.failures import NumericalError, StageError, driver_error
 from raypd.train.stage import Stage
 
@@ -110,6 +112,9 @@ def run_stage(cfg: Config, stage: Stage, *, storage: Path | str, output: Path, c
 
     d, name, began = cfg.dist, stage.name, time.perf_counter()
     check_stage_settings(cfg, storage, name)
+    # how long a restarting worker group may wait for its workers to be placed (a replacement node to boot); Ray
+    # Train hands the driver's value to the run's controller
+    os.environ[START_TIMEOUT_ENV] = f"{d.node_wait_s:g}"
     # each rank stages its checkpoint files on its own node's disk before Ray persists them; the
     # folder is named after the run, so a restarted worker clears what a killed one left behind
     from raypd.storage import is_uri
@@ -131,14 +136,18 @@ def run_stage(cfg: Config, stage: Stage, *, storage: Path | str, output: Path, c
           file=sys.stderr, flush=True)
     nodes = alive_nodes()
     try:
-        result = trainer.fit()
+        with NodeWatch(name, cfg, nodes, log=lambda line: print(line, file=sys.stderr, flush=True)):
+            result = trainer.fit()
     except Exception as err:  # noqa: BLE001 - Ray wraps the workers' last error; say it once, plainly
         if type(err).__name__ != "TrainingFailedError":
             raise
         losses = node_losses(nodes)
         lost = f"; it lost {describe_losses(losses)}" if losses else ""
+        cause = _root_cause(err)
+        if cause.startswith("WorkerGroupStartupTimeoutError"):
+            cause = f"its workers could not be placed within dist.node_wait_s={d.node_wait_s:g} s"
         raise StageError(f"stage {name} failed after {d.max_failures} restart(s) of its worker group: "
-                         f"{_root_cause(err)}{lost}; rerunning the job resumes it from its last checkpoint",
+                         f"{cause}{lost}; rerunning the job resumes it from its last checkpoint",
                          "cluster") from err
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -21,9 +21,9 @@ TINY = [*TINY_RUN, "dist.workers=2", "dist.resources_per_worker={CPU: 1, raypd_s
         "dist.collective_timeout_s=120"]
 
 
-@pytest.fixture
-def cluster():
-    head = Head(num_cpus=1, worker_types=SLOT)
+@contextlib.contextmanager
+def _head(**kw):
+    head = Head(num_cpus=1, worker_types=SLOT, **kw)
     try:
         head.start()
     except FileNotFoundError as err:
@@ -32,6 +32,25 @@ def cluster():
         yield head
     finally:
         head.stop()
+
+
+@pytest.fixture
+def cluster():
+    with _head() as head:
+        yield head
+
+
+SLOW_S = 15
+"""The slowed autoscaler's interval: a replacement node comes up well after ``START_S``."""
+START_S = 3
+"""Ray Train's worker-group start timeout in the driver's environment, standing in for its 60 s default against a
+cloud's minutes: a stage that kept it could not wait for the replacement node."""
+
+
+@pytest.fixture
+def slow_cluster():
+    with _head(autoscaler_interval_s=SLOW_S) as head:
+        yield head
 
 
 def _distill(head: Head, args: list[str], log: Path) -> subprocess.Popen:
@@ -90,12 +109,23 @@ def test_a_request_no_node_type_can_host_fails_fast(cluster, tmp_path):
     assert not cluster.node_raylets()
 
 
-def test_a_stage_survives_the_loss_of_a_node(cluster, tmp_path):
+def test_a_stage_waits_for_a_slow_replacement_of_a_lost_node(slow_cluster, tmp_path):
     """A worker node's raylet killed in the middle of teacher training (a node lost, as a spot preemption
-    without notice looks to Ray): the worker group restarts on a replacement node from the last checkpoint."""
+    without notice looks to Ray), on a cluster whose autoscaler replaces it only after Ray Train's start timeout
+    (``START_S`` here) has passed: the stage waits ``dist.node_wait_s`` instead, saying what it waits for, and the
+    worker group restarts on the replacement node from the last checkpoint."""
+    cluster = slow_cluster
     log = tmp_path / "log.txt"
-    proc = _distill(cluster, [*TINY, "teacher.updates=240", "dist.checkpoint_every=10", "dist.max_failures=3",
-                              f"run.storage_path={tmp_path}"], log)
+    env = {**cluster.env, "RAY_ADDRESS": cluster.gcs_address, "PYTHONPATH": str(ROOT),
+           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(START_S)}
+    # the slowed autoscaler's first report takes a while: until then the cluster looks like one without an autoscaler
+    probe = "from raypd.distributed.cluster import _autoscaler_status, connect; connect(); print(_autoscaler_status() is not None)"
+    _wait_until(lambda: subprocess.run([sys.executable, "-c", probe], env=env, cwd=ROOT, capture_output=True,
+                                       text=True).stdout.strip().endswith("True"), 120, "the autoscaler's first report")
+    proc = subprocess.Popen([sys.executable, "-m", "raypd.distill", *TINY, "teacher.updates=240",
+                             "dist.checkpoint_every=10", "dist.max_failures=3", "dist.node_wait_s=300",
+                             f"run.storage_path={tmp_path}"], env=env, cwd=ROOT, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT)
     try:
         checkpoints = tmp_path / "local" / "ray" / "teacher"
         _wait_until(lambda: any(checkpoints.glob("checkpoint_*/raypd_dist.json")) or proc.poll() is not None, 600,
@@ -115,6 +145,11 @@ def test_a_stage_survives_the_loss_of_a_node(cluster, tmp_path):
     resumed = [line for line in text.splitlines() if "[teacher] resumed from the checkpoint at update" in line]
     assert resumed, text[-5000:]
     assert "[teacher] the worker group came through the loss of node" in text
+    assert "[teacher] lost node" in text and "waiting up to 300 s (dist.node_wait_s)" in text, text[-5000:]
+    assert "[teacher] waiting for workers: 1 of 2 worker bundles {CPU: 1, raypd_slot: 1} placeable" in text
+    placed = [line for line in text.splitlines() if "placeable again after" in line]
+    assert placed and int(placed[0].split("after ")[1].split()[0]) > START_S, placed
+    print(placed[0])
     meta = json.loads((tmp_path / "local" / "teacher" / "meta.json").read_text())
     assert meta["metrics"]["nodes_lost"] >= 1 and meta["metrics"]["updates"] == 240
     print(f"{resumed[0]}: {back:.0f} s after the node was killed; the run ended {time.monotonic() - killed:.0f} s "

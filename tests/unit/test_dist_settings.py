@@ -317,3 +317,34 @@ def test_a_rounds_trials_are_drawn_once_seeded_and_kept_as_json(tmp_path):
     # a later start reads the plan back, whatever it would draw now
     assert plan_trials(random, str(tmp_path), space, first, seed=99) == drawn
     assert json.loads((tmp_path / PLAN).read_text())["trials"] == drawn
+
+
+def test_a_sweeps_table_is_read_from_its_trials_records(tmp_path):
+    """Each trial's outcome comes from its JSON records, whatever Tune's results of this start hold: finished
+    (or diverged), stopped early by ASHA (even where its Train run then ended in an error), failed, or never
+    ended; its curve from ``history.json``."""
+    from raypd.distributed.sweep import DIVERGED, _rows
+
+    trials = {f"t0{i}": {"lr": 10.0 ** -i, "updates": 8, "distill.batch_size": 16} for i in range(5)}
+    records = {
+        "t00": {"final.json": {"update": 8, "heldout_loss": 0.5, "finished": 1, "fid": 3.0, "wall_seconds": 12.5},
+                "history.json": {"2": 0.9, "4": 0.7, "8": 0.5}},
+        "t01": {"final.json": {"update": 8, "heldout_loss": DIVERGED, "finished": 1}, "history.json": {"2": 1e31}},
+        "t02": {"stopped.json": {"update": 4, "wall_seconds": 3.0}, "history.json": {"2": 2.0, "4": 1.5},
+                "error.json": {"error": "ActorDiedError: the trial was stopped"}},
+        "t03": {"error.json": {"error": "StageError: round 0: data error\nlast line"}, "history.json": {"2": 1.0}},
+        "t04": {"history.json": {"2": 1.2}},
+    }
+    for name, files in records.items():
+        (tmp_path / "trials" / name).mkdir(parents=True)
+        for file, content in files.items():
+            (tmp_path / "trials" / name / file).write_text(json.dumps(content))
+    (tmp_path / "trials" / "t04" / "starts.log").write_text("1\n2\n")
+    rows, curves = _rows(trials, [], str(tmp_path))
+    by = {r["trial"]: r for r in rows}
+    assert [by[t]["status"] for t in trials] == ["finished", "diverged", "stopped early", "failed", "stopped early"]
+    assert by["t00"]["fid"] == 3.0 and by["t00"]["wall_seconds"] == 12.5 and curves["t00"] == [(2, 0.9), (4, 0.7),
+                                                                                               (8, 0.5)]
+    assert by["t02"]["updates_done"] == 4 and by["t02"]["heldout_loss"] == 1.5 and by["t02"]["error"] is None
+    assert by["t03"]["error"] == "last line" and by["t04"]["starts"] == 2
+    assert by["t01"]["distill.batch_size"] == 16 and by["t04"]["lr"] == 1e-4

@@ -142,7 +142,7 @@ def _trial(params: dict[str, Any], static: dict[str, Any]) -> None:
 
     from raypd.distributed.trainer import StageError, run_stage
 
-    from raypd.storage import child, is_uri, read_text, upload_dir, write_text
+    from raypd.storage import child, is_uri, upload_dir, write_text
 
     began = time.perf_counter()
     name = params["trial"]
@@ -151,28 +151,25 @@ def _trial(params: dict[str, Any], static: dict[str, Any]) -> None:
     cfg = trial_config(static["config"], settings, lr_key=static["lr_key"])
     sweep_dir = static["sweep_dir"]  # a directory every node shares, or the run's bucket
     trial_dir = child(sweep_dir, "trials", name)
-    history_path = child(trial_dir, "history.json")
-    history = {int(u): v for u, v in json.loads(read_text(history_path) or "{}").items()}
+    rec = _records(sweep_dir, name)
+    history = {int(u): v for u, v in (rec["history"] or {}).items()}
     for update in sorted(history):  # where the trial stood before this start, for ASHA to judge
         tune.report({"update": update, "heldout_loss": history[update], "replayed": 1})
-    done, stopped = read_text(child(trial_dir, "final.json")), read_text(child(trial_dir, "stopped.json"))
-    if done is not None:  # finished before the sweep's driver died: report, never retrain
-        tune.report(json.loads(done))
+    if rec["final"] is not None:  # finished before the sweep's driver died: report, never retrain
+        tune.report(rec["final"])
         return
-    if stopped is not None:  # stopped early by ASHA before the driver died: stays stopped
+    if rec["stopped"] is not None:  # stopped early by ASHA before the driver died: stays stopped
         return
-    failed = read_text(child(trial_dir, "error.json"))
-    if failed is not None:
-        raise TrialFailed(json.loads(failed)["error"])
-    # one line per time this trial's driver started
-    write_text(child(trial_dir, "starts.log"), (read_text(child(trial_dir, "starts.log")) or "") + f"{time.time():.0f}\n")
+    if rec["error"] is not None:
+        raise TrialFailed(rec["error"]["error"])
+    _log_start(child(trial_dir, "starts.log"))  # one line per time this trial's driver started
     updates = int(settings["updates"])
     stage = stage.with_(name=f"trial-{name}", updates=updates)
     remote = is_uri(sweep_dir)
     output = Path(tempfile.mkdtemp(prefix="raypd-trial-")) / "student" if remote else Path(trial_dir) / "student"
     try:
         last = run_stage(cfg, stage, storage=child(sweep_dir, "train"), output=output,
-                         callbacks=[report_and_record(history_path, history)])
+                         callbacks=[report_and_record(child(trial_dir, "history.json"), history)])
     except StageError as err:  # one a rerun would meet again: recorded, so that a later start does not rerun it
         write_text(child(trial_dir, "error.json"), json.dumps({"error": f"{type(err).__name__}: {err}"}))
         raise
@@ -196,6 +193,15 @@ def _trial(params: dict[str, Any], static: dict[str, Any]) -> None:
     final["wall_seconds"] = round(time.perf_counter() - began, 1)
     write_text(child(trial_dir, "final.json"), json.dumps(final))
     tune.report(final)
+
+
+def _log_start(location: str) -> int:
+    """Append this start's time to the start log at ``location``; returns the starts logged, this one included."""
+    from raypd.storage import read_text, write_text
+
+    text = (read_text(location) or "") + f"{time.time():.0f}\n"
+    write_text(location, text)
+    return text.count("\n")
 
 
 class TrialFailed(RuntimeError):
@@ -378,7 +384,7 @@ def sweep_round(cfg: Config, *, rnd: Round, stage: Stage, sweep_dir: Path, eval_
     from raypd.eval.sweep_report import write_round_report
 
     s = cfg.sweep
-    from raypd.storage import child, read_text, write_text
+    from raypd.storage import child
 
     sweep_dir = sweep_dir.resolve()
     store = store or str(sweep_dir)
@@ -391,8 +397,7 @@ def sweep_round(cfg: Config, *, rnd: Round, stage: Stage, sweep_dir: Path, eval_
     # a trial's own process only waits for its Train run: it asks for memory, no CPU or GPU, so the
     # workers get all of those (Tune refuses an empty request)
     trainable = tune.with_resources(tune.with_parameters(_trial, static=static), {"memory": 256 * 1024**2})
-    starts = (read_text(child(store, STARTS)) or "").count("\n") + 1
-    write_text(child(store, STARTS), (read_text(child(store, STARTS)) or "") + f"{time.time():.0f}\n")
+    starts = _log_start(child(store, STARTS))
     budgets = round_budgets(cfg, rnd.updates)
     if starts > 1:
         records = [_records(store, name) for name in trials]

@@ -133,6 +133,16 @@ def _shortfall(bundle: dict[str, float], count: int) -> str:
     return ", ".join(short) or "room on single nodes (each worker's bundle must fit on one node)"
 
 
+def _placing(have: int, need: int, bundle: dict[str, float], pending: int, waited: float, limit: float) -> str:
+    """What a wait for worker bundles stands at (scaling up, or a worker group's restart after a node loss)."""
+    return (f"{have} of {need} worker bundles {_fmt(bundle)} placeable, {pending} node(s) starting, "
+            f"{waited:.0f} s of {limit:g} s")
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def _fmt(bundle: dict[str, float]) -> str:
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in bundle.items()) + "}"
 
@@ -216,7 +226,7 @@ def ensure_ray(cfg: Config, *, wait: bool = True, log=None) -> Cluster:
     import ray
 
     connect()
-    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    log = log or _stderr
     d, bundle = cfg.dist, worker_bundle(cfg)
     need = max(1, d.workers) if cfg.sweep.enabled else d.workers  # a local-mode sweep's trials run 1 worker each
     status = _autoscaler_status()
@@ -263,8 +273,7 @@ def _wait_for(cfg: Config, bundle: dict[str, float], need: int, log) -> None:
         if state != seen or pending:
             last_change = now
         if state != seen or now - last_log >= PROGRESS_S:
-            log(f"[cluster] waiting for nodes: {have} of {need} worker bundles {_fmt(bundle)} placeable, "
-                f"{pending} node(s) starting, {now - began:.0f} s of {timeout:g} s")
+            log(f"[cluster] waiting for nodes: {_placing(have, need, bundle, pending, now - began, timeout)}")
             last_log, seen = now, state
         if now - began > timeout:
             raise ClusterError(f"dist.scale_timeout_s={timeout:g} passed: the nodes for dist.workers={need} workers "
@@ -316,7 +325,7 @@ class NodeWatch:
     """While a stage runs: says when a node of the cluster is lost, then what the restarting worker group waits
     for (its worker bundles placeable on the alive nodes, nodes starting) until it can be placed again."""
 
-    def __init__(self, name: str, cfg: Config, before: set[str], log, every_s: float = 2.0):
+    def __init__(self, name: str, cfg: Config, before: set[str], log=_stderr, every_s: float = 2.0):
         self.name, self.bundle, self.need = name, worker_bundle(cfg), cfg.dist.workers
         self.wait_s, self.before, self.log, self.every_s = cfg.dist.node_wait_s, before, log, every_s
         self.stop = threading.Event()
@@ -358,9 +367,8 @@ class NodeWatch:
                 waiting_since = None
             elif last_log is None or now - last_log >= PROGRESS_S:
                 pending = _pending_nodes(_autoscaler_status())
-                self.log(f"[{self.name}] waiting for workers: {have} of {self.need} worker bundles "
-                         f"{_fmt(self.bundle)} placeable, {pending} node(s) starting, {now - waiting_since:.0f} s of "
-                         f"{self.wait_s:g} s")
+                self.log(f"[{self.name}] waiting for workers: "
+                         f"{_placing(have, self.need, self.bundle, pending, now - waiting_since, self.wait_s)}")
                 last_log = now
 
 

@@ -136,7 +136,7 @@ def run_stage(cfg: Config, stage: Stage, *, storage: Path | str, output: Path, c
           file=sys.stderr, flush=True)
     nodes = alive_nodes()
     try:
-        with NodeWatch(name, cfg, nodes, log=lambda line: print(line, file=sys.stderr, flush=True)):
+        with NodeWatch(name, cfg, nodes):
             result = trainer.fit()
     except Exception as err:  # noqa: BLE001 - Ray wraps the workers' last error; say it once, plainly
         if type(err).__name__ != "TrainingFailedError":

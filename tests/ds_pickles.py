@@ -4,7 +4,6 @@ and the few DeepSpeed types on the allowlist; doctored files refused unrun.
 ``python -m tests.ds_pickles DIR`` prints one JSON line. Its own process: DeepSpeed needs a process group.
 """
 
-import builtins
 import json
 import sys
 from pathlib import Path
@@ -17,20 +16,11 @@ from raypd.distributed.deepspeed import (TAG, build_deepspeed_engine, check_pick
                                          init_single_process, weights_only_engine)
 from raypd.models import build_denoiser
 from raypd.train import linear_decay
+from tests.planted import planted_torch_file
 
 SETTINGS = [(0, "fp32", False, False), (0, "bf16", False, False), (1, "fp32", True, False), (1, "bf16", False, False),
             (2, "bf16", True, False), (2, "fp32", False, False), (3, "fp32", False, True), (3, "bf16", True, True)]
 """(ZeRO stage, precision, optimizer offload, parameter offload): every stage, both CPU precisions, each offload."""
-
-
-class Plant:
-    """What a doctored file holds: unpickling it creates ``path`` (``open(path, "w")``)."""
-
-    def __init__(self, path: Path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return builtins.open, (self.path, "w")
 
 
 def engine(cfg, zero: int, precision: str, offload_optimizer: bool, offload_params: bool):
@@ -80,7 +70,7 @@ def main(root: Path) -> None:
         doctored = {}
         for f in files:
             original = f.read_bytes()
-            torch.save({"module": Plant(root / f"planted-{key}-{f.stem}")}, f)
+            f.write_bytes(planted_torch_file(root / f"planted-{key}-{f.stem}"))
             doctored[f.name] = refused(b, saved)
             # past the static check (as a type built at unpickling time would be): the weights-only load refuses
             try:

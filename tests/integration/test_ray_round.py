@@ -8,6 +8,8 @@ import threading
 import time
 from pathlib import Path
 
+from tests.planted import planted_torch_file
+
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["data.resolution=8", "model.attn_resolutions=[4]", "teacher.sampling_steps=4", "distill.start_steps=4",
@@ -112,26 +114,10 @@ def test_persistent_non_finite_updates_roll_back_then_stop_the_round_whose_docto
     files = sorted((tmp_path / "n" / "ray" / "round-00").glob("checkpoint_*/state/*.pt"))
     assert files
     for f in files:
-        f.write_bytes(_planted_pickle(planted))
+        f.write_bytes(planted_torch_file(planted))
     again = subprocess.run(out.args, cwd=ROOT, capture_output=True, text=True, timeout=600)
     log = again.stdout + again.stderr
     assert again.returncode == 2, log[-4000:]
     assert "checkpoint error: round 0: CheckpointError:" in log and "holds pickled io.open" in log, log[-4000:]
     assert "raypd refuses to unpickle it" in log
     assert not planted.exists()
-
-
-def _planted_pickle(path: Path) -> bytes:
-    """A torch.save file whose unpickling creates ``path``."""
-    import builtins
-    import io
-
-    import torch
-
-    class Plant:
-        def __reduce__(self):
-            return builtins.open, (str(path), "w")
-
-    buffer = io.BytesIO()
-    torch.save({"module": Plant()}, buffer)
-    return buffer.getvalue()

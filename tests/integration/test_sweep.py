@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.planted import Plant
+
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ["data.resolution=8", "model.attn_resolutions=[4]", "teacher.sampling_steps=2", "distill.start_steps=2",
         "eval.num_samples=32", "eval.grid_size=16", "eval.reference_samples=64", "eval.classifier_updates=20",
@@ -195,16 +197,6 @@ def test_a_killed_sweep_resumes_from_its_own_records_without_rerunning_finished_
     assert {r["status"] for r in table["trials"]} <= {"finished", "stopped early"}, table["trials"]
     assert not list(trials.glob("*/error.json"))
     assert (sweep / "tune-2").is_dir()  # the second start's own Tune experiment
-
-
-class Plant:
-    """Unpickling it creates ``path``."""
-
-    def __init__(self, path: Path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return open, (self.path, "w")
 
 
 def test_a_tract_phase_sweeps_like_a_round(tmp_path, teacher):

@@ -53,9 +53,13 @@ def slow_cluster():
         yield head
 
 
-def _distill(head: Head, args: list[str], log: Path) -> subprocess.Popen:
-    env = {**head.env, "RAY_ADDRESS": head.gcs_address, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "raypd.distill", *args], env=env, cwd=ROOT,
+def _env(head: Head, **extra: str) -> dict[str, str]:
+    """A driver's environment on ``head``'s cluster, with ``extra`` variables."""
+    return {**head.env, "RAY_ADDRESS": head.gcs_address, "PYTHONPATH": str(ROOT), **extra}
+
+
+def _distill(head: Head, args: list[str], log: Path, **env: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "raypd.distill", *args], env=_env(head, **env), cwd=ROOT,
                             stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
@@ -116,16 +120,13 @@ def test_a_stage_waits_for_a_slow_replacement_of_a_lost_node(slow_cluster, tmp_p
     worker group restarts on the replacement node from the last checkpoint."""
     cluster = slow_cluster
     log = tmp_path / "log.txt"
-    env = {**cluster.env, "RAY_ADDRESS": cluster.gcs_address, "PYTHONPATH": str(ROOT),
-           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(START_S)}
     # the slowed autoscaler's first report takes a while: until then the cluster looks like one without an autoscaler
     probe = "from raypd.distributed.cluster import _autoscaler_status, connect; connect(); print(_autoscaler_status() is not None)"
-    _wait_until(lambda: subprocess.run([sys.executable, "-c", probe], env=env, cwd=ROOT, capture_output=True,
+    _wait_until(lambda: subprocess.run([sys.executable, "-c", probe], env=_env(cluster), cwd=ROOT, capture_output=True,
                                        text=True).stdout.strip().endswith("True"), 120, "the autoscaler's first report")
-    proc = subprocess.Popen([sys.executable, "-m", "raypd.distill", *TINY, "teacher.updates=240",
-                             "dist.checkpoint_every=10", "dist.max_failures=3", "dist.node_wait_s=300",
-                             f"run.storage_path={tmp_path}"], env=env, cwd=ROOT, stdout=log.open("w"),
-                            stderr=subprocess.STDOUT)
+    proc = _distill(cluster, [*TINY, "teacher.updates=240", "dist.checkpoint_every=10", "dist.max_failures=3",
+                              "dist.node_wait_s=300", f"run.storage_path={tmp_path}"], log,
+                    RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=str(START_S))
     try:
         checkpoints = tmp_path / "local" / "ray" / "teacher"
         _wait_until(lambda: any(checkpoints.glob("checkpoint_*/raypd_dist.json")) or proc.poll() is not None, 600,

@@ -12,7 +12,8 @@ so its next chunk of the same point does not build it again.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+import sys
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import torch
 from torch import Tensor
@@ -22,6 +23,7 @@ from raypd.eval.chunks import Chunk, Result
 from raypd.models import Denoiser
 
 _BUILT: dict[str, Denoiser] = {}
+T = TypeVar("T")
 
 
 def _generate_and_extract(config: dict, key: str, state: dict, chunk: dict) -> tuple[Tensor, dict[str, Tensor]]:
@@ -69,43 +71,80 @@ def _sample_pairs(config: dict, key: str, state: dict, start: int, stop: int) ->
     return start, stop, sample_pairs(_built(cfg, key, state, device), cfg, start, stop, device)
 
 
+RETRIES = 3
+"""Times a task whose process or node was lost is submitted again before the work fails."""
+
+
+def run_tasks(submit: Callable[[T], Any], items: Iterable[T], *, in_flight: int,
+              lost: Callable[[T, BaseException], None] | None = None) -> Iterator[tuple[T, Any]]:
+    """Every item's task result, in the order they finish, at most ``in_flight`` tasks at once.
+
+    A task whose worker process or node died (a preempted node, the memory monitor) is submitted again, up to
+    ``RETRIES`` times, and ``lost`` is told each time; an error raised by the task's own code is not retried. On
+    the way out (done, or abandoned by the caller) the tasks still running are cancelled, so they free the GPUs
+    they hold."""
+    import ray
+    from ray.exceptions import NodeDiedError, ObjectLostError, OutOfMemoryError, WorkerCrashedError
+
+    pending, running, tries = list(enumerate(items)), {}, {}
+    pending.reverse()
+    try:
+        while pending or running:
+            while pending and len(running) < in_flight:
+                index, item = pending.pop()
+                running[submit(item)] = index, item
+            (ready,), _ = ray.wait(list(running), num_returns=1)
+            index, item = running.pop(ready)
+            try:
+                result = ray.get(ready)
+            except (WorkerCrashedError, NodeDiedError, ObjectLostError, OutOfMemoryError) as err:
+                tries[index] = tries.get(index, 0) + 1
+                if tries[index] > RETRIES:
+                    raise
+                if lost is not None:
+                    lost(item, err)
+                pending.append((index, item))
+                continue
+            yield item, result
+    finally:
+        for ref in running:
+            ray.cancel(ref, force=True)
+
+
+def _remote(function: Callable, use_gpu: bool):
+    import ray
+
+    return ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1, max_retries=0)(function)
+
+
 class RayPairs:
     """A method's (noise, teacher sample) pairs sampled by Ray tasks (one GPU each when ``use_gpu``), a block per
     task, at most two per worker in flight."""
 
-    def __init__(self, cfg: Config, *, workers: int, use_gpu: bool):
-        import ray
-
-        self.cfg, self.workers = cfg, max(1, workers)
-        self._task = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1, max_retries=2)(_sample_pairs)
+    def __init__(self, cfg: Config, *, workers: int, use_gpu: bool, lost: Callable[[str], None] | None = None):
+        """``lost``: told what a task was doing each time one is lost and submitted again."""
+        self.cfg, self.workers, self.lost = cfg, max(1, workers), lost
+        self._task = _remote(_sample_pairs, use_gpu)
 
     def run(self, teacher: Denoiser, blocks: list[tuple[int, int]]) -> Iterator[tuple[int, int, Tensor]]:
         import ray
 
         state = ray.put({k: v.detach().cpu() for k, v in teacher.state_dict().items()})
-        config, pending, in_flight = self.cfg.to_dict(), list(reversed(blocks)), []
-        try:
-            while pending or in_flight:
-                while pending and len(in_flight) < 2 * self.workers:
-                    lo, hi = pending.pop()
-                    in_flight.append(self._task.remote(config, state.hex(), state, lo, hi))
-                (ready,), _ = ray.wait(in_flight, num_returns=1)
-                in_flight.remove(ready)
-                yield ray.get(ready)
-        finally:
-            for ref in in_flight:
-                ray.cancel(ref, force=True)
+        config = self.cfg.to_dict()
+        for _, result in run_tasks(lambda b: self._task.remote(config, state.hex(), state, *b), blocks,
+                                   in_flight=2 * self.workers, lost=_told(self.lost, lambda b: f"pairs {b[0]}:{b[1]}")):
+            yield result
 
 
 class RayEvaluation:
     """Chunks as Ray tasks (one GPU each when ``use_gpu``), at most two per worker in flight."""
 
-    def __init__(self, cfg: Config, *, workers: int, use_gpu: bool, mirror=None):
-        """``mirror``: the run's bucket mirror, whose copy of the extractor's weights the tasks fetch."""
-        import ray
-
-        self.cfg, self.workers, self.mirror, self.use_gpu = cfg, max(1, workers), mirror, use_gpu
-        self._task = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1, max_retries=2)(_generate_and_extract)
+    def __init__(self, cfg: Config, *, workers: int, use_gpu: bool, mirror=None,
+                 lost: Callable[[str], None] | None = None):
+        """``mirror``: the run's bucket mirror, whose copy of the extractor's weights the tasks fetch. ``lost``: told
+        what a task was doing each time one is lost and submitted again."""
+        self.cfg, self.workers, self.mirror, self.use_gpu, self.lost = cfg, max(1, workers), mirror, use_gpu, lost
+        self._task = _remote(_generate_and_extract, use_gpu)
 
     def run(self, model: Denoiser, chunks: Iterable[Chunk]) -> Iterator[Result]:
         """The chunks' results, in the order they finish."""
@@ -113,21 +152,23 @@ class RayEvaluation:
 
         state = ray.put({k: v.detach().cpu() for k, v in model.state_dict().items()})
         config = self.cfg.to_dict()
-        pending, in_flight = list(chunks), {}
-        weights = pending[0].extractor.get("weights") if pending else None
+        chunks = list(chunks)
+        weights = chunks[0].extractor.get("weights") if chunks else None
         if self.mirror is not None and weights:
             self.mirror.sync()
             located = self.mirror.locate(weights)
-            pending = [Chunk(**{**c.to_dict(), "extractor": {**c.extractor, "weights": located}}) for c in pending]
-        pending.reverse()
-        try:
-            while pending or in_flight:
-                while pending and len(in_flight) < 2 * self.workers:
-                    chunk = pending.pop()
-                    in_flight[self._task.remote(config, state.hex(), state, chunk.to_dict())] = chunk
-                (ready,), _ = ray.wait(list(in_flight), num_returns=1)
-                images, features = ray.get(ready)
-                yield in_flight.pop(ready), images, features
-        finally:  # the point was abandoned (an error while folding it in): free the GPUs its tasks hold
-            for ref in in_flight:
-                ray.cancel(ref, force=True)
+            chunks = [Chunk(**{**c.to_dict(), "extractor": {**c.extractor, "weights": located}}) for c in chunks]
+        for chunk, (images, features) in run_tasks(
+                lambda c: self._task.remote(config, state.hex(), state, c.to_dict()), chunks,
+                in_flight=2 * self.workers, lost=_told(self.lost, lambda c: f"evaluation at {c.n_steps} steps")):
+            yield chunk, images, features
+
+
+def _told(lost: Callable[[str], None] | None, what: Callable[[Any], str]):
+    """``run_tasks``' loss callback that tells ``lost`` what the lost task was doing, and says so on stderr."""
+    def told(item, err: BaseException) -> None:
+        print(f"[cluster] a task was lost ({what(item)}: {type(err).__name__}); it runs again", file=sys.stderr,
+              flush=True)
+        if lost is not None:
+            lost(what(item))
+    return told

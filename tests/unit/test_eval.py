@@ -1,5 +1,7 @@
 """FID/KID through torch-fidelity with both extractors, the reference cache, and the FID plot."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -180,6 +182,45 @@ def test_ray_tasks_give_the_chunks_one_process_would(digits, tmp_path):
     z, y = fixed_noise(600, 1, 8, seed=cfg.eval.seed)
     whole = to_uint8(sample_ddim(model, z, y, 2, logsnr_fn=logsnr_fn))
     assert (full.read(0, 600).int() - whole.int()).abs().max().item() <= 1
+
+
+def _flaky(marker: str, item: int) -> int:
+    """A task: item 1's first attempt loses its process, item 3 fails in its own code, item 4 always dies."""
+    import os
+    from pathlib import Path
+
+    if item == 4 or (item == 1 and not Path(marker).exists()):
+        Path(marker).touch()
+        os._exit(1)
+    if item == 3:
+        raise ValueError("item 3 is bad")
+    return item * 10
+
+
+def test_a_task_whose_process_dies_runs_again_and_is_counted_while_its_own_errors_are_not_retried(tmp_path):
+    import ray
+    from ray.exceptions import RayTaskError, WorkerCrashedError
+
+    from raypd.distributed.evaluate import RETRIES, run_tasks
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}})
+    try:
+        task = ray.remote(max_retries=0)(_flaky)
+        marker, lost = str(tmp_path / "died-once"), []
+        def submit(item):
+            return task.remote(marker, item)
+        got = dict(run_tasks(submit, [0, 1, 2], in_flight=2, lost=lambda item, err: lost.append((item, type(err)))))
+        assert got == {0: 0, 1: 10, 2: 20} and lost == [(1, WorkerCrashedError)]
+        lost.clear()
+        with pytest.raises(RayTaskError, match="item 3 is bad"):
+            list(run_tasks(submit, [3], in_flight=1, lost=lambda item, err: lost.append(item)))
+        assert lost == []  # the task's own error is not a loss: it is not run again
+        with pytest.raises(WorkerCrashedError):
+            list(run_tasks(submit, [4], in_flight=1, lost=lambda item, err: lost.append(item)))
+        assert lost == [4] * RETRIES  # then it gives up
+    finally:
+        ray.shutdown()
 
 
 def test_bf16_sampling_keeps_the_parameterization_and_the_sampler_in_fp32():

@@ -28,7 +28,8 @@ from raypd.eval.evaluate import Evaluator
 from raypd.eval.report import write_report
 from raypd.models import Denoiser
 from raypd.methods import Method, method_for, objective_for
-from raypd.runs import check_and_save_config, finished_summary, open_run, run_uri
+from raypd.runs import (check_and_save_config, finished_summary, interruptions, open_run, record_event,
+                        run_uri)
 from raypd.train import freeze
 from raypd.train.rounds import TRAIN_FORWARDS
 from raypd.train.runner import InProcessRunner
@@ -177,6 +178,7 @@ def run_pipeline(cfg: Config, *, mode: str = "auto") -> dict:
             log(f"[raypd] {run_uri(cfg) or out} has finished already: nothing to do (--restart starts it over)")
             done["report"] = str(out / "report.md")
             return done
+        record_event(out, "start")
         return _run(cfg, out, mirror)
 
 
@@ -216,7 +218,8 @@ def make_evaluator(ctx: Context, manifest: dict | None, teacher: Denoiser, teach
     if cfg.dist.workers and cfg.eval.distributed:
         from raypd.distributed.evaluate import RayEvaluation
 
-        remote = RayEvaluation(cfg, workers=cfg.dist.workers, use_gpu=cfg.dist.use_gpu, mirror=ctx.mirror)
+        remote = RayEvaluation(cfg, workers=cfg.dist.workers, use_gpu=cfg.dist.use_gpu, mirror=ctx.mirror,
+                               lost=lambda what: record_event(ctx.out, "task lost", what=what))
     return Evaluator(cfg, ctx.out, device=ctx.device, logsnr_fn=ctx.logsnr_fn, urls=ctx.shards, manifest=manifest,
                      teacher=teacher, step_counts=[r.student_steps for r in rounds], remote=remote,
                      teacher_digest=teacher_digest)
@@ -231,7 +234,8 @@ def make_pairs(ctx: Context, teacher: Denoiser, teacher_digest: str, count: int)
     if cfg.dist.workers:
         from raypd.distributed.evaluate import RayPairs
 
-        remote = RayPairs(cfg, workers=cfg.dist.workers, use_gpu=cfg.dist.use_gpu)
+        remote = RayPairs(cfg, workers=cfg.dist.workers, use_gpu=cfg.dist.use_gpu,
+                          lost=lambda what: record_event(ctx.out, "task lost", what=what))
     shards = ensure_pairs(cfg, ctx.out, teacher, teacher_digest, count=count, device=ctx.device, remote=remote,
                           log=log)
     ctx.sync()
@@ -321,4 +325,7 @@ def _stages(ctx: Context, manifest: dict | None, cluster) -> dict:
     if sweeps:
         summary["sweeps"] = sweeps
     summary["final_checkpoint"] = summary["rounds"][-1]["checkpoint"]
+    stages = [out / r["checkpoint"] for r in summary["rounds"]]
+    summary["interruptions"] = interruptions(out, [teacher for teacher in [out / "teacher"]
+                                                   if (teacher / "meta.json").is_file()] + stages)
     return summary

@@ -186,6 +186,44 @@ def finished_summary(out: Path) -> dict[str, Any] | None:
     return None
 
 
+# ---- what interrupted the run -------------------------------------------------------------
+
+EVENTS = "interruptions.jsonl"
+"""One JSON line per start of the run's driver and per lost task that ran again: read back into the summary."""
+
+
+def record_event(out: Path, kind: str, **fields: Any) -> None:
+    """Append one event (``start``, ``task lost``) to the run's record of interruptions."""
+    with open(out / EVENTS, "a") as f:
+        f.write(json.dumps({"event": kind, "time": round(time.time(), 1), **fields}) + "\n")
+        f.flush()
+
+
+def interruptions(out: Path, stages: list[Path]) -> dict[str, Any]:
+    """What the run came through: its driver's starts, the tasks lost and run again, and for each of ``stages``
+    (finished checkpoints) and each sweep trial, the updates it resumed from and the nodes it lost while running."""
+    events = []
+    if (out / EVENTS).is_file():
+        for line in (out / EVENTS).read_text().splitlines():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut short by a killed driver
+    trials = sorted(p / "student" for p in out.glob("sweeps/*/trials/*") if (p / "student" / "meta.json").is_file())
+    rows = []
+    for path in [*stages, *trials]:
+        metrics = json.loads((path / "meta.json").read_text()).get("metrics", {})
+        if "sweep_report" in metrics:
+            continue  # a swept round's student is its chosen trial's, counted with the trials
+        row = {"stage": str(path.relative_to(out)), "resumed_at": list(metrics.get("resumed_at", [])),
+               "nodes_lost": int(metrics.get("nodes_lost", 0)), "nodes_preempted": int(metrics.get("nodes_preempted", 0))}
+        if row["resumed_at"] or row["nodes_lost"] or row["nodes_preempted"]:
+            rows.append(row)
+    lost = [e.get("what", "?") for e in events if e.get("event") == "task lost"]
+    return {"driver_starts": sum(e.get("event") == "start" for e in events), "tasks_lost": len(lost),
+            "lost_tasks": lost, "stages": rows}
+
+
 # ---- the driver lock -------------------------------------------------------------------------
 
 

@@ -96,6 +96,25 @@ def fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def interruption_lines(record: dict | None) -> list[str]:
+    """The report's account of what interrupted the run (nothing when nothing did)."""
+    if not record:
+        return []
+    starts, stages, lost = record.get("driver_starts", 1), record.get("stages", []), record.get("lost_tasks", [])
+    if starts <= 1 and not stages and not lost:
+        return []
+    lines = ["## Interruptions", "",
+             f"The driver started {starts} time(s): {max(0, starts - 1)} interruption(s) of the driver. "
+             f"{len(lost)} task(s) lost with their process or node ran again"
+             + (f" ({', '.join(sorted(set(lost)))})." if lost else "."), ""]
+    if stages:
+        lines += ["| stage | resumed from updates | nodes lost | nodes preempted |", "|---|---|---|---|"]
+        lines += [f"| {r['stage']} | {', '.join(map(str, r['resumed_at'])) or '-'} | {r['nodes_lost']} | "
+                  f"{r['nodes_preempted']} |" for r in stages]
+        lines.append("")
+    return lines
+
+
 def write_report(out: Path, summary: dict) -> Path:
     """summary.json, fid_vs_steps.png (a guided run's also fid_vs_guidance.png) and report.md in ``out``; returns
     the report's path."""
@@ -144,6 +163,7 @@ def write_report(out: Path, summary: dict) -> Path:
                      f"{r['final_loss']:.4f} | {r.get('skipped_samples', 0)} | {r['wall_seconds']:.0f} | "
                      f"{fmt(r.get('compute'), ',.0f')} | {ratio} | [grid]({grid}) |")
     lines += ["", f"Final student: `{summary['final_checkpoint']}`.", ""]
+    lines += interruption_lines(summary.get("interruptions"))
     if summary.get("sweeps"):
         lines += ["## Tune sweeps", "", f"Every round was a Ray Tune sweep; the chosen settings per round and "
                   f"each round's trial table: [{summary['sweeps']}]({summary['sweeps']}).", ""]

@@ -67,6 +67,8 @@ class StageLoop:
         self.generator = torch.Generator(device)
         self.loader: ShardLoader | None = None
         self.window, self.skipped_before, self.seconds = -1, 0, 0.0
+        self.resumed_at: list[int] = []
+        """The updates the stage resumed from after interruptions, carried from checkpoint to checkpoint."""
         self.losses: dict[int, float] = {}
         """This rank's loss of the first role at every update it stepped (skipped ones included)."""
         self.role_losses: dict[str, dict[int, float]] = {}
@@ -163,6 +165,7 @@ class StageLoop:
                     client = self.restore(directory)
                     start, self.rollbacks = int(client["updates"]), int(client.get("rollbacks", 0))
                     self.seconds = float(client.get("seconds", 0.0))
+                    self.resumed_at = [*map(int, client.get("resumed_at", [])), start]
                     for name, engine in self.engines.items():
                         engine.skipped_updates = int(self.clients[name].get("skipped_updates", 0))
         except DETERMINISTIC + (StageFailure,) as err:
@@ -176,7 +179,7 @@ class StageLoop:
     def save(self, k: int, final_metrics: dict | None) -> str:
         """This rank's part of a checkpoint in a fresh folder; ``final_metrics`` adds the consolidated networks."""
         path = Path(tempfile.mkdtemp(prefix=f"update{k:08d}-", dir=self.staging))
-        stage = {"updates": k, "rollbacks": self.rollbacks, "seconds": self.seconds}
+        stage = {"updates": k, "rollbacks": self.rollbacks, "seconds": self.seconds, "resumed_at": self.resumed_at}
         save_roles(path, self.engines, self.main, self.averages, stage, write_shared=self.rank == 0)
         if self.rank == 0 and self.settings is not None:
             (path / SETTINGS).write_text(json.dumps(self.settings))
@@ -268,7 +271,7 @@ class StageLoop:
                 if k == updates:
                     final = {"final_loss": metrics["loss"], "skipped_samples": self.skipped_samples,
                              "skipped_updates": self.skipped_updates, "updates": updates,
-                             "lr": self.engine.base_lr, "seconds": self.seconds,
+                             "lr": self.engine.base_lr, "seconds": self.seconds, "resumed_at": self.resumed_at,
                              **{f"{name}_final_loss": metrics[f"{name}_loss"] for name in self.engines
                                 if name != self.main}}
                 self.store.report(metrics, self.save(k, final), final=final is not None)

@@ -20,9 +20,11 @@ from contextlib import contextmanager
 
 from raypd.config import Config
 
-STALL_S = 30.0
+STALL_S = 60.0
 """Seconds an autoscaler may add no node (none pending, none launching) while the request is short
-before the request counts as one its node types cannot host."""
+before the request counts as one its node types cannot host. Longer than the 30 s after which Ray's v1
+autoscaler gives up on a node it lost contact with (``AUTOSCALER_HEARTBEAT_TIMEOUT_S``) and replaces it: a
+node type at its maximum with a dead node in it adds nothing until then."""
 PROGRESS_S = 10.0
 
 
@@ -298,7 +300,9 @@ def alive_nodes() -> set[str]:
 def node_losses(before: set[str]) -> list[tuple[str, str, str]]:
     """Nodes alive in ``before`` that have died since: (node id, "preempted" or "lost", Ray's message). Ray
     tells a preemption (an autoscaler draining a spot node it was told is going) from a node that failed or
-    vanished; a node removed as idle is neither."""
+    vanished; a node removed as idle is neither: the v2 autoscaler drains it as idle, the v1 autoscaler (``ray up``
+    clusters, Ray's fake_multinode provider) drains it as an expected termination "by autoscaler", which it does only
+    to nodes it removes (idle, or beyond the cluster's maximum), never to one it is told is going away."""
     import ray
 
     found = []
@@ -306,10 +310,11 @@ def node_losses(before: set[str]) -> list[tuple[str, str, str]]:
         if node["NodeID"] not in before or node.get("Alive"):
             continue
         reason = int(node.get("DeathReason") or 0)
-        if reason == 4:  # AUTOSCALER_DRAIN_IDLE
+        message = node.get("DeathReasonMessage") or ""
+        if reason == 4 or (reason == 1 and "by autoscaler" in message):  # AUTOSCALER_DRAIN_IDLE; v1's removal
             continue
         kind = PREEMPTED if reason == 3 else FAILED  # 3: AUTOSCALER_DRAIN_PREEMPTED
-        found.append((node["NodeID"], kind, node.get("DeathReasonMessage") or "no reason given"))
+        found.append((node["NodeID"], kind, message or "no reason given"))
     return found
 
 

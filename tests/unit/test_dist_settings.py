@@ -285,12 +285,17 @@ def test_lost_nodes_are_told_apart_by_rays_death_reason(monkeypatch):
              {"NodeID": "b" * 20, "Alive": False, "DeathReason": 2, "DeathReasonMessage": "health check failed"},
              {"NodeID": "c" * 20, "Alive": False, "DeathReason": 4, "DeathReasonMessage": "idle"},
              {"NodeID": "d" * 20, "Alive": True, "DeathReason": 0},
-             {"NodeID": "e" * 20, "Alive": False, "DeathReason": 2}]  # dead before the stage began
+             {"NodeID": "e" * 20, "Alive": False, "DeathReason": 2},  # dead before the stage began
+             # removed as idle by the v1 autoscaler (as its fake_multinode provider shows): not a loss
+             {"NodeID": "f" * 20, "Alive": False, "DeathReason": 1, "DeathReasonMessage": "Terminated by autoscaler."},
+             # stopped on purpose by someone else while the stage ran: a loss
+             {"NodeID": "g" * 20, "Alive": False, "DeathReason": 1, "DeathReasonMessage": "received SIGTERM"}]
     monkeypatch.setattr(ray, "nodes", lambda: nodes)
-    losses = node_losses({"a" * 20, "b" * 20, "c" * 20, "d" * 20})
-    assert [(node, kind) for node, kind, _ in losses] == [("a" * 20, PREEMPTED), ("b" * 20, FAILED)]
-    assert describe_losses(losses) == ("node aaaaaaaaaaaa preempted (spot reclaimed); "
-                                       "node bbbbbbbbbbbb lost (health check failed)")
+    losses = node_losses({"a" * 20, "b" * 20, "c" * 20, "d" * 20, "f" * 20, "g" * 20})
+    assert [(node, kind) for node, kind, _ in losses] == [("a" * 20, PREEMPTED), ("b" * 20, FAILED),
+                                                          ("g" * 20, FAILED)]
+    assert describe_losses(losses[:2]) == ("node aaaaaaaaaaaa preempted (spot reclaimed); "
+                                           "node bbbbbbbbbbbb lost (health check failed)")
 
 
 def test_a_rounds_trials_are_drawn_once_seeded_and_kept_as_json(tmp_path):

@@ -201,7 +201,8 @@ def record_event(out: Path, kind: str, **fields: Any) -> None:
 
 def interruptions(out: Path, stages: list[Path]) -> dict[str, Any]:
     """What the run came through: its driver's starts, the tasks lost and run again, and for each of ``stages``
-    (finished checkpoints) and each sweep trial, the updates it resumed from and the nodes it lost while running."""
+    (finished checkpoints) and each sweep trial, the updates it resumed from, the restarts of its worker group after
+    a failure, and the nodes that held its workers and were lost."""
     events = []
     if (out / EVENTS).is_file():
         for line in (out / EVENTS).read_text().splitlines():
@@ -216,8 +217,9 @@ def interruptions(out: Path, stages: list[Path]) -> dict[str, Any]:
         if "sweep_report" in metrics:
             continue  # a swept round's student is its chosen trial's, counted with the trials
         row = {"stage": str(path.relative_to(out)), "resumed_at": list(metrics.get("resumed_at", [])),
+               "worker_restarts": int(metrics.get("worker_restarts", 0)),
                "nodes_lost": int(metrics.get("nodes_lost", 0)), "nodes_preempted": int(metrics.get("nodes_preempted", 0))}
-        if row["resumed_at"] or row["nodes_lost"] or row["nodes_preempted"]:
+        if row["resumed_at"] or row["worker_restarts"] or row["nodes_lost"] or row["nodes_preempted"]:
             rows.append(row)
     lost = [e.get("what", "?") for e in events if e.get("event") == "task lost"]
     return {"driver_starts": sum(e.get("event") == "start" for e in events), "tasks_lost": len(lost),

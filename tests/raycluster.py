@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import psutil
 
@@ -146,3 +147,25 @@ class Head:
         """Stop what this head started: its processes, the fake nodes' (children of its monitor), its temp dir."""
         stop({p.pid for p in self.descendants()})
         shutil.rmtree(self.temp, ignore_errors=True)
+
+
+SLOT = {"slot": {"resources": {"CPU": 1, "raypd_slot": 1}, "node_config": {}, "min_workers": 0, "max_workers": 3}}
+"""A worker node type offering a custom resource that stands in for a GPU (the fake provider's resources are
+logical); a run's workers reserve it with ``dist.resources_per_worker={CPU: 1, raypd_slot: 1}``."""
+
+
+@contextlib.contextmanager
+def autoscaling_head(num_cpus: int = 1, **kw) -> Iterator[Head]:
+    """A started head with the fake_multinode autoscaler offering ``SLOT`` nodes, stopped on the way out; skips the
+    test where the ray CLI is missing."""
+    import pytest
+
+    head = Head(num_cpus=num_cpus, worker_types=SLOT, **kw)
+    try:
+        head.start()
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    try:
+        yield head
+    finally:
+        head.stop()

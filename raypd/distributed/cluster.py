@@ -318,6 +318,15 @@ def node_losses(before: set[str]) -> list[tuple[str, str, str]]:
     return found
 
 
+def dead_nodes(ids: list[str]) -> dict[str, str]:
+    """Which of ``ids`` have died, and how ("preempted" or "lost"), whatever Ray says the reason was: asked about
+    nodes that held a stage's workers, whose deaths cost the stage its workers."""
+    import ray
+
+    return {n["NodeID"]: PREEMPTED if int(n.get("DeathReason") or 0) == 3 else FAILED for n in ray.nodes()
+            if n["NodeID"] in ids and not n.get("Alive")}
+
+
 def describe_losses(losses: list[tuple[str, str, str]]) -> str:
     return "; ".join(f"node {node[:12]} {kind} ({message})" for node, kind, message in losses)
 

@@ -12,11 +12,12 @@ import os
 import shutil
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from raypd.checkpoint import publish_checkpoint, read_meta
 from raypd.config import Config
-from raypd.distributed.cluster import (PREEMPTED, START_TIMEOUT_ENV, ClusterError, NodeWatch, alive_nodes,
+from raypd.distributed.cluster import (START_TIMEOUT_ENV, ClusterError, NodeWatch, alive_nodes,
                                       describe_losses, ensure_ray, node_losses, placeable_workers, scaling_config,
                                       worker_bundle)
 from raypd.train.failures import NumericalError, StageError, driver_error
@@ -125,7 +126,7 @@ def run_stage(cfg: Config, stage: Stage, *, storage: Path | str, output: Path, c
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"stage": stage.to_dict(), "config": cfg.to_dict(), "staging": staging.name,
-                           "method": method_module(cfg)},
+                           "method": method_module(cfg), "run_token": uuid.uuid4().hex},
         scaling_config=scaling_config(cfg),
         torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo", timeout_s=d.collective_timeout_s),
         run_config=RunConfig(name=name, storage_path=storage,
@@ -152,11 +153,9 @@ def run_stage(cfg: Config, stage: Stage, *, storage: Path | str, output: Path, c
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     losses = node_losses(nodes)
-    if losses:
-        print(f"[{name}] the worker group came through the loss of {describe_losses(losses)}: resumed from its last "
-              "checkpoint", file=sys.stderr, flush=True)
-        metrics = {**(metrics or {}), "nodes_preempted": sum(k == PREEMPTED for _, k, _ in losses),
-                   "nodes_lost": sum(k != PREEMPTED for _, k, _ in losses)}
+    if losses:  # the stage's own count of the nodes it lost (those that held its workers) is in its metrics
+        print(f"[{name}] the cluster lost {describe_losses(losses)} while the stage ran; it finished",
+              file=sys.stderr, flush=True)
     _raise_failure(result.return_value)
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {name} finished without a checkpoint")

@@ -87,13 +87,15 @@ def train_loop(payload: dict) -> dict | None:
     import deepspeed
     import ray.train
     import ray.train.torch
+    import torch.distributed
 
     from raypd.distributed.deepspeed import stage_engine
     from raypd.distributed.guards import StageFailure, agree, dist_settings
     from raypd.methods import objective_for
     from raypd.methods.stages import import_method
     from raypd.storage import fetch
-    from raypd.train.stage_loop import StageLoop
+    from raypd.distributed.cluster import dead_nodes
+    from raypd.train.stage_loop import StageLoop, WorkerGroup
 
     import_method(payload.get("method", "raypd.methods"))
     cfg, stage = config_from_dict(payload["config"]), Stage.from_dict(payload["stage"])
@@ -105,11 +107,14 @@ def train_loop(payload: dict) -> dict | None:
     device = ray.train.torch.get_device()
     deepspeed.init_distributed(dist_backend="nccl" if cfg.dist.use_gpu else "gloo")
     staging = clear_staging(staging_root(cfg, payload["staging"]) / f"rank{rank}")
+    nodes: list[str | None] = [None] * world  # the group's nodes: a later restart tells which of them were lost
+    torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    group = WorkerGroup(payload.get("run_token", ""), sorted(set(nodes)), dead_nodes)
     finished = False
     try:
         loop = StageLoop(cfg, stage, objective=objective_for(cfg, stage), build_engine=stage_engine(cfg, world),
                          store=RayStore(cfg.dist.checkpoint_upload), staging=staging, device=device, rank=rank,
-                         world=world, settings=dist_settings(cfg, world),
+                         world=world, settings=dist_settings(cfg, world), group=group,
                          agree=lambda error: agree(error, world=world, label=stage.label, device=device))
         loop.run(loop.resume())
         finished = True  # the final report was awaited: nothing staged is still being uploaded

@@ -108,9 +108,10 @@ def interruption_lines(record: dict | None) -> list[str]:
              f"{len(lost)} task(s) lost with their process or node ran again"
              + (f" ({', '.join(sorted(set(lost)))})." if lost else "."), ""]
     if stages:
-        lines += ["| stage | resumed from updates | nodes lost | nodes preempted |", "|---|---|---|---|"]
-        lines += [f"| {r['stage']} | {', '.join(map(str, r['resumed_at'])) or '-'} | {r['nodes_lost']} | "
-                  f"{r['nodes_preempted']} |" for r in stages]
+        lines += ["| stage | resumed from updates | worker-group restarts | nodes lost | nodes preempted |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['stage']} | {', '.join(map(str, r['resumed_at'])) or '-'} | {r.get('worker_restarts', 0)} | "
+                  f"{r['nodes_lost']} | {r['nodes_preempted']} |" for r in stages]
         lines.append("")
     return lines
 

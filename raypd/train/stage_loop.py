@@ -20,6 +20,7 @@ import math
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -46,6 +47,17 @@ BuildEngine = Callable[[Role, int], Engine]
 """An engine for a role, given the stage's global batch (plain PyTorch, or DeepSpeed on every rank)."""
 
 
+@dataclass(frozen=True)
+class WorkerGroup:
+    """Where a stage's workers run, for a loop run by a worker group that can be restarted (Ray Train): a token of
+    the run that started the group (the same through restarts of the group, a new one when the driver runs the stage
+    again), the nodes the group holds, and a way to tell which of some nodes have died since (id: how)."""
+
+    run_token: str
+    nodes: list[str]
+    dead: Callable[[list[str]], dict[str, str]]
+
+
 class StageLoop:
     """Engines, data and the update loop of one stage on this rank.
 
@@ -56,7 +68,7 @@ class StageLoop:
 
     def __init__(self, cfg: Config, stage: Stage, *, objective: Objective, build_engine: BuildEngine, store: Store,
                  staging: Path, device: torch.device, rank: int = 0, world: int = 1, agree: Agree | None = None,
-                 settings: dict | None = None):
+                 settings: dict | None = None, group: WorkerGroup | None = None):
         self.cfg, self.stage, self.rank, self.world, self.device, self.store = cfg, stage, rank, world, device, store
         self.objective, self.build_engine, self.settings = objective, build_engine, settings
         self.staging = Path(staging)
@@ -69,6 +81,9 @@ class StageLoop:
         self.window, self.skipped_before, self.seconds = -1, 0, 0.0
         self.resumed_at: list[int] = []
         """The updates the stage resumed from after interruptions, carried from checkpoint to checkpoint."""
+        self.group = group
+        self.restarts, self.lost_nodes = 0, {}
+        """Restarts of the worker group within one run of the stage, and the nodes it lost (id: kind)."""
         self.losses: dict[int, float] = {}
         """This rank's loss of the first role at every update it stepped (skipped ones included)."""
         self.role_losses: dict[str, dict[int, float]] = {}
@@ -166,6 +181,7 @@ class StageLoop:
                     start, self.rollbacks = int(client["updates"]), int(client.get("rollbacks", 0))
                     self.seconds = float(client.get("seconds", 0.0))
                     self.resumed_at = [*map(int, client.get("resumed_at", [])), start]
+                    self._count_restart(client)
                     for name, engine in self.engines.items():
                         engine.skipped_updates = int(self.clients[name].get("skipped_updates", 0))
         except DETERMINISTIC + (StageFailure,) as err:
@@ -176,10 +192,23 @@ class StageLoop:
                   file=sys.stderr, flush=True)
         return start
 
+    def _count_restart(self, client: dict) -> None:
+        """Carry the restart count and lost nodes from the checkpoint; when it was written by this same run of the
+        stage (its driver did not change), this start is a restart of the worker group after a failure: the nodes
+        the group held then that have died since are the ones it lost."""
+        self.restarts, self.lost_nodes = int(client.get("worker_restarts", 0)), dict(client.get("lost_nodes", {}))
+        if self.group is None or client.get("run_token") != self.group.run_token:
+            return
+        self.restarts += 1
+        self.lost_nodes.update(self.group.dead(client.get("nodes", [])))
+
     def save(self, k: int, final_metrics: dict | None) -> str:
         """This rank's part of a checkpoint in a fresh folder; ``final_metrics`` adds the consolidated networks."""
         path = Path(tempfile.mkdtemp(prefix=f"update{k:08d}-", dir=self.staging))
-        stage = {"updates": k, "rollbacks": self.rollbacks, "seconds": self.seconds, "resumed_at": self.resumed_at}
+        stage = {"updates": k, "rollbacks": self.rollbacks, "seconds": self.seconds, "resumed_at": self.resumed_at,
+                 "worker_restarts": self.restarts, "lost_nodes": self.lost_nodes}
+        if self.group is not None:
+            stage.update(run_token=self.group.run_token, nodes=self.group.nodes)
         save_roles(path, self.engines, self.main, self.averages, stage, write_shared=self.rank == 0)
         if self.rank == 0 and self.settings is not None:
             (path / SETTINGS).write_text(json.dumps(self.settings))
@@ -272,6 +301,9 @@ class StageLoop:
                     final = {"final_loss": metrics["loss"], "skipped_samples": self.skipped_samples,
                              "skipped_updates": self.skipped_updates, "updates": updates,
                              "lr": self.engine.base_lr, "seconds": self.seconds, "resumed_at": self.resumed_at,
+                             "worker_restarts": self.restarts,
+                             "nodes_lost": sum(kind != "preempted" for kind in self.lost_nodes.values()),
+                             "nodes_preempted": sum(kind == "preempted" for kind in self.lost_nodes.values()),
                              **{f"{name}_final_loss": metrics[f"{name}_loss"] for name in self.engines
                                 if name != self.main}}
                 self.store.report(metrics, self.save(k, final), final=final is not None)

@@ -149,7 +149,8 @@ def test_the_record_of_interruptions_counts_starts_lost_tasks_and_each_stages_re
     from raypd.runs import EVENTS, interruptions, record_event
 
     out = tmp_path / "run"
-    for name, metrics in (("teacher", {"resumed_at": [6, 12], "nodes_lost": 1}), ("round-00-1steps", {}),
+    for name, metrics in (("teacher", {"resumed_at": [6, 12], "worker_restarts": 1, "nodes_lost": 1}),
+                          ("round-00-1steps", {}),
                           ("sweeps/round-00/trials/t01/student", {"resumed_at": [3], "nodes_preempted": 1})):
         (out / name).mkdir(parents=True)
         (out / name / "meta.json").write_text(json.dumps({"metrics": metrics}))
@@ -160,9 +161,10 @@ def test_the_record_of_interruptions_counts_starts_lost_tasks_and_each_stages_re
         f.write('{"event": "task lo')  # the line a killed driver was writing
     record = interruptions(out, [out / "teacher", out / "round-00-1steps"])
     assert record == {"driver_starts": 2, "tasks_lost": 1, "lost_tasks": ["pairs 0:64"], "stages": [
-        {"stage": "teacher", "resumed_at": [6, 12], "nodes_lost": 1, "nodes_preempted": 0},
-        {"stage": "sweeps/round-00/trials/t01/student", "resumed_at": [3], "nodes_lost": 0, "nodes_preempted": 1}]}
+        {"stage": "teacher", "resumed_at": [6, 12], "worker_restarts": 1, "nodes_lost": 1, "nodes_preempted": 0},
+        {"stage": "sweeps/round-00/trials/t01/student", "resumed_at": [3], "worker_restarts": 0, "nodes_lost": 0,
+         "nodes_preempted": 1}]}
     text = "\n".join(interruption_lines(record))
     assert "The driver started 2 time(s): 1 interruption(s)" in text and "(pairs 0:64)" in text
-    assert "| teacher | 6, 12 | 1 | 0 |" in text
+    assert "| teacher | 6, 12 | 1 | 1 | 0 |" in text
     assert interruption_lines({"driver_starts": 1, "tasks_lost": 0, "lost_tasks": [], "stages": []}) == []

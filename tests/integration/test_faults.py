@@ -44,7 +44,7 @@ def test_driver_killed_again_and_again_loses_only_work_since_the_last_checkpoint
     run = tmp_path / "soak"
     before = _ray_processes()
     logs = []
-    for cycle in range(3):
+    for cycle in range(2):
         seen = _checkpoints(run) if run.exists() else 0
         proc = subprocess.Popen([sys.executable, "-m", "raypd.distill", *args], cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)

@@ -237,24 +237,6 @@ def test_the_consistency_methods_sweep_like_a_round(tmp_path, teacher, method):
     assert any(r["sampler"] == "distilled" and r["fid"] > 0 for r in summary["eval"])
 
 
-def test_a_denoising_student_sweeps_on_pairs_sampled_by_ray_tasks(tmp_path, teacher):
-    """The pairs sampled by a Ray task (dist.workers=1), then trials on them reporting their held-out pair loss."""
-    args = [*BASE, "sweep.lrs=[0.001,0.0003]", "distill.updates_per_round=6", "distill.method=denoising_student",
-            "distill.denoising_student.pairs=64", "dist.workers=1", f"teacher.checkpoint={teacher}",
-            f"run.storage_path={tmp_path}",
-            "run.name=ds"]
-    log = _finish(args, tmp_path)
-    assert "[pairs] wrote 64 pairs" in log and "1 Ray task(s) at a time" in log
-    run = tmp_path / "ds"
-    table = _trials(run)
-    assert {r["status"] for r in table["trials"]} <= {"finished", "stopped early"}, table["trials"]
-    assert all(0 < r["heldout_loss"] < 1e29 for r in table["trials"])
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["method"] == "denoising_student" and summary["pairs"]["count"] == 64
-    chosen = next(r for r in table["trials"] if r["trial"] == table["chosen"])
-    assert summary["rounds"][0]["lr"] == chosen["lr"]
-
-
 def test_guided_distillation_sweeps_its_first_stage_and_its_rounds(tmp_path):
     """A guided teacher (label dropout), then both stages as sweeps: the w-conditioned student's trials report
     held-out losses against the guided target at their own w, are scored at the middle weight, and the best of

@@ -33,10 +33,11 @@ COMMON = ["data.resolution=8", "model.attn_resolutions=[4]", "run.device=cpu", "
           "eval.num_samples=16", "eval.grid_size=16", "eval.reference_samples=64", "eval.classifier_updates=20",
           "dist.workers=1", "dist.resources_per_worker={CPU: 1, raypd_slot: 1}", "dist.checkpoint_every=3",
           "dist.max_failures=6", "dist.collective_timeout_s=60", "dist.node_wait_s=120"]
+TRIALS = 2
 PAIRS_SWEEP = [*COMMON, "teacher.sampling_steps=4", "distill.start_steps=4", "teacher.updates=12",
                "distill.updates_per_round=12", "distill.method=denoising_student", "distill.denoising_student.pairs=1024",
                "sweep.enabled=true", "sweep.lrs=[0.001,0.0003]", "sweep.grace_updates=100", "sweep.report_every=3",
-               "sweep.max_concurrent=2"]
+               f"sweep.max_concurrent={TRIALS}"]
 """Teacher training, the pairs' Ray tasks, a swept stage whose trials are Ray Train runs in Tune, evaluation tasks."""
 TWO_ROLES = [*COMMON, "teacher.sampling_steps=2", "distill.start_steps=2", "distill.updates_per_round=12",
              "distill.method=critic_test", "distill.critic_test.every=2"]
@@ -60,7 +61,8 @@ PHASES = {  # each true from the moment the phase began, in this start of the dr
     "teacher": lambda run, log: (run / "ray" / "teacher" / COMMITTED).exists()
     and not (run / "teacher" / "meta.json").exists(),
     "pairs": lambda run, log: "[pairs] teacher DDIM" in log or _any(run, "pairs/*"),
-    "trials": lambda run, log: _any(run, f"sweeps/round-00/train/trial-*/{COMMITTED}"),
+    # every trial running at once has a committed checkpoint: a worker killed now is one whose restart resumes
+    "trials": lambda run, log: len(list(run.glob(f"sweeps/round-00/train/trial-*/{COMMITTED}"))) >= TRIALS,
     "round": lambda run, log: (run / "ray" / "round-00" / COMMITTED).exists(),
     "evaluation": lambda run, log: _any(run, "round-00-*/meta.json"),
 }

@@ -301,8 +301,10 @@ def node_losses(before: set[str]) -> list[tuple[str, str, str]]:
     """Nodes alive in ``before`` that have died since: (node id, "preempted" or "lost", Ray's message). Ray
     tells a preemption (an autoscaler draining a spot node it was told is going) from a node that failed or
     vanished; a node removed as idle is neither: the v2 autoscaler drains it as idle, the v1 autoscaler (``ray up``
-    clusters, Ray's fake_multinode provider) drains it as an expected termination "by autoscaler", which it does only
-    to nodes it removes (idle, or beyond the cluster's maximum), never to one it is told is going away."""
+    clusters, Ray's fake_multinode provider) records it as an expected termination "by autoscaler". The v1
+    autoscaler records a node it lost contact with the same way when it terminates it before Ray's health check
+    declares it dead, so this count is what the driver says while a stage runs, not the stage's record (the
+    restarted worker group counts the nodes that held its workers: ``dead_nodes``)."""
     import ray
 
     found = []
@@ -313,8 +315,7 @@ def node_losses(before: set[str]) -> list[tuple[str, str, str]]:
         message = node.get("DeathReasonMessage") or ""
         if reason == 4 or (reason == 1 and "by autoscaler" in message):  # AUTOSCALER_DRAIN_IDLE; v1's removal
             continue
-        kind = PREEMPTED if reason == 3 else FAILED  # 3: AUTOSCALER_DRAIN_PREEMPTED
-        found.append((node["NodeID"], kind, message or "no reason given"))
+        found.append((node["NodeID"], _death_kind(node), message or "no reason given"))
     return found
 
 
@@ -323,8 +324,12 @@ def dead_nodes(ids: list[str]) -> dict[str, str]:
     nodes that held a stage's workers, whose deaths cost the stage its workers."""
     import ray
 
-    return {n["NodeID"]: PREEMPTED if int(n.get("DeathReason") or 0) == 3 else FAILED for n in ray.nodes()
-            if n["NodeID"] in ids and not n.get("Alive")}
+    return {n["NodeID"]: _death_kind(n) for n in ray.nodes() if n["NodeID"] in ids and not n.get("Alive")}
+
+
+def _death_kind(node: dict) -> str:
+    """"preempted" where Ray says an autoscaler drained the node as preempted (reason 3), else "lost"."""
+    return PREEMPTED if int(node.get("DeathReason") or 0) == 3 else FAILED
 
 
 def describe_losses(losses: list[tuple[str, str, str]]) -> str:

@@ -213,13 +213,18 @@ def cluster_for(ctx: Context):
         yield cluster
 
 
+def task_lost(out: Path):
+    """The Ray task loops' report of a lost task: one event in the run's record of interruptions."""
+    return lambda what: record_event(out, "task lost", what=what)
+
+
 def make_evaluator(ctx: Context, manifest: dict | None, teacher: Denoiser, teacher_digest: str, rounds) -> Evaluator:
     cfg, remote = ctx.cfg, None
     if cfg.dist.workers and cfg.eval.distributed:
         from raypd.distributed.evaluate import RayEvaluation
 
         remote = RayEvaluation(cfg, workers=cfg.dist.workers, use_gpu=cfg.dist.use_gpu, mirror=ctx.mirror,
-                               lost=lambda what: record_event(ctx.out, "task lost", what=what))
+                               lost=task_lost(ctx.out))
     return Evaluator(cfg, ctx.out, device=ctx.device, logsnr_fn=ctx.logsnr_fn, urls=ctx.shards, manifest=manifest,
                      teacher=teacher, step_counts=[r.student_steps for r in rounds], remote=remote,
                      teacher_digest=teacher_digest)
@@ -234,8 +239,7 @@ def make_pairs(ctx: Context, teacher: Denoiser, teacher_digest: str, count: int)
     if cfg.dist.workers:
         from raypd.distributed.evaluate import RayPairs
 
-        remote = RayPairs(cfg, workers=cfg.dist.workers, use_gpu=cfg.dist.use_gpu,
-                          lost=lambda what: record_event(ctx.out, "task lost", what=what))
+        remote = RayPairs(cfg, workers=cfg.dist.workers, use_gpu=cfg.dist.use_gpu, lost=task_lost(ctx.out))
     shards = ensure_pairs(cfg, ctx.out, teacher, teacher_digest, count=count, device=ctx.device, remote=remote,
                           log=log)
     ctx.sync()
@@ -326,6 +330,6 @@ def _stages(ctx: Context, manifest: dict | None, cluster) -> dict:
         summary["sweeps"] = sweeps
     summary["final_checkpoint"] = summary["rounds"][-1]["checkpoint"]
     stages = [out / r["checkpoint"] for r in summary["rounds"]]
-    summary["interruptions"] = interruptions(out, [teacher for teacher in [out / "teacher"]
-                                                   if (teacher / "meta.json").is_file()] + stages)
+    trained = [out / "teacher"] if (out / "teacher" / "meta.json").is_file() else []
+    summary["interruptions"] = interruptions(out, trained + stages)
     return summary

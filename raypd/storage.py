@@ -157,11 +157,20 @@ class Bucket:
         return len(changed)
 
 
-def fetch(location: str, cache: Path) -> str:
+def cache_dir(*parts: str) -> Path:
+    """raypd's cache on this machine: ``$RAYPD_CACHE``, else ``~/.cache/raypd`` (files any run may reuse: the
+    bucket objects a worker fetched, a teacher's scored baselines)."""
+    root = os.environ.get("RAYPD_CACHE") or str(Path.home() / ".cache" / "raypd")
+    return Path(root).joinpath(*parts)
+
+
+def fetch(location: str, cache: Path | None = None) -> str:
     """A local copy of ``location`` (an object, or a folder of objects, in a bucket) under ``cache``, downloaded
-    once; a plain path or URL comes back as it is. Ray workers read the teacher and the shards this way."""
+    once (default: ``cache_dir("fetch")``); a plain path or URL comes back as it is. Ray workers read the teacher
+    and the shards this way."""
     if not is_uri(location):
         return location
+    cache = cache_dir("fetch") if cache is None else cache
     from pyarrow import fs
 
     target = Path(cache) / hashlib.sha1(location.encode()).hexdigest()[:16] / location.rstrip("/").rsplit("/", 1)[-1]

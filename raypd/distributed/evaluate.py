@@ -28,8 +28,6 @@ T = TypeVar("T")
 
 def _generate_and_extract(config: dict, key: str, state: dict, chunk: dict) -> tuple[Tensor, dict[str, Tensor]]:
     """One task: one chunk's uint8 images and their features."""
-    import tempfile
-    from pathlib import Path
 
     from raypd.config import config_from_dict
     from raypd.eval.chunks import generate_chunk
@@ -40,7 +38,7 @@ def _generate_and_extract(config: dict, key: str, state: dict, chunk: dict) -> t
     chunk = Chunk(**chunk)
     extractor = chunk.extractor
     if extractor.get("weights"):  # a run kept in a bucket: the classifier's weights come from there
-        extractor = {**extractor, "weights": fetch(extractor["weights"], Path(tempfile.gettempdir()) / "raypd-fetch")}
+        extractor = {**extractor, "weights": fetch(extractor["weights"])}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return generate_chunk(_built(cfg, key, state, device), chunk, logsnr_fn=cfg.diffusion.logsnr_fn(), device=device,
                           extractor=Extractor(**extractor))

@@ -243,9 +243,8 @@ def _score(student_dir: str, spec: dict, seeds: int = 1) -> list[float]:
 
     from raypd.storage import fetch
 
-    cache = Path(tempfile.gettempdir()) / "raypd-fetch"
-    spec = EvalSpec.from_dict(spec).with_locations(lambda location: fetch(location, cache))
-    model, meta = load_checkpoint(Path(fetch(student_dir, cache)))
+    spec = EvalSpec.from_dict(spec).with_locations(fetch)
+    model, meta = load_checkpoint(Path(fetch(student_dir)))
     d = meta.data
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
@@ -481,7 +480,7 @@ class SweepRunner:
         report = str(outcome.report.relative_to(self.out))
         from raypd.storage import child, fetch
 
-        student = fetch(child(store, "trials", chosen["trial"], "student"), Path(tempfile.gettempdir()) / "raypd-fetch")
+        student = fetch(child(store, "trials", chosen["trial"], "student"))
         publish_checkpoint(Path(student), output, {
             "wall_seconds": time.perf_counter() - start, "updates": chosen["updates"], "lr": chosen["lr"],
             "heldout_loss": chosen["heldout_loss"], "sweep_trials": len(outcome.rows),

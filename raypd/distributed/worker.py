@@ -100,8 +100,7 @@ def train_loop(payload: dict) -> dict | None:
     import_method(payload.get("method", "raypd.methods"))
     cfg, stage = config_from_dict(payload["config"]), Stage.from_dict(payload["stage"])
     # a run kept in a bucket: the teacher and the shards come from there, once per node
-    cache = Path(tempfile.gettempdir()) / "raypd-fetch"
-    stage = stage.with_locations(lambda location: fetch(location, cache))
+    stage = stage.with_locations(fetch)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()

@@ -300,7 +300,7 @@ def _stages(ctx: Context, manifest: dict | None, cluster) -> dict:
     summary = {"run": str(out), "method": method.name, "method_title": method.title, "method_about": method.about,
                "teacher": {"full_steps": evaluator.full_steps, "digest": teacher_digest,
                            "checkpoint": checkpoint_name(teacher_path, out), **teacher_compute(teacher_path)},
-               "eval_seed": cfg.eval.seed, "rounds": [], "eval": list(evaluator.rows)}
+               "eval_seed": cfg.eval.seed, "rounds": [], "eval": evaluator.score_teacher()}
     spent, shards = 0.0, ctx.shards
     upfront = method.upfront()
     if upfront is not None:  # the stages read the teacher's pairs instead of the data

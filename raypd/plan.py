@@ -152,19 +152,43 @@ def _fmt_flops(flops: float) -> str:
     return f"{flops:,.0f} FLOP"
 
 
+def eval_costs(cfg: Config) -> dict[str, float]:
+    """Image forwards of the run's evaluation by part (``raypd.eval.budget``: the points the run scores, with the
+    sample count of each), every guidance weight included, and the images the feature extractor sees."""
+    from raypd.eval.budget import EvalPlan
+
+    method = method_for(cfg)
+    counts = [r.student_steps for r in method.plan()]
+    return EvalPlan.of(cfg).costs(counts, guided_teacher=cfg.guidance_weights() != [None])
+
+
 def eval_forwards(cfg: Config) -> float:
-    """Image forwards of the run's evaluation: the teacher's full sampler and its DDIM (and, with eval.stochastic,
-    its stochastic sampler) at every step count the students reach, once, and every student at its own steps
-    (samples only; feature extraction is small); all of it at every guidance weight scored, where the guided
-    teacher's steps cost two forwards (its conditional and unconditional predictions)."""
-    rounds = method_for(cfg).plan()
-    full = cfg.eval.reference_steps or cfg.teacher.sampling_steps
-    counts = {r.student_steps for r in rounds}
-    teacher = full + sum(counts - {full}) + (sum(counts) if cfg.eval.stochastic else 0)
-    students = sum(r.student_steps for r in rounds)
+    """Image forwards of the network in the run's evaluation (feature extraction not included)."""
+    costs = eval_costs(cfg)
+    return costs["teacher_full"] + costs["teacher_baselines"] + costs["students"]
+
+
+def eval_lines(cfg: Config, costs: dict[str, float], fwd: float, eval_flops: float, train_flops: float) -> list[str]:
+    """What the evaluation scores, with how many samples, and its share of the compute."""
+    from raypd.eval.budget import EvalPlan
+
+    e, plan = cfg.eval, EvalPlan.of(cfg)
+    share = eval_flops / train_flops if train_flops else float("inf")
     weights = cfg.guidance_weights()
-    per_teacher_step = 1 if weights == [None] else 2
-    return float(cfg.eval.num_samples * len(weights) * (per_teacher_step * teacher + students))
+    at = "" if weights == [None] else f", each at {len(weights)} guidance weights"
+    if e.max_standard_steps:
+        above = (f"{e.many_step_samples:,} samples above {e.max_standard_steps} steps" if e.many_step_samples
+                 else f"nothing above {e.max_standard_steps} steps")
+        which = f"{e.num_samples:,} samples per point at up to {e.max_standard_steps} steps and the teacher's " \
+                f"{plan.full_steps}-step sampler, {above}"
+    else:
+        which = f"{e.num_samples:,} samples per point at every step count"
+    parts = ", ".join(f"{name} {_fmt_flops(costs[key] * fwd)}" for key, name in (
+        ("teacher_full", f"the teacher's {plan.full_steps}-step sampler"), ("teacher_baselines", "its DDIM baselines"),
+        ("students", "the students")))
+    return [f"evaluation: {which}{at}; {e.extractor} features, seed {e.seed}",
+            f"evaluation is {share:.1%} of the training compute ({parts}; feature extraction "
+            f"{_fmt_flops(eval_flops - fwd * (costs['teacher_full'] + costs['teacher_baselines'] + costs['students']))})"]
 
 
 def describe_plan(cfg: Config, checks: Checks | None = None) -> list[str]:
@@ -202,20 +226,26 @@ def describe_plan(cfg: Config, checks: Checks | None = None) -> list[str]:
                      f"{method.stage_lr(rnd.phase):g}", _fmt_flops(flops)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    costs = eval_costs(cfg)
     evals = eval_forwards(cfg)
+    from raypd.eval.budget import EXTRACTOR_GFLOP
+
+    extract = costs["extracted_images"] * EXTRACTOR_GFLOP[cfg.eval.extractor] * 1e9
+    eval_flops = evals * fwd + extract
     nodes = max(1, -(-workers // GPUS_PER_NODE))
     checkpoints = sum(max(1, u // d.checkpoint_every) for u in
                       ([t.updates] if trains_teacher else []) + [r.updates for r in rounds])
     write_s = checkpoints * params * CHECKPOINT_BYTES_PER_PARAM / (nodes * CHECKPOINT_GBPS_PER_NODE * 1e9)
     rate = PEAK_FLOPS * UTILISATION
-    train_h, eval_h, ckpt_h = total / rate / 3600, evals * fwd / rate / 3600, write_s * workers / 3600
+    train_h, eval_h, ckpt_h = total / rate / 3600, eval_flops / rate / 3600, write_s * workers / 3600
     gpu_hours = train_h + eval_h + ckpt_h
-    lines += ["", f"estimated compute: {_fmt_flops(total)} of training and {_fmt_flops(evals * fwd)} of evaluation "
-              f"({evals:,.0f} image forwards), about {gpu_hours:,.3g} A100-hours: training {train_h:,.3g}, evaluation "
+    lines += ["", f"estimated compute: {_fmt_flops(total)} of training and {_fmt_flops(eval_flops)} of evaluation "
+              f"({evals:,.0f} image forwards of the network, {costs['extracted_images']:,.0f} of the feature "
+              f"extractor), about {gpu_hours:,.3g} A100-hours: training {train_h:,.3g}, evaluation "
               f"{eval_h:,.3g}, {checkpoints} checkpoint writes {ckpt_h:,.3g} (at {UTILISATION:.1%} of the "
               f"{PEAK_FLOPS / 1e12:.0f} TFLOP/s bf16 peak, from {UTILISATION_SOURCE}; {gpu_hours / workers:,.3g} h of "
               f"wall time on {workers} such GPUs)",
-              f"evaluation: {cfg.eval.num_samples} samples per point, {cfg.eval.extractor} features, seed {cfg.eval.seed}"]
+              *eval_lines(cfg, costs, fwd, eval_flops, total)]
     if d.workers and rounds:
         per_update = s.batch_size * method.forwards_per_example() * fwd / (workers * rate)
         # with background uploads, a node lost while a checkpoint is uploading falls back to the one before

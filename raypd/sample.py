@@ -13,7 +13,17 @@ import torch
 
 def checkpoint_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a raypd checkpoint directory")
-    parser.add_argument("--steps", type=int, help="DDIM steps (default: the checkpoint's own)")
+    sampling_args(parser)
+
+
+def sampling_args(parser: argparse.ArgumentParser, *, many_steps: bool = False) -> None:
+    """How a checkpoint is sampled: steps (``many_steps``: a list of step counts), noise seed, batch, device and
+    guidance weight."""
+    if many_steps:
+        parser.add_argument("--steps", type=int, nargs="+",
+                            help="DDIM step counts to score each checkpoint at (default: each checkpoint's own)")
+    else:
+        parser.add_argument("--steps", type=int, help="DDIM steps (default: the checkpoint's own)")
     parser.add_argument("--seed", type=int, help="noise seed (default: the run's eval.seed, so its samples are the run's)")
     parser.add_argument("--batch", type=int, default=256,
                         help="samples per forward pass (raypd fid samples 256 at a time and holds about 8 x this)")

@@ -384,7 +384,17 @@ class EvalConfig:
     grid_size: int = 64
     """Images in each saved sample grid."""
     reference_steps: int = 0
-    """Teacher DDIM steps of its full-quality sampler (the baseline); 0 uses teacher.sampling_steps."""
+    """Teacher DDIM steps of its full-quality sampler (the baseline); 0 uses teacher.sampling_steps. Set it where
+    the teacher's DDIM has stopped improving (the run's FID-against-steps curve shows where): the full sampler is
+    scored with num_samples, the most expensive point of a run that starts from many steps."""
+    max_standard_steps: int = 0
+    """Points at or below this many sampling steps (the few-step students and the teacher's DDIM there) are scored
+    with num_samples, and so is the teacher's full sampler; points above it with many_step_samples. 0: every point
+    with num_samples."""
+    many_step_samples: int = 0
+    """Samples of a point above max_standard_steps (the many-step rounds' students and the teacher's DDIM there):
+    fewer than num_samples, so their FID reads higher than the standard points' (their KID does not), and the
+    report marks them; 0 does not score them."""
     chunk_size: int = 2048
     """Samples per evaluation chunk (a multiple of 256): each chunk is sampled and its features extracted as one
     unit of work (one Ray task with dist.workers > 0), and the driver holds about one chunk of images at a time,
@@ -406,6 +416,10 @@ class EvalConfig:
         _require(self.classifier_updates >= 1, "classifier_updates", f"must be >= 1, got {self.classifier_updates}")
         _require(self.grid_size >= 1, "grid_size", f"must be >= 1, got {self.grid_size}")
         _require(self.reference_steps >= 0, "reference_steps", f"must be >= 0, got {self.reference_steps}")
+        _require(self.max_standard_steps >= 0, "max_standard_steps", f"must be >= 0, got {self.max_standard_steps}")
+        _require(self.many_step_samples == 0 or 2 <= self.many_step_samples <= self.num_samples, "many_step_samples",
+                 f"must be 0 (not scored) or between 2 and eval.num_samples={self.num_samples}, got "
+                 f"{self.many_step_samples}")
         _require(self.chunk_size >= 256 and self.chunk_size % 256 == 0, "chunk_size",
                  f"must be a positive multiple of 256 (the noise is drawn in blocks of 256), got {self.chunk_size}")
 

@@ -65,10 +65,11 @@ def chunks_for(n: int, sampler: str, n_steps: int, *, data, seed: int, precision
             for start in range(0, n, chunk_size)]
 
 
-def chunks_of(cfg, sampler: str, n_steps: int, extractor: Extractor, guidance: float | None = None) -> list[Chunk]:
-    """A run's point as chunks, from its ``eval`` settings."""
+def chunks_of(cfg, sampler: str, n_steps: int, extractor: Extractor, guidance: float | None = None,
+              samples: int | None = None) -> list[Chunk]:
+    """A run's point as chunks, from its ``eval`` settings (``samples``: other than ``eval.num_samples``)."""
     e = cfg.eval
-    return chunks_for(e.num_samples, sampler, n_steps, data=cfg.data, seed=e.seed, precision=e.precision,
+    return chunks_for(samples or e.num_samples, sampler, n_steps, data=cfg.data, seed=e.seed, precision=e.precision,
                       extractor=extractor, kid=e.kid, prc=e.precision_recall, chunk_size=e.chunk_size,
                       guidance=guidance)
 

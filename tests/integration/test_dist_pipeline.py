@@ -25,7 +25,7 @@ SHRINK = ["data.source=digits", "data.resolution=8", "data.channels=1", "data.ra
           "data.loader_workers=1", "data.shuffle_buffer=64", "model.ch=32", "model.ch_mult=[1,2]",
           "model.num_res_blocks=1", "model.attn_resolutions=[4]", "teacher.sampling_steps=2", "distill.start_steps=2",
           "distill.updates_per_round=4", "distill.batch_size=8", "eval.extractor=classifier", "eval.num_samples=16",
-          "eval.grid_size=16", "eval.reference_samples=64", "eval.classifier_updates=20", "eval.kid=false",
+          "eval.grid_size=16", "eval.reference_samples=64", "eval.classifier_updates=20", "eval.kid=false", "eval.many_step_samples=8",
           "dist.workers=2", "dist.use_gpu=false", "dist.checkpoint_every=2", "dist.collective_timeout_s=120",
           "run.device=cpu"]
 
@@ -179,3 +179,30 @@ def test_workers_reserve_the_resources_asked_for(ray_session, tmp_path, capsys):
     assert "cluster error: dist.workers=3 workers of {CPU: 1, raypd_slot: 1} each do not fit" in err
     assert "short of raypd_slot (needs 3, the cluster has 2)" in err
     assert not (tmp_path / "short" / "round-00-1steps").exists()
+
+
+def test_raypd_fid_scores_several_checkpoints_on_ray_tasks_as_one_process_would(ray_session, tmp_path, capsys):
+    """``raypd fid --workers``: two checkpoints at two step counts in one call, sampled and scored on Ray tasks
+    through the run's chunk path; the same numbers as the same points scored in this process."""
+    from raypd.checkpoint import meta_for, save_checkpoint
+    from raypd.cli import main as cli
+    from raypd.config import load_config
+
+    cfg = load_config(None, [*SHRINK, "dist.workers=0", "eval.chunk_size=256"])
+    run = tmp_path / "run"
+    save_checkpoint(run / "teacher", perturbed_denoiser(cfg, 0.02), meta_for(cfg, kind="teacher", sampling_steps=2,
+                                                                          round=None))
+    save_checkpoint(run / "round-00-1steps", perturbed_denoiser(cfg, 0.05), meta_for(cfg, kind="student",
+                                                                                    sampling_steps=1, round=0))
+    checkpoints = [str(run / "teacher"), str(run / "round-00-1steps")]
+    args = ["fid", "--checkpoint", *checkpoints, "--steps", "2", "1", "--n", "300"]
+    assert cli([*args, "--workers", "2", "--table", str(tmp_path / "t.md")]) == 0
+    on_ray = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert cli(args) == 0
+    here = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [(Path(r["checkpoint"]).name, r["steps"]) for r in on_ray] == [
+        ("teacher", 2), ("teacher", 1), ("round-00-1steps", 2), ("round-00-1steps", 1)]
+    for a, b in zip(on_ray, here):
+        assert a["fid"] == pytest.approx(b["fid"], rel=1e-4) and a["n_samples"] == b["n_samples"] == 300
+    assert len({r["fid"] for r in on_ray}) == 4  # four different points
+    assert (tmp_path / "t.md").read_text().count("| 300 |") == 4

@@ -85,6 +85,21 @@ def test_pipeline_runs_resumes_and_reports(tmp_path, capsys):
     assert len(protocol["extractor"]["weights_sha256"]) == 64
     assert "FID protocol: classifier-" in report
     assert cli(["fid", "--checkpoint", str(tmp_path)]) == 2
+    # every checkpoint of the run at two step counts in one call, as one table; a second call scores nothing again
+    capsys.readouterr()
+    table = tmp_path / "fid" / "table.md"
+    assert cli(["fid", "--run", str(run), "--steps", "2", "1", "--n", "16", "--table", str(table)]) == 0
+    out = capsys.readouterr()
+    points = [json.loads(line) for line in out.out.strip().splitlines()]
+    assert [(Path(r["checkpoint"]).name, r["steps"]) for r in points] == [
+        (name, steps) for name in ("teacher", "round-00-2steps", "round-01-1steps") for steps in (2, 1)]
+    assert next(r for r in points if r["checkpoint"].endswith("round-01-1steps") and r["steps"] == 1)["fid"] == \
+        pytest.approx(scored["fid"], rel=1e-4)
+    assert next(r for r in points if r["kind"] == "teacher" and r["steps"] == 1)["fid"] == pytest.approx(
+        next(r["fid"] for r in summary["eval"] if r["sampler"] == "teacher_ddim" and r["steps"] == 1), rel=1e-4)
+    assert (table.read_text().count("| teacher |"), table.read_text().count("| 16 | classifier-")) == (2, 6)
+    assert cli(["fid", "--run", str(run), "--steps", "2", "1", "--n", "16", "--table", str(table)]) == 0
+    assert capsys.readouterr().err.count("(scored before)") == 6
 
     # every student of the run exports as a diffusers pipeline that samples as raypd does, with the run's FID
     assert cli(["export", "--checkpoint", str(final), "--out", str(tmp_path / "one")]) == 0
@@ -107,6 +122,7 @@ def test_pipeline_runs_resumes_and_reports(tmp_path, capsys):
     assert abs(images.transpose(0, 3, 1, 2) - (x.numpy() / 2 + 0.5)).max() <= 1e-4
 
     # TRACT from the same teacher: one phase, 4 teacher steps into 1, evaluated and reported the same way
+    capsys.readouterr()
     assert main(TINY + [f"run.storage_path={tmp_path}", "run.name=tract", f"teacher.checkpoint={run / 'teacher'}",
                         "distill.method=tract", "distill.tract.phases=[1]"]) == 0
     tract = json.loads((tmp_path / "tract" / "summary.json").read_text())
@@ -116,6 +132,12 @@ def test_pipeline_runs_resumes_and_reports(tmp_path, capsys):
     assert [(r["sampler"], r["steps"]) for r in tract["eval"]] == [
         ("teacher_ddim", 4), ("teacher_ddim", 1), ("distilled", 1)]
     ddim_1 = next(r["fid"] for r in tract["eval"] if r["sampler"] == "teacher_ddim" and r["steps"] == 1)
+    # the teacher's points came from this machine's cache of that teacher's scores, not sampled again
+    err = capsys.readouterr().err
+    assert err.count("(scored before; from") == 2 and "teacher-eval" in err
+    assert [r for r in tract["eval"] if r["sampler"] == "teacher_ddim"] == [
+        r for r in summary["eval"] if r["sampler"] == "teacher_ddim" and r["steps"] in (4, 1)]
+    assert (tmp_path / "tract" / "grids" / "teacher_ddim-0001steps.png").is_file()
     assert "Distilled with TRACT" in (tmp_path / "tract" / "report.md").read_text()
     assert (tmp_path / "tract" / "round-00-1steps" / "model.safetensors").is_file()
 
@@ -138,9 +160,14 @@ def test_pipeline_runs_resumes_and_reports(tmp_path, capsys):
     # sampler (fresh noise at the second step), its teacher's grid doubling from 2 to 4 steps
     assert main(TINY + [f"run.storage_path={tmp_path}", "run.name=cm", f"teacher.checkpoint={run / 'teacher'}",
                         "distill.method=consistency", "distill.end_steps=2",
-                        "distill.consistency.initial_steps=2"]) == 0
+                        "distill.consistency.initial_steps=2", "eval.max_standard_steps=1",
+                        "eval.many_step_samples=8"]) == 0
     cm = json.loads((tmp_path / "cm" / "summary.json").read_text())
     assert cm["method"] == "consistency"
+    # above eval.max_standard_steps, points get eval.many_step_samples; the full sampler the standard count
+    assert [(r["sampler"], r["steps"], r["n_samples"]) for r in cm["eval"]] == [
+        ("teacher_ddim", 4, 16), ("teacher_ddim", 2, 8), ("distilled", 2, 8)]
+    assert "| 2 | " in (tmp_path / "cm" / "report.md").read_text() and "(n=8)" in (tmp_path / "cm" / "report.md").read_text()
     assert [(r["teacher_steps"], r["student_steps"]) for r in cm["rounds"]] == [(4, 2)]
     assert ("distilled", 2) in [(r["sampler"], r["steps"]) for r in cm["eval"]]
     assert "Distilled to a consistency model" in (tmp_path / "cm" / "report.md").read_text()
@@ -276,7 +303,8 @@ def test_run_directory_guards(tmp_path, capsys):
 
 
 GUIDED = ["data.num_classes=10", "model.class_dropout=0.2", "distill.guidance_max=2", "distill.guidance_updates=6",
-          "eval.guidance=[0,2]", "dist.checkpoint_every=3"]
+          "eval.guidance=[0,2]", "dist.checkpoint_every=3",
+          "eval.max_standard_steps=2", "eval.many_step_samples=0"]  # the first stage's 4-step student is not scored
 
 
 def test_guided_pipeline_runs_to_a_one_step_w_student_resumes_after_a_kill_and_reports_against_w(
@@ -309,7 +337,7 @@ def test_guided_pipeline_runs_to_a_one_step_w_student_resumes_after_a_kill_and_r
     points = [(r["sampler"], r["steps"], r["guidance"]) for r in summary["eval"]]
     assert points == [(s, n, w) for w in (0.0, 2.0) for s, n in (("teacher_ddim", 4), ("teacher_ddim", 2),
                                                                  ("teacher_ddim", 1))] + \
-        [("distilled", n, w) for n in (4, 2, 1) for w in (0.0, 2.0)]
+        [("distilled", n, w) for n in (2, 1) for w in (0.0, 2.0)]
     for row in summary["eval"]:
         assert 0.0 <= row["label_accuracy"] <= 1.0 and row["fid"] > 0
     # guidance changes the samples: the teacher's full sampler at w = 2 is not its w = 0 sampler
@@ -321,6 +349,8 @@ def test_guided_pipeline_runs_to_a_one_step_w_student_resumes_after_a_kill_and_r
     report = (run / "report.md").read_text()
     assert "### w = 2" in report and "![FID vs guidance weight](fid_vs_guidance.png)" in report
     assert "4 -> 4 (guidance)" in report and "label acc." in report
+    assert "| 0 | 4 -> 4 (guidance) |" in report and report.split("| 0 | 4 -> 4 (guidance) |")[1].split("\n")[0].endswith("| - |")
+    assert "its 4-step student is not scored (eval.many_step_samples=0)" in err
     assert (run / "fid_vs_guidance.png").read_bytes()[:4] == b"\x89PNG"
     assert (run / "grids" / "distilled-0001steps-w2.png").is_file()
 

@@ -96,6 +96,26 @@ def test_fid_plot_has_both_curves(tmp_path):
     assert count((31, 119, 180)) > 100 and count((255, 127, 14)) > 100  # matplotlib's first two line colours
 
 
+def test_points_scored_with_fewer_samples_are_marked_in_the_table_and_drawn_hollow(tmp_path):
+    from raypd.eval.report import steps_table
+
+    rows = [{"sampler": s, "steps": n, "fid": f, "kid": 0.01, "rmse_to_full": 0.1, "extractor": "classifier-x",
+             "n_samples": 64 if n <= 4 or (s, n) == ("teacher_ddim", 16) else 16}
+            for s, pts in (("teacher_ddim", {16: 5.0, 8: 7.0, 4: 20.0}), ("distilled", {8: 6.5, 4: 8.0}))
+            for n, f in pts.items()]
+    table = "\n".join(steps_table(rows, [{"student_steps": 8}, {"student_steps": 4}], 16))
+    assert "| 8 | 6.50 (n=16) | 7.00 (n=16) |" in table and "| 4 | 8.00 | 20.00 |" in table
+    assert "| 16 (teacher) | - | 5.00 |" in table
+    assert plot_fid_vs_steps(rows, 16, tmp_path / "fid.png").is_file()
+    # the claim read off the run: only at equal sample counts, at few steps, with the compute against the teacher's
+    from raypd.eval.report import gap_lines
+
+    rounds = [{"student_steps": 8, "compute": 50.0}, {"student_steps": 4, "compute": 100.0}]
+    assert gap_lines(rows, rounds, 16, 200.0) == [
+        "- 4 steps: the student closes 80.0% in FID of the gap between the teacher's 4-step DDIM and its 16-step "
+        "sampler, at 0.50x the teacher's training compute.", ""]
+
+
 class Payload:
     """Stands for any object whose unpickling would run code."""
 

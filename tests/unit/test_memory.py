@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from raypd.config import load_config
+from raypd.config import ConfigError, load_config
 from raypd.memory import GIB, activation_gib, describe_memory, stage_memory
 from raypd.models import count_parameters
 
@@ -88,3 +88,35 @@ def test_the_plan_counts_the_image_forwards_the_evaluator_runs():
     assert eval_forwards(load_config(None)) == 1024 * (64 + 31 + 31)
     assert eval_forwards(load_config(None, ["eval.stochastic=true", "eval.num_samples=10"])) == 10 * (64 + 3 * 31)
     assert eval_forwards(load_config(None, ["eval.reference_steps=16", "eval.num_samples=10"])) == 10 * (16 + 15 + 31)
+
+
+def test_the_plan_scores_many_step_points_with_fewer_samples_or_not_at_all():
+    from raypd.eval.budget import EvalPlan
+    from raypd.plan import eval_forwards
+
+    cfg = load_config(None, ["eval.max_standard_steps=4", "eval.many_step_samples=256", "eval.num_samples=1024"])
+    plan = EvalPlan.of(cfg)
+    assert [plan.samples(n) for n in (16, 8, 4, 2, 1)] == [256, 256, 1024, 1024, 1024]
+    # the full sampler always gets the standard count; the teacher's DDIM and the students follow the plan
+    assert plan.teacher_points([16, 8, 4, 2, 1]) == [("teacher_ddim", 16, 256), ("teacher_ddim", 8, 256),
+                                                     ("teacher_ddim", 4, 1024), ("teacher_ddim", 2, 1024),
+                                                     ("teacher_ddim", 1, 1024)]
+    assert eval_forwards(cfg) == 1024 * 64 + 2 * (256 * 24 + 1024 * 7)
+    skip = load_config(None, ["eval.max_standard_steps=4", "eval.num_samples=10"])
+    assert eval_forwards(skip) == 10 * (64 + 2 * 7)
+    with pytest.raises(ConfigError, match="eval.many_step_samples"):
+        load_config(None, ["eval.max_standard_steps=4", "eval.many_step_samples=2048", "eval.num_samples=1024"])
+
+
+@pytest.mark.parametrize("name", ["cifar10", "imagenet64", "imagenet64_guided", "lsun_bedroom128", "lsun_church128"])
+def test_every_paper_config_spends_at_most_a_tenth_of_its_training_on_evaluation(name, capsys):
+    import re
+
+    from raypd.distill import main
+
+    assert main(["--config", str(CONFIGS / f"{name}.yaml"), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    share = float(re.search(r"evaluation is ([0-9.]+)% of the training compute", text).group(1))
+    assert 0 < share <= 10.0, text
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    assert cfg.eval.num_samples == 50000  # the final students are still scored at the standard protocol

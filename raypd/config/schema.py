@@ -247,6 +247,9 @@ class TeacherConfig:
     """Peak learning rate (Adam) of teacher training."""
     warmup_updates: int = 200
     """Linear learning-rate warm-up at the start of teacher training."""
+    lr_decay: Literal["constant", "linear"] = "constant"
+    """After the warm-up: ``constant`` (the paper's, for its hundreds of thousands of updates) or ``linear`` decay to 0
+    by the last update (a short budget's teacher ends better at the same compute)."""
     ema_decay: float = 0.995
     """EMA decay of the teacher's weights (the paper: 0.9999 over hundreds of thousands of updates)."""
     adam_betas: tuple[float, float] = (0.9, 0.999)

@@ -26,7 +26,7 @@ from raypd.diffusion import diffuse, weighted_mse
 from raypd.models import build_denoiser
 from raypd.models.build import null_class
 from raypd.models.denoiser import forward_dtype
-from raypd.train.lr import LrSchedule, warmup
+from raypd.train.lr import LrSchedule, warmup, warmup_then_decay
 
 Nets = Mapping[str, nn.Module]
 """Every network of a stage by name: the trained roles (as their engines call them), the frozen networks and the
@@ -167,7 +167,9 @@ class TeacherTraining:
         model = build_denoiser(self.cfg.model, self.cfg.data).to(device).train()
         if self.cfg.dist.gradient_checkpointing:
             model.enable_gradient_checkpointing()
-        role = Role(model, t.lr, t.adam_betas, warmup(t.warmup_updates), t.grad_clip, ema_decay=t.ema_decay)
+        schedule = (warmup(t.warmup_updates) if t.lr_decay == "constant"
+                    else warmup_then_decay(t.warmup_updates, t.updates))
+        role = Role(model, t.lr, t.adam_betas, schedule, t.grad_clip, ema_decay=t.ema_decay)
         return StageSetup({"teacher": role}, t.batch_size)
 
     def loss(self, role: str, nets: Nets, batch: Batch, generator: torch.Generator, update: int) -> Tensor:

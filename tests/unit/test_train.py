@@ -27,6 +27,18 @@ def test_lr_schedules():
         linear_decay(0)
 
 
+@pytest.mark.parametrize("decay", ["constant", "linear"])
+def test_the_teacher_s_learning_rate_follows_teacher_lr_decay(decay):
+    from raypd.config import load_config
+    from raypd.train.objective import TeacherTraining
+
+    cfg = load_config(None, ["teacher.updates=10", "teacher.warmup_updates=2", f"teacher.lr_decay={decay}",
+                             "data.resolution=8", "model.attn_resolutions=[4]"])
+    role = TeacherTraining(cfg).setup(torch.device("cpu")).roles["teacher"]
+    multipliers = [round(role.schedule(k), 3) for k in (0, 1, 2, 6, 9)]
+    assert multipliers == ([0.5, 1.0, 1.0, 1.0, 1.0] if decay == "constant" else [0.5, 1.0, 1.0, 0.5, 0.125])
+
+
 def test_plan_rounds_paper_schedule():
     rounds = plan_of(DistillConfig(start_steps=8192, end_steps=1, updates_per_round=50_000, late_rounds_factor=2.0))
     assert len(rounds) == 13

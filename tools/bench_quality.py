@@ -49,7 +49,7 @@ from raypd.data.prepare import training_shards
 from raypd.data.shards import read_manifest
 from raypd.diffusion import logsnr_schedule
 from raypd.eval.bootstrap import Reference, across_seeds, fid, paired_bootstrap, withhold_biased
-from raypd.eval.evaluate import read_images
+from raypd.eval.setup import read_images
 from raypd.eval.fid import Extractor, fid_features, precision_recall, reference_fid_features, to_uint8
 from raypd.eval.samples import NOISE_BLOCK, fixed_noise, sample_ddim
 from raypd.eval.setup import fid_setup

@@ -8,69 +8,19 @@ rounds reach (and optionally its stochastic sampler). After each round: the stud
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
 from raypd.config import Config
-from raypd.data.shards import ShardLoader
 from raypd.diffusion.ddim import LogsnrFn
-from raypd.eval.classifier import save_classifier, train_classifier
-from raypd.eval.fid import Extractor, ImageSet, data_key, reference_name, to_uint8
 from raypd.eval.chunks import LABEL_HITS, FullSamples, Point, chunks_of, collect, run_here, sampling_name
 from raypd.eval.budget import EvalPlan
 from raypd.eval.record import EvalRecord, fingerprint
 from raypd.eval.samples import NOISE_BLOCK, save_grid
+from raypd.eval.setup import fid_setup, log
 from raypd.models import Denoiser
 from raypd.storage import cache_dir
-
-
-def log(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
-def read_images(urls: list[str], count: int, *, channels: int, resolution: int) -> Tensor:
-    """The first ``count`` training images, as uint8 [N, C, R, R] (PNG shards decode exactly)."""
-    loader = ShardLoader(urls, batch_size=1, channels=channels, num_classes=0, resampled=False,
-                         shuffle_buffer=1, resolution=resolution)
-    images = []
-    for batch in loader:
-        images.append(to_uint8(batch.x))
-        if len(images) == count:
-            break
-    return torch.cat(images)
-
-
-def obtain_extractor(cfg: Config, urls: list[str], manifest: dict | None, directory: Path) -> Extractor:
-    """Inception as configured, or the data set's classifier (trained here on first use, then cached)."""
-    key = data_key(manifest, urls)
-    if cfg.eval.extractor == "inception":
-        return Extractor("inception", cfg.eval.inception_weights or None)
-    path = directory / f"classifier-{key}-{cfg.data.resolution}px"
-    if not (path / "meta.json").is_file():
-        d = cfg.data
-        classes = (manifest or {}).get("num_classes", d.num_classes)
-        log(f"[eval] training the classifier feature extractor ({cfg.eval.classifier_updates} updates)")
-        loader = ShardLoader(urls, batch_size=64, channels=d.channels, num_classes=classes, resampled=True,
-                             random_flip=d.random_flip, seed=cfg.eval.seed, resolution=d.resolution)
-        net, accuracy = train_classifier(iter(loader), channels=d.channels, num_classes=classes,
-                                         resolution=d.resolution, updates=cfg.eval.classifier_updates,
-                                         seed=cfg.eval.seed)
-        save_classifier(net, path, {"data_key": key, "train_accuracy": accuracy})
-        log(f"[eval] classifier training accuracy {accuracy:.3f}")
-    return Extractor("classifier", str(path), tag=key)
-
-
-def reference_set(cfg: Config, urls: list[str], manifest: dict | None, extractor: Extractor) -> tuple[ImageSet, str]:
-    """The training images behind the reference statistics (read only on a cache miss) and their cache name."""
-    d = cfg.data
-    available = (manifest or {}).get("splits", {}).get("train", {}).get("count", cfg.eval.reference_samples)
-    count = min(cfg.eval.reference_samples, available)
-    images = ImageSet(count, lambda: read_images(urls, count, channels=d.channels, resolution=d.resolution),
-                      rgb=extractor.kind == "inception")
-    return images, reference_name(data_key(manifest, urls), d.resolution, extractor, count)
 
 
 NOISE_SCHEME = f"blocks-{NOISE_BLOCK}"
@@ -92,8 +42,6 @@ class Evaluator:
         self.cfg, self.out, self.device, self.logsnr_fn, self.urls = cfg, out, device, logsnr_fn, list(urls)
         self.teacher, self.step_counts = teacher, list(step_counts)
         self.shape = (d.channels, d.resolution, d.resolution)
-        from raypd.eval.setup import fid_setup
-
         self.spec = fid_setup(cfg, urls, manifest, out)
         self.extractor, self.reference = self.spec.extractor, self.spec.reference()
         self.plan = EvalPlan.of(cfg)

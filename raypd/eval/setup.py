@@ -8,14 +8,19 @@ score through this one description; it is plain data, so it travels to Ray worke
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from raypd.config import Config
-from raypd.eval.fid import Extractor, ImageSet, fidelity, fidelity_from_features
+from raypd.data.shards import ShardLoader
+from raypd.eval.classifier import save_classifier, train_classifier
+from raypd.eval.fid import (Extractor, ImageSet, data_key, fidelity, fidelity_from_features, reference_name,
+                            to_uint8)
 
 
 @dataclass(frozen=True)
@@ -36,8 +41,6 @@ class EvalSpec:
 
     def reference_images(self) -> Tensor:
         """The reference images, uint8 [N, C, H, W]: the first ``reference_count`` of the training shards."""
-        from raypd.eval.evaluate import read_images
-
         return read_images(list(self.reference_urls), self.reference_count, channels=self.channels,
                            resolution=self.resolution)
 
@@ -105,8 +108,6 @@ class EvalSpec:
 
 def fid_setup(cfg: Config, urls: list[str], manifest: dict | None, run: Path) -> EvalSpec:
     """The run's FID set-up (training the classifier extractor on first use)."""
-    from raypd.eval.evaluate import obtain_extractor, reference_set
-
     extractor = obtain_extractor(cfg, urls, manifest, run / "eval")
     images, cache_name = reference_set(cfg, urls, manifest, extractor)
     e, d = cfg.eval, cfg.data
@@ -122,3 +123,49 @@ def source_name(manifest: dict | None, urls: list[str]) -> str:
         where = source.get("path") or ""
         return f"{source.get('kind', 'unknown')}{' ' + where if where else ''} (shards {urls[0]}, ...)"
     return f"shards {urls[0]}" + (f" ... {urls[-1]}" if len(urls) > 1 else "")
+
+
+def log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def read_images(urls: list[str], count: int, *, channels: int, resolution: int) -> Tensor:
+    """The first ``count`` training images, as uint8 [N, C, R, R] (PNG shards decode exactly)."""
+    loader = ShardLoader(urls, batch_size=1, channels=channels, num_classes=0, resampled=False,
+                         shuffle_buffer=1, resolution=resolution)
+    images = []
+    for batch in loader:
+        images.append(to_uint8(batch.x))
+        if len(images) == count:
+            break
+    return torch.cat(images)
+
+
+def obtain_extractor(cfg: Config, urls: list[str], manifest: dict | None, directory: Path) -> Extractor:
+    """Inception as configured, or the data set's classifier (trained here on first use, then cached)."""
+    key = data_key(manifest, urls)
+    if cfg.eval.extractor == "inception":
+        return Extractor("inception", cfg.eval.inception_weights or None)
+    path = directory / f"classifier-{key}-{cfg.data.resolution}px"
+    if not (path / "meta.json").is_file():
+        d = cfg.data
+        classes = (manifest or {}).get("num_classes", d.num_classes)
+        log(f"[eval] training the classifier feature extractor ({cfg.eval.classifier_updates} updates)")
+        loader = ShardLoader(urls, batch_size=64, channels=d.channels, num_classes=classes, resampled=True,
+                             random_flip=d.random_flip, seed=cfg.eval.seed, resolution=d.resolution)
+        net, accuracy = train_classifier(iter(loader), channels=d.channels, num_classes=classes,
+                                         resolution=d.resolution, updates=cfg.eval.classifier_updates,
+                                         seed=cfg.eval.seed)
+        save_classifier(net, path, {"data_key": key, "train_accuracy": accuracy})
+        log(f"[eval] classifier training accuracy {accuracy:.3f}")
+    return Extractor("classifier", str(path), tag=key)
+
+
+def reference_set(cfg: Config, urls: list[str], manifest: dict | None, extractor: Extractor) -> tuple[ImageSet, str]:
+    """The training images behind the reference statistics (read only on a cache miss) and their cache name."""
+    d = cfg.data
+    available = (manifest or {}).get("splits", {}).get("train", {}).get("count", cfg.eval.reference_samples)
+    count = min(cfg.eval.reference_samples, available)
+    images = ImageSet(count, lambda: read_images(urls, count, channels=d.channels, resolution=d.resolution),
+                      rgb=extractor.kind == "inception")
+    return images, reference_name(data_key(manifest, urls), d.resolution, extractor, count)

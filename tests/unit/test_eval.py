@@ -10,7 +10,7 @@ from raypd.config import DataConfig
 from raypd.data.prepare import training_shards
 from raypd.data.shards import ShardLoader
 from raypd.eval.classifier import save_classifier, train_classifier
-from raypd.eval.evaluate import read_images
+from raypd.eval.setup import read_images
 from raypd.eval.fid import Extractor, ImageSet, fidelity
 from raypd.eval.report import plot_fid_vs_steps
 from tests.assets import asset

@@ -14,7 +14,7 @@ ALLOWED = {
     "models": {"diffusion", "config", "models"},
     "data": {"config", "data"},
     "train": {"diffusion", "config", "models", "data", "checkpoint", "train"},
-    "eval": {"diffusion", "config", "models", "data", "eval"},
+    "eval": {"diffusion", "config", "models", "data", "eval", "storage"},  # storage: the machine's cache
     "checkpoint": {"diffusion", "config", "models"},
     "hf": {"diffusion", "config", "models", "checkpoint", "eval", "hf"},
     "runs": {"config", "storage"},
@@ -26,10 +26,10 @@ ALLOWED = {
                     "methods"},
     # the driver's modules and the command line, on top
     "plan": {"config", "train", "models", "data", "checkpoint", "hf", "runs", "distributed", "storage", "memory",
-             "methods"},
+             "methods", "eval"},
     "memory": {"config", "models"},
     "sample": {"config", "data", "eval", "checkpoint"},
-    "score": {"config", "data", "eval", "checkpoint", "sample"},
+    "score": {"config", "data", "eval", "checkpoint", "sample", "distributed"},  # --workers: evaluation's Ray tasks
     "pairs": {"config", "data", "eval", "models"},
     "pipeline": {"diffusion", "config", "models", "data", "train", "eval", "checkpoint", "hf", "runs", "distributed",
                  "pairs", "methods"},

@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nunknown command {argv[0]!r}; expected one of {', '.join(commands)}", file=sys.stderr)
             return 2
         return 0
-    return commands[argv[0]](argv[1:])
+    from raypd.distill import RESUMES, interruptible
+
+    return interruptible(commands[argv[0]], argv[1:], after=RESUMES if argv[0] == "distill" else "")
 
 
 if __name__ == "__main__":

@@ -88,5 +88,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def interruptible(command, argv: list[str] | None = None, *, after: str = "") -> int:
+    """``command(argv)``, with Ctrl-C answered by a line and exit status 130 rather than a traceback."""
+    try:
+        return command(argv)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted (Ctrl-C){after}", file=sys.stderr)
+        return 130
+
+
+RESUMES = ": the run's checkpoints are kept, and the same command continues it from the last one"
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(interruptible(main, after=RESUMES))

@@ -203,6 +203,26 @@ def test_pipeline_runs_resumes_and_reports(tmp_path, capsys):
     assert "does not fit this config" in capsys.readouterr().err
 
 
+def test_ctrl_c_stops_the_run_with_a_line_not_a_traceback_and_the_same_command_continues_it(tmp_path):
+    import signal
+    import time
+
+    args = [sys.executable, "-m", "raypd.distill", *TINY, "teacher.updates=2000", "run.log_every=1",
+            f"run.storage_path={tmp_path}", "run.name=c"]
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    seen = []
+    for line in proc.stderr:  # interrupted once teacher training is under way
+        seen.append(line)
+        if line.startswith("[teacher] 1/2000"):
+            break
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130, rest
+    assert "Traceback" not in rest and "interrupted (Ctrl-C): the run's checkpoints are kept" in rest
+    assert not (tmp_path / "c" / "driver.lock").exists()  # the run's lock went with it: the command can run again
+
+
 def test_bad_config_fails_fast_with_the_key():
     out = subprocess.run([sys.executable, "-m", "raypd.distill", "distill.start_steps=3"],
                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])

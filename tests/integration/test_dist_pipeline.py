@@ -25,7 +25,7 @@ SHRINK = ["data.source=digits", "data.resolution=8", "data.channels=1", "data.ra
           "data.loader_workers=1", "data.shuffle_buffer=64", "model.ch=32", "model.ch_mult=[1,2]",
           "model.num_res_blocks=1", "model.attn_resolutions=[4]", "teacher.sampling_steps=2", "distill.start_steps=2",
           "distill.updates_per_round=4", "distill.batch_size=8", "eval.extractor=classifier", "eval.num_samples=16",
-          "eval.grid_size=16", "eval.reference_samples=64", "eval.classifier_updates=20", "eval.kid=false", "eval.many_step_samples=8",
+          "eval.grid_size=16", "eval.reference_samples=64", "eval.classifier_updates=20", "eval.kid=false", "eval.many_step_samples=8", "eval.reference_steps=0",
           "dist.workers=2", "dist.use_gpu=false", "dist.checkpoint_every=2", "dist.collective_timeout_s=120",
           "run.device=cpu"]
 

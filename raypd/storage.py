@@ -173,15 +173,22 @@ def fetch(location: str, cache: Path | None = None) -> str:
     cache = cache_dir("fetch") if cache is None else cache
     from pyarrow import fs
 
-    target = Path(cache) / hashlib.sha1(location.encode()).hexdigest()[:16] / location.rstrip("/").rsplit("/", 1)[-1]
-    if target.exists():
-        return str(target)
     source_fs, path = fs.FileSystem.from_uri(location)
-    staged = target.with_name(f".{target.name}.part{os.getpid()}")
-    staged.parent.mkdir(parents=True, exist_ok=True)
     info = source_fs.get_file_info(path)
     if info.type == fs.FileType.NotFound:
         raise FileNotFoundError(f"{location} is not in the bucket")
+    # a copy is kept per version of what lies there (its files' sizes and times): a run restarted under the same
+    # name writes a new teacher at the same address, which must not be read from an older copy
+    files = (source_fs.get_file_info(fs.FileSelector(path, recursive=True)) if info.type == fs.FileType.Directory
+             else [info])
+    version = hashlib.sha1(json.dumps(sorted((f.path, f.size, f.mtime_ns) for f in files
+                                             if f.type == fs.FileType.File), default=str).encode()).hexdigest()[:16]
+    target = (Path(cache) / hashlib.sha1(location.encode()).hexdigest()[:16] / version
+              / location.rstrip("/").rsplit("/", 1)[-1])
+    if target.exists():
+        return str(target)
+    staged = target.with_name(f".{target.name}.part{os.getpid()}")
+    staged.parent.mkdir(parents=True, exist_ok=True)
     if info.type == fs.FileType.Directory:
         staged.mkdir(parents=True, exist_ok=True)
     fs.copy_files(path, str(staged), source_filesystem=source_fs, destination_filesystem=fs.LocalFileSystem())

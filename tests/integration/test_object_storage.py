@@ -29,7 +29,7 @@ def s3(tmp_path):
     host, port = server.get_host_and_port()
     env = {**os.environ, "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": KEY_ID,
            "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_REGION": "us-east-1", "TMPDIR": str(tmp_path / "tmp"),
-           "PYTHONPATH": str(ROOT)}
+           "PYTHONPATH": str(ROOT), "RAYPD_CACHE": str(tmp_path / "cache")}
     (tmp_path / "tmp").mkdir()
     from pyarrow import fs
 
@@ -147,7 +147,7 @@ def test_ray_train_workers_read_and_write_the_run_in_the_bucket(s3, tmp_path):
     assert any(k.startswith("ray/teacher/checkpoint_") for k in keys)  # written by Ray Train to the bucket
     assert any(k.startswith("ray/round-00/checkpoint_") for k in keys)
     assert {"summary.json", "round-00-1steps/meta.json", "teacher/model.safetensors"} <= set(keys)
-    fetched = {p.name for p in (tmp_path / "tmp" / "raypd-fetch").glob("*/*")}
+    fetched = {p.name for p in (tmp_path / "cache" / "fetch").glob("*/*/*")}
     assert "teacher" in fetched and any(name.endswith(".tar") for name in fetched)  # the workers' copies
 
 
@@ -195,3 +195,22 @@ def test_a_sweep_keeps_its_trials_in_the_bucket(s3, tmp_path):
     chosen = table["chosen"]
     assert json.loads(files[f"sweeps/round-00/trials/{chosen}/final.json"])["fid"] is not None
     assert files["round-00-1steps/model.safetensors"] == files[f"sweeps/round-00/trials/{chosen}/student/model.safetensors"]
+
+
+def test_a_fetched_copy_follows_what_lies_at_its_address(s3, tmp_path, monkeypatch):
+    """A run restarted under the same name writes a new teacher where the old one was: a node's cached copy of
+    the old one must not be read for it."""
+    from raypd.storage import Bucket, fetch
+
+    env, _ = s3
+    for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"):
+        monkeypatch.setenv(key, env[key])
+    bucket = Bucket("s3://raypd-test/runs/again")
+    bucket.write_bytes("teacher/model.safetensors", b"first weights")
+    first = Path(fetch("s3://raypd-test/runs/again/teacher", tmp_path / "cache"))
+    assert (first / "model.safetensors").read_bytes() == b"first weights"
+    assert fetch("s3://raypd-test/runs/again/teacher", tmp_path / "cache") == str(first)  # once per version
+    time.sleep(1.1)  # a new object time, as a rewrite some time later has
+    bucket.write_bytes("teacher/model.safetensors", b"the restarted run's weights")
+    second = Path(fetch("s3://raypd-test/runs/again/teacher", tmp_path / "cache"))
+    assert second != first and (second / "model.safetensors").read_bytes() == b"the restarted run's weights"

@@ -69,6 +69,7 @@ class Evaluator:
         """The teacher's points, each from the run's record, the teacher's cache, or sampled and scored now: its
         full sampler and, at the step counts the students reach, its DDIM (and with ``eval.stochastic`` its
         ancestral sampler), with the plan's sample counts."""
+        self.spec.ensure_reference()
         fresh = [w for w in self.weights if not self._full_recorded(w)]
         if fresh:
             for stale in (self.out / "eval").glob("teacher-full-*.npy"):  # another set-up's: never read again

@@ -56,6 +56,14 @@ class EvalSpec:
 
         return ImageSet(self.reference_count, load, rgb=self.extractor.kind == "inception")
 
+    def ensure_reference(self) -> None:
+        """The reference statistics in the run's cache, computed now when missing: a run whose points all came from
+        elsewhere (the teacher's cache) still leaves them for its sweep trials and ``raypd fid``."""
+        from raypd.eval.fid import _fidelity_kwargs, _reference_features
+
+        kwargs = _fidelity_kwargs(self.extractor, kid=self.kid, prc=self.prc, n=self.reference_count)
+        _reference_features(self.reference(), kwargs, Path(self.cache_root), self.cache_name)
+
     def protocol(self, n_samples: int | None = None, sampling: str | None = None) -> dict:
         """The FID protocol of numbers scored through this set-up (``raypd.eval.protocol``)."""
         from raypd.eval.protocol import protocol

@@ -138,6 +138,7 @@ def test_pipeline_runs_resumes_and_reports(tmp_path, capsys):
     assert [r for r in tract["eval"] if r["sampler"] == "teacher_ddim"] == [
         r for r in summary["eval"] if r["sampler"] == "teacher_ddim" and r["steps"] in (4, 1)]
     assert (tmp_path / "tract" / "grids" / "teacher_ddim-0001steps.png").is_file()
+    assert any((tmp_path / "tract" / "eval" / "fid-cache").iterdir())  # its sweep trials read the statistics there
     assert "Distilled with TRACT" in (tmp_path / "tract" / "report.md").read_text()
     assert (tmp_path / "tract" / "round-00-1steps" / "model.safetensors").is_file()
 

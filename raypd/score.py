@@ -130,9 +130,9 @@ def score_points(args: argparse.Namespace, checkpoints: list[Path], record: dict
     for checkpoint in checkpoints:
         meta = read_meta(checkpoint)
         cfg, spec = points.spec(checkpoint, meta)
-        model = None
+        model, digest = None, weights_digest(checkpoint)
         for steps in args.steps or [meta.sampling_steps]:
-            key = fingerprint(weights=weights_digest(checkpoint), steps=steps, guidance=args.guidance,
+            key = fingerprint(weights=digest, steps=steps, guidance=args.guidance,
                               spec=spec.identity(), sampling_precision=meta.config.get("eval", {}).get("precision"))
             if key in record:
                 row = {**record[key], "checkpoint": str(checkpoint)}
